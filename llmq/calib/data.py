@@ -1,0 +1,145 @@
+"""Calibration and evaluation text: local files, hub datasets, or text the model writes itself.
+
+Calibration samples are `samples` non-overlapping windows of `seqlen` tokens, drawn at random (fixed seed)
+from the tokenized text, so no token is seen twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from llmq import log
+from llmq.errors import LlmqError
+
+# Hub datasets reachable by a short name: (path, config, split, text field).
+HUB_DATASETS = {
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "text"),
+    "c4": ("allenai/c4", "en", "validation", "text"),
+    "pile-val": ("mit-han-lab/pile-val-backup", None, "validation", "text"),
+}
+HUB_EVAL_DATASETS = {"wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text")}
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A .txt file as it is, or a .jsonl file's "text" fields joined by blank lines."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LlmqError(f"text file {path} does not exist; pass an existing .txt or .jsonl file") from None
+    except (UnicodeDecodeError, OSError) as error:
+        raise LlmqError(f"cannot read text file {path} ({error.__class__.__name__}); pass a UTF-8 .txt or .jsonl file") from None
+    if path.suffix != ".jsonl":
+        return raw
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LlmqError(f'{path}:{number} is not a JSON object with a "text" field; fix that line') from None
+    return "\n\n".join(texts)
+
+
+def load_hub_text(name: str, table: dict = HUB_DATASETS, max_chars: int | None = None) -> str:
+    """Text of a named hub dataset, through the `datasets` library (needs network access)."""
+    try:
+        import datasets
+    except ImportError:
+        raise LlmqError(f"dataset {name!r} needs the `datasets` package: pip install datasets, or pass a local text file") from None
+    path, config, split, field = table[name]
+    try:
+        if name == "c4":  # one shard is plenty and avoids downloading the whole corpus
+            rows = datasets.load_dataset(path, data_files={split: "en/c4-validation.00000-of-00008.json.gz"}, split=split)
+        else:
+            rows = datasets.load_dataset(path, config, split=split)
+    except Exception as error:  # network, auth, missing dataset: all mean "cannot use this source"
+        raise LlmqError(f"could not load dataset {name!r} ({error.__class__.__name__}); pass a local text file instead") from None
+    texts, total = [], 0
+    for text in rows[field]:
+        texts.append(text)
+        total += len(text) + 2
+        if max_chars is not None and total >= max_chars:
+            break
+    return "\n\n".join(texts)
+
+
+def calibration_text(source: str) -> str:
+    """`source` is a path to a .txt/.jsonl file or a dataset name from HUB_DATASETS."""
+    if source in HUB_DATASETS and not Path(source).exists():
+        return load_hub_text(source, max_chars=20_000_000)
+    if not Path(source).exists():
+        names = ", ".join(HUB_DATASETS)
+        raise LlmqError(f"--calib {source!r} is neither a file nor a dataset name ({names}); pass a .txt/.jsonl file")
+    return read_text_file(source)
+
+
+def evaluation_text(source: str) -> str:
+    if source in HUB_EVAL_DATASETS and not Path(source).exists():
+        return load_hub_text(source, HUB_EVAL_DATASETS)
+    return read_text_file(source)
+
+
+def sample_windows(token_ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`samples` distinct non-overlapping windows of `seqlen` tokens, chosen at random: [samples, seqlen]."""
+    available = token_ids.numel() // seqlen
+    if available < samples:
+        raise LlmqError(
+            f"calibration text has {token_ids.numel():,} tokens, too few for {samples} samples of {seqlen} "
+            f"tokens ({samples * seqlen:,} needed); give more text or lower --samples/--seqlen"
+        )
+    windows = token_ids[: available * seqlen].reshape(available, seqlen)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=generator)[:samples]
+    return windows[chosen.sort().values]
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of token ids (no special tokens added between documents)."""
+    if not text.strip():
+        raise LlmqError("the text is empty; pass a file with text in it")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    return ids
+
+
+@torch.no_grad()
+def self_generated_samples(model, tokenizer, samples: int, seqlen: int, device, seed: int = 0) -> torch.Tensor:
+    """Data-free calibration: let the model write `samples` sequences of `seqlen` tokens from its BOS token."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model.to(device)
+    try:
+        start = torch.full((samples, 1), bos, dtype=torch.long, device=device)
+        out = model.generate(
+            start, do_sample=True, top_k=50, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    finally:
+        model.to("cpu")
+    return out[:, :seqlen].cpu()
+
+
+def calibration_samples(model, tokenizer, source: str | None, samples: int, seqlen: int, device) -> tuple[torch.Tensor, str]:
+    """Token windows for calibration and a one-line description of where they came from.
+
+    With no source, try the wikitext2 training split from the hub; when it cannot be had (offline, no
+    `datasets`), fall back to text the model samples itself, and say so.
+    """
+    if source is None:
+        try:
+            text = calibration_text("wikitext2")
+            description = "wikitext2 (train)"
+        except LlmqError:
+            log.info(f"calibration: no --calib given and no dataset reachable; calibrating on {samples} x {seqlen} "
+                     "tokens sampled from the model itself (data-free)")
+            return self_generated_samples(model, tokenizer, samples, seqlen, device), "data-free (model-generated)"
+    else:
+        text = calibration_text(source)
+        description = source if source in HUB_DATASETS else Path(source).name
+    ids = tokenize_text(tokenizer, text)
+    return sample_windows(ids, samples, seqlen), description

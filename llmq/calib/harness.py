@@ -1,0 +1,163 @@
+"""The layer-by-layer calibration harness shared by every method.
+
+1. Run the embeddings on every calibration sample and catch what enters the first decoder layer: the hidden
+   states and the layer's keyword arguments (masks, rotary embeddings), with the KV cache off.
+2. For each decoder layer: bring only that layer to the compute device. For each group of Linears sharing an
+   input (in execution order), re-run the layer on all samples up to that group, collect the method's
+   statistics on its input, quantize the group, and write the dequantized weights back, so the next group
+   is calibrated on what the *quantized* earlier groups produce ("true sequential"). Then run the whole
+   quantized layer to make the next layer's inputs, and send the layer back to the CPU.
+
+Peak device memory is one layer, its statistics, and the calibration activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmq import log
+from llmq.calib.arch import LayerMap, decoder_layers
+from llmq.errors import LlmqError
+from llmq.methods.base import Method
+from llmq.methods.grid import QuantizedTensor
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the part of the forward pass we need has run."""
+
+
+@dataclass
+class LayerInput:
+    hidden: torch.Tensor  # [batch, seq, hidden]
+    kwargs: dict  # everything else the decoder layer was called with
+
+
+def _layer_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _move_non_layer_modules(model: nn.Module, layers: nn.ModuleList, device) -> None:
+    """Move the embeddings, rotary embedding and final norm (everything beside the decoder layers) to device."""
+    parent = next(m for m in model.modules() if any(child is layers for child in m.children()))
+    for child in parent.children():
+        if child is not layers:
+            child.to(device)
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, layer_map: LayerMap, samples: torch.Tensor, device: torch.device, batch_size: int
+) -> list[LayerInput]:
+    """What enters the first decoder layer, per batch of calibration samples (token ids [n, seqlen])."""
+    layers = decoder_layers(model, layer_map)
+    captured: list[LayerInput] = []
+
+    def catch(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(LayerInput(hidden, dict(kwargs)))
+        raise _StopForward
+
+    _move_non_layer_modules(model, layers, device)
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in samples.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        _move_non_layer_modules(model, layers, "cpu")
+    return captured
+
+
+@torch.no_grad()
+def _collect_group_stats(layer: nn.Module, first_linear: nn.Linear, inputs: list[LayerInput], stats) -> None:
+    """Run the layer on every batch until the group's first Linear, feeding its input to `stats`."""
+
+    def record(module, args):
+        stats.add(args[0])
+        raise _StopForward
+
+    handle = first_linear.register_forward_pre_hook(record)
+    try:
+        for item in inputs:
+            try:
+                layer(item.hidden, **item.kwargs)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+
+
+def _check_finite(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise LlmqError(f"weight {name} contains NaN or Inf; the checkpoint is damaged: re-download or re-export it")
+
+
+@dataclass
+class LayerReport:
+    index: int
+    relative_weight_error: float  # ||W - Q||^2 / ||W||^2 over the layer's quantized Linears
+
+
+@torch.no_grad()
+def quantize_layers(
+    model: nn.Module,
+    layer_map: LayerMap,
+    method: Method,
+    inputs: list[LayerInput] | None,
+    device: torch.device,
+    on_layer: Callable[[LayerReport], None] | None = None,
+) -> dict[str, QuantizedTensor]:
+    """Quantize every mapped Linear in place (weights replaced by their dequantized values).
+
+    Returns full module name -> QuantizedTensor (on CPU). `inputs` is needed when the method calibrates.
+    """
+    if method.needs_calibration and inputs is None:
+        raise ValueError(f"method {method.name} needs calibration inputs")
+    layers = decoder_layers(model, layer_map)
+    results: dict[str, QuantizedTensor] = {}
+    for index in log.progress(range(len(layers)), desc=f"{method.name} layers", unit="layer"):
+        layer = layers[index].to(device)
+        err_num = err_den = 0.0
+        for group in layer_map.groups:
+            linears = [layer.get_submodule(name) for name in group]
+            stats = method.new_collector(linears[0].in_features, device) if method.needs_calibration else None
+            if stats is not None:
+                _collect_group_stats(layer, linears[0], inputs, stats)
+            weight = torch.cat([linear.weight for linear in linears]).float()
+            scale_dtype = linears[0].weight.dtype
+            quantized = method.quantize(weight, stats, scale_dtype)
+            row = 0
+            for name, linear in zip(group, linears):
+                part = _rows(quantized, row, linear.out_features)
+                row += linear.out_features
+                dequantized = part.dequantize()
+                err_num += (dequantized - linear.weight.float()).pow(2).sum().item()
+                err_den += linear.weight.float().pow(2).sum().item()
+                linear.weight.data.copy_(dequantized.to(linear.weight.dtype))
+                results[f"{layer_map.layers}.{index}.{name}"] = part
+        if inputs is not None and index < len(layers) - 1:
+            for item in inputs:
+                item.hidden = _layer_output(layer(item.hidden, **item.kwargs))
+        layer.to("cpu")
+        if on_layer is not None:
+            on_layer(LayerReport(index, err_num / max(err_den, 1e-30)))
+    return results
+
+
+def check_weights_finite(linears: dict[str, nn.Linear]) -> None:
+    for name, linear in linears.items():
+        _check_finite(name, linear.weight)
+
+
+def _rows(q: QuantizedTensor, start: int, count: int) -> QuantizedTensor:
+    """Rows [start, start + count) as an independent QuantizedTensor on the CPU (no storage shared)."""
+    sl = slice(start, start + count)
+    own = lambda t: None if t is None else t[sl].to("cpu", copy=True)  # noqa: E731
+    return QuantizedTensor(own(q.qweight), own(q.scale), own(q.zero_point), q.scheme)

@@ -1,0 +1,143 @@
+"""The compressed-tensors `pack-quantized` checkpoint: what transformers (with the `compressed-tensors`
+package), vLLM and SGLang load natively.
+
+Per quantized Linear `name`, the safetensors hold:
+    name.weight_packed      int32 [out, ceil(in * bits / 32)]   integers, dense bit-packed along rows
+    name.weight_scale       [out, n_groups]                      the model's dtype
+    name.weight_zero_point  int32 [ceil(out * bits / 32), n_groups]  asymmetric only, packed down columns
+    name.weight_shape       int64 [2]                            (out, in)
+Groups are contiguous runs of `group_size` input columns (act-order uses static groups, so no group index is
+needed); config.json carries the scheme under `quantization_config`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from llmq.errors import LlmqError
+from llmq.formats.packing import pack_int32
+from llmq.methods.grid import QuantizedTensor, QuantScheme
+
+FORMAT = "pack-quantized"
+TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str], observer: str) -> dict:
+    weights = {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "strategy": "channel" if scheme.group_size == -1 else "group",
+        "group_size": None if scheme.group_size == -1 else scheme.group_size,
+        "dynamic": False,
+        "actorder": "weight" if act_order else None,
+        "observer": observer,
+    }
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                      "input_activations": None, "output_activations": None}},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+    }
+    if not scheme.symmetric:
+        # transformers (5.x, compressed-tensors 0.20) sizes packed zero points unpacked when it keeps weights
+        # compressed, and refuses the checkpoint; its dequantize-at-load path reads them right. vLLM and
+        # compressed-tensors ignore this key.
+        config["dequantize"] = True
+    return config
+
+
+def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, list[str]]:
+    """The llmq scheme of a pack-quantized config (one config group of int weights), and its ignore list."""
+    if quant_config.get("quant_method") != "compressed-tensors" or quant_config.get("format") != FORMAT:
+        raise LlmqError("checkpoint is not a compressed-tensors pack-quantized model; llmq.load reads only that layout")
+    groups = list(quant_config.get("config_groups", {}).values())
+    if len(groups) != 1 or groups[0].get("weights", {}).get("type") != "int":
+        raise LlmqError("checkpoint mixes several quantization schemes; llmq.load reads one int weight scheme")
+    weights = groups[0]["weights"]
+    group_size = -1 if weights.get("strategy") == "channel" else int(weights["group_size"])
+    return QuantScheme(weights["num_bits"], group_size, bool(weights["symmetric"])), list(quant_config.get("ignore", []))
+
+
+def packed_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+    bits = q.scheme.bits
+    tensors = {
+        f"{name}.weight_packed": pack_int32(q.qweight, bits),
+        f"{name}.weight_scale": q.scale,
+        f"{name}.weight_shape": torch.tensor(q.qweight.shape, dtype=torch.int64),
+    }
+    if q.zero_point is not None:
+        tensors[f"{name}.weight_zero_point"] = pack_int32(q.zero_point, bits, dim=0)
+    return tensors
+
+
+def checkpoint_state_dict(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+    """Packed tensors for the quantized Linears and the model's own tensors for everything else.
+
+    A tensor tied to an earlier one (lm_head to the embeddings) is stored once, under its first name, which
+    is the name transformers ties from when it loads.
+    """
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        module_name, _, param = key.rpartition(".")
+        if (module_name in quantized and param == "weight") or value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        state[key] = value
+    for name, q in quantized.items():
+        state.update(packed_tensors(name, q))
+    return state
+
+
+def ignored_linears(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in quantized]
+
+
+def write_weights(directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """Safetensors shards (5 GB each) with an index when sharded; tied tensors stored once."""
+    save_torch_state_dict(state, directory, max_shard_size="5GB")
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError):
+            raise LlmqError(f"{index} is not a valid safetensors index; re-create the checkpoint") from None
+        return [directory / shard for shard in shards]
+    single = directory / "model.safetensors"
+    if not single.exists():
+        raise LlmqError(f"{directory} has no model.safetensors; point at a checkpoint directory llmq or transformers wrote")
+    return [single]
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint; a truncated or damaged file is a one-line error."""
+    state = {}
+    for path in checkpoint_files(directory):
+        try:
+            state.update(load_file(path))
+        except FileNotFoundError:
+            raise LlmqError(f"shard {path} is missing; re-copy the checkpoint") from None
+        except Exception as error:  # safetensors raises its own types for bad headers and short files
+            raise LlmqError(f"cannot read {path} ({str(error).splitlines()[0]}); the file is truncated or damaged") from None
+    return state
+
+
+def tensor_names(directory: Path) -> set[str]:
+    names = set()
+    for path in checkpoint_files(directory):
+        with safe_open(path, "pt") as handle:
+            names.update(handle.keys())
+    return names

