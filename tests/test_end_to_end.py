@@ -116,3 +116,20 @@ def test_rtn_needs_no_calibration_and_writes_symmetric_layout(tmp_path, tiny_lla
     model = llmq.load(out)
     assert model.model.layers[0].self_attn.q_proj.weight_scale.shape == (64, 1)
     assert_fresh_transformers_process_matches(out, tmp_path)  # symmetric: transformers keeps it packed
+
+
+def test_data_free_calibration_when_no_text_can_be_had(monkeypatch, tmp_path, tiny_llama_dir):
+    """No --calib and no hub: the model writes its own calibration text, and the card says so."""
+    from llmq.errors import LlmqError
+
+    def offline(source):
+        raise LlmqError("offline")
+
+    messages = []
+    monkeypatch.setattr("llmq.calib.data.calibration_text", offline)
+    monkeypatch.setattr("llmq.log.info", messages.append)
+    out = tmp_path / "df"
+    assert main(["quantize", str(tiny_llama_dir), "--group-size", "32", "--samples", "2", "--seqlen", "16",
+                 "--out", str(out)]) == 0
+    assert any("data-free" in m for m in messages)
+    assert "data-free (model-generated), 2 x 16 tokens" in (out / "README.md").read_text()

@@ -74,7 +74,8 @@ def test_all_zero_group_round_trips_exactly():
 
 
 def test_group_that_does_not_divide_is_refused_with_a_size_that_fits():
-    with pytest.raises(LlmqError, match=r"does not divide model.layers.0.self_attn.q_proj \(in_features 576\); use --group-size 96"):
+    expected = r"does not divide model.layers.0.self_attn.q_proj \(in_features 576\); use --group-size 96"
+    with pytest.raises(LlmqError, match=expected):
         check_group_divides("model.layers.0.self_attn.q_proj", 576, QuantScheme(4, 128, True))
     check_group_divides("x", 576, QuantScheme(4, 64, True))
     check_group_divides("x", 576, QuantScheme(4, -1, True))

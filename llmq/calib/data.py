@@ -51,7 +51,9 @@ def load_hub_text(name: str, table: dict = HUB_DATASETS, max_chars: int | None =
     try:
         import datasets
     except ImportError:
-        raise LlmqError(f"dataset {name!r} needs the `datasets` package: pip install datasets, or pass a local text file") from None
+        raise LlmqError(
+            f"dataset {name!r} needs the `datasets` package: pip install datasets, or pass a local text file"
+        ) from None
     path, config, split, field = table[name]
     try:
         if name == "c4":  # one shard is plenty and avoids downloading the whole corpus
@@ -69,13 +71,18 @@ def load_hub_text(name: str, table: dict = HUB_DATASETS, max_chars: int | None =
     return "\n\n".join(texts)
 
 
-def calibration_text(source: str) -> str:
-    """`source` is a path to a .txt/.jsonl file or a dataset name from HUB_DATASETS."""
-    if source in HUB_DATASETS and not Path(source).exists():
-        return load_hub_text(source, max_chars=20_000_000)
-    if not Path(source).exists():
+def check_calib_source(source: str) -> None:
+    """Fail before any model is loaded when --calib names neither a file nor a known dataset."""
+    if source not in HUB_DATASETS and not Path(source).exists():
         names = ", ".join(HUB_DATASETS)
         raise LlmqError(f"--calib {source!r} is neither a file nor a dataset name ({names}); pass a .txt/.jsonl file")
+
+
+def calibration_text(source: str) -> str:
+    """`source` is a path to a .txt/.jsonl file or a dataset name from HUB_DATASETS."""
+    check_calib_source(source)
+    if source in HUB_DATASETS and not Path(source).exists():
+        return load_hub_text(source, max_chars=20_000_000)
     return read_text_file(source)
 
 

@@ -94,15 +94,30 @@ def _collect_group_stats(layer: nn.Module, first_linear: nn.Linear, inputs: list
         handle.remove()
 
 
-def _check_finite(name: str, weight: torch.Tensor) -> None:
-    if not torch.isfinite(weight).all():
-        raise LlmqError(f"weight {name} contains NaN or Inf; the checkpoint is damaged: re-download or re-export it")
-
-
 @dataclass
 class LayerReport:
     index: int
     relative_weight_error: float  # ||W - Q||^2 / ||W||^2 over the layer's quantized Linears
+
+
+def _quantize_group(layer: nn.Module, group: tuple[str, ...], method: Method, inputs, device) -> tuple[dict, float, float]:
+    """Quantize one group of Linears sharing an input; returns ({name: QuantizedTensor}, error sums)."""
+    linears = [layer.get_submodule(name) for name in group]
+    stats = method.new_collector(linears[0].in_features, device) if method.needs_calibration else None
+    if stats is not None:
+        _collect_group_stats(layer, linears[0], inputs, stats)
+    weight = torch.cat([linear.weight for linear in linears]).float()
+    quantized = method.quantize(weight, stats, linears[0].weight.dtype)
+    dequantized = quantized.dequantize()
+    err_num = (dequantized - weight).pow(2).sum().item()
+    err_den = weight.pow(2).sum().item()
+    parts, row = {}, 0
+    for name, linear in zip(group, linears):
+        rows = slice(row, row + linear.out_features)
+        row += linear.out_features
+        linear.weight.data.copy_(dequantized[rows].to(linear.weight.dtype))
+        parts[name] = _rows(quantized, rows)
+    return parts, err_num, err_den
 
 
 @torch.no_grad()
@@ -126,22 +141,9 @@ def quantize_layers(
         layer = layers[index].to(device)
         err_num = err_den = 0.0
         for group in layer_map.groups:
-            linears = [layer.get_submodule(name) for name in group]
-            stats = method.new_collector(linears[0].in_features, device) if method.needs_calibration else None
-            if stats is not None:
-                _collect_group_stats(layer, linears[0], inputs, stats)
-            weight = torch.cat([linear.weight for linear in linears]).float()
-            scale_dtype = linears[0].weight.dtype
-            quantized = method.quantize(weight, stats, scale_dtype)
-            row = 0
-            for name, linear in zip(group, linears):
-                part = _rows(quantized, row, linear.out_features)
-                row += linear.out_features
-                dequantized = part.dequantize()
-                err_num += (dequantized - linear.weight.float()).pow(2).sum().item()
-                err_den += linear.weight.float().pow(2).sum().item()
-                linear.weight.data.copy_(dequantized.to(linear.weight.dtype))
-                results[f"{layer_map.layers}.{index}.{name}"] = part
+            parts, num, den = _quantize_group(layer, group, method, inputs, device)
+            results.update({f"{layer_map.layers}.{index}.{name}": part for name, part in parts.items()})
+            err_num, err_den = err_num + num, err_den + den
         if inputs is not None and index < len(layers) - 1:
             for item in inputs:
                 item.hidden = _layer_output(layer(item.hidden, **item.kwargs))
@@ -153,11 +155,11 @@ def quantize_layers(
 
 def check_weights_finite(linears: dict[str, nn.Linear]) -> None:
     for name, linear in linears.items():
-        _check_finite(name, linear.weight)
+        if not torch.isfinite(linear.weight).all():
+            raise LlmqError(f"weight {name} contains NaN or Inf; the checkpoint is damaged: re-download or re-export it")
 
 
-def _rows(q: QuantizedTensor, start: int, count: int) -> QuantizedTensor:
-    """Rows [start, start + count) as an independent QuantizedTensor on the CPU (no storage shared)."""
-    sl = slice(start, start + count)
-    own = lambda t: None if t is None else t[sl].to("cpu", copy=True)  # noqa: E731
+def _rows(q: QuantizedTensor, rows: slice) -> QuantizedTensor:
+    """Some rows as an independent QuantizedTensor on the CPU (no storage shared with the others)."""
+    own = lambda t: None if t is None else t[rows].to("cpu", copy=True)  # noqa: E731
     return QuantizedTensor(own(q.qweight), own(q.scale), own(q.zero_point), q.scheme)

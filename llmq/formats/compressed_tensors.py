@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -133,11 +132,3 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         except Exception as error:  # safetensors raises its own types for bad headers and short files
             raise LlmqError(f"cannot read {path} ({str(error).splitlines()[0]}); the file is truncated or damaged") from None
     return state
-
-
-def tensor_names(directory: Path) -> set[str]:
-    names = set()
-    for path in checkpoint_files(directory):
-        with safe_open(path, "pt") as handle:
-            names.update(handle.keys())
-    return names

