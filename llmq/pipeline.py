@@ -34,7 +34,7 @@ class QuantizeConfig:
     bits: int = 4
     group_size: int = 128  # -1: per output channel
     symmetric: bool = True
-    act_order: bool = False
+    act_order: bool = True  # GPTQ: static-group act-order; free for loaders, much better on outlier channels
     mse: bool = False
     calib: str | None = None  # .txt/.jsonl path or a dataset name; None: wikitext2, else data-free
     samples: int = 128
@@ -95,6 +95,7 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     scheme = config.scheme()
     options = MethodOptions(mse=config.mse, act_order=config.act_order, damp=config.damp)
     method = get_method(config.method, scheme, options)
+    act_order = config.act_order and method.orders_columns
     device = _device(config.device)
     started = time.perf_counter()
 
@@ -124,7 +125,7 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
         state = checkpoint_state_dict(hf_model, quantized)
         write_weights(tmp, state)
         hf_model.config.quantization_config = quantization_config(
-            scheme, config.act_order, ignored_linears(hf_model, quantized), "mse" if config.mse else "minmax")
+            scheme, act_order, ignored_linears(hf_model, quantized), "mse" if config.mse else "minmax")
         hf_model.config.save_pretrained(tmp)
         if hf_model.generation_config is not None:
             hf_model.generation_config.save_pretrained(tmp)
@@ -133,7 +134,7 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
         (tmp / "README.md").write_text(render_card(
             name=out.name, base_model=model_id, method=method.name, bits=scheme.bits,
             group_size="per-channel" if scheme.group_size == -1 else scheme.group_size,
-            symmetric=scheme.symmetric, act_order=config.act_order, mse=config.mse, calibration=calibration,
+            symmetric=scheme.symmetric, act_order=act_order, mse=config.mse, calibration=calibration,
             size_before=human_size(size_before), size_after=human_size(size_after), seconds=f"{seconds:.0f} s",
             device=device.type, dtype=str(hf_model.dtype).removeprefix("torch."),
         ))

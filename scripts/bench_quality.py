@@ -33,6 +33,11 @@ ROWS = {
     "rtn-w3g64-asym": ("rtn", 3, 64, False, False, False),
     "gptq-w3g64-asym-ao": ("gptq", 3, 64, False, True, False),
     "gptq-w4g128-sym": ("gptq", 4, 128, True, False, False),
+    "awq-w4g64-asym": ("awq", 4, 64, False, False, False),
+    "awq+gptq-w4g64-asym-ao": ("awq+gptq", 4, 64, False, True, False),
+    "awq-w3g64-asym": ("awq", 3, 64, False, False, False),
+    "awq+gptq-w3g64-asym-ao": ("awq+gptq", 3, 64, False, True, False),
+    "awq-w4g128-asym": ("awq", 4, 128, False, False, False),
 }
 
 

@@ -27,7 +27,7 @@ def test_architecture_quantizes_and_reloads(model_type, tmp_path, smollm2_tokeni
     dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     expected = set(quantizable_linears(dense, layer_map_for(model_type)))
     found = {name for name, module in packed.named_modules() if isinstance(module, QuantLinear)}
-    assert found == expected and len(found) == 2 * sum(len(g) for g in LAYER_MAPS[model_type].groups)
+    assert found == expected and len(found) == 2 * sum(len(g.linears) for g in LAYER_MAPS[model_type].groups)
 
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -113,6 +113,7 @@ def test_rtn_needs_no_calibration_and_writes_symmetric_layout(tmp_path, tiny_lla
     assert "model.layers.0.self_attn.q_proj.weight_zero_point" not in keys
     weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
     assert weights["strategy"] == "channel" and weights["group_size"] is None and weights["num_bits"] == 3
+    assert weights["actorder"] is None  # act-order means nothing to round-to-nearest
     model = llmq.load(out)
     assert model.model.layers[0].self_attn.q_proj.weight_scale.shape == (64, 1)
     assert_fresh_transformers_process_matches(out, tmp_path)  # symmetric: transformers keeps it packed

@@ -1,7 +1,9 @@
 """Per-architecture layer maps: where the decoder layers are, and which Linears share an input.
 
 Groups are listed in execution order inside a layer; the Linears of one group read the same input tensor, so
-they share calibration statistics (and, for AWQ, one scale vector). Adding an architecture is one entry here.
+they share calibration statistics. For activation-aware scaling (AWQ) each group also names the sub-block
+whose output the scales must preserve, and the operation that produces the group's input, into which the
+scales are folded. Adding an architecture is one entry here.
 """
 
 from __future__ import annotations
@@ -14,33 +16,50 @@ from llmq.errors import LlmqError
 
 
 @dataclass(frozen=True)
+class LinearGroup:
+    linears: tuple[str, ...]  # Linears (relative to a decoder layer) reading the same input
+    block: str  # the sub-block (attention, MLP, or the Linear itself) whose output AWQ compares
+    prev: str | None  # the norm or Linear whose output is the group's input; None: nothing to fold into
+    prev_rows: str = "all"  # "second_half": only the second half of a fused Linear's rows feed the group
+
+
+@dataclass(frozen=True)
 class LayerMap:
     layers: str  # dotted path from the CausalLM to the ModuleList of decoder layers
-    groups: tuple[tuple[str, ...], ...]  # Linears (relative to a layer) sharing an input, in execution order
+    groups: tuple[LinearGroup, ...]  # in execution order
+    norm_offset: float = 0.0  # 1.0 where RMSNorm multiplies by (1 + weight), as Gemma does
 
 
-_LLAMA_LIKE = LayerMap(
-    layers="model.layers",
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-)
+def _llama_like(mlp_norm: str = "post_attention_layernorm", norm_offset: float = 0.0) -> LayerMap:
+    return LayerMap(
+        layers="model.layers",
+        groups=(
+            LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn", "input_layernorm"),
+            LinearGroup(("self_attn.o_proj",), "self_attn.o_proj", "self_attn.v_proj"),
+            LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "mlp", mlp_norm),
+            LinearGroup(("mlp.down_proj",), "mlp.down_proj", "mlp.up_proj"),
+        ),
+        norm_offset=norm_offset,
+    )
+
 
 _PHI3 = LayerMap(
     layers="model.layers",
-    groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    groups=(
+        LinearGroup(("self_attn.qkv_proj",), "self_attn", "input_layernorm"),
+        LinearGroup(("self_attn.o_proj",), "self_attn.o_proj", None),  # v is fused into qkv_proj
+        LinearGroup(("mlp.gate_up_proj",), "mlp", "post_attention_layernorm"),
+        LinearGroup(("mlp.down_proj",), "mlp.down_proj", "mlp.gate_up_proj", prev_rows="second_half"),
+    ),
 )
 
 LAYER_MAPS: dict[str, LayerMap] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "llama": _llama_like(),
+    "mistral": _llama_like(),
+    "qwen2": _llama_like(),
+    "qwen3": _llama_like(),
+    "gemma2": _llama_like("pre_feedforward_layernorm", norm_offset=1.0),
+    "gemma3_text": _llama_like("pre_feedforward_layernorm", norm_offset=1.0),
     "phi3": _PHI3,
 }
 
@@ -64,6 +83,6 @@ def quantizable_linears(model: nn.Module, layer_map: LayerMap) -> dict[str, nn.L
     found = {}
     for index, layer in enumerate(decoder_layers(model, layer_map)):
         for group in layer_map.groups:
-            for name in group:
+            for name in group.linears:
                 found[f"{layer_map.layers}.{index}.{name}"] = layer.get_submodule(name)
     return found

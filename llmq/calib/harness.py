@@ -2,7 +2,8 @@
 
 1. Run the embeddings on every calibration sample and catch what enters the first decoder layer: the hidden
    states and the layer's keyword arguments (masks, rotary embeddings), with the KV cache off.
-2. For each decoder layer: bring only that layer to the compute device. For each group of Linears sharing an
+2. For each decoder layer: bring only that layer to the compute device and let the method prepare it (AWQ
+   searches and folds its scales here, on the unquantized layer). Then for each group of Linears sharing an
    input (in execution order), re-run the layer on all samples up to that group, collect the method's
    statistics on its input, quantize the group, and write the dequantized weights back, so the next group
    is calibrated on what the *quantized* earlier groups produce ("true sequential"). Then run the whole
@@ -21,23 +22,10 @@ from torch import nn
 
 from llmq import log
 from llmq.calib.arch import LayerMap, decoder_layers
+from llmq.calib.capture import LayerInput, StopForward, first_tensor, layer_output, run_until
 from llmq.errors import LlmqError
 from llmq.methods.base import Method
 from llmq.methods.grid import QuantizedTensor
-
-
-class _StopForward(Exception):
-    """Raised from a hook once the part of the forward pass we need has run."""
-
-
-@dataclass
-class LayerInput:
-    hidden: torch.Tensor  # [batch, seq, hidden]
-    kwargs: dict  # everything else the decoder layer was called with
-
-
-def _layer_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 def _move_non_layer_modules(model: nn.Module, layers: nn.ModuleList, device) -> None:
@@ -59,7 +47,7 @@ def capture_layer_inputs(
     def catch(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.append(LayerInput(hidden, dict(kwargs)))
-        raise _StopForward
+        raise StopForward
 
     _move_non_layer_modules(model, layers, device)
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
@@ -67,31 +55,12 @@ def capture_layer_inputs(
         for batch in samples.split(batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()
         _move_non_layer_modules(model, layers, "cpu")
     return captured
-
-
-@torch.no_grad()
-def _collect_group_stats(layer: nn.Module, first_linear: nn.Linear, inputs: list[LayerInput], stats) -> None:
-    """Run the layer on every batch until the group's first Linear, feeding its input to `stats`."""
-
-    def record(module, args):
-        stats.add(args[0])
-        raise _StopForward
-
-    handle = first_linear.register_forward_pre_hook(record)
-    try:
-        for item in inputs:
-            try:
-                layer(item.hidden, **item.kwargs)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
 
 
 @dataclass
@@ -105,7 +74,7 @@ def _quantize_group(layer: nn.Module, group: tuple[str, ...], method: Method, in
     linears = [layer.get_submodule(name) for name in group]
     stats = method.new_collector(linears[0].in_features, device) if method.needs_calibration else None
     if stats is not None:
-        _collect_group_stats(layer, linears[0], inputs, stats)
+        run_until(layer, linears[0], inputs, lambda args, kwargs: stats.add(first_tensor(args, kwargs)))
     weight = torch.cat([linear.weight for linear in linears]).float()
     quantized = method.quantize(weight, stats, linears[0].weight.dtype)
     dequantized = quantized.dequantize()
@@ -139,14 +108,16 @@ def quantize_layers(
     results: dict[str, QuantizedTensor] = {}
     for index in log.progress(range(len(layers)), desc=f"{method.name} layers", unit="layer"):
         layer = layers[index].to(device)
+        if inputs is not None:
+            method.prepare_layer(layer, layer_map, inputs)
         err_num = err_den = 0.0
         for group in layer_map.groups:
-            parts, num, den = _quantize_group(layer, group, method, inputs, device)
+            parts, num, den = _quantize_group(layer, group.linears, method, inputs, device)
             results.update({f"{layer_map.layers}.{index}.{name}": part for name, part in parts.items()})
             err_num, err_den = err_num + num, err_den + den
         if inputs is not None and index < len(layers) - 1:
             for item in inputs:
-                item.hidden = _layer_output(layer(item.hidden, **item.kwargs))
+                item.hidden = layer_output(layer(item.hidden, **item.kwargs))
         layer.to("cpu")
         if on_layer is not None:
             on_layer(LayerReport(index, err_num / max(err_den, 1e-30)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llmq.errors import LlmqError
+from llmq.methods.awq import AWQ, AWQGPTQ
 from llmq.methods.base import Method, MethodOptions
 from llmq.methods.gptq import GPTQ
 from llmq.methods.grid import QuantizedTensor, QuantScheme
@@ -11,6 +12,8 @@ from llmq.methods.rtn import RTN
 METHODS: dict[str, type[Method]] = {
     RTN.name: RTN,
     GPTQ.name: GPTQ,
+    AWQ.name: AWQ,
+    AWQGPTQ.name: AWQGPTQ,
 }
 
 

@@ -37,6 +37,7 @@ class Method:
 
     name: str = ""
     needs_calibration: bool = False
+    orders_columns: bool = False  # honours MethodOptions.act_order
 
     def __init__(self, scheme: QuantScheme, options: MethodOptions | None = None):
         self.scheme = scheme
@@ -44,6 +45,9 @@ class Method:
 
     def new_collector(self, in_features: int, device: torch.device) -> StatsCollector | None:
         return None
+
+    def prepare_layer(self, layer, layer_map, inputs) -> None:
+        """Transform an unquantized decoder layer before its groups are quantized (AWQ's scaling); default none."""
 
     def quantize(self, weight: torch.Tensor, stats: StatsCollector | None, scale_dtype: torch.dtype) -> QuantizedTensor:
         """weight: float32 [out, in] on the compute device."""

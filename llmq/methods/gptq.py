@@ -80,6 +80,7 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor
 class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
+    orders_columns = True
 
     def new_collector(self, in_features: int, device: torch.device) -> HessianCollector:
         return HessianCollector(in_features, device)

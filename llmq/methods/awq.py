@@ -1,0 +1,200 @@
+"""AWQ (Lin et al., 2023): activation-aware weight scaling, then clipping, then rounding.
+
+Salient input channels (large mean |x|) lose less to rounding when their weights are scaled up by s and the
+input scaled down by 1/s. For each group of Linears sharing an input, on the unquantized layer:
+
+1. statistics: mean |x| per input channel, over every calibration token;
+2. scale search: s = mean|x|^a / mean|w~|^(1-a) (w~: |w| normalised by its group's max, averaged over
+   rows), a on a grid of 20, normalised so max(s) * min(s) = 1, plus s = 1; the candidate whose
+   round-to-nearest weights give the smallest error of the whole sub-block's output (attention, MLP, or the
+   Linear alone) wins;
+3. folding: 1/s goes into the operation that produces the input (a norm's weight, or the rows of the Linear
+   before), s into the group's weights, so the float model computes exactly what it did before;
+4. clip search: per output row and group, shrink the range to [-m, m] for m = max|w| * (1 - i/20),
+   i < 10, keeping the m with the smallest error of that group's partial outputs (q/k are skipped: the
+   attention scores amplify their clipping).
+
+The rounding itself is the inner method's: round-to-nearest for `awq`, GPTQ for `awq+gptq`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmq.calib.arch import LayerMap, LinearGroup
+from llmq.calib.capture import first_tensor, layer_output, run_until
+from llmq.methods.base import Method, StatsCollector
+from llmq.methods.gptq import GPTQ
+from llmq.methods.grid import QuantizedTensor, QuantScheme, group_qparams, quantize_values
+from llmq.methods.rtn import RTN
+
+SCALE_GRID = 20
+CLIP_GRID, CLIP_STEPS = 20, 10  # shrink factors 1.0, 0.95, ..., 0.55
+SEARCH_TOKENS = 8192  # calibration tokens the scale search evaluates each candidate on
+CLIP_TOKENS = 1024  # tokens the clip search evaluates on, evenly spaced over all calibration tokens
+CLIP_ROWS_PER_CHUNK = 1024
+NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "qkv_proj")
+
+
+def fake_quantize(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Round-to-nearest on the grid, back in float32 (scales kept in float32: only the error matters here)."""
+    group = scheme.group_size_for(weight.shape[1])
+    scale, zero = group_qparams(weight, scheme, torch.float32)
+    scale = scale.repeat_interleave(group, dim=1)
+    zero = None if zero is None else zero.repeat_interleave(group, dim=1)
+    q = quantize_values(weight, scale, zero, scheme)
+    return (q if zero is None else q - zero) * scale
+
+
+def _call_block(block: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor) -> torch.Tensor:
+    """Run a sub-block on input x with the rest of its recorded call."""
+    if args:
+        return layer_output(block(x, *args[1:], **kwargs))
+    return layer_output(block(**{**kwargs, "hidden_states": x}))
+
+
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, norm_offset: float, prev_rows: str) -> None:
+    """Divide the producer of the input by s and multiply the consumers by s: the float model is unchanged."""
+    s = scales.to(torch.float32)
+    if isinstance(prev, nn.Linear):
+        rows = slice(prev.out_features - s.numel(), None) if prev_rows == "second_half" else slice(None)
+        prev.weight.data[rows] = (prev.weight.data[rows].float() / s[:, None]).to(prev.weight.dtype)
+        if prev.bias is not None:
+            prev.bias.data[rows] = (prev.bias.data[rows].float() / s).to(prev.bias.dtype)
+    else:  # RMSNorm / LayerNorm: out = x_normalised * (offset + weight) (+ bias)
+        weight = prev.weight.data.float()
+        prev.weight.data = ((norm_offset + weight) / s - norm_offset).to(prev.weight.dtype)
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
+    for linear in linears:
+        linear.weight.data = (linear.weight.data.float() * s[None, :]).to(linear.weight.dtype)
+
+
+def _can_fold(prev: nn.Module | None, in_features: int, prev_rows: str) -> bool:
+    """Folding needs the producer's outputs to map one-to-one onto the group's input channels."""
+    if prev is None:
+        return False
+    if isinstance(prev, nn.Linear):
+        produced = prev.out_features // 2 if prev_rows == "second_half" else prev.out_features
+        return produced == in_features  # grouped-query v_proj -> o_proj does not
+    weight = getattr(prev, "weight", None)
+    return weight is not None and weight.numel() == in_features
+
+
+class AWQ(Method):
+    name = "awq"
+    needs_calibration = True
+    inner_method = RTN
+
+    def __init__(self, scheme, options=None):
+        super().__init__(scheme, options)
+        self.inner = self.inner_method(scheme, self.options)
+        self.orders_columns = self.inner.orders_columns
+
+    def new_collector(self, in_features: int, device: torch.device) -> StatsCollector | None:
+        return self.inner.new_collector(in_features, device)
+
+    def quantize(self, weight: torch.Tensor, stats, scale_dtype: torch.dtype) -> QuantizedTensor:
+        return self.inner.quantize(weight, stats, scale_dtype)
+
+    @torch.no_grad()
+    def prepare_layer(self, layer: nn.Module, layer_map: LayerMap, inputs) -> None:
+        for group in layer_map.groups:
+            self._prepare_group(layer, group, layer_map.norm_offset, inputs)
+
+    def _prepare_group(self, layer: nn.Module, group: LinearGroup, norm_offset: float, inputs) -> None:
+        linears = [layer.get_submodule(name) for name in group.linears]
+        block = layer.get_submodule(group.block)
+        calls: list[tuple[tuple, dict]] = []
+        run_until(layer, block, inputs, lambda args, kwargs: calls.append((args, kwargs)))
+        xs = [first_tensor(args, kwargs) for args, kwargs in calls]
+        prev = layer.get_submodule(group.prev) if group.prev else None
+        scales = None
+        if _can_fold(prev, linears[0].in_features, group.prev_rows):
+            scales = self._search_scales(block, linears, calls, xs)
+            fold_scales(prev, linears, scales, norm_offset, group.prev_rows)
+        x_clip = self._clip_tokens(xs)
+        if scales is not None:
+            x_clip = x_clip / scales
+        for name, linear in zip(group.linears, linears):
+            if not name.endswith(NO_CLIP_SUFFIXES):
+                self._clip(linear, x_clip)
+
+    def _search_scales(self, block, linears, calls, xs) -> torch.Tensor:
+        """The duo-scaling exponent with the least sub-block output error; returns s [in_features]."""
+        x_abs_mean = sum(x.float().abs().reshape(-1, x.shape[-1]).sum(0) for x in xs)
+        x_abs_mean = x_abs_mean / sum(x.numel() // x.shape[-1] for x in xs)
+        weights = [linear.weight.data.clone() for linear in linears]
+        w = torch.cat(weights).float()
+        grouped = w.abs().reshape(w.shape[0], -1, self.scheme.group_size_for(w.shape[1]))
+        w_abs_mean = (grouped / grouped.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(w.shape).mean(0)
+
+        search, tokens = [], 0
+        for call, x in zip(calls, xs):
+            if tokens >= SEARCH_TOKENS:
+                break
+            search.append((call, x, _call_block(block, call[0], call[1], x).float()))
+            tokens += x.numel() // x.shape[-1]
+
+        best_error, best_scales = float("inf"), None
+        for s in self._candidate_scales(x_abs_mean, w_abs_mean):
+            candidate = fake_quantize(w * s[None, :], self.scheme) / s[None, :]
+            row = 0
+            for linear in linears:
+                linear.weight.data = candidate[row : row + linear.out_features].to(linear.weight.dtype)
+                row += linear.out_features
+            error = sum((_call_block(block, args, kwargs, x).float() - reference).pow(2).sum().item()
+                        for (args, kwargs), x, reference in search)
+            if error < best_error:
+                best_error, best_scales = error, s
+        for linear, original in zip(linears, weights):
+            linear.weight.data = original
+        return best_scales
+
+    @staticmethod
+    def _candidate_scales(x_abs_mean: torch.Tensor, w_abs_mean: torch.Tensor):
+        """No scaling first (so AWQ never does worse than plain rounding on the search tokens), then the grid."""
+        yield torch.ones_like(x_abs_mean)
+        for step in range(SCALE_GRID):
+            ratio = step / SCALE_GRID
+            s = (x_abs_mean.pow(ratio) / (w_abs_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+            yield s / (s.max() * s.min()).sqrt()
+
+    @staticmethod
+    def _clip_tokens(xs: list[torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+        step = max(1, flat.shape[0] // CLIP_TOKENS)
+        return flat[::step][:CLIP_TOKENS].float()
+
+    def _clip(self, linear: nn.Linear, x: torch.Tensor) -> None:
+        """Shrink each (row, group) range to the one whose quantized partial outputs err least."""
+        w = linear.weight.data.float()
+        rows, cols = w.shape
+        group = self.scheme.group_size_for(cols)
+        xg = x.reshape(-1, cols // group, group).permute(1, 2, 0)  # [groups, group, tokens]
+        clipped = torch.empty_like(w)
+        for start in range(0, rows, CLIP_ROWS_PER_CHUNK):
+            wc = w[start : start + CLIP_ROWS_PER_CHUNK]
+            wg = wc.reshape(wc.shape[0], -1, group)  # [rows, groups, group]
+            reference = torch.bmm(wg.permute(1, 0, 2), xg)  # [groups, rows, tokens]
+            max_abs = wg.abs().amax(-1, keepdim=True)
+            best_error = torch.full(max_abs.shape, float("inf"), device=w.device)
+            best_max = max_abs.clone()
+            for step in range(CLIP_STEPS):
+                limit = max_abs * (1 - step / CLIP_GRID)
+                candidate = fake_quantize(wg.clamp(-limit, limit).reshape(wc.shape), self.scheme)
+                out = torch.bmm(candidate.reshape(wg.shape).permute(1, 0, 2), xg)
+                error = (out - reference).pow(2).mean(-1).T.unsqueeze(-1)  # [rows, groups, 1]
+                better = error < best_error
+                best_error = torch.where(better, error, best_error)
+                best_max = torch.where(better, limit, best_max)
+            clipped[start : start + wc.shape[0]] = wg.clamp(-best_max, best_max).reshape(wc.shape)
+        linear.weight.data = clipped.to(linear.weight.dtype)
+
+
+class AWQGPTQ(AWQ):
+    """AWQ's scaling and clipping, then GPTQ's error-compensated rounding of the scaled weights."""
+
+    name = "awq+gptq"
+    inner_method = GPTQ
