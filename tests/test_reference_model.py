@@ -71,7 +71,7 @@ def test_embedded_default_gptq_beats_rtn_in_perplexity(tmp_path, reference, caps
     ppl = {"base": evaluate(model, windows).perplexity}
     for name in ("rtn", "gptq"):
         ppl[name] = evaluate(load(tmp_path / name), windows).perplexity
-    # Measured on these 3 windows: base ~15.6, GPTQ ~18, RTN ~21.
+    # Loose bounds on 3 windows; the full protocol is scripts/bench_quality.py.
     assert ppl["base"] < ppl["gptq"] < ppl["rtn"], ppl
     assert ppl["gptq"] < 1.2 * ppl["base"], ppl
     card = (tmp_path / "gptq" / "README.md").read_text()
