@@ -59,7 +59,7 @@ def resolve_dtype(name: str) -> torch.dtype | str:
 
 
 def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False):
-    """(model on CPU in eval mode, tokenizer, model id for the card). `name` None means the embedded default."""
+    """(model on CPU in eval mode, tokenizer, base model name for the card). None means the embedded default."""
     if name is None or name == EMBEDDED_DEFAULT:
         return (*load_embedded_default(torch.bfloat16 if dtype == "auto" else dtype), EMBEDDED_BASE_ID)
     path = Path(name).expanduser()
@@ -84,4 +84,5 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as error:
         raise LlmqError(f"cannot load model {name!r} ({str(error).splitlines()[0]}); the checkpoint may be incomplete") from None
-    return model.eval(), tokenizer, getattr(config, "_name_or_path", None) or name
+    # The card names a hub id as is, a local checkpoint by its directory name (never a path from this machine).
+    return model.eval(), tokenizer, path.resolve().name if path.exists() else name

@@ -72,7 +72,7 @@ def test_embedded_default_gptq_and_awq_beat_rtn_in_perplexity(tmp_path, referenc
     ppl = {"base": evaluate(model, windows).perplexity}
     for name in ("rtn", "gptq", "awq"):
         ppl[name] = evaluate(load(tmp_path / name), windows).perplexity
-    # Measured on these 3 windows: base 15.6, RTN 20.6, GPTQ 17.9, AWQ 18.4.
+    # Loose bounds on 3 windows; the full protocol is scripts/bench_quality.py.
     assert ppl["base"] < ppl["gptq"] < ppl["rtn"], ppl
     assert ppl["base"] < ppl["awq"] < ppl["rtn"], ppl
     assert max(ppl["gptq"], ppl["awq"]) < 1.2 * ppl["base"], ppl
