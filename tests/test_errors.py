@@ -116,3 +116,10 @@ def test_cuda_requested_without_gpu(capsys, tmp_path, tiny_llama_dir):
         pytest.skip("this machine has a GPU")
     code, line = run_cli(capsys, "quantize", str(tiny_llama_dir), "--device", "cuda", "--out", str(tmp_path / "o"))
     assert code == 2 and "--device cuda" in line and "--device cpu" in line
+
+
+def test_named_dataset_when_the_hub_is_unreachable(capsys, monkeypatch, tmp_path, tiny_llama_dir):
+    monkeypatch.setattr("llmq.calib.data.hub_reachable", lambda timeout=3.0: False)
+    code, line = run_cli(capsys, "quantize", str(tiny_llama_dir), "--calib", "c4", "--group-size", "32",
+                         "--out", str(tmp_path / "o"))
+    assert code == 2 and "dataset 'c4' cannot be downloaded" in line and "local text file" in line

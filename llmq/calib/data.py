@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -46,8 +47,26 @@ def read_text_file(path: str | os.PathLike) -> str:
     return "\n\n".join(texts)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all: checked once up front, so being offline costs 3 s, not minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_hub_text(name: str, table: dict = HUB_DATASETS, max_chars: int | None = None) -> str:
     """Text of a named hub dataset, through the `datasets` library (needs network access)."""
+    if not hub_reachable():
+        raise LlmqError(f"dataset {name!r} cannot be downloaded: the Hugging Face hub is unreachable; pass a local text file")
     try:
         import datasets
     except ImportError:
@@ -123,8 +142,8 @@ def self_generated_samples(model, tokenizer, samples: int, seqlen: int, device, 
     try:
         start = torch.full((samples, 1), bos, dtype=torch.long, device=device)
         out = model.generate(
-            start, do_sample=True, top_k=50, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
-            pad_token_id=tokenizer.eos_token_id,
+            start, attention_mask=torch.ones_like(start), do_sample=True, top_k=50,
+            max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=tokenizer.eos_token_id,
         )
     finally:
         model.to("cpu")

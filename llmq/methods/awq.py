@@ -11,8 +11,8 @@ input scaled down by 1/s. For each group of Linears sharing an input, on the unq
 3. folding: 1/s goes into the operation that produces the input (a norm's weight, or the rows of the Linear
    before), s into the group's weights, so the float model computes exactly what it did before;
 4. clip search: per output row and group, shrink the range to [-m, m] for m = max|w| * (1 - i/20),
-   i < 10, keeping the m with the smallest error of that group's partial outputs (q/k are skipped: the
-   attention scores amplify their clipping).
+   i < 10, keeping the m with the smallest error of that group's partial outputs over the search tokens
+   (q/k are skipped: the attention scores amplify their clipping).
 
 The rounding itself is the inner method's: round-to-nearest for `awq`, GPTQ for `awq+gptq`.
 """
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmq.calib.arch import LayerMap, LinearGroup
-from llmq.calib.capture import first_tensor, layer_output, run_until
+from llmq.calib.arch import LayerMap
+from llmq.calib.capture import first_tensor, layer_output
 from llmq.methods.base import Method, StatsCollector
 from llmq.methods.gptq import GPTQ
 from llmq.methods.grid import QuantizedTensor, QuantScheme, group_qparams, quantize_values
@@ -31,9 +31,7 @@ from llmq.methods.rtn import RTN
 
 SCALE_GRID = 20
 CLIP_GRID, CLIP_STEPS = 20, 10  # shrink factors 1.0, 0.95, ..., 0.55
-SEARCH_TOKENS = 8192  # calibration tokens the scale search evaluates each candidate on
-CLIP_TOKENS = 1024  # tokens the clip search evaluates on, evenly spaced over all calibration tokens
-CLIP_ROWS_PER_CHUNK = 1024
+SEARCH_TOKENS = 4096  # calibration tokens the scale search evaluates each candidate on (the first batches)
 NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "qkv_proj")
 
 
@@ -82,6 +80,31 @@ def _can_fold(prev: nn.Module | None, in_features: int, prev_rows: str) -> bool:
     return weight is not None and weight.numel() == in_features
 
 
+class _BlockRecorder:
+    """A sub-block's calls over the calibration set: mean |x| over every token, the first calls kept whole."""
+
+    def __init__(self):
+        self.abs_sum, self.tokens, self.kept_tokens = None, 0, 0
+        self.calls: list[tuple[tuple, dict, torch.Tensor]] = []
+
+    def record(self, module, args, kwargs) -> None:
+        x = first_tensor(args, kwargs)
+        flat = x.reshape(-1, x.shape[-1])
+        total = flat.float().abs().sum(0)
+        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+        self.tokens += flat.shape[0]
+        if self.kept_tokens < SEARCH_TOKENS:
+            self.calls.append((args, kwargs, x))
+            self.kept_tokens += flat.shape[0]
+
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / self.tokens
+
+    def kept_inputs(self) -> torch.Tensor:
+        """Every kept token's input, [tokens, features] in float32."""
+        return torch.cat([x.reshape(-1, x.shape[-1]) for _, _, x in self.calls]).float()
+
+
 class AWQ(Method):
     name = "awq"
     needs_calibration = True
@@ -100,52 +123,53 @@ class AWQ(Method):
 
     @torch.no_grad()
     def prepare_layer(self, layer: nn.Module, layer_map: LayerMap, inputs) -> None:
+        """Search and fold every group's scales, then clip, on the unquantized layer (the AWQ reference order).
+
+        One forward pass records every sub-block's input: folding leaves the float model unchanged, so the
+        only input a fold changes is its own group's, by exactly 1/s.
+        """
+        recorders = {group.block: _BlockRecorder() for group in layer_map.groups}
+        handles = [layer.get_submodule(block).register_forward_pre_hook(recorder.record, with_kwargs=True)
+                   for block, recorder in recorders.items()]
+        try:
+            for item in inputs:
+                layer(item.hidden, **item.kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        clip_inputs = {}
         for group in layer_map.groups:
-            self._prepare_group(layer, group, layer_map.norm_offset, inputs)
+            recorder = recorders[group.block]
+            linears = [layer.get_submodule(name) for name in group.linears]
+            prev = layer.get_submodule(group.prev) if group.prev else None
+            x_clip = recorder.kept_inputs()
+            if _can_fold(prev, linears[0].in_features, group.prev_rows):
+                scales = self._search_scales(layer.get_submodule(group.block), linears, recorder)
+                fold_scales(prev, linears, scales, layer_map.norm_offset, group.prev_rows)
+                x_clip = x_clip / scales
+            clip_inputs[group] = x_clip
+        for group in layer_map.groups:
+            for name in group.linears:
+                if not name.endswith(NO_CLIP_SUFFIXES):
+                    self._clip(layer.get_submodule(name), clip_inputs[group])
 
-    def _prepare_group(self, layer: nn.Module, group: LinearGroup, norm_offset: float, inputs) -> None:
-        linears = [layer.get_submodule(name) for name in group.linears]
-        block = layer.get_submodule(group.block)
-        calls: list[tuple[tuple, dict]] = []
-        run_until(layer, block, inputs, lambda args, kwargs: calls.append((args, kwargs)))
-        xs = [first_tensor(args, kwargs) for args, kwargs in calls]
-        prev = layer.get_submodule(group.prev) if group.prev else None
-        scales = None
-        if _can_fold(prev, linears[0].in_features, group.prev_rows):
-            scales = self._search_scales(block, linears, calls, xs)
-            fold_scales(prev, linears, scales, norm_offset, group.prev_rows)
-        x_clip = self._clip_tokens(xs)
-        if scales is not None:
-            x_clip = x_clip / scales
-        for name, linear in zip(group.linears, linears):
-            if not name.endswith(NO_CLIP_SUFFIXES):
-                self._clip(linear, x_clip)
-
-    def _search_scales(self, block, linears, calls, xs) -> torch.Tensor:
-        """The duo-scaling exponent with the least sub-block output error; returns s [in_features]."""
-        x_abs_mean = sum(x.float().abs().reshape(-1, x.shape[-1]).sum(0) for x in xs)
-        x_abs_mean = x_abs_mean / sum(x.numel() // x.shape[-1] for x in xs)
+    def _search_scales(self, block: nn.Module, linears: list[nn.Linear], recorder: "_BlockRecorder") -> torch.Tensor:
+        """The candidate scales with the least sub-block output error; returns s [in_features]."""
         weights = [linear.weight.data.clone() for linear in linears]
         w = torch.cat(weights).float()
         grouped = w.abs().reshape(w.shape[0], -1, self.scheme.group_size_for(w.shape[1]))
         w_abs_mean = (grouped / grouped.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(w.shape).mean(0)
-
-        search, tokens = [], 0
-        for call, x in zip(calls, xs):
-            if tokens >= SEARCH_TOKENS:
-                break
-            search.append((call, x, _call_block(block, call[0], call[1], x).float()))
-            tokens += x.numel() // x.shape[-1]
+        search = [(args, kwargs, x, _call_block(block, args, kwargs, x).float()) for args, kwargs, x in recorder.calls]
 
         best_error, best_scales = float("inf"), None
-        for s in self._candidate_scales(x_abs_mean, w_abs_mean):
+        for s in self._candidate_scales(recorder.abs_mean(), w_abs_mean):
             candidate = fake_quantize(w * s[None, :], self.scheme) / s[None, :]
             row = 0
             for linear in linears:
                 linear.weight.data = candidate[row : row + linear.out_features].to(linear.weight.dtype)
                 row += linear.out_features
             error = sum((_call_block(block, args, kwargs, x).float() - reference).pow(2).sum().item()
-                        for (args, kwargs), x, reference in search)
+                        for args, kwargs, x, reference in search)
             if error < best_error:
                 best_error, best_scales = error, s
         for linear, original in zip(linears, weights):
@@ -161,36 +185,30 @@ class AWQ(Method):
             s = (x_abs_mean.pow(ratio) / (w_abs_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
             yield s / (s.max() * s.min()).sqrt()
 
-    @staticmethod
-    def _clip_tokens(xs: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
-        step = max(1, flat.shape[0] // CLIP_TOKENS)
-        return flat[::step][:CLIP_TOKENS].float()
-
     def _clip(self, linear: nn.Linear, x: torch.Tensor) -> None:
-        """Shrink each (row, group) range to the one whose quantized partial outputs err least."""
+        """Shrink each (row, group) range to the one whose quantized partial outputs err least.
+
+        The error of a group's partial output over tokens X_g is d^T (X_g^T X_g) d for the rounding error d
+        of that row's group, so one small Gram matrix per group replaces a pass over every token.
+        """
         w = linear.weight.data.float()
         rows, cols = w.shape
         group = self.scheme.group_size_for(cols)
-        xg = x.reshape(-1, cols // group, group).permute(1, 2, 0)  # [groups, group, tokens]
-        clipped = torch.empty_like(w)
-        for start in range(0, rows, CLIP_ROWS_PER_CHUNK):
-            wc = w[start : start + CLIP_ROWS_PER_CHUNK]
-            wg = wc.reshape(wc.shape[0], -1, group)  # [rows, groups, group]
-            reference = torch.bmm(wg.permute(1, 0, 2), xg)  # [groups, rows, tokens]
-            max_abs = wg.abs().amax(-1, keepdim=True)
-            best_error = torch.full(max_abs.shape, float("inf"), device=w.device)
-            best_max = max_abs.clone()
-            for step in range(CLIP_STEPS):
-                limit = max_abs * (1 - step / CLIP_GRID)
-                candidate = fake_quantize(wg.clamp(-limit, limit).reshape(wc.shape), self.scheme)
-                out = torch.bmm(candidate.reshape(wg.shape).permute(1, 0, 2), xg)
-                error = (out - reference).pow(2).mean(-1).T.unsqueeze(-1)  # [rows, groups, 1]
-                better = error < best_error
-                best_error = torch.where(better, error, best_error)
-                best_max = torch.where(better, limit, best_max)
-            clipped[start : start + wc.shape[0]] = wg.clamp(-best_max, best_max).reshape(wc.shape)
-        linear.weight.data = clipped.to(linear.weight.dtype)
+        xg = x.reshape(-1, cols // group, group).transpose(0, 1)  # [groups, tokens, group]
+        gram = xg.transpose(1, 2) @ xg  # [groups, group, group]
+        wg = w.reshape(rows, -1, group)
+        max_abs = wg.abs().amax(-1, keepdim=True)
+        best_error = torch.full(max_abs.shape, float("inf"), device=w.device)
+        best_max = max_abs.clone()
+        for step in range(CLIP_STEPS):
+            limit = max_abs * (1 - step / CLIP_GRID)
+            delta = (fake_quantize(wg.clamp(-limit, limit).reshape(w.shape), self.scheme) - w).reshape(wg.shape)
+            d = delta.transpose(0, 1)  # [groups, rows, group]
+            error = ((d @ gram) * d).sum(-1).T.unsqueeze(-1)  # [rows, groups, 1]
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_max = torch.where(better, limit, best_max)
+        linear.weight.data = wg.clamp(-best_max, best_max).reshape(w.shape).to(linear.weight.dtype)
 
 
 class AWQGPTQ(AWQ):
