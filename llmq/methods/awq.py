@@ -7,7 +7,7 @@ input scaled down by 1/s. For each group of Linears sharing an input, on the unq
 2. scale search: s = mean|x|^a / mean|w~|^(1-a) (w~: |w| normalised by its group's max, averaged over
    rows), a on a grid of 20, normalised so max(s) * min(s) = 1, plus s = 1; the candidate whose
    round-to-nearest weights give the smallest error of the whole sub-block's output (attention, MLP, or the
-   Linear alone) wins;
+   Linear alone) on the first calibration tokens wins; a lone Linear's candidates run as one stacked matmul;
 3. folding: 1/s goes into the operation that produces the input (a norm's weight, or the rows of the Linear
    before), s into the group's weights, so the float model computes exactly what it did before;
 4. clip search: per output row and group, shrink the range to [-m, m] for m = max|w| * (1 - i/20),
@@ -31,7 +31,8 @@ from llmq.methods.rtn import RTN
 
 SCALE_GRID = 20
 CLIP_GRID, CLIP_STEPS = 20, 10  # shrink factors 1.0, 0.95, ..., 0.55
-SEARCH_TOKENS = 4096  # calibration tokens the scale search evaluates each candidate on (the first batches)
+SEARCH_TOKENS = 2048  # calibration tokens the scale search evaluates each candidate on (the first batches)
+KEEP_TOKENS = 4096  # calibration tokens whose inputs are kept per sub-block (the clip search uses them all)
 NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "qkv_proj")
 
 
@@ -80,6 +81,38 @@ def _can_fold(prev: nn.Module | None, in_features: int, prev_rows: str) -> bool:
     return weight is not None and weight.numel() == in_features
 
 
+def _linear_block_errors(w: torch.Tensor, weights: list[torch.Tensor], calls) -> list[float]:
+    """Output errors of every candidate of a lone Linear at once: one matmul against all candidates stacked."""
+    dtype = calls[0][2].dtype  # compute as the layer does (bf16 stays bf16: fast, and what inference sees)
+    stacked = torch.cat(weights).to(dtype)  # [candidates * out, in]
+    reference_weight = w.to(dtype)
+    errors = torch.zeros(len(weights))
+    for _, _, x in calls:
+        flat = x.reshape(-1, x.shape[-1])
+        outputs = (flat @ stacked.T).float().reshape(flat.shape[0], len(weights), -1)
+        errors += (outputs - (flat @ reference_weight.T).float().unsqueeze(1)).pow(2).sum(dim=(0, 2))
+    return errors.tolist()
+
+
+def _block_errors(block: nn.Module, linears: list[nn.Linear], weights: list[torch.Tensor], calls) -> list[float]:
+    """Output error of the sub-block with each candidate weight set in place of the group's Linears."""
+    originals = [linear.weight.data for linear in linears]
+    references = [_call_block(block, args, kwargs, x).float() for args, kwargs, x in calls]
+    errors = []
+    try:
+        for candidate in weights:
+            row = 0
+            for linear in linears:
+                linear.weight.data = candidate[row : row + linear.out_features].to(linear.weight.dtype)
+                row += linear.out_features
+            errors.append(sum((_call_block(block, args, kwargs, x).float() - reference).pow(2).sum().item()
+                              for (args, kwargs, x), reference in zip(calls, references)))
+    finally:
+        for linear, original in zip(linears, originals):
+            linear.weight.data = original
+    return errors
+
+
 class _BlockRecorder:
     """A sub-block's calls over the calibration set: mean |x| over every token, the first calls kept whole."""
 
@@ -93,12 +126,22 @@ class _BlockRecorder:
         total = flat.float().abs().sum(0)
         self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
         self.tokens += flat.shape[0]
-        if self.kept_tokens < SEARCH_TOKENS:
+        if self.kept_tokens < KEEP_TOKENS:
             self.calls.append((args, kwargs, x))
             self.kept_tokens += flat.shape[0]
 
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / self.tokens
+
+    def calls_for(self, tokens: int) -> list:
+        """The first kept calls, enough to cover `tokens` tokens."""
+        chosen, covered = [], 0
+        for call in self.calls:
+            if covered >= tokens:
+                break
+            chosen.append(call)
+            covered += call[2].numel() // call[2].shape[-1]
+        return chosen
 
     def kept_inputs(self) -> torch.Tensor:
         """Every kept token's input, [tokens, features] in float32."""
@@ -155,26 +198,17 @@ class AWQ(Method):
 
     def _search_scales(self, block: nn.Module, linears: list[nn.Linear], recorder: "_BlockRecorder") -> torch.Tensor:
         """The candidate scales with the least sub-block output error; returns s [in_features]."""
-        weights = [linear.weight.data.clone() for linear in linears]
-        w = torch.cat(weights).float()
+        w = torch.cat([linear.weight.data for linear in linears]).float()
         grouped = w.abs().reshape(w.shape[0], -1, self.scheme.group_size_for(w.shape[1]))
         w_abs_mean = (grouped / grouped.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(w.shape).mean(0)
-        search = [(args, kwargs, x, _call_block(block, args, kwargs, x).float()) for args, kwargs, x in recorder.calls]
-
-        best_error, best_scales = float("inf"), None
-        for s in self._candidate_scales(recorder.abs_mean(), w_abs_mean):
-            candidate = fake_quantize(w * s[None, :], self.scheme) / s[None, :]
-            row = 0
-            for linear in linears:
-                linear.weight.data = candidate[row : row + linear.out_features].to(linear.weight.dtype)
-                row += linear.out_features
-            error = sum((_call_block(block, args, kwargs, x).float() - reference).pow(2).sum().item()
-                        for args, kwargs, x, reference in search)
-            if error < best_error:
-                best_error, best_scales = error, s
-        for linear, original in zip(linears, weights):
-            linear.weight.data = original
-        return best_scales
+        candidates = list(self._candidate_scales(recorder.abs_mean(), w_abs_mean))
+        weights = [fake_quantize(w * s[None, :], self.scheme) / s[None, :] for s in candidates]
+        calls = recorder.calls_for(SEARCH_TOKENS)
+        if block is linears[0] and len(linears) == 1:
+            errors = _linear_block_errors(w, weights, calls)
+        else:
+            errors = _block_errors(block, linears, weights, calls)
+        return candidates[int(torch.tensor(errors).argmin())]
 
     @staticmethod
     def _candidate_scales(x_abs_mean: torch.Tensor, w_abs_mean: torch.Tensor):
