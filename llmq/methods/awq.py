@@ -3,7 +3,7 @@
 Salient input channels (large mean |x|) lose less to rounding when their weights are scaled up by s and the
 input scaled down by 1/s. For each group of Linears sharing an input, on the unquantized layer:
 
-1. statistics: mean |x| per input channel, over every calibration token;
+1. statistics: mean |x| per input channel, over the first 16384 calibration tokens;
 2. scale search: s = mean|x|^a / mean|w~|^(1-a) (w~: |w| normalised by its group's max, averaged over
    rows), a on a grid of 20, normalised so max(s) * min(s) = 1, plus s = 1; the candidate whose
    round-to-nearest weights give the smallest error of the whole sub-block's output (attention, MLP, or the
@@ -33,6 +33,7 @@ SCALE_GRID = 20
 CLIP_GRID, CLIP_STEPS = 20, 10  # shrink factors 1.0, 0.95, ..., 0.55
 SEARCH_TOKENS = 2048  # calibration tokens the scale search evaluates each candidate on (the first batches)
 KEEP_TOKENS = 4096  # calibration tokens whose inputs are kept per sub-block (the clip search uses them all)
+RECORD_TOKENS = 16384  # calibration tokens mean |x| is measured on: channel means settle long before 65k tokens
 NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "qkv_proj")
 
 
@@ -113,6 +114,15 @@ def _block_errors(block: nn.Module, linears: list[nn.Linear], weights: list[torc
     return errors
 
 
+def _first_samples(value, batch: int, keep: int):
+    """The first `keep` samples of a recorded argument: tensors (and tuples of them) whose first dim is the batch."""
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+        return value[:keep]
+    if isinstance(value, tuple):
+        return tuple(_first_samples(item, batch, keep) for item in value)
+    return value
+
+
 class _BlockRecorder:
     """A sub-block's calls over the calibration set: mean |x| over every token, the first calls kept whole."""
 
@@ -134,13 +144,16 @@ class _BlockRecorder:
         return self.abs_sum / self.tokens
 
     def calls_for(self, tokens: int) -> list:
-        """The first kept calls, enough to cover `tokens` tokens."""
+        """The kept calls cut to their first `tokens` tokens (whole samples: tensors are cut on the batch dim)."""
         chosen, covered = [], 0
-        for call in self.calls:
+        for args, kwargs, x in self.calls:
             if covered >= tokens:
                 break
-            chosen.append(call)
-            covered += call[2].numel() // call[2].shape[-1]
+            batch, per_sample = x.shape[0], x.numel() // (x.shape[0] * x.shape[-1])
+            keep = min(batch, -(-(tokens - covered) // per_sample))
+            cut = lambda value: _first_samples(value, batch, keep)  # noqa: E731
+            chosen.append((cut(args), {key: cut(value) for key, value in kwargs.items()}, x[:keep]))
+            covered += keep * per_sample
         return chosen
 
     def kept_inputs(self) -> torch.Tensor:
@@ -168,15 +181,19 @@ class AWQ(Method):
     def prepare_layer(self, layer: nn.Module, layer_map: LayerMap, inputs) -> None:
         """Search and fold every group's scales, then clip, on the unquantized layer (the AWQ reference order).
 
-        One forward pass records every sub-block's input: folding leaves the float model unchanged, so the
-        only input a fold changes is its own group's, by exactly 1/s.
+        One forward pass (over the first RECORD_TOKENS tokens) records every sub-block's input: folding leaves the
+        float model unchanged, so the only input a fold changes is its own group's, by exactly 1/s.
         """
         recorders = {group.block: _BlockRecorder() for group in layer_map.groups}
         handles = [layer.get_submodule(block).register_forward_pre_hook(recorder.record, with_kwargs=True)
                    for block, recorder in recorders.items()]
         try:
+            recorded = 0
             for item in inputs:
+                if recorded >= RECORD_TOKENS:
+                    break
                 layer(item.hidden, **item.kwargs)
+                recorded += item.hidden.numel() // item.hidden.shape[-1]
         finally:
             for handle in handles:
                 handle.remove()
