@@ -21,8 +21,8 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 per channel (default 128)")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_true", default=True, help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid with zero points")
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=False, help="symmetric grid, no zero points")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid with zero points (default)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: round columns by decreasing activation energy, scales in static groups (default on)")
     p.add_argument("--mse", action="store_true", help="search each group's clipping range for least error")

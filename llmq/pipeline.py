@@ -33,7 +33,7 @@ class QuantizeConfig:
     method: str = "gptq"
     bits: int = 4
     group_size: int = 128  # -1: per output channel
-    symmetric: bool = True
+    symmetric: bool = False  # asymmetric (zero points) by default: 0.7% larger here, and clearly better
     act_order: bool = True  # GPTQ: static-group act-order; free for loaders, much better on outlier channels
     mse: bool = False
     calib: str | None = None  # .txt/.jsonl path or a dataset name; None: wikitext2, else data-free

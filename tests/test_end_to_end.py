@@ -44,6 +44,10 @@ def test_checkpoint_layout(gptq_dir):
     assert (config["format"], weights["num_bits"], weights["group_size"], weights["symmetric"], weights["actorder"]) == (
         "pack-quantized", 4, 32, False, "weight")
     assert config["ignore"] == ["lm_head"]
+    from compressed_tensors.quantization import QuantizationConfig
+
+    parsed = QuantizationConfig.model_validate(config)  # what vLLM and transformers parse it with
+    assert parsed.format == "pack-quantized" and parsed.config_groups["group_0"].weights.actorder == "weight"
     with safe_open(gptq_dir / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         packed = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
@@ -106,7 +110,7 @@ def test_eval_cli_reports_perplexity_and_kl(gptq_dir, tiny_llama_dir, calib_file
 
 def test_rtn_needs_no_calibration_and_writes_symmetric_layout(tmp_path, tiny_llama_dir):
     out = tmp_path / "rtn"
-    assert main(["quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "3", "--group-size", "-1",
+    assert main(["quantize", str(tiny_llama_dir), "--method", "rtn", "--bits", "3", "--group-size", "-1", "--sym",
                  "--out", str(out)]) == 0
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = set(f.keys())

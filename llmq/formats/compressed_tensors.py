@@ -50,8 +50,8 @@ def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str],
     }
     if not scheme.symmetric:
         # transformers (5.x, compressed-tensors 0.20) sizes packed zero points unpacked when it keeps weights
-        # compressed, and refuses the checkpoint; its dequantize-at-load path reads them right. vLLM and
-        # compressed-tensors ignore this key.
+        # compressed, and refuses the checkpoint; its dequantize-at-load path reads them right.
+        # compressed-tensors' QuantizationConfig accepts the extra key.
         config["dequantize"] = True
     return config
 
