@@ -14,7 +14,7 @@ from llmq.calib.data import calibration_samples, check_calib_source
 from llmq.calib.harness import capture_layer_inputs, check_weights_finite, quantize_layers
 from llmq.card import human_size, render_card
 from llmq.errors import LlmqError
-from llmq.formats.atomic import atomic_output_dir
+from llmq.formats.atomic import atomic_output_dir, check_output_free
 from llmq.formats.compressed_tensors import (
     checkpoint_state_dict,
     ignored_linears,
@@ -87,11 +87,24 @@ def _tensor_bytes(model) -> int:
     return total
 
 
+def _write_checkpoint(directory: Path, hf_model, tokenizer, quantized, scheme: QuantScheme, act_order: bool,
+                      mse: bool) -> None:
+    """Packed weights, config with quantization_config, generation config and tokenizer into `directory`."""
+    write_weights(directory, checkpoint_state_dict(hf_model, quantized))
+    hf_model.config.quantization_config = quantization_config(
+        scheme, act_order, ignored_linears(hf_model, quantized), "mse" if mse else "minmax")
+    hf_model.config.save_pretrained(directory)
+    if hf_model.generation_config is not None:
+        hf_model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None = None,
              overwrite: bool = False, trust_remote_code: bool = False) -> QuantizeResult:
     """Quantize `model` (hub id, local directory, or None for the embedded default) into directory `out`."""
     config = config or QuantizeConfig()
     _check_config(config)
+    check_output_free(out, overwrite)
     scheme = config.scheme()
     options = MethodOptions(mse=config.mse, act_order=config.act_order, damp=config.damp)
     method = get_method(config.method, scheme, options)
@@ -122,14 +135,7 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
 
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        state = checkpoint_state_dict(hf_model, quantized)
-        write_weights(tmp, state)
-        hf_model.config.quantization_config = quantization_config(
-            scheme, act_order, ignored_linears(hf_model, quantized), "mse" if config.mse else "minmax")
-        hf_model.config.save_pretrained(tmp)
-        if hf_model.generation_config is not None:
-            hf_model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _write_checkpoint(tmp, hf_model, tokenizer, quantized, scheme, act_order, config.mse)
         size_after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         (tmp / "README.md").write_text(render_card(
             name=out.name, base_model=model_id, method=method.name, bits=scheme.bits,

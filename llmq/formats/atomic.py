@@ -11,12 +11,18 @@ from pathlib import Path
 from llmq.errors import LlmqError
 
 
+def check_output_free(target: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an existing, non-empty output before any work is done, unless asked to replace it."""
+    target = Path(target)
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise LlmqError(f"output {target} already exists; choose another --out or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
     """Yield a fresh temporary directory; on success it replaces `target`, on failure it is removed."""
     target = Path(target)
-    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise LlmqError(f"output {target} already exists; choose another --out or pass --overwrite")
+    check_output_free(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     umask = os.umask(0)
