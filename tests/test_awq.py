@@ -95,3 +95,17 @@ def test_clip_search_lowers_partial_output_error():
     error = lambda w: (x @ (fake_quantize(w, scheme) - original).T).pow(2).sum().item()  # noqa: E731
     assert error(linear.weight.data) < 0.95 * error(original)
     assert (linear.weight.data.abs() <= original.abs() + 1e-6).all()
+
+
+def test_stacked_candidate_errors_do_not_depend_on_chunking(monkeypatch):
+    from llmq.methods import awq
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 32, generator=g)
+    candidates = [w + 0.1 * torch.randn(8, 32, generator=g) for _ in range(5)]
+    calls = [((), {}, torch.randn(2, 16, 32, generator=g))]
+    whole = awq._linear_block_errors(w, candidates, calls)
+    monkeypatch.setattr(awq, "STACKED_WEIGHTS", w.numel() * 2)  # two candidates per matmul
+    chunked = awq._linear_block_errors(w, candidates, calls)
+    expected = [((calls[0][2] @ (c - w).T) ** 2).sum().item() for c in candidates]
+    assert whole == pytest.approx(chunked, rel=1e-5) and whole == pytest.approx(expected, rel=1e-4)

@@ -33,6 +33,7 @@ SCALE_GRID = 20
 CLIP_GRID, CLIP_STEPS = 20, 10  # shrink factors 1.0, 0.95, ..., 0.55
 SEARCH_TOKENS = 2048  # calibration tokens the scale search evaluates each candidate on (the first batches)
 KEEP_TOKENS = 4096  # calibration tokens whose inputs are kept per sub-block (the clip search uses them all)
+STACKED_WEIGHTS = 1 << 27  # weights per stacked candidate matmul (256 MB in bf16)
 RECORD_TOKENS = 16384  # calibration tokens mean |x| is measured on: channel means settle long before 65k tokens
 NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "qkv_proj")
 
@@ -85,14 +86,19 @@ def _can_fold(prev: nn.Module | None, in_features: int, prev_rows: str) -> bool:
 def _linear_block_errors(w: torch.Tensor, weights: list[torch.Tensor], calls) -> list[float]:
     """Output errors of every candidate of a lone Linear at once: one matmul against all candidates stacked."""
     dtype = calls[0][2].dtype  # compute as the layer does (bf16 stays bf16: fast, and what inference sees)
-    stacked = torch.cat(weights).to(dtype)  # [candidates * out, in]
     reference_weight = w.to(dtype)
-    errors = torch.zeros(len(weights))
-    for _, _, x in calls:
-        flat = x.reshape(-1, x.shape[-1])
-        outputs = (flat @ stacked.T).float().reshape(flat.shape[0], len(weights), -1)
-        errors += (outputs - (flat @ reference_weight.T).float().unsqueeze(1)).pow(2).sum(dim=(0, 2))
-    return errors.tolist()
+    per_matmul = max(1, STACKED_WEIGHTS // w.numel())  # bounds memory on large layers
+    errors = []
+    for start in range(0, len(weights), per_matmul):
+        chunk = weights[start : start + per_matmul]
+        stacked = torch.cat(chunk).to(dtype)  # [candidates * out, in]
+        chunk_errors = torch.zeros(len(chunk))
+        for _, _, x in calls:
+            flat = x.reshape(-1, x.shape[-1])
+            outputs = (flat @ stacked.T).float().reshape(flat.shape[0], len(chunk), -1)
+            chunk_errors += (outputs - (flat @ reference_weight.T).float().unsqueeze(1)).pow(2).sum(dim=(0, 2)).cpu()
+        errors.extend(chunk_errors.tolist())
+    return errors
 
 
 def _block_errors(block: nn.Module, linears: list[nn.Linear], weights: list[torch.Tensor], calls) -> list[float]:
