@@ -26,7 +26,7 @@ from llmq.calib.arch import LayerMap
 from llmq.calib.capture import first_tensor, layer_output
 from llmq.methods.base import Method, StatsCollector
 from llmq.methods.gptq import GPTQ
-from llmq.methods.grid import QuantizedTensor, QuantScheme, group_qparams, quantize_values
+from llmq.methods.grid import QuantizedTensor, QuantScheme, dequantize, round_to_nearest
 from llmq.methods.rtn import RTN
 
 SCALE_GRID = 20
@@ -40,12 +40,8 @@ NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "qkv_proj")
 
 def fake_quantize(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Round-to-nearest on the grid, back in float32 (scales kept in float32: only the error matters here)."""
-    group = scheme.group_size_for(weight.shape[1])
-    scale, zero = group_qparams(weight, scheme, torch.float32)
-    scale = scale.repeat_interleave(group, dim=1)
-    zero = None if zero is None else zero.repeat_interleave(group, dim=1)
-    q = quantize_values(weight, scale, zero, scheme)
-    return (q if zero is None else q - zero) * scale
+    q, scale, zero = round_to_nearest(weight, scheme, torch.float32)
+    return dequantize(q, scale, zero, scheme.group_size_for(weight.shape[1]))
 
 
 def _call_block(block: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,16 @@ def group_qparams(
     return scale, zero
 
 
+def round_to_nearest(
+    weight: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype, mse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Plain rounding of a float32 [out, in] weight: integers (held as float), scale and zero point per group."""
+    group_size = scheme.group_size_for(weight.shape[1])
+    scale, zero = group_qparams(weight, scheme, scale_dtype, mse=mse)
+    expand = lambda t: None if t is None else t.repeat_interleave(group_size, dim=1)  # noqa: E731
+    return quantize_values(weight, expand(scale), expand(zero), scheme), scale, zero
+
+
 def to_quantized_tensor(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme, scale_dtype: torch.dtype
 ) -> QuantizedTensor:
