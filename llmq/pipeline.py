@@ -43,6 +43,8 @@ class QuantizeConfig:
     device: str = "auto"  # cuda when available, else cpu
     dtype: str = "auto"  # compute/storage dtype of the unquantized parts; auto: the checkpoint's
     calib_batch_tokens: int = 4096  # tokens per forward pass during calibration
+    format: str = "compressed-tensors"  # or "gguf" (one llama.cpp file; `gguf_type` picks the mixture)
+    gguf_type: str = "Q4_K_M"
 
     def scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.group_size, self.symmetric)
@@ -104,6 +106,12 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     """Quantize `model` (hub id, local directory, or None for the embedded default) into directory `out`."""
     config = config or QuantizeConfig()
     _check_config(config)
+    if config.format == "gguf":
+        from llmq.gguf_export import quantize_to_gguf
+
+        return quantize_to_gguf(model, out, config, overwrite, trust_remote_code)
+    if config.format != "compressed-tensors":
+        raise LlmqError(f"--format {config.format} is not supported; use compressed-tensors or gguf")
     check_output_free(out, overwrite)
     scheme = config.scheme()
     options = MethodOptions(mse=config.mse, act_order=config.act_order, damp=config.damp)

@@ -25,7 +25,6 @@ from llmq.calib.arch import LayerMap, decoder_layers
 from llmq.calib.capture import LayerInput, StopForward, first_tensor, layer_output, run_until
 from llmq.errors import LlmqError
 from llmq.methods.base import Method
-from llmq.methods.grid import QuantizedTensor
 
 
 def _move_non_layer_modules(model: nn.Module, layers: nn.ModuleList, device) -> None:
@@ -69,9 +68,11 @@ class LayerReport:
     relative_weight_error: float  # ||W - Q||^2 / ||W||^2 over the layer's quantized Linears
 
 
-def _quantize_group(layer: nn.Module, group: tuple[str, ...], method: Method, inputs, device) -> tuple[dict, float, float]:
-    """Quantize one group of Linears sharing an input; returns ({name: QuantizedTensor}, error sums)."""
+def _quantize_group(layer: nn.Module, prefix: str, group: tuple[str, ...], method: Method, inputs,
+                    device) -> tuple[dict, float, float]:
+    """Quantize one group of Linears sharing an input; returns ({name: quantized weight}, error sums)."""
     linears = [layer.get_submodule(name) for name in group]
+    method.begin_group([f"{prefix}.{name}" for name in group], [linear.out_features for linear in linears])
     stats = method.new_collector(linears[0].in_features, device) if method.needs_calibration else None
     if stats is not None:
         run_until(layer, linears[0], inputs, lambda args, kwargs: stats.add(first_tensor(args, kwargs)))
@@ -85,7 +86,7 @@ def _quantize_group(layer: nn.Module, group: tuple[str, ...], method: Method, in
         rows = slice(row, row + linear.out_features)
         row += linear.out_features
         linear.weight.data.copy_(dequantized[rows].to(linear.weight.dtype))
-        parts[name] = _rows(quantized, rows)
+        parts[name] = quantized.rows(rows)
     return parts, err_num, err_den
 
 
@@ -97,23 +98,24 @@ def quantize_layers(
     inputs: list[LayerInput] | None,
     device: torch.device,
     on_layer: Callable[[LayerReport], None] | None = None,
-) -> dict[str, QuantizedTensor]:
+) -> dict:
     """Quantize every mapped Linear in place (weights replaced by their dequantized values).
 
-    Returns full module name -> QuantizedTensor (on CPU). `inputs` is needed when the method calibrates.
+    Returns full module name -> the method's quantized weight (on CPU). `inputs` is needed when the method calibrates.
     """
     if method.needs_calibration and inputs is None:
         raise ValueError(f"method {method.name} needs calibration inputs")
     layers = decoder_layers(model, layer_map)
-    results: dict[str, QuantizedTensor] = {}
+    results: dict = {}
     for index in log.progress(range(len(layers)), desc=f"{method.name} layers", unit="layer"):
         layer = layers[index].to(device)
         if inputs is not None:
             method.prepare_layer(layer, layer_map, inputs)
         err_num = err_den = 0.0
         for group in layer_map.groups:
-            parts, num, den = _quantize_group(layer, group.linears, method, inputs, device)
-            results.update({f"{layer_map.layers}.{index}.{name}": part for name, part in parts.items()})
+            prefix = f"{layer_map.layers}.{index}"
+            parts, num, den = _quantize_group(layer, prefix, group.linears, method, inputs, device)
+            results.update({f"{prefix}.{name}": part for name, part in parts.items()})
             err_num, err_den = err_num + num, err_den + den
         if inputs is not None and index < len(layers) - 1:
             for item in inputs:
@@ -128,9 +130,3 @@ def check_weights_finite(linears: dict[str, nn.Linear]) -> None:
     for name, linear in linears.items():
         if not torch.isfinite(linear.weight).all():
             raise LlmqError(f"weight {name} contains NaN or Inf; the checkpoint is damaged: re-download or re-export it")
-
-
-def _rows(q: QuantizedTensor, rows: slice) -> QuantizedTensor:
-    """Some rows as an independent QuantizedTensor on the CPU (no storage shared with the others)."""
-    own = lambda t: None if t is None else t[rows].to("cpu", copy=True)  # noqa: E731
-    return QuantizedTensor(own(q.qweight), own(q.scale), own(q.zero_point), q.scheme)

@@ -153,7 +153,7 @@ class _BlockRecorder:
                 break
             batch, per_sample = x.shape[0], x.numel() // (x.shape[0] * x.shape[-1])
             keep = min(batch, -(-(tokens - covered) // per_sample))
-            cut = lambda value: _first_samples(value, batch, keep)  # noqa: E731
+            cut = lambda value: _first_samples(value, batch, keep)
             chosen.append((cut(args), {key: cut(value) for key, value in kwargs.items()}, x[:keep]))
             covered += keep * per_sample
         return chosen
@@ -215,7 +215,7 @@ class AWQ(Method):
                 if not name.endswith(NO_CLIP_SUFFIXES):
                     self._clip(layer.get_submodule(name), clip_inputs[group])
 
-    def _search_scales(self, block: nn.Module, linears: list[nn.Linear], recorder: "_BlockRecorder") -> torch.Tensor:
+    def _search_scales(self, block: nn.Module, linears: list[nn.Linear], recorder: _BlockRecorder) -> torch.Tensor:
         """The candidate scales with the least sub-block output error; returns s [in_features]."""
         w = torch.cat([linear.weight.data for linear in linears]).float()
         grouped = w.abs().reshape(w.shape[0], -1, self.scheme.group_size_for(w.shape[1]))

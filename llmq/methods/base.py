@@ -46,6 +46,9 @@ class Method:
     def new_collector(self, in_features: int, device: torch.device) -> StatsCollector | None:
         return None
 
+    def begin_group(self, names: list[str], rows: list[int]) -> None:
+        """Told before `quantize` which Linears (full names, output rows each) the concatenated weight holds."""
+
     def prepare_layer(self, layer, layer_map, inputs) -> None:
         """Transform an unquantized decoder layer before its groups are quantized (AWQ's scaling); default none."""
 

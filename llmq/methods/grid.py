@@ -62,6 +62,11 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.qweight, self.scale, self.zero_point, self.scheme.group_size_for(self.qweight.shape[1]))
 
+    def rows(self, rows: slice) -> QuantizedTensor:
+        """Some rows as an independent QuantizedTensor on the CPU (no storage shared with the others)."""
+        own = lambda t: None if t is None else t[rows].to("cpu", copy=True)
+        return QuantizedTensor(own(self.qweight), own(self.scale), own(self.zero_point), self.scheme)
+
 
 def check_group_divides(name: str, in_features: int, scheme: QuantScheme) -> None:
     """Refuse up front a group size that no loader of the format can read (compressed-tensors needs equal groups)."""
@@ -156,7 +161,7 @@ def round_to_nearest(
     """Plain rounding of a float32 [out, in] weight: integers (held as float), scale and zero point per group."""
     group_size = scheme.group_size_for(weight.shape[1])
     scale, zero = group_qparams(weight, scheme, scale_dtype, mse=mse)
-    expand = lambda t: None if t is None else t.repeat_interleave(group_size, dim=1)  # noqa: E731
+    expand = lambda t: None if t is None else t.repeat_interleave(group_size, dim=1)
     return quantize_values(weight, expand(scale), expand(zero), scheme), scale, zero
 
 

@@ -1,0 +1,274 @@
+"""Write a Hugging Face model as a GGUF file llama.cpp loads, with llama.cpp's own `gguf` package.
+
+What goes in: architecture metadata (sizes, rope, norm epsilon), the tokenizer (BPE or SentencePiece-style
+vocabulary, merges, token types, special tokens, chat template) and every tensor under llama.cpp's name
+(gguf-py's tensor-name map), already encoded by the caller or stored as F32/F16 here.
+
+Two conversions llama.cpp expects and HF checkpoints do not have:
+- Llama/Mistral q/k rows: HF orders each head's rotary pairs as two halves, llama.cpp's LLAMA graph as
+  interleaved pairs, so those rows are permuted (rows only, so already-quantized rows permute losslessly).
+- Gemma RMSNorm weights: HF computes x * (1 + w), llama.cpp x * w, so 1 is added.
+
+The file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import (
+    GGML_QUANT_SIZES,
+    MODEL_ARCH,
+    MODEL_ARCH_NAMES,
+    GGUFWriter,
+    LlamaHfVocab,
+    SpecialVocab,
+    TokenType,
+    get_tensor_name_map,
+)
+from gguf import GGMLQuantizationType as T
+
+from llmq.errors import LlmqError
+from llmq.formats.atomic import check_output_free
+
+ARCHITECTURES = {
+    "llama": MODEL_ARCH.LLAMA,
+    "mistral": MODEL_ARCH.LLAMA,
+    "qwen2": MODEL_ARCH.QWEN2,
+    "qwen3": MODEL_ARCH.QWEN3,
+    "phi3": MODEL_ARCH.PHI3,
+    "gemma2": MODEL_ARCH.GEMMA2,
+    "gemma3_text": MODEL_ARCH.GEMMA3,
+}
+
+_GEMMA = (MODEL_ARCH.GEMMA2, MODEL_ARCH.GEMMA3)
+
+
+@dataclass
+class EncodedTensor:
+    """One GGUF tensor: `data` is float32/float16 values or uint8 block bytes [rows, row_bytes]."""
+
+    qtype: T
+    data: np.ndarray
+
+
+def gguf_arch(config) -> MODEL_ARCH:
+    try:
+        return ARCHITECTURES[config.model_type]
+    except KeyError:
+        raise LlmqError(f"GGUF export does not support architecture {config.model_type!r}; "
+                        f"supported: {', '.join(ARCHITECTURES)}") from None
+
+
+def gguf_names(model) -> dict[str, str]:
+    """HF parameter name -> GGUF tensor name, for every parameter of the model (tied lm_head left out)."""
+    config = model.config
+    arch = gguf_arch(config)
+    name_map = get_tensor_name_map(arch, config.num_hidden_layers)
+    names = {}
+    for hf_name, _ in model.named_parameters():
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise LlmqError(f"GGUF export: no llama.cpp name for tensor {hf_name}; this model variant is not supported")
+        names[hf_name] = name
+    return names
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_row_permutation(config, gguf_name: str, rows: int) -> torch.Tensor | None:
+    """Row order llama.cpp's LLAMA graph wants for attn_q / attn_k (None: keep HF's order)."""
+    if gguf_arch(config) != MODEL_ARCH.LLAMA or not gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        return None
+    head_dim = _head_dim(config)
+    heads = rows // head_dim
+    # HF: per head [first halves..., second halves...]; llama.cpp: [x0, y0, x1, y1, ...]
+    index = torch.arange(rows).reshape(heads, 2, head_dim // 2)
+    return index.transpose(1, 2).reshape(rows)
+
+
+def prepare_float(config, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """HF tensor -> the float32 values llama.cpp expects under gguf_name (before any quantization)."""
+    t = tensor.detach().to("cpu", torch.float32)
+    if gguf_arch(config) in _GEMMA and gguf_name.endswith("norm.weight"):
+        t = t + 1
+    perm = rope_row_permutation(config, gguf_name, t.shape[0])
+    return t[perm] if perm is not None else t
+
+
+def encode_float(values: torch.Tensor, qtype: T) -> EncodedTensor:
+    if qtype == T.F32:
+        return EncodedTensor(T.F32, values.numpy().astype(np.float32))
+    if qtype == T.F16:
+        return EncodedTensor(T.F16, values.numpy().astype(np.float16))
+    if qtype == T.BF16:
+        from gguf import quants
+
+        return EncodedTensor(T.BF16, quants.quantize(values.numpy().astype(np.float32), T.BF16))
+    raise ValueError(qtype)
+
+
+# ---- metadata -------------------------------------------------------------------------------------------------
+
+
+def _add_hparams(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
+    head_dim = _head_dim(config)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    rope_theta = getattr(config, "rope_theta", None)
+    if rope_theta is None:
+        rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        if isinstance(rope_theta, dict):  # per-attention-type parameters (Gemma 3)
+            rope_theta = rope_theta.get("full_attention", {}).get("rope_theta", 10000.0)
+    writer.add_rope_freq_base(float(rope_theta))
+    rotary = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    writer.add_rope_dimension_count(rotary)
+    if head_dim != config.hidden_size // config.num_attention_heads or arch in _GEMMA + (MODEL_ARCH.QWEN3,):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch in _GEMMA or arch == MODEL_ARCH.PHI3:
+        window = getattr(config, "sliding_window", None)
+        if window:
+            writer.add_sliding_window(window)
+    if arch == MODEL_ARCH.GEMMA2:
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping or 0.0)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping or 0.0)
+
+
+def _pretokenizer(tokenizer_json: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer regex of a byte-level BPE tokenizer."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    kinds = [p.get("type") for p in parts]
+    patterns = " ".join(str(p.get("pattern", {}).get("Regex", "")) for p in parts if p.get("type") == "Split")
+    if "Digits" in kinds and "ByteLevel" in kinds and not patterns:
+        return "smollm"
+    if r"\p{N}{1,3}" in patterns:
+        return "llama-bpe"
+    if r"\p{N}" in patterns and "(?i:'s" in patterns:
+        return "qwen2"
+    if kinds == ["ByteLevel"]:
+        return "gpt-2"
+    return "default"
+
+
+def _add_bpe_vocab(writer: GGUFWriter, tokenizer_json: dict, vocab_size: int) -> None:
+    vocab = dict(tokenizer_json["model"]["vocab"])
+    added = {t["content"]: t for t in tokenizer_json.get("added_tokens", [])}
+    for text, item in added.items():
+        vocab.setdefault(text, item["id"])
+    by_id = {i: text for text, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text = by_id.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+        elif text in added:
+            tokens.append(text)
+            types.append(TokenType.CONTROL if added[text].get("special") else TokenType.USER_DEFINED)
+        else:
+            tokens.append(text)
+            types.append(TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pretokenizer(tokenizer_json))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+
+
+def _add_spm_vocab(writer: GGUFWriter, directory: Path, vocab_size: int) -> None:
+    vocab = LlamaHfVocab(directory)
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+
+
+def add_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int) -> None:
+    """Vocabulary, merges, special tokens and chat template of a transformers tokenizer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        directory = Path(tmp)
+        tokenizer_file = directory / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise LlmqError("GGUF export needs a fast tokenizer (tokenizer.json); this model only has a slow one")
+        tokenizer_json = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+        model = tokenizer_json.get("model", {})
+        spm_like = model.get("type") == "BPE" and model.get("byte_fallback", False)
+        if spm_like:
+            _add_spm_vocab(writer, directory, vocab_size)
+        elif model.get("type") == "BPE":
+            _add_bpe_vocab(writer, tokenizer_json, vocab_size)
+        else:
+            raise LlmqError(f"GGUF export: tokenizer model {model.get('type')!r} is not supported (BPE only)")
+        special = SpecialVocab(directory, load_merges=not spm_like, n_vocab=vocab_size)
+        special.add_to_gguf(writer, quiet=True)
+        if not spm_like:
+            writer.add_add_space_prefix(False)
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+
+
+def write_gguf(path: str | Path, model, tokenizer, tensors: dict[str, EncodedTensor], file_type: int,
+               name: str | None = None, overwrite: bool = False) -> int:
+    """Write `tensors` (GGUF name -> encoded) with the model's metadata; returns the file size in bytes."""
+    path = Path(path)
+    check_output_free(path, overwrite)
+    config = model.config
+    arch = gguf_arch(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = GGUFWriter(tmp_name, MODEL_ARCH_NAMES[arch])
+        writer.add_name(name or path.stem)
+        _add_hparams(writer, config, arch)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(2)
+        add_tokenizer(writer, tokenizer, config.vocab_size)
+        for tensor_name, tensor in tensors.items():
+            data = tensor.data
+            if tensor.qtype in (T.F32, T.F16):
+                writer.add_tensor(tensor_name, np.ascontiguousarray(data))
+            else:
+                writer.add_tensor(tensor_name, np.ascontiguousarray(data), raw_dtype=tensor.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def row_bytes(qtype: T, row_length: int) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return row_length // block * size

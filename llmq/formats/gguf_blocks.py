@@ -1,0 +1,448 @@
+"""GGUF block layouts: pack quantized integers and their scales into llama.cpp's bytes, and back.
+
+One class per block type, registered by its GGML type id. Every type decodes the same way: a block of
+`block_size` weights is split into sub-blocks of `sub_size`, each with an effective float32 scale and either
+a min (asymmetric types) or a fixed integer zero (symmetric types), and
+
+    asymmetric:  w = scale * L - min          symmetric:  w = scale * (L - zero)
+
+with L an unsigned integer in [0, qmax]. The scales themselves are stored as integer codes under one fp16
+super-scale per block (k-quants) or directly in fp16 (the 32-wide legacy types). `Codes` holds those stored
+integers; `grid()` turns them into the effective scale/min exactly as gguf-py's decoders compute them (same
+float32 operations in the same order), so `decode` is bit-exact with `gguf.quants.dequantize`.
+
+The choice of codes (the search) lives in llmq/methods/kquants.py; this module is only the bit layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+QK_K = 256
+
+
+@dataclass
+class Codes:
+    """The stored numbers of n blocks (torch tensors; integers as int32, d/dmin as float32 holding fp16 values)."""
+
+    d: torch.Tensor  # [n] super-scale (or the scale, for 32-wide types)
+    L: torch.Tensor  # [n, block_size] unsigned quantized weights
+    sc: torch.Tensor | None = None  # [n, n_sub] integer sub-block scales (k-quants)
+    dmin: torch.Tensor | None = None  # [n] super-scale of the mins (asymmetric k-quants) or the fp16 min (Q4_1/Q5_1)
+    m: torch.Tensor | None = None  # [n, n_sub] integer sub-block mins (asymmetric k-quants)
+
+
+def fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to fp16 and back to float32, as the stored value will read."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+# ---- bit-plane helpers -------------------------------------------------------------------------------------
+# Most layouts put `k` fields of `bits` bits into one byte, taking field i from element i * width + j for byte j:
+#     byte[j] = v[j] | v[width + j] << bits | v[2 * width + j] << 2 * bits | ...
+
+
+def interleave(values: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """[..., k * width] small unsigned ints -> [..., width] bytes (k = 8 // bits fields per byte)."""
+    k = values.shape[-1] // width
+    v = values.reshape(*values.shape[:-1], k, width).to(torch.int32)
+    shifts = (torch.arange(k, dtype=torch.int32) * bits).reshape(k, 1)
+    return (v << shifts).sum(-2).to(torch.uint8)
+
+
+def deinterleave(data: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of `interleave`: [..., width] bytes -> [..., k * width] ints."""
+    v = data.to(torch.int32).unsqueeze(-2)
+    shifts = (torch.arange(k, dtype=torch.int32) * bits).reshape(k, 1)
+    out = (v >> shifts) & ((1 << bits) - 1)
+    return out.reshape(*data.shape[:-1], k * data.shape[-1])
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+
+
+def _read_f16(data: torch.Tensor) -> torch.Tensor:
+    return data.contiguous().view(torch.float16).reshape(-1).to(torch.float32)
+
+
+def _split(data: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(data, sizes, dim=-1))
+
+
+# ---- registry ----------------------------------------------------------------------------------------------
+
+BLOCK_TYPES: dict[GGMLQuantizationType, type[BlockType]] = {}
+
+
+class BlockType:
+    qtype: GGMLQuantizationType
+    block_size: int
+    type_size: int
+    sub_size: int
+    qmax: int
+    zero: int | None = None  # symmetric types: the integer that decodes to 0; None: asymmetric (scale * L - min)
+
+    def __init_subclass__(cls, qtype: GGMLQuantizationType):
+        cls.qtype = qtype
+        cls.block_size, cls.type_size = GGML_QUANT_SIZES[qtype]
+        BLOCK_TYPES[qtype] = cls
+
+    @classmethod
+    def grid(cls, codes: Codes) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Effective (scale, min) per sub-block, [n, n_sub] each; min is None for symmetric types."""
+        raise NotImplementedError
+
+    @classmethod
+    def pack(cls, codes: Codes) -> torch.Tensor:
+        """-> uint8 [n, type_size]"""
+        raise NotImplementedError
+
+    @classmethod
+    def unpack(cls, data: torch.Tensor) -> Codes:
+        """uint8 [n, type_size] -> Codes"""
+        raise NotImplementedError
+
+    @classmethod
+    def values(cls, codes: Codes) -> torch.Tensor:
+        """Decoded weights [n, block_size] in float32, with gguf-py's operation order."""
+        scale, minimum = cls.grid(codes)
+        n = codes.L.shape[0]
+        L = codes.L.reshape(n, -1, cls.sub_size).to(torch.float32)
+        scale = scale.unsqueeze(-1)
+        if minimum is None:
+            out = scale * (L - cls.zero)
+        else:
+            out = scale * L - minimum.unsqueeze(-1)
+        return out.reshape(n, cls.block_size)
+
+    @classmethod
+    def decode(cls, data: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., k * type_size] -> float32 [..., k * block_size]"""
+        shape = data.shape
+        blocks = data.reshape(-1, cls.type_size)
+        return cls.values(cls.unpack(blocks)).reshape(*shape[:-1], shape[-1] // cls.type_size * cls.block_size)
+
+
+def _k_scale_bytes(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Q4_K/Q5_K: eight 6-bit scales and eight 6-bit mins in 12 bytes.
+
+        byte 0..3   : sc[0..3]  (6 bits) | high 2 bits of sc[4..7] in bits 6-7
+        byte 4..7   : m[0..3]   (6 bits) | high 2 bits of m[4..7]  in bits 6-7
+        byte 8..11  : low 4 bits of sc[4..7] | low 4 bits of m[4..7] << 4
+    """
+    sc, m = sc.to(torch.int32), m.to(torch.int32)
+    first = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    second = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    third = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    return torch.cat([first, second, third], dim=1).to(torch.uint8)
+
+
+def _k_scale_codes(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b = data.to(torch.int32)
+    first, second, third = b[:, :4], b[:, 4:8], b[:, 8:]
+    sc = torch.cat([first & 63, (third & 0xF) | ((first >> 6) << 4)], dim=1)
+    m = torch.cat([second & 63, (third >> 4) | ((second >> 6) << 4)], dim=1)
+    return sc, m
+
+
+class Q2_K(BlockType, qtype=GGMLQuantizationType.Q2_K):
+    """84 bytes / 256 weights (2.625 bits): asymmetric, 16 sub-blocks of 16, 4-bit scale and min codes.
+
+        scales[16]  : sc[j] | m[j] << 4
+        qs[64]      : per 128 weights, byte j holds L[j], L[j+32], L[j+64], L[j+96] (2 bits each, low first)
+        d, dmin     : fp16
+        w = d * sc[j] * L - dmin * m[j]
+    """
+
+    sub_size, qmax = 16, 3
+
+    @classmethod
+    def grid(cls, codes):
+        return codes.d[:, None] * codes.sc.float(), codes.dmin[:, None] * codes.m.float()
+
+    @classmethod
+    def pack(cls, codes):
+        n = codes.L.shape[0]
+        scales = (codes.sc | (codes.m << 4)).to(torch.uint8)
+        qs = interleave(codes.L.reshape(n, 2, 128), 2, 32).reshape(n, 64)
+        return torch.cat([scales, qs, _f16_bytes(codes.d), _f16_bytes(codes.dmin)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        scales, qs, d, dmin = _split(data, [16, 64, 2, 2])
+        scales = scales.to(torch.int32)
+        L = deinterleave(qs.reshape(n, 2, 32), 2, 4).reshape(n, 256)
+        return Codes(d=_read_f16(d), L=L, sc=scales & 0xF, dmin=_read_f16(dmin), m=scales >> 4)
+
+
+class Q3_K(BlockType, qtype=GGMLQuantizationType.Q3_K):
+    """110 bytes / 256 weights (3.4375 bits): symmetric, 16 sub-blocks of 16, signed 6-bit scale codes.
+
+        hmask[32]   : bit i of byte j = bit 2 of L[32 * i + j]
+        qs[64]      : low 2 bits of L, laid out as Q2_K's qs
+        scales[12]  : sc + 32 (6 bits): low nibbles of codes 0..7 in bytes 0..7 bits 0-3, of codes 8..15 in
+                      bytes 0..7 bits 4-7; the high 2 bits of code j in byte 8 + j % 4 at bit 2 * (j // 4)
+        d           : fp16
+        w = d * sc[j] * (L - 4)
+    """
+
+    sub_size, qmax, zero = 16, 7, 4
+
+    @classmethod
+    def grid(cls, codes):
+        return codes.d[:, None] * codes.sc.float(), None
+
+    @classmethod
+    def pack(cls, codes):
+        n = codes.L.shape[0]
+        L = codes.L.to(torch.int32)
+        hmask = interleave(L >> 2, 1, 32)
+        qs = interleave((L & 3).reshape(n, 2, 128), 2, 32).reshape(n, 64)
+        code = codes.sc.to(torch.int32) + 32
+        low = interleave(code & 0xF, 4, 8)
+        high = interleave(code >> 4, 2, 4)
+        return torch.cat([hmask, qs, low, high, _f16_bytes(codes.d)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        hmask, qs, low, high, d = _split(data, [32, 64, 8, 4, 2])
+        L = deinterleave(qs.reshape(n, 2, 32), 2, 4).reshape(n, 256) | (deinterleave(hmask, 1, 8) << 2)
+        code = deinterleave(low, 4, 2) | (deinterleave(high, 2, 4) << 4)
+        return Codes(d=_read_f16(d), L=L, sc=code - 32)
+
+
+class Q4_K(BlockType, qtype=GGMLQuantizationType.Q4_K):
+    """144 bytes / 256 weights (4.5 bits): asymmetric, 8 sub-blocks of 32, 6-bit scale and min codes.
+
+        d, dmin     : fp16
+        scales[12]  : see _k_scale_bytes
+        qs[128]     : per 64 weights, byte j holds L[j] (low nibble) and L[j+32] (high nibble)
+        w = d * sc[j] * L - dmin * m[j]
+    """
+
+    sub_size, qmax = 32, 15
+
+    @classmethod
+    def grid(cls, codes):
+        return codes.d[:, None] * codes.sc.float(), codes.dmin[:, None] * codes.m.float()
+
+    @classmethod
+    def pack(cls, codes):
+        n = codes.L.shape[0]
+        qs = interleave(codes.L.reshape(n, 4, 64), 4, 32).reshape(n, 128)
+        return torch.cat([_f16_bytes(codes.d), _f16_bytes(codes.dmin), _k_scale_bytes(codes.sc, codes.m), qs], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        d, dmin, scales, qs = _split(data, [2, 2, 12, 128])
+        sc, m = _k_scale_codes(scales)
+        L = deinterleave(qs.reshape(n, 4, 32), 4, 2).reshape(n, 256)
+        return Codes(d=_read_f16(d), L=L, sc=sc, dmin=_read_f16(dmin), m=m)
+
+
+class Q5_K(BlockType, qtype=GGMLQuantizationType.Q5_K):
+    """176 bytes / 256 weights (5.5 bits): Q4_K plus a fifth bit per weight.
+
+        d, dmin, scales[12] : as Q4_K
+        qh[32]      : bit i of byte j = bit 4 of L[32 * i + j]
+        qs[128]     : low 4 bits of L, laid out as Q4_K's qs
+    """
+
+    sub_size, qmax = 32, 31
+
+    @classmethod
+    def grid(cls, codes):
+        return codes.d[:, None] * codes.sc.float(), codes.dmin[:, None] * codes.m.float()
+
+    @classmethod
+    def pack(cls, codes):
+        n = codes.L.shape[0]
+        L = codes.L.to(torch.int32)
+        qh = interleave(L >> 4, 1, 32)
+        qs = interleave((L & 0xF).reshape(n, 4, 64), 4, 32).reshape(n, 128)
+        return torch.cat([_f16_bytes(codes.d), _f16_bytes(codes.dmin), _k_scale_bytes(codes.sc, codes.m), qh, qs],
+                         dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        d, dmin, scales, qh, qs = _split(data, [2, 2, 12, 32, 128])
+        sc, m = _k_scale_codes(scales)
+        L = deinterleave(qs.reshape(n, 4, 32), 4, 2).reshape(n, 256) | (deinterleave(qh, 1, 8) << 4)
+        return Codes(d=_read_f16(d), L=L, sc=sc, dmin=_read_f16(dmin), m=m)
+
+
+class Q6_K(BlockType, qtype=GGMLQuantizationType.Q6_K):
+    """210 bytes / 256 weights (6.5625 bits): symmetric, 16 sub-blocks of 16, int8 scale codes.
+
+        ql[128]     : per 128 weights, 64 bytes; byte j holds the low 4 bits of L[j] and L[j+64]
+        qh[64]      : per 128 weights, 32 bytes; byte j holds the high 2 bits of L[j], L[j+32], L[j+64], L[j+96]
+        scales[16]  : int8
+        d           : fp16
+        w = d * sc[j] * (L - 32)
+    """
+
+    sub_size, qmax, zero = 16, 63, 32
+
+    @classmethod
+    def grid(cls, codes):
+        return codes.d[:, None] * codes.sc.float(), None
+
+    @classmethod
+    def pack(cls, codes):
+        n = codes.L.shape[0]
+        L = codes.L.to(torch.int32).reshape(n, 2, 128)
+        ql = interleave(L & 0xF, 4, 64).reshape(n, 128)
+        qh = interleave(L >> 4, 2, 32).reshape(n, 64)
+        scales = codes.sc.to(torch.int8).view(torch.uint8)
+        return torch.cat([ql, qh, scales, _f16_bytes(codes.d)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        ql, qh, scales, d = _split(data, [128, 64, 16, 2])
+        low = deinterleave(ql.reshape(n, 2, 64), 4, 2)
+        high = deinterleave(qh.reshape(n, 2, 32), 2, 4)
+        L = (low | (high << 4)).reshape(n, 256)
+        return Codes(d=_read_f16(d), L=L, sc=scales.contiguous().view(torch.int8).to(torch.int32))
+
+
+def _nibbles(L: torch.Tensor) -> torch.Tensor:
+    """32 weights -> 16 bytes: byte j holds L[j] (low nibble) and L[j+16] (high nibble)."""
+    return interleave(L & 0xF, 4, 16)
+
+
+def _high_bits(L: torch.Tensor) -> torch.Tensor:
+    """Bit 4 of each of 32 weights as one little-endian uint32: bit j = weight j."""
+    bits = ((L.to(torch.int32) >> 4) & 1).reshape(L.shape[0], 4, 8)
+    return (bits << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
+def _read_high_bits(qh: torch.Tensor) -> torch.Tensor:
+    return ((qh.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(qh.shape[0], 32)
+
+
+class Q4_0(BlockType, qtype=GGMLQuantizationType.Q4_0):
+    """18 bytes / 32 weights: d (fp16), 16 bytes of nibbles (L[j] low, L[j+16] high); w = d * (L - 8)."""
+
+    sub_size, qmax, zero = 32, 15, 8
+
+    @classmethod
+    def grid(cls, codes):
+        return codes.d[:, None], None
+
+    @classmethod
+    def pack(cls, codes):
+        return torch.cat([_f16_bytes(codes.d), _nibbles(codes.L)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        d, qs = _split(data, [2, 16])
+        return Codes(d=_read_f16(d), L=deinterleave(qs, 4, 2))
+
+
+class Q4_1(BlockType, qtype=GGMLQuantizationType.Q4_1):
+    """20 bytes / 32 weights: d, m (fp16), nibbles as Q4_0; w = d * L + m (here min = -m)."""
+
+    sub_size, qmax = 32, 15
+
+    @classmethod
+    def grid(cls, codes):
+        return codes.d[:, None], -codes.dmin[:, None]
+
+    @classmethod
+    def pack(cls, codes):
+        return torch.cat([_f16_bytes(codes.d), _f16_bytes(codes.dmin), _nibbles(codes.L)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        d, m, qs = _split(data, [2, 2, 16])
+        return Codes(d=_read_f16(d), L=deinterleave(qs, 4, 2), dmin=_read_f16(m))
+
+
+class Q5_0(BlockType, qtype=GGMLQuantizationType.Q5_0):
+    """22 bytes / 32 weights: d (fp16), qh (uint32: bit j = bit 4 of L[j]), low nibbles as Q4_0; w = d * (L - 16)."""
+
+    sub_size, qmax, zero = 32, 31, 16
+
+    @classmethod
+    def grid(cls, codes):
+        return codes.d[:, None], None
+
+    @classmethod
+    def pack(cls, codes):
+        return torch.cat([_f16_bytes(codes.d), _high_bits(codes.L), _nibbles(codes.L)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        d, qh, qs = _split(data, [2, 4, 16])
+        return Codes(d=_read_f16(d), L=deinterleave(qs, 4, 2) | (_read_high_bits(qh) << 4))
+
+
+class Q5_1(BlockType, qtype=GGMLQuantizationType.Q5_1):
+    """24 bytes / 32 weights: d, m (fp16), qh and nibbles as Q5_0; w = d * L + m."""
+
+    sub_size, qmax = 32, 31
+
+    @classmethod
+    def grid(cls, codes):
+        return codes.d[:, None], -codes.dmin[:, None]
+
+    @classmethod
+    def pack(cls, codes):
+        return torch.cat([_f16_bytes(codes.d), _f16_bytes(codes.dmin), _high_bits(codes.L), _nibbles(codes.L)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        d, m, qh, qs = _split(data, [2, 2, 4, 16])
+        return Codes(d=_read_f16(d), L=deinterleave(qs, 4, 2) | (_read_high_bits(qh) << 4), dmin=_read_f16(m))
+
+
+class Q8_0(BlockType, qtype=GGMLQuantizationType.Q8_0):
+    """34 bytes / 32 weights: d (fp16), 32 int8; w = d * q. Here L = q + 128 so that L is unsigned."""
+
+    sub_size, qmax, zero = 32, 255, 128
+
+    @classmethod
+    def grid(cls, codes):
+        return codes.d[:, None], None
+
+    @classmethod
+    def values(cls, codes):
+        # gguf-py multiplies int8 * d (operand order matters only for NaN payloads; kept identical anyway)
+        return (codes.L - 128).to(torch.float32) * codes.d[:, None]
+
+    @classmethod
+    def pack(cls, codes):
+        q = (codes.L.to(torch.int32) - 128).to(torch.int8).view(torch.uint8)
+        return torch.cat([_f16_bytes(codes.d), q], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        d, q = _split(data, [2, 32])
+        return Codes(d=_read_f16(d), L=q.contiguous().view(torch.int8).to(torch.int32) + 128)
+
+
+def block_type(qtype: GGMLQuantizationType) -> type[BlockType]:
+    return BLOCK_TYPES[qtype]
+
+
+def decode_tensor(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGUF tensor bytes -> float32 tensor of `shape` (PyTorch order: [rows, row_length])."""
+    if qtype == GGMLQuantizationType.F32:
+        return torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy()).reshape(shape)
+    if qtype == GGMLQuantizationType.F16:
+        return torch.from_numpy(np.ascontiguousarray(data).view(np.float16).astype(np.float32)).reshape(shape)
+    if qtype == GGMLQuantizationType.BF16:
+        raw = torch.from_numpy(np.ascontiguousarray(data).view(np.int16).astype(np.int32) << 16)
+        return raw.view(torch.float32).reshape(shape)
+    bytes_ = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8)).reshape(shape[0], -1)
+    return block_type(qtype).decode(bytes_).reshape(shape)

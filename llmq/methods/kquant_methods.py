@@ -1,0 +1,181 @@
+"""Methods that round to GGUF block grids inside the shared calibration harness.
+
+- `KQuantRound`: each Linear encoded with llmq's k-quant search (llmq/methods/kquants.py); with calibration
+  data, the search is weighted by the input channels' mean x^2 (llama.cpp's "imatrix"), collected by the
+  harness on the inputs the already-quantized earlier layers produce.
+- `KQuantGPTQ`: GPTQ's error compensation on the k-quant grid. The block scales/mins are chosen up front
+  (imatrix-weighted) from the original weights; then columns are rounded one at a time, in act-order, each
+  to its own sub-block's grid, and the rounding error is pushed onto the columns not yet rounded through
+  the inverse Hessian. The result is an ordinary k-quant tensor.
+
+Each Linear gets its own GGML type (the mixture's plan), so a group such as q/k/v may mix types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from llmq.formats.gguf_blocks import block_type
+from llmq.methods.base import Method, MethodOptions, StatsCollector
+from llmq.methods.gptq import HessianCollector, inverse_hessian_cholesky
+from llmq.methods.grid import QuantScheme
+from llmq.methods.kquants import encode, grid_of, round_to_grid
+
+
+@dataclass
+class EncodedWeight:
+    """One Linear's weight in a GGML type: block bytes (or float16 values) [rows, ...]."""
+
+    qtype: T
+    data: np.ndarray
+    values: torch.Tensor | None = None  # dequantized float32 [rows, cols], while the harness needs it
+
+
+@dataclass
+class EncodedGroup:
+    """The Linears of one harness group, encoded; rows in the order the harness concatenated them."""
+
+    parts: list[EncodedWeight]
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.values for p in self.parts])
+
+    def rows(self, rows: slice) -> EncodedWeight:
+        start = 0
+        for part in self.parts:
+            if start == rows.start:
+                return EncodedWeight(part.qtype, part.data)
+            start += part.data.shape[0]
+        raise ValueError(f"no encoded part starts at row {rows.start}")
+
+
+class ImportanceCollector(StatsCollector):
+    """Mean of x^2 per input channel (llama.cpp's imatrix entry for a Linear)."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.sum_x2 = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum_x2 += x.pow(2).sum(0)
+        self.tokens += x.shape[0]
+
+    def importance(self) -> torch.Tensor:
+        return self.sum_x2 / max(self.tokens, 1)
+
+
+def _encode_float(weight: torch.Tensor, qtype: T) -> EncodedWeight:
+    values = weight.to(torch.float16) if qtype == T.F16 else weight
+    data = values.cpu().numpy()
+    return EncodedWeight(qtype, data, values.float())
+
+
+class KQuantRound(Method):
+    """Round every Linear to its planned GGML type with llmq's block search (imatrix-weighted when calibrated)."""
+
+    name = "kquant"
+
+    def __init__(self, plan: dict[str, T], use_importance: bool, options: MethodOptions | None = None):
+        super().__init__(QuantScheme(), options)
+        self.plan = plan  # full HF module name -> GGML type
+        self.needs_calibration = use_importance
+        self.current_linears: list[str] = []
+
+    def new_collector(self, in_features: int, device: torch.device) -> StatsCollector:
+        return ImportanceCollector(in_features, device)
+
+    def begin_group(self, names: list[str], rows: list[int]) -> None:
+        self.current_linears, self.current_rows = names, rows
+
+    def quantize(self, weight, stats, scale_dtype) -> EncodedGroup:
+        importance = None if stats is None else self._importance(stats)
+        parts, start = [], 0
+        for name, rows in zip(self.current_linears, self.current_rows):
+            qtype = self.plan[name]
+            part = weight[start : start + rows]
+            start += rows
+            if qtype in (T.F32, T.F16):
+                parts.append(_encode_float(part, qtype))
+                continue
+            parts.append(self._encode(part, qtype, importance, stats))
+        return EncodedGroup(parts)
+
+    def _importance(self, stats) -> torch.Tensor:
+        return stats.importance()
+
+    def _encode(self, weight, qtype, importance, stats) -> EncodedWeight:
+        codes = encode(weight, qtype, importance)
+        cls = block_type(qtype)
+        values = cls.values(codes).reshape(weight.shape).to(weight.device)
+        return EncodedWeight(qtype, cls.pack(codes).reshape(weight.shape[0], -1).numpy(), values)
+
+
+class _HessianWithImportance(HessianCollector):
+    def importance(self) -> torch.Tensor:
+        return self.sum_xxt.diagonal() / max(self.tokens, 1)
+
+
+class KQuantGPTQ(KQuantRound):
+    """GPTQ on the k-quant grid (see the module docstring)."""
+
+    name = "kquant-gptq"
+    orders_columns = True
+
+    def __init__(self, plan: dict[str, T], options: MethodOptions | None = None):
+        super().__init__(plan, True, options)
+
+    def new_collector(self, in_features: int, device: torch.device) -> StatsCollector:
+        return _HessianWithImportance(in_features, device)
+
+    def _encode(self, weight, qtype, importance, stats) -> EncodedWeight:
+        codes = gptq_on_grid(weight, stats.hessian(), qtype, importance, self.options)
+        cls = block_type(qtype)
+        values = cls.values(codes).reshape(weight.shape).to(weight.device)
+        return EncodedWeight(qtype, cls.pack(codes).reshape(weight.shape[0], -1).numpy(), values)
+
+
+def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, qtype: T, importance: torch.Tensor,
+                 options: MethodOptions):
+    """GPTQ with the grid of every sub-block fixed by llmq's k-quant search; returns the block Codes."""
+    cls = block_type(qtype)
+    W = weight.detach().float().cpu().clone()
+    H = hessian.detach().float().cpu().clone()
+    rows, cols = W.shape
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    codes = encode(W, qtype, importance.cpu())  # static grid: block parameters from the original weights
+    scale, minimum = grid_of(codes, qtype, rows)
+    sub_of_column = torch.arange(cols) // cls.sub_size
+
+    perm = torch.argsort(H.diagonal(), descending=True) if options.act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_hessian_cholesky(H, options.damp)
+    L = torch.zeros(rows, cols, dtype=torch.int32)
+    block = options.block_size
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = perm[i1 + i]
+            g = sub_of_column[column]
+            s = scale[:, g : g + 1]
+            m = None if minimum is None else minimum[:, g : g + 1]
+            w = W1[:, i : i + 1]
+            q = round_to_grid(w, s.squeeze(1), None if m is None else m.squeeze(1), cls.zero, cls.qmax)
+            dq = s * (q - cls.zero) if m is None else s * q - m
+            L[:, column] = q[:, 0].to(torch.int32)
+            err = (w[:, 0] - dq[:, 0]) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+    codes.L = L.reshape(-1, cls.block_size)
+    return codes

@@ -1,0 +1,351 @@
+"""Encoders for GGUF's block types: choose the scales, mins and integers of every block, vectorized in torch.
+
+The search follows llama.cpp's (ggml-quants.c) in what it optimizes and improves on how:
+
+1. Per sub-block (16 or 32 weights), fit a continuous scale (and min) under an importance-weighted squared
+   error: try a ladder of candidate scales, round, solve the weighted least-squares scale/min for those
+   integers, keep the best; then re-round once with the winner and refit.
+2. Per super-block (256 weights, k-quants), the sub-block scales/mins become integer codes under one fp16
+   super-scale. llama.cpp takes max/63 and rounds; here the super-scale is chosen among candidates by the
+   *actual* block error after re-rounding the weights, and then every sub-block tries its neighbouring codes
+   (code +-1, and for mins +-1 jointly) and keeps the one with the least actual error.
+
+Importance weights per weight, as llama.cpp: with an activation importance vector (imatrix: mean x^2 of the
+Linear's input channel), w = imp * sqrt(sigma^2 + x^2); without one, the heuristics of its reference
+quantizers (|x| + rms for the 4/5-bit types, x^2 for the symmetric ones).
+
+`encode(weight, qtype, importance)` -> Codes; `encode_bytes` packs them; `GridChoice`/`round_to_grid` are what
+GPTQ-on-the-grid uses: the block parameters fixed, each column rounded to its own sub-block's grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
+
+from llmq.formats.gguf_blocks import QK_K, BlockType, Codes, block_type, fp16
+
+_INF = float("inf")
+
+
+# ---- importance weights ---------------------------------------------------------------------------------------
+
+
+def element_weights(x: torch.Tensor, qtype: T, importance: torch.Tensor | None) -> torch.Tensor:
+    """Per-weight importance for blocks x [n_blocks, block_size]; `importance` [n_blocks, block_size] or None."""
+    if importance is not None:
+        if qtype == T.Q6_K:
+            return importance
+        sigma2 = x.pow(2).mean(-1, keepdim=True) * (1 if qtype == T.Q2_K else 2)
+        return importance * torch.sqrt(sigma2 + x * x)
+    if qtype in (T.Q3_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        return torch.ones_like(x)  # plain squared error: these grids are fine enough that importance only hurts it
+    if qtype == T.Q2_K:
+        return x.abs()
+    # 4/5-bit types: rms of the super-block plus |x| (llama.cpp's q4_K/q5_K weighting); the 32-wide legacy types too
+    return torch.sqrt(2 * x.pow(2).mean(-1, keepdim=True)) + x.abs()
+
+
+# ---- step 1: continuous per-sub-block fits -----------------------------------------------------------------------
+
+
+def _weighted_fit_affine(x, w, L, allow_positive_min):
+    """Least-squares scale and offset (value = scale * L + offset) for fixed integers L; offset <= 0 unless allowed."""
+    sw, sx = w.sum(-1), (w * x).sum(-1)
+    sl, sl2, sxl = (w * L).sum(-1), (w * L * L).sum(-1), (w * L * x).sum(-1)
+    det = sw * sl2 - sl * sl
+    ok = det > 0
+    safe = torch.where(ok, det, torch.ones_like(det))
+    scale = (sw * sxl - sx * sl) / safe
+    offset = (sl2 * sx - sl * sxl) / safe
+    if not allow_positive_min:
+        clamp = offset > 0
+        offset = torch.where(clamp, torch.zeros_like(offset), offset)
+        scale = torch.where(clamp, sxl / sl2.clamp_min(1e-30), scale)
+    return scale, offset, ok
+
+
+def fit_affine(x, w, qmax, allow_positive_min=False, steps=None):
+    """Best (scale, offset) per row of x [N, n] for L in [0, qmax]: value = scale * L + offset."""
+    lo = x.amin(-1) if allow_positive_min else x.amin(-1).clamp(max=0)
+    hi = x.amax(-1)
+    span = hi - lo
+    flat = span <= 0
+    span = torch.where(flat, torch.ones_like(span), span)
+    best_scale, best_offset = span / qmax, lo
+    best_err = _affine_error(x, w, best_scale, best_offset, qmax)
+    steps = steps if steps is not None else [-1.0 + 0.05 * i for i in range(41)]
+    for step in steps:
+        L = torch.round((x - lo[:, None]) * ((qmax + step) / span)[:, None]).clamp_(0, qmax)
+        scale, offset, ok = _weighted_fit_affine(x, w, L, allow_positive_min)
+        err = (w * (scale[:, None] * L + offset[:, None] - x).pow(2)).sum(-1)
+        better = ok & (err < best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_offset = torch.where(better, offset, best_offset)
+        best_err = torch.where(better, err, best_err)
+    # one more round: re-round with the winner, refit, keep if better
+    safe = torch.where(best_scale > 0, best_scale, torch.ones_like(best_scale))
+    L = torch.round((x - best_offset[:, None]) / safe[:, None]).clamp_(0, qmax)
+    scale, offset, ok = _weighted_fit_affine(x, w, L, allow_positive_min)
+    err = (w * (scale[:, None] * L + offset[:, None] - x).pow(2)).sum(-1)
+    better = ok & (err < best_err) & (scale > 0)
+    best_scale = torch.where(better, scale, best_scale)
+    best_offset = torch.where(better, offset, best_offset)
+    best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
+    best_offset = torch.where(flat, torch.where(hi < 0, hi, lo), best_offset)
+    return best_scale, best_offset
+
+
+def _affine_error(x, w, scale, offset, qmax):
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    L = torch.round((x - offset[:, None]) / safe[:, None]).clamp_(0, qmax)
+    return (w * (scale[:, None] * L + offset[:, None] - x).pow(2)).sum(-1)
+
+
+def fit_symmetric(x, w, zero, qmax):
+    """Best signed scale per row of x [N, n] for integers L - zero in [-zero, qmax - zero] (value = scale * (L - zero)).
+
+    As llama.cpp, the weight of largest magnitude maps to -zero (the longer side of the grid), scanning
+    (zero + 0.1 k) for k in -9..9, with the least-squares scale for each rounding.
+    """
+    index = x.abs().argmax(-1, keepdim=True)
+    peak = x.gather(-1, index).squeeze(-1)
+    flat = peak == 0
+    peak = torch.where(flat, torch.ones_like(peak), peak)
+    best_score = torch.full_like(peak, -_INF)
+    best_scale = torch.zeros_like(peak)
+    candidates = [0.0] + [0.1 * k for k in range(-9, 10) if k != 0]
+    for step in candidates:
+        iscale = -(zero + step) / peak
+        q = torch.round(x * iscale[:, None]).clamp_(-zero, qmax - zero)
+        sumlx, suml2 = (w * x * q).sum(-1), (w * q * q).sum(-1)
+        ok = suml2 > 0
+        score = torch.where(ok, sumlx * sumlx / suml2.clamp_min(1e-30), torch.full_like(sumlx, -_INF))
+        scale = torch.where(ok, sumlx / suml2.clamp_min(1e-30), 1 / iscale)
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, scale, best_scale)
+    # re-round with the winner and refit once
+    safe = torch.where(best_scale != 0, best_scale, torch.ones_like(best_scale))
+    q = torch.round(x / safe[:, None]).clamp_(-zero, qmax - zero)
+    sumlx, suml2 = (w * x * q).sum(-1), (w * q * q).sum(-1)
+    score = torch.where(suml2 > 0, sumlx * sumlx / suml2.clamp_min(1e-30), torch.full_like(sumlx, -_INF))
+    better = score > best_score
+    best_scale = torch.where(better, sumlx / suml2.clamp_min(1e-30), best_scale)
+    return torch.where(flat, torch.zeros_like(best_scale), best_scale)
+
+
+# ---- re-rounding against a fixed grid ---------------------------------------------------------------------------
+
+
+def round_to_grid(x, scale, minimum, zero, qmax):
+    """Integers L for weights x [..., n] on the grid of (scale, min or zero) [...]; scale 0 gives the zero code."""
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+    if minimum is None:
+        L = torch.round(x / safe) + zero
+    else:
+        L = torch.round((x + minimum.unsqueeze(-1)) / safe)
+    L = L.clamp_(0, qmax)
+    if minimum is None:
+        return torch.where(scale.unsqueeze(-1) != 0, L, torch.full_like(L, zero))
+    return torch.where(scale.unsqueeze(-1) != 0, L, torch.zeros_like(L))
+
+
+def _grid_values(L, scale, minimum, zero):
+    if minimum is None:
+        return scale.unsqueeze(-1) * (L - zero)
+    return scale.unsqueeze(-1) * L - minimum.unsqueeze(-1)
+
+
+def _sub_error(xs, ws, scale, minimum, zero, qmax):
+    """Weighted squared error per sub-block [nb, n_sub] after re-rounding xs [nb, n_sub, sub] to the grid."""
+    L = round_to_grid(xs, scale, minimum, zero, qmax)
+    return (ws * (_grid_values(L, scale, minimum, zero) - xs).pow(2)).sum(-1)
+
+
+# ---- step 2: codes under a super-scale --------------------------------------------------------------------------
+
+_SUPER_STEPS = [0.0] + [0.1 * k for k in range(-4, 5) if k != 0]
+
+
+def _asym_kquant(cls: type[BlockType], x, w, code_max):
+    nb = x.shape[0]
+    n_sub = cls.block_size // cls.sub_size
+    xs, ws = x.reshape(nb, n_sub, cls.sub_size), w.reshape(nb, n_sub, cls.sub_size)
+    scale, offset = fit_affine(xs.reshape(-1, cls.sub_size), ws.reshape(-1, cls.sub_size), cls.qmax)
+    scale, mins = scale.reshape(nb, n_sub), (-offset).reshape(nb, n_sub)
+
+    def codes_for(values, d):
+        safe = torch.where(d > 0, d, torch.ones_like(d))[:, None]
+        return torch.round(values / safe).clamp_(0, code_max) * (d > 0)[:, None]
+
+    def block_error(d, sc, dmin, m):
+        return _sub_error(xs, ws, d[:, None] * sc, dmin[:, None] * m, None, cls.qmax).sum(-1)
+
+    # super-scale of the mins, then of the scales, each the best of a few candidates by actual error
+    d = fp16(scale.amax(-1) / code_max)
+    dmin = fp16(mins.amax(-1) / code_max)
+    sc = codes_for(scale, d)
+    best_err = block_error(d, sc, dmin, codes_for(mins, dmin))
+    for step in _SUPER_STEPS[1:]:
+        cand = fp16(mins.amax(-1) / (code_max + step))
+        err = block_error(d, sc, cand, codes_for(mins, cand))
+        dmin, best_err = torch.where(err < best_err, cand, dmin), torch.minimum(err, best_err)
+    m = codes_for(mins, dmin)
+    for step in _SUPER_STEPS[1:]:
+        cand = fp16(scale.amax(-1) / (code_max + step))
+        err = block_error(cand, codes_for(scale, cand), dmin, m)
+        d, best_err = torch.where(err < best_err, cand, d), torch.minimum(err, best_err)
+    sc = codes_for(scale, d)
+
+    # each sub-block tries its neighbouring (scale code, min code) pairs
+    best = _sub_error(xs, ws, d[:, None] * sc, dmin[:, None] * m, None, cls.qmax)
+    best_sc, best_m = sc.clone(), m.clone()
+    for dsc in (-1, 0, 1):
+        for dm in (-1, 0, 1):
+            if dsc == 0 and dm == 0:
+                continue
+            c_sc, c_m = (sc + dsc).clamp(0, code_max), (m + dm).clamp(0, code_max)
+            err = _sub_error(xs, ws, d[:, None] * c_sc, dmin[:, None] * c_m, None, cls.qmax)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_sc, best_m = torch.where(better, c_sc, best_sc), torch.where(better, c_m, best_m)
+    codes = Codes(d=d, L=torch.empty(0), sc=best_sc.to(torch.int32), dmin=dmin, m=best_m.to(torch.int32))
+    return _with_integers(cls, codes, x)
+
+
+def _sym_kquant(cls: type[BlockType], x, w, code_lo, code_hi):
+    nb = x.shape[0]
+    n_sub = cls.block_size // cls.sub_size
+    xs, ws = x.reshape(nb, n_sub, cls.sub_size), w.reshape(nb, n_sub, cls.sub_size)
+    scale = fit_symmetric(xs.reshape(-1, cls.sub_size), ws.reshape(-1, cls.sub_size), cls.zero, cls.qmax)
+    scale = scale.reshape(nb, n_sub)
+    peak = scale.gather(-1, scale.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+    def codes_for(d):
+        safe = torch.where(d != 0, d, torch.ones_like(d))[:, None]
+        return torch.round(scale / safe).clamp_(code_lo, code_hi) * (d != 0)[:, None]
+
+    def block_error(d, sc):
+        return _sub_error(xs, ws, d[:, None] * sc, None, cls.zero, cls.qmax).sum(-1)
+
+    d = fp16(-peak / -code_lo)
+    best_err = block_error(d, codes_for(d))
+    for step in _SUPER_STEPS[1:]:
+        cand = fp16(-peak / (-code_lo + step))
+        err = block_error(cand, codes_for(cand))
+        d, best_err = torch.where(err < best_err, cand, d), torch.minimum(err, best_err)
+    sc = codes_for(d)
+    best = _sub_error(xs, ws, d[:, None] * sc, None, cls.zero, cls.qmax)
+    best_sc = sc.clone()
+    for dsc in (-1, 1):
+        c_sc = (sc + dsc).clamp(code_lo, code_hi)
+        err = _sub_error(xs, ws, d[:, None] * c_sc, None, cls.zero, cls.qmax)
+        better = err < best
+        best, best_sc = torch.where(better, err, best), torch.where(better, c_sc, best_sc)
+    return _with_integers(cls, Codes(d=d, L=torch.empty(0), sc=best_sc.to(torch.int32)), x)
+
+
+def _legacy_sym(cls, x, w):
+    # the fitted scale, or the plain one (largest weight on the grid's end) when fp16 rounding favours it
+    peak = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    candidates = [fp16(fit_symmetric(x, w, cls.zero, cls.qmax)), fp16(-peak / cls.zero)]
+    return _best_legacy(cls, x, w, [Codes(d=d, L=torch.empty(0)) for d in candidates])
+
+
+def _legacy_asym(cls, x, w):
+    # the fitted scale/min, or plain min/max (exact when the weights already sit on a 32-wide grid)
+    scale, offset = fit_affine(x, w, cls.qmax, allow_positive_min=True)
+    lo, hi = x.amin(-1), x.amax(-1)
+    candidates = [(scale, offset), ((hi - lo) / cls.qmax, lo)]
+    return _best_legacy(cls, x, w, [Codes(d=fp16(d), L=torch.empty(0), dmin=fp16(m)) for d, m in candidates])
+
+
+def _best_legacy(cls, x, w, candidates: list[Codes]) -> Codes:
+    """Per block, the candidate whose stored (fp16) parameters give the least weighted error."""
+    best, best_err = None, None
+    for codes in candidates:
+        codes = _with_integers(cls, codes, x)
+        err = (w * (cls.values(codes) - x).pow(2)).sum(-1)
+        if best is None:
+            best, best_err = codes, err
+            continue
+        take = err < best_err
+        best_err = torch.where(take, err, best_err)
+        best.d = torch.where(take, codes.d, best.d)
+        best.L = torch.where(take[:, None], codes.L, best.L)
+        if best.dmin is not None:
+            best.dmin = torch.where(take, codes.dmin, best.dmin)
+    return best
+
+
+def _q8_0(cls, x, w):
+    # llama.cpp's reference Q8_0 (amax / 127), through gguf-py's bit-exact encoder
+    data = gguf_quants.quantize(x.numpy().astype(np.float32), T.Q8_0)
+    return cls.unpack(torch.from_numpy(data).reshape(x.shape[0], -1))
+
+
+def _with_integers(cls: type[BlockType], codes: Codes, x: torch.Tensor) -> Codes:
+    """Fill codes.L by rounding x to the grid the stored codes actually decode to."""
+    scale, minimum = cls.grid(codes)
+    nb = x.shape[0]
+    xs = x.reshape(nb, -1, cls.sub_size)
+    codes.L = round_to_grid(xs, scale, minimum, cls.zero, cls.qmax).reshape(nb, cls.block_size).to(torch.int32)
+    return codes
+
+
+_ENCODERS = {
+    T.Q2_K: lambda cls, x, w: _asym_kquant(cls, x, w, 15),
+    T.Q3_K: lambda cls, x, w: _sym_kquant(cls, x, w, -32, 31),
+    T.Q4_K: lambda cls, x, w: _asym_kquant(cls, x, w, 63),
+    T.Q5_K: lambda cls, x, w: _asym_kquant(cls, x, w, 63),
+    T.Q6_K: lambda cls, x, w: _sym_kquant(cls, x, w, -128, 127),
+    T.Q4_0: _legacy_sym,
+    T.Q5_0: _legacy_sym,
+    T.Q4_1: _legacy_asym,
+    T.Q5_1: _legacy_asym,
+    T.Q8_0: _q8_0,
+}
+
+QUANTIZED_TYPES = tuple(_ENCODERS)
+_CHUNK_ELEMENTS = 1 << 21  # blocks per torch call bounded to keep temporaries small
+
+
+def encode(weight: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> Codes:
+    """Codes of a 2-D weight [rows, cols] (cols a multiple of the block size); importance: [cols] or None."""
+    cls = block_type(qtype)
+    rows, cols = weight.shape
+    x = weight.detach().to("cpu", torch.float32).reshape(-1, cls.block_size)
+    imp = None
+    if importance is not None:
+        imp = importance.to("cpu", torch.float32).reshape(1, cols).expand(rows, cols).reshape(-1, cls.block_size)
+    parts = []
+    step = max(1, _CHUNK_ELEMENTS // cls.block_size)
+    for start in range(0, x.shape[0], step):
+        xb = x[start : start + step]
+        w = element_weights(xb, qtype, None if imp is None else imp[start : start + step])
+        parts.append(_ENCODERS[qtype](cls, xb, w))
+    return _cat_codes(parts)
+
+
+def _cat_codes(parts: list[Codes]) -> Codes:
+    cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+    return Codes(d=cat("d"), L=cat("L"), sc=cat("sc"), dmin=cat("dmin"), m=cat("m"))
+
+
+def encode_bytes(weight: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> np.ndarray:
+    """uint8 [rows, row_bytes] in llama.cpp's layout."""
+    cls = block_type(qtype)
+    data = cls.pack(encode(weight, qtype, importance))
+    return data.reshape(weight.shape[0], -1).numpy()
+
+
+def grid_of(codes: Codes, qtype: T, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per (row, sub-block) scale and min of encoded codes: [rows, cols // sub_size] each (min None if symmetric)."""
+    scale, minimum = block_type(qtype).grid(codes)
+    return scale.reshape(rows, -1), None if minimum is None else minimum.reshape(rows, -1)
+
+
+__all__ = ["QK_K", "QUANTIZED_TYPES", "element_weights", "encode", "encode_bytes", "grid_of", "round_to_grid"]
