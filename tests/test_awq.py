@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import save_tiny_model, tiny_config
 from torch import nn
 
 from llmq.calib.arch import LAYER_MAPS, layer_map_for
 from llmq.methods import QuantScheme, get_method
 from llmq.methods.awq import _can_fold, fold_scales
 from llmq.pipeline import QuantizeConfig, quantize
-
-from conftest import save_tiny_model, tiny_config
 
 
 @pytest.mark.parametrize("model_type", sorted(LAYER_MAPS))
@@ -92,7 +91,7 @@ def test_clip_search_lowers_partial_output_error():
     from llmq.methods.awq import fake_quantize
 
     scheme = method.scheme
-    error = lambda w: (x @ (fake_quantize(w, scheme) - original).T).pow(2).sum().item()  # noqa: E731
+    error = lambda w: (x @ (fake_quantize(w, scheme) - original).T).pow(2).sum().item()
     assert error(linear.weight.data) < 0.95 * error(original)
     assert (linear.weight.data.abs() <= original.abs() + 1e-6).all()
 

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import save_tiny_model
 
 import llmq
 from llmq.cli import main
 from llmq.errors import LlmqError
 from llmq.pipeline import QuantizeConfig, quantize
-
-from conftest import save_tiny_model
 
 
 def run_cli(capsys, *argv):

@@ -6,6 +6,7 @@ weights and activations the way it must (GPTQ below RTN, close to the unquantize
 
 import pytest
 import torch
+from conftest import CALIB_TEXT, TEST_TEXT
 
 from llmq import load
 from llmq.calib.data import read_text_file, sample_windows, tokenize_text
@@ -13,8 +14,6 @@ from llmq.cli import main
 from llmq.eval import evaluate, evaluation_windows
 from llmq.methods import MethodOptions, QuantScheme, get_method
 from llmq.models import load_embedded_default
-
-from conftest import CALIB_TEXT, TEST_TEXT
 
 pytestmark = pytest.mark.slow
 

@@ -66,18 +66,23 @@ def gguf_arch(config) -> MODEL_ARCH:
                         f"supported: {', '.join(ARCHITECTURES)}") from None
 
 
-def gguf_names(model) -> dict[str, str]:
-    """HF parameter name -> GGUF tensor name, for every parameter of the model (tied lm_head left out)."""
-    config = model.config
-    arch = gguf_arch(config)
-    name_map = get_tensor_name_map(arch, config.num_hidden_layers)
-    names = {}
-    for hf_name, _ in model.named_parameters():
+def gguf_name_map(config):
+    """A function: HF tensor name -> llama.cpp's GGUF tensor name (one-line error when there is none)."""
+    name_map = get_tensor_name_map(gguf_arch(config), config.num_hidden_layers)
+
+    def name_of(hf_name: str) -> str:
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LlmqError(f"GGUF export: no llama.cpp name for tensor {hf_name}; this model variant is not supported")
-        names[hf_name] = name
-    return names
+        return name
+
+    return name_of
+
+
+def gguf_names(model) -> dict[str, str]:
+    """HF parameter name -> GGUF tensor name, for every parameter of the model (a tied lm_head is not one)."""
+    name_of = gguf_name_map(model.config)
+    return {hf_name: name_of(hf_name) for hf_name, _ in model.named_parameters()}
 
 
 def _head_dim(config) -> int:

@@ -1,0 +1,275 @@
+"""GGUF: block layouts bit-exact with gguf-py and llama.cpp, encoders at least as good as llama.cpp's, mixtures
+identical to llama-quantize's, files that llama.cpp loads and runs with the same logits as transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_model
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader, LlamaFileType
+from gguf import quants as gguf_quants
+
+from llmq.errors import LlmqError
+from llmq.formats.gguf_blocks import BLOCK_TYPES, decode_tensor
+from llmq.formats.gguf_mixtures import MIXTURES, get_mixture
+from llmq.methods.kquants import encode_bytes
+from llmq.pipeline import QuantizeConfig, quantize
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the llama.cpp client these tests need")
+from llmq.eval_llamacpp import llamacpp_quantize_file, llamacpp_quantize_tensor, open_llama
+
+ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+# relative error bounds for the test weights (measured values are ~20% below; a wrong layout decodes to ~1)
+BOUND = {T.Q2_K: 0.38, T.Q3_K: 0.26, T.Q4_K: 0.12, T.Q5_K: 0.06, T.Q6_K: 0.04, T.Q4_0: 0.19, T.Q4_1: 0.12,
+         T.Q5_0: 0.09, T.Q5_1: 0.06, T.Q8_0: 0.012}
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a.astype(np.float32).view(np.uint32), b.astype(np.float32).view(np.uint32))
+
+
+def _weights(rows, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[:, :: cols // 7] *= 8  # a few outlier columns, as real weights have
+    return w
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_our_bytes_decode_identically_in_gguf_py(qtype):
+    w = _weights(48, 512, seed=int(qtype))
+    importance = torch.rand(512, generator=torch.Generator().manual_seed(5)) ** 4 + 0.01
+    for imp in (None, importance):
+        data = encode_bytes(w, qtype, imp)
+        ours = decode_tensor(data, qtype, tuple(w.shape)).numpy()
+        theirs = gguf_quants.dequantize(data, qtype)
+        assert _same_bits(ours, theirs)
+        # and the decoded values really approximate the weights (a broken layout would decode garbage)
+        rel = np.linalg.norm(ours - w.numpy()) / np.linalg.norm(w.numpy())
+        assert rel < BOUND[qtype]
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_llamacpp_bytes_decode_identically_in_llmq(qtype):
+    w = _weights(32, 768, seed=3)
+    data = llamacpp_quantize_tensor(w.numpy(), qtype)
+    assert _same_bits(decode_tensor(data, qtype, (32, 768)).numpy(), gguf_quants.dequantize(data, qtype))
+
+
+def _error(data, qtype, w, importance):
+    decoded = gguf_quants.dequantize(data, qtype)
+    weight = np.ones(w.shape[1]) if importance is None else importance.numpy()
+    return float((((decoded - w.numpy()) ** 2) * weight).sum())
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", [(64, 256), (96, 1024), (16, 2560)])
+def test_reconstruction_no_worse_than_llamacpp_random(qtype, shape):
+    w = _weights(*shape, seed=shape[1])
+    importance = torch.rand(shape[1], generator=torch.Generator().manual_seed(6)) ** 4 + 0.01
+    for imp in (None, importance):
+        ours = _error(encode_bytes(w, qtype, imp), qtype, w, imp)
+        theirs = _error(llamacpp_quantize_tensor(w.numpy(), qtype, None if imp is None else imp.numpy()), qtype, w, imp)
+        assert ours <= theirs, (qtype.name, imp is not None, ours / theirs)
+
+
+@pytest.mark.slow
+def test_reconstruction_no_worse_than_llamacpp_on_reference_weights(reference_state_dict):
+    tensors = {"mlp.down_proj (1536 wide)": reference_state_dict["model.layers.7.mlp.down_proj.weight"],
+               "self_attn.q_proj (576 wide)": reference_state_dict["model.layers.20.self_attn.q_proj.weight"]}
+    ratios = {}
+    for name, w in tensors.items():
+        w = w.float()
+        importance = w.new_tensor(np.random.default_rng(0).random(w.shape[1]) ** 4 + 0.01)
+        for qtype in ALL_TYPES:
+            if w.shape[1] % BLOCK_TYPES[qtype].block_size:
+                continue
+            for imp in (None, importance):
+                ours = _error(encode_bytes(w, qtype, imp), qtype, w, imp)
+                theirs = _error(llamacpp_quantize_tensor(w.numpy(), qtype, None if imp is None else imp.numpy()),
+                                qtype, w, imp)
+                ratios[(name, qtype.name, imp is not None)] = ours / theirs
+    assert max(ratios.values()) <= 1.0, ratios
+    assert len(ratios) == 2 * (10 + 5)
+
+
+# ---- files -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixture_model(tmp_path_factory, smollm2_tokenizer_dir):
+    """8 layers, a 320-wide residual (not a multiple of 256: the fallback path) and a 512-wide MLP, GQA 5:1."""
+    directory = tmp_path_factory.mktemp("mixture-model")
+    return save_tiny_model(directory, smollm2_tokenizer_dir, "llama", hidden_size=320, intermediate_size=512,
+                           num_hidden_layers=8, num_attention_heads=5, num_key_value_heads=1, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def mixture_f32(mixture_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("f32") / "model-f32.gguf"
+    quantize(str(mixture_model), out, QuantizeConfig(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
+    return out
+
+
+def _types(path):
+    return {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("mixture", [m for m in MIXTURES if m not in ("F16", "BF16", "F32")])
+def test_mixture_types_match_llama_quantize(mixture, mixture_model, mixture_f32, tmp_path):
+    ours = tmp_path / "llmq.gguf"
+    quantize(str(mixture_model), ours, QuantizeConfig(method="rtn", format="gguf", gguf_type=mixture, device="cpu"))
+    theirs = tmp_path / "llamacpp.gguf"
+    llamacpp_quantize_file(mixture_f32, theirs, MIXTURES[mixture].file_type)
+    assert _types(ours) == _types(theirs)
+    # every tensor llama.cpp wrote decodes in llmq exactly as in gguf-py
+    for tensor in GGUFReader(theirs).tensors:
+        if tensor.tensor_type in BLOCK_TYPES:
+            shape = tuple(int(x) for x in reversed(tensor.shape))
+            ours_decoded = decode_tensor(np.asarray(tensor.data), tensor.tensor_type, shape).numpy()
+            theirs_decoded = gguf_quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(shape)
+            assert _same_bits(ours_decoded, theirs_decoded), tensor.name
+
+
+def test_mixture_uses_fallbacks_and_bumps(mixture_model, tmp_path):
+    out = tmp_path / "m.gguf"
+    quantize(str(mixture_model), out, QuantizeConfig(method="rtn", format="gguf", gguf_type="Q4_K_M", device="cpu"))
+    types = _types(out)
+    assert types["blk.0.ffn_down.weight"] == T.Q6_K  # first eighth: more bits
+    assert types["blk.2.ffn_down.weight"] == T.Q4_K
+    assert types["blk.2.attn_q.weight"] == T.Q5_0  # 320 wide: Q4_K falls back to Q5_0
+    assert types["token_embd.weight"] == T.Q5_0  # untied: the default type, 320 wide -> Q5_0
+    assert types["output.weight"] == T.Q8_0  # output: Q6_K, not 256-divisible -> Q8_0
+    assert types["blk.0.attn_norm.weight"] == T.F32
+
+
+_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
+
+
+@pytest.mark.parametrize("model_type", _ARCHS)
+def test_llamacpp_runs_our_file_with_transformers_logits(model_type, tmp_path, smollm2_tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type)
+    out = tmp_path / "tiny.gguf"  # (a name containing "phi3" makes llama.cpp expect Phi-3's own special tokens)
+    quantize(str(source), out, QuantizeConfig(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    with open_llama(out, n_ctx=64, logits_all=True) as llm:
+        llm.eval(ids[0].tolist())
+        got = np.array(llm.scores[:24])
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 2e-3
+
+
+def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_path):
+    with pytest.raises(LlmqError, match="--type Q9_K is not supported"):
+        get_mixture("Q9_K")
+    with pytest.raises(LlmqError, match="cannot write GGUF"):
+        quantize(str(tiny_llama_dir), tmp_path / "x.gguf", QuantizeConfig(method="awq", format="gguf", device="cpu"))
+    assert not (tmp_path / "x.gguf").exists()
+    assert LlamaFileType.MOSTLY_Q4_K_M == MIXTURES["Q4_K_M"].file_type
+
+
+# ---- GPTQ on the k-quant grid --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q3_K, T.Q5_0, T.Q6_K], ids=lambda t: t.name)
+def test_gptq_on_grid_beats_weighted_rounding(qtype):
+    from llmq.formats.gguf_blocks import block_type
+    from llmq.methods.base import MethodOptions
+    from llmq.methods.kquant_methods import gptq_on_grid
+    from llmq.methods.kquants import encode
+
+    g = torch.Generator().manual_seed(0)
+    cols = 512
+    mixing = torch.randn(cols, cols, generator=g) / cols**0.5
+    x = torch.randn(4096, cols, generator=g) @ (torch.eye(cols) + 0.9 * mixing)  # correlated inputs
+    x[:, ::37] *= 6
+    w = _weights(64, cols, seed=1)
+    hessian = 2 * x.T @ x / x.shape[0]
+    importance = x.pow(2).mean(0)
+    cls = block_type(qtype)
+    rounded = cls.values(encode(w, qtype, importance)).reshape(w.shape)
+    codes = gptq_on_grid(w, hessian, qtype, importance, MethodOptions(act_order=True))
+    compensated = cls.values(codes).reshape(w.shape)
+    error = lambda q: ((q - w) @ x.T).pow(2).sum().item()
+    assert error(compensated) < 0.8 * error(rounded)
+    # an ordinary tensor of that type: packing round-trips and llama.cpp's decoder agrees
+    data = cls.pack(codes).reshape(64, -1).numpy()
+    assert _same_bits(gguf_quants.dequantize(data, qtype), compensated.numpy())
+
+
+# ---- the reference model in llama.cpp -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_state_dict(reference_dir):
+    from safetensors.torch import load_file
+
+    return load_file(reference_dir / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_M", "Q6_K", "Q8_0"])
+def test_reference_model_runs_in_llamacpp(mixture, reference_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / f"smollm2-{mixture}.gguf"
+    quantize(str(reference_dir), out, QuantizeConfig(method="rtn", format="gguf", gguf_type=mixture, device="cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    sample = "The 2023 Tour de France had 176 riders, and Jonas Vingegaard won it. <|im_start|>user\nHi!<|im_end|>"
+    with open_llama(out) as llm:
+        assert llm.tokenize(sample.encode(), add_bos=False, special=True) == tokenizer(sample)["input_ids"]
+        text = llm("The capital of France is", max_tokens=16, temperature=0)["choices"][0]["text"]
+    assert "Paris" in text, text
+
+
+@pytest.mark.slow
+def test_reference_model_gptq_on_grid_file_runs(reference_dir, calib_file, tmp_path):
+    out = tmp_path / "smollm2-gptq.gguf"
+    quantize(str(reference_dir), out, QuantizeConfig(method="gptq", format="gguf", gguf_type="Q4_K_M",
+                                                     calib=str(calib_file), samples=8, seqlen=128, device="cpu"))
+    with open_llama(out) as llm:
+        text = llm("The capital of France is", max_tokens=16, temperature=0)["choices"][0]["text"]
+    assert "Paris" in text, text
+
+
+# ---- llmq export-gguf --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bits", "group", "symmetric", "expect"), [
+    (4, 32, True, "exact"), (8, 64, True, "exact"), (3, -1, True, "exact"), (4, 64, False, "rounded"),
+    (4, 16, True, "requantized"),
+])
+def test_export_gguf_carries_the_checkpoint_over(bits, group, symmetric, expect, tiny_llama_dir, tmp_path, calib_file):
+    import llmq
+    from llmq.gguf_export import export_checkpoint
+
+    checkpoint = tmp_path / "ckpt"
+    quantize(str(tiny_llama_dir), checkpoint, QuantizeConfig(method="gptq", bits=bits, group_size=group,
+                                                             symmetric=symmetric, calib=str(calib_file), samples=4,
+                                                             seqlen=32, device="cpu"))
+    out = tmp_path / "tiny.gguf"
+    report = export_checkpoint(checkpoint, out)
+    kinds = {"exact": len(report.exact), "rounded": len(report.rounded), "requantized": len(report.requantized)}
+    assert sum(kinds.values()) == 14, kinds
+    if expect == "rounded":  # asymmetric: min = -s (z + 8) in fp16; exact where the product fits fp16, else rounded
+        assert kinds["requantized"] == 0 and kinds["rounded"] > 0, kinds
+    else:
+        assert kinds[expect] == 14, kinds
+    assert max([*report.rounded.values(), 0]) < 1e-3 and max([*report.requantized.values(), 0]) < 0.1
+
+    packed = llmq.load(checkpoint, dtype=torch.float32)
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = packed(ids).logits[0].numpy()
+    with open_llama(out, n_ctx=64, logits_all=True) as llm:
+        llm.eval(ids[0].tolist())
+        got = np.array(llm.scores[:16])
+    # llama.cpp runs the same quantized weights (embeddings and lm_head as Q8_0): logits agree closely, less
+    # closely when the 16-wide groups had to be re-encoded into 32-wide blocks
+    assert np.abs(got - expected).max() / np.abs(expected).max() < (0.1 if expect == "requantized" else 2e-2)
