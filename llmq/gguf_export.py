@@ -34,11 +34,14 @@ from llmq.formats.gguf import (
 from llmq.formats.gguf_blocks import Codes, block_type, fp16
 from llmq.formats.gguf_mixtures import fallback, get_mixture, plan_types
 from llmq.methods import MethodOptions
-from llmq.methods.kquant_methods import KQuantGPTQ, KQuantRound
+from llmq.methods.grid import QuantScheme
+from llmq.methods.kquant_methods import KQuantAWQ, KQuantAWQGPTQ, KQuantGPTQ, KQuantRound
 from llmq.methods.kquants import QUANTIZED_TYPES, encode_bytes
 from llmq.models import load_model, resolve_dtype
 
-GGUF_METHODS = ("rtn", "gptq")
+GGUF_METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+# the integer grid AWQ searches on, per mixture's main type: same bits (4 for the 5-bit types), 32-wide asymmetric
+_AWQ_PROXY_BITS = {T.Q2_K: 2, T.Q3_K: 3, T.Q4_K: 4, T.Q5_K: 4, T.Q4_0: 4, T.Q6_K: 8, T.Q8_0: 8}
 
 
 def _tensor_plan(hf_model, mixture, has_imatrix):
@@ -52,13 +55,18 @@ def _tensor_plan(hf_model, mixture, has_imatrix):
     return names, plan
 
 
-def _method(config, plan_by_module):
+def _method(config, plan_by_module, mixture):
     options = MethodOptions(act_order=config.act_order, damp=config.damp)
     if config.method == "gptq":
         return KQuantGPTQ(plan_by_module, options)
     if config.method == "rtn":
         return KQuantRound(plan_by_module, use_importance=config.calib is not None, options=options)
-    raise LlmqError(f"--method {config.method} cannot write GGUF yet; use --method rtn (plain or imatrix) or gptq")
+    if config.method in ("awq", "awq+gptq") and mixture.default in _AWQ_PROXY_BITS:
+        proxy = QuantScheme(_AWQ_PROXY_BITS[mixture.default], 32, symmetric=False)
+        cls = KQuantAWQ if config.method == "awq" else KQuantAWQGPTQ
+        return cls(plan_by_module, proxy, options)
+    raise LlmqError(f"--method {config.method} cannot write GGUF {mixture.name}; use one of {', '.join(GGUF_METHODS)} "
+                    "with a quantized --type")
 
 
 def _permute_rows(config, gguf_name, data):
@@ -80,10 +88,10 @@ def quantize_to_gguf(model: str | None, out: str | Path, config, overwrite: bool
     check_weights_finite(linears)
     size_before = _tensor_bytes(hf_model)
 
-    calibrated = config.method == "gptq" or config.calib is not None
+    calibrated = config.method != "rtn" or config.calib is not None
     names, plan = _tensor_plan(hf_model, mixture, has_imatrix=calibrated)
     plan_by_module = {n.removesuffix(".weight"): plan[g] for n, g in names.items() if n.removesuffix(".weight") in linears}
-    method = _method(config, plan_by_module)
+    method = _method(config, plan_by_module, mixture)
 
     inputs, calibration = None, "none (plain k-quant search)"
     if method.needs_calibration:
@@ -110,7 +118,8 @@ def quantize_to_gguf(model: str | None, out: str | Path, config, overwrite: bool
             tensors[gguf_name] = encode_float(values, qtype)
     seconds = time.perf_counter() - started
     size_after = write_gguf(out, hf_model, tokenizer, tensors, mixture.file_type, overwrite=overwrite)
-    what = {"gptq": "GPTQ on the k-quant grid", "rtn": "imatrix-weighted" if calibrated else "plain"}[config.method]
+    what = {"gptq": "GPTQ on the k-quant grid", "rtn": "imatrix-weighted" if calibrated else "plain",
+            "awq": "AWQ + imatrix-weighted", "awq+gptq": "AWQ + GPTQ on the k-quant grid"}[config.method]
     log.info(f"llmq: wrote {out} ({mixture.name}, {what}): {human_size(size_before)} -> {human_size(size_after)} "
              f"({size_before / max(size_after, 1):.2f}x smaller), {seconds:.0f} s")
     return QuantizeResult(Path(out), size_before, size_after, seconds, float("nan"), calibration)
@@ -211,7 +220,7 @@ def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = 
     file_type = {T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1}.get(
         max(set(types), key=types.count) if types else T.Q8_0, LlamaFileType.MOSTLY_Q8_0)
     size = write_gguf(out, model, tokenizer, ordered, file_type, overwrite=overwrite)
-    worst = lambda d: f" (largest relative error {max(d.values()):.1e})" if d else ""  # noqa: E731
+    worst = lambda d: f" (largest relative error {max(d.values()):.1e})" if d else ""
     log.info(f"llmq: wrote {out}: {human_size(size)}; of {len(exact) + len(rounded) + len(requantized)} quantized "
              f"tensors {len(exact)} carried over exactly, {len(rounded)} with a scale or min rounded to fp16"
              f"{worst(rounded)}, {len(requantized)} re-encoded into a k-quant{worst(requantized)}")

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from gguf import GGMLQuantizationType as T
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -96,21 +97,28 @@ def llamacpp_imatrix_file(model, tokenizer, imatrix, out: Path, mixture_name: st
 
 
 def speed(reference: Path) -> None:
-    """Seconds per billion weights for llmq's Q4_K_M encoding (plain), measured on the reference model's tensors."""
+    """Seconds per billion weights: llmq's encoder (torch, all threads) vs llama.cpp's (ggml_quantize_chunk, 1 thread)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
     names, plan = _tensor_plan(model, get_mixture("Q4_K_M"), has_imatrix=False)
-    weights, seconds = 0, 0.0
-    for hf_name, param in model.named_parameters():
-        qtype = plan[names[hf_name]]
-        if qtype in QUANTIZED_TYPES:
-            started = time.perf_counter()
-            encode_bytes(param.detach(), qtype)
-            seconds += time.perf_counter() - started
-            weights += param.numel()
-    print(f"| Q4_K_M plain encode | {weights / 1e6:.1f} M weights | {seconds:.1f} s | "
-          f"{seconds / weights * 1e9:.0f} s per billion weights | torch threads {torch.get_num_threads()} |")
+    jobs = [(param.detach(), plan[names[n]]) for n, param in model.named_parameters() if plan[names[n]] in QUANTIZED_TYPES]
+    square = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02
+    cases = {"reference model, Q4_K_M plan": jobs, "4096 x 4096, Q4_K": [(square, T.Q4_K)],
+             "4096 x 4096, Q6_K": [(square, T.Q6_K)]}
+    print(f"| tensors | weights | llmq s per 1e9 weights ({torch.get_num_threads()} threads) | llama.cpp s per 1e9 (1 thread) |")
+    print("|---|---:|---:|---:|")
+    for name, work in cases.items():
+        weights = sum(w.numel() for w, _ in work)
+        started = time.perf_counter()
+        for w, qtype in work:
+            encode_bytes(w, qtype)
+        ours = time.perf_counter() - started
+        started = time.perf_counter()
+        for w, qtype in work:
+            llamacpp_quantize_tensor(w.numpy(), qtype)
+        theirs = time.perf_counter() - started
+        print(f"| {name} | {weights / 1e6:.1f} M | {ours / weights * 1e9:.0f} | {theirs / weights * 1e9:.0f} |")
 
 
 def main() -> None:

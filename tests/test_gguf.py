@@ -148,11 +148,22 @@ def test_mixture_uses_fallbacks_and_bumps(mixture_model, tmp_path):
 _ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
 
 
-@pytest.mark.parametrize("model_type", _ARCHS)
+_ROPE_SCALINGS = {
+    "llama3-rope": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16},
+    "linear-rope": {"rope_type": "linear", "factor": 4.0},
+}
+
+
+@pytest.mark.parametrize("model_type", _ARCHS + list(_ROPE_SCALINGS))
 def test_llamacpp_runs_our_file_with_transformers_logits(model_type, tmp_path, smollm2_tokenizer_dir):
     from transformers import AutoModelForCausalLM
 
-    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type)
+    overrides = {}
+    if model_type in _ROPE_SCALINGS:
+        overrides = {"rope_scaling": {**_ROPE_SCALINGS[model_type], "rope_theta": 10000.0}}
+        model_type = "llama"
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **overrides)
     out = tmp_path / "tiny.gguf"  # (a name containing "phi3" makes llama.cpp expect Phi-3's own special tokens)
     quantize(str(source), out, QuantizeConfig(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -168,13 +179,23 @@ def test_llamacpp_runs_our_file_with_transformers_logits(model_type, tmp_path, s
 def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_path):
     with pytest.raises(LlmqError, match="--type Q9_K is not supported"):
         get_mixture("Q9_K")
-    with pytest.raises(LlmqError, match="cannot write GGUF"):
-        quantize(str(tiny_llama_dir), tmp_path / "x.gguf", QuantizeConfig(method="awq", format="gguf", device="cpu"))
+    with pytest.raises(LlmqError, match="cannot write GGUF F16"):
+        quantize(str(tiny_llama_dir), tmp_path / "x.gguf", QuantizeConfig(method="awq", format="gguf", gguf_type="F16",
+                                                                          device="cpu"))
     assert not (tmp_path / "x.gguf").exists()
     assert LlamaFileType.MOSTLY_Q4_K_M == MIXTURES["Q4_K_M"].file_type
 
 
 # ---- GPTQ on the k-quant grid --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_calibrated_gguf_methods_write_files_llamacpp_runs(method, tiny_llama_dir, calib_file, tmp_path):
+    out = tmp_path / "tiny.gguf"
+    quantize(str(tiny_llama_dir), out, QuantizeConfig(method=method, format="gguf", gguf_type="Q4_K_M",
+                                                      calib=str(calib_file), samples=4, seqlen=32, device="cpu"))
+    with open_llama(out, n_ctx=64) as llm:
+        assert len(llm("Hello", max_tokens=4, temperature=0)["choices"][0]["text"]) > 0
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q3_K, T.Q5_0, T.Q6_K], ids=lambda t: t.name)

@@ -134,11 +134,7 @@ def _add_hparams(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    rope_theta = getattr(config, "rope_theta", None)
-    if rope_theta is None:
-        rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        if isinstance(rope_theta, dict):  # per-attention-type parameters (Gemma 3)
-            rope_theta = rope_theta.get("full_attention", {}).get("rope_theta", 10000.0)
+    rope_theta = getattr(config, "rope_theta", None) or _rope_parameters(config).get("rope_theta", 10000.0)
     writer.add_rope_freq_base(float(rope_theta))
     rotary = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
     writer.add_rope_dimension_count(rotary)
@@ -152,6 +148,42 @@ def _add_hparams(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
     if arch == MODEL_ARCH.GEMMA2:
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping or 0.0)
         writer.add_final_logit_softcapping(config.final_logit_softcapping or 0.0)
+
+
+def _rope_parameters(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if "full_attention" in params:  # per attention type (Gemma 3): the global layers' parameters
+        params = params["full_attention"]
+    return params
+
+
+def rope_scaling_tensors(writer: GGUFWriter, config) -> dict[str, EncodedTensor]:
+    """Rope scaling as llama.cpp reads it: metadata keys, or a per-frequency factor tensor for Llama 3."""
+    from gguf import RopeScalingType
+
+    params = _rope_parameters(config)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return {}
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+        return {}
+    if rope_type == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
+        return {}
+    if rope_type == "llama3":
+        # llama.cpp divides each rotary frequency by a stored factor: base / scaled, from transformers' own maths
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        dim = 2 * scaled.shape[0]
+        base = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        return {"rope_freqs.weight": EncodedTensor(T.F32, (base / scaled.float()).numpy().astype(np.float32))}
+    raise LlmqError(f"GGUF export does not support rope scaling {rope_type!r} yet (model {config.model_type})")
 
 
 def _pretokenizer(tokenizer_json: dict) -> str:
@@ -256,6 +288,7 @@ def write_gguf(path: str | Path, model, tokenizer, tensors: dict[str, EncodedTen
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(2)
         add_tokenizer(writer, tokenizer, config.vocab_size)
+        tensors = {**rope_scaling_tensors(writer, config), **tensors}
         for tensor_name, tensor in tensors.items():
             data = tensor.data
             if tensor.qtype in (T.F32, T.F16):

@@ -179,3 +179,45 @@ def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, qtype: T, importan
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
     codes.L = L.reshape(-1, cls.block_size)
     return codes
+
+
+class _AWQScaling:
+    """AWQ's scale search, folding and clipping before the k-quant rounding (llmq/methods/awq.py).
+
+    AWQ searches on llmq's integer grid; `proxy` is the grid closest to the mixture's main type (same bits,
+    32-wide asymmetric groups like the 32-wide sub-blocks of the k-quants).
+    """
+
+    def __init__(self, proxy: QuantScheme, options: MethodOptions | None):
+        from llmq.methods.awq import AWQ
+
+        self._awq = AWQ(proxy, options)
+
+    def prepare_layer(self, layer, layer_map, inputs) -> None:
+        self._awq.prepare_layer(layer, layer_map, inputs)
+
+
+class KQuantAWQ(KQuantRound):
+    """AWQ scaling and clipping, then imatrix-weighted k-quant rounding."""
+
+    name = "kquant-awq"
+
+    def __init__(self, plan: dict[str, T], proxy: QuantScheme, options: MethodOptions | None = None):
+        super().__init__(plan, True, options)
+        self._scaling = _AWQScaling(proxy, options)
+
+    def prepare_layer(self, layer, layer_map, inputs) -> None:
+        self._scaling.prepare_layer(layer, layer_map, inputs)
+
+
+class KQuantAWQGPTQ(KQuantGPTQ):
+    """AWQ scaling and clipping, then GPTQ on the k-quant grid."""
+
+    name = "kquant-awq-gptq"
+
+    def __init__(self, plan: dict[str, T], proxy: QuantScheme, options: MethodOptions | None = None):
+        super().__init__(plan, options)
+        self._scaling = _AWQScaling(proxy, options)
+
+    def prepare_layer(self, layer, layer_map, inputs) -> None:
+        self._scaling.prepare_layer(layer, layer_map, inputs)
