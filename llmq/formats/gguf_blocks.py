@@ -94,8 +94,17 @@ class BlockType:
 
     @classmethod
     def grid(cls, codes: Codes) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Effective (scale, min) per sub-block, [n, n_sub] each; min is None for symmetric types."""
-        raise NotImplementedError
+        """Effective (scale, min) per sub-block, [n, n_sub] each; min is None for symmetric types.
+
+        k-quants: scale = d * sc, min = dmin * m; 32-wide types: scale = d, and Q4_1/Q5_1 store the additive
+        offset itself in `dmin` (w = d * L + m), so min = -m.
+        """
+        scale = codes.d[:, None] if codes.sc is None else codes.d[:, None] * codes.sc.float()
+        if cls.zero is not None:
+            return scale, None
+        if codes.m is None:
+            return scale, -codes.dmin[:, None]
+        return scale, codes.dmin[:, None] * codes.m.float()
 
     @classmethod
     def pack(cls, codes: Codes) -> torch.Tensor:
@@ -161,9 +170,6 @@ class Q2_K(BlockType, qtype=GGMLQuantizationType.Q2_K):
 
     sub_size, qmax = 16, 3
 
-    @classmethod
-    def grid(cls, codes):
-        return codes.d[:, None] * codes.sc.float(), codes.dmin[:, None] * codes.m.float()
 
     @classmethod
     def pack(cls, codes):
@@ -194,9 +200,6 @@ class Q3_K(BlockType, qtype=GGMLQuantizationType.Q3_K):
 
     sub_size, qmax, zero = 16, 7, 4
 
-    @classmethod
-    def grid(cls, codes):
-        return codes.d[:, None] * codes.sc.float(), None
 
     @classmethod
     def pack(cls, codes):
@@ -229,9 +232,6 @@ class Q4_K(BlockType, qtype=GGMLQuantizationType.Q4_K):
 
     sub_size, qmax = 32, 15
 
-    @classmethod
-    def grid(cls, codes):
-        return codes.d[:, None] * codes.sc.float(), codes.dmin[:, None] * codes.m.float()
 
     @classmethod
     def pack(cls, codes):
@@ -258,9 +258,6 @@ class Q5_K(BlockType, qtype=GGMLQuantizationType.Q5_K):
 
     sub_size, qmax = 32, 31
 
-    @classmethod
-    def grid(cls, codes):
-        return codes.d[:, None] * codes.sc.float(), codes.dmin[:, None] * codes.m.float()
 
     @classmethod
     def pack(cls, codes):
@@ -292,9 +289,6 @@ class Q6_K(BlockType, qtype=GGMLQuantizationType.Q6_K):
 
     sub_size, qmax, zero = 16, 63, 32
 
-    @classmethod
-    def grid(cls, codes):
-        return codes.d[:, None] * codes.sc.float(), None
 
     @classmethod
     def pack(cls, codes):
@@ -335,9 +329,6 @@ class Q4_0(BlockType, qtype=GGMLQuantizationType.Q4_0):
 
     sub_size, qmax, zero = 32, 15, 8
 
-    @classmethod
-    def grid(cls, codes):
-        return codes.d[:, None], None
 
     @classmethod
     def pack(cls, codes):
@@ -354,9 +345,6 @@ class Q4_1(BlockType, qtype=GGMLQuantizationType.Q4_1):
 
     sub_size, qmax = 32, 15
 
-    @classmethod
-    def grid(cls, codes):
-        return codes.d[:, None], -codes.dmin[:, None]
 
     @classmethod
     def pack(cls, codes):
@@ -373,9 +361,6 @@ class Q5_0(BlockType, qtype=GGMLQuantizationType.Q5_0):
 
     sub_size, qmax, zero = 32, 31, 16
 
-    @classmethod
-    def grid(cls, codes):
-        return codes.d[:, None], None
 
     @classmethod
     def pack(cls, codes):
@@ -392,9 +377,6 @@ class Q5_1(BlockType, qtype=GGMLQuantizationType.Q5_1):
 
     sub_size, qmax = 32, 31
 
-    @classmethod
-    def grid(cls, codes):
-        return codes.d[:, None], -codes.dmin[:, None]
 
     @classmethod
     def pack(cls, codes):
@@ -411,9 +393,6 @@ class Q8_0(BlockType, qtype=GGMLQuantizationType.Q8_0):
 
     sub_size, qmax, zero = 32, 255, 128
 
-    @classmethod
-    def grid(cls, codes):
-        return codes.d[:, None], None
 
     @classmethod
     def values(cls, codes):

@@ -77,6 +77,26 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor
     raise LlmqError("GPTQ: the Hessian stays singular even with heavy damping; check the calibration data for NaN/Inf")
 
 
+def error_feedback_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, round_column) -> None:
+    """GPTQ's loop over the columns of W (already in visiting order), in lazy blocks, updating W in place.
+
+    round_column(col, block, i) rounds column i of the current block (column col of W) and returns its
+    dequantized values; the rounding error, divided by the inverse Hessian's diagonal, is pushed onto the
+    columns not yet rounded (within the block at once, beyond it once per block).
+    """
+    cols = W.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        block = W[:, i1:i2].clone()
+        errors = torch.zeros_like(block)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            err = (block[:, i] - round_column(i1 + i, block, i)) / Hinv1[i, i]
+            block[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            errors[:, i] = err
+        W[:, i2:].addmm_(errors, Hinv[i1:i2, i2:], alpha=-1)
+
+
 class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
@@ -88,7 +108,7 @@ class GPTQ(Method):
     def quantize(self, weight: torch.Tensor, stats: HessianCollector, scale_dtype: torch.dtype) -> QuantizedTensor:
         scheme, opts = self.scheme, self.options
         W = weight.clone().float()
-        rows, cols = W.shape
+        cols = W.shape[1]
         group_size = scheme.group_size_for(cols)
         H = stats.hessian()
 
@@ -108,30 +128,23 @@ class GPTQ(Method):
 
         Hinv = inverse_hessian_cholesky(H, opts.damp)
         Q = torch.zeros_like(W)
+
+        def round_column(col: int, block: torch.Tensor, i: int) -> torch.Tensor:
+            if not static_groups and col % group_size == 0:
+                # Dynamic groups: parameters from the weights as GPTQ has updated them so far.
+                s, z = group_qparams(block[:, i : i + group_size], scheme, scale_dtype, mse=opts.mse)
+                scale[:, col // group_size] = s[:, 0]
+                if zero is not None:
+                    zero[:, col // group_size] = z[:, 0]
+            g = column_group[col]
+            s = scale[:, g]
+            z = None if zero is None else zero[:, g]
+            q = quantize_values(block[:, i], s, z, scheme)
+            Q[:, col] = q
+            return dequantize_values(q, s, z)
+
         block = self.options.block_size if static_groups else self._block_size(group_size)
-        for i1 in range(0, cols, block):
-            i2 = min(i1 + block, cols)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if not static_groups and col % group_size == 0:
-                    # Dynamic groups: parameters from the weights as GPTQ has updated them so far.
-                    s, z = group_qparams(W1[:, i : i + group_size], scheme, scale_dtype, mse=opts.mse)
-                    scale[:, col // group_size] = s[:, 0]
-                    if zero is not None:
-                        zero[:, col // group_size] = z[:, 0]
-                g = column_group[col]
-                s = scale[:, g]
-                z = None if zero is None else zero[:, g]
-                w = W1[:, i]
-                q = quantize_values(w, s, z, scheme)
-                Q[:, col] = q
-                err = (w - dequantize_values(q, s, z)) / Hinv1[i, i]
-                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-                Err1[:, i] = err
-            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        error_feedback_sweep(W, Hinv, block, round_column)
 
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]

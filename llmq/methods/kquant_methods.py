@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as T
 
 from llmq.formats.gguf_blocks import block_type
 from llmq.methods.base import Method, MethodOptions, StatsCollector
-from llmq.methods.gptq import HessianCollector, inverse_hessian_cholesky
+from llmq.methods.gptq import HessianCollector, error_feedback_sweep, inverse_hessian_cholesky
 from llmq.methods.grid import QuantScheme
 from llmq.methods.kquants import encode, grid_of, round_to_grid
 
@@ -158,25 +158,17 @@ def gptq_on_grid(weight: torch.Tensor, hessian: torch.Tensor, qtype: T, importan
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_hessian_cholesky(H, options.damp)
     L = torch.zeros(rows, cols, dtype=torch.int32)
-    block = options.block_size
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            column = perm[i1 + i]
-            g = sub_of_column[column]
-            s = scale[:, g : g + 1]
-            m = None if minimum is None else minimum[:, g : g + 1]
-            w = W1[:, i : i + 1]
-            q = round_to_grid(w, s.squeeze(1), None if m is None else m.squeeze(1), cls.zero, cls.qmax)
-            dq = s * (q - cls.zero) if m is None else s * q - m
-            L[:, column] = q[:, 0].to(torch.int32)
-            err = (w[:, 0] - dq[:, 0]) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+
+    def round_column(position: int, block: torch.Tensor, i: int) -> torch.Tensor:
+        column = perm[position]
+        g = sub_of_column[column]
+        s = scale[:, g]
+        m = None if minimum is None else minimum[:, g]
+        q = round_to_grid(block[:, i : i + 1], s, m, cls.zero, cls.qmax)[:, 0]
+        L[:, column] = q.to(torch.int32)
+        return s * (q - cls.zero) if m is None else s * q - m
+
+    error_feedback_sweep(W, Hinv, options.block_size, round_column)
     codes.L = L.reshape(-1, cls.block_size)
     return codes
 
