@@ -100,7 +100,9 @@ def quantize_to_gguf(model: str | None, out: str | Path, config, overwrite: bool
         calibration = f"{calibration}, {config.samples} x {config.seqlen} tokens"
         batch = max(1, config.calib_batch_tokens // config.seqlen)
         inputs = capture_layer_inputs(hf_model, layer_map, samples, device, batch)
-    encoded = quantize_layers(hf_model, layer_map, method, inputs, device)
+    errors = []
+    encoded = quantize_layers(hf_model, layer_map, method, inputs, device,
+                              on_layer=lambda report: errors.append(report.relative_weight_error))
     del inputs
 
     tensors: dict[str, EncodedTensor] = {}
@@ -120,9 +122,11 @@ def quantize_to_gguf(model: str | None, out: str | Path, config, overwrite: bool
     size_after = write_gguf(out, hf_model, tokenizer, tensors, mixture.file_type, overwrite=overwrite)
     what = {"gptq": "GPTQ on the k-quant grid", "rtn": "imatrix-weighted" if calibrated else "plain",
             "awq": "AWQ + imatrix-weighted", "awq+gptq": "AWQ + GPTQ on the k-quant grid"}[config.method]
+    error = sum(errors) / max(len(errors), 1)
     log.info(f"llmq: wrote {out} ({mixture.name}, {what}): {human_size(size_before)} -> {human_size(size_after)} "
-             f"({size_before / max(size_after, 1):.2f}x smaller), {seconds:.0f} s")
-    return QuantizeResult(Path(out), size_before, size_after, seconds, float("nan"), calibration)
+             f"({size_before / max(size_after, 1):.2f}x smaller), {seconds:.0f} s, "
+             f"mean relative weight error of the decoder Linears {error:.2e}")
+    return QuantizeResult(Path(out), size_before, size_after, seconds, error, calibration)
 
 
 # ---- llmq export-gguf: a packed llmq checkpoint re-expressed in GGUF types ----------------------------------
@@ -179,9 +183,8 @@ def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = 
     name_of = gguf_name_map(config)
     tensors: dict[str, EncodedTensor] = {}
     exact, rounded, requantized = [], {}, {}
-    for module_name, module in log.progress(list(model.named_modules()), desc="export", unit="module"):
-        if not isinstance(module, QuantLinear):
-            continue
+    quantized = {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    for module_name, module in log.progress(list(quantized.items()), desc="export", unit="Linear"):
         gguf_name = name_of(f"{module_name}.weight")
         s = module.scheme
         q = unpack_int32(module.weight_packed, s.bits, module.in_features)
@@ -207,7 +210,7 @@ def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = 
         if module.bias is not None:
             tensors[name_of(f"{module_name}.bias")] = encode_float(module.bias.detach().float(), T.F32)
     for hf_name, param in model.named_parameters():
-        if any(hf_name.startswith(f"{m}.") for m, mod in model.named_modules() if isinstance(mod, QuantLinear)):
+        if hf_name.rpartition(".")[0] in quantized:  # a QuantLinear's bias, written above
             continue
         gguf_name = name_of(hf_name)
         values = prepare_float(config, gguf_name, param)
