@@ -423,5 +423,8 @@ def decode_tensor(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
     if qtype == GGMLQuantizationType.BF16:
         raw = torch.from_numpy(np.ascontiguousarray(data).view(np.int16).astype(np.int32) << 16)
         return raw.view(torch.float32).reshape(shape)
-    bytes_ = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8)).reshape(shape[0], -1)
+    raw = np.ascontiguousarray(data).view(np.uint8)
+    if not raw.flags.writeable:  # a memory-mapped GGUF: torch wants its own copy
+        raw = raw.copy()
+    bytes_ = torch.from_numpy(raw).reshape(shape[0], -1)
     return block_type(qtype).decode(bytes_).reshape(shape)
