@@ -17,8 +17,7 @@ from gguf import LlamaFileType
 
 from llmq import log
 from llmq.calib.arch import layer_map_for, quantizable_linears
-from llmq.calib.data import calibration_samples
-from llmq.calib.harness import capture_layer_inputs, check_weights_finite, quantize_layers
+from llmq.calib.harness import check_weights_finite
 from llmq.card import human_size
 from llmq.errors import LlmqError
 from llmq.formats.atomic import check_output_free
@@ -76,7 +75,7 @@ def _permute_rows(config, gguf_name, data):
 
 def quantize_to_gguf(model: str | None, out: str | Path, config, overwrite: bool = False,
                      trust_remote_code: bool = False):
-    from llmq.pipeline import QuantizeResult, _device, _tensor_bytes
+    from llmq.pipeline import QuantizeResult, _device, _tensor_bytes, run_harness
 
     mixture = get_mixture(config.gguf_type)
     check_output_free(out, overwrite)
@@ -93,17 +92,8 @@ def quantize_to_gguf(model: str | None, out: str | Path, config, overwrite: bool
     plan_by_module = {n.removesuffix(".weight"): plan[g] for n, g in names.items() if n.removesuffix(".weight") in linears}
     method = _method(config, plan_by_module, mixture)
 
-    inputs, calibration = None, "none (plain k-quant search)"
-    if method.needs_calibration:
-        samples, calibration = calibration_samples(hf_model, tokenizer, config.calib, config.samples, config.seqlen,
-                                                   device)
-        calibration = f"{calibration}, {config.samples} x {config.seqlen} tokens"
-        batch = max(1, config.calib_batch_tokens // config.seqlen)
-        inputs = capture_layer_inputs(hf_model, layer_map, samples, device, batch)
-    errors = []
-    encoded = quantize_layers(hf_model, layer_map, method, inputs, device,
-                              on_layer=lambda report: errors.append(report.relative_weight_error))
-    del inputs
+    encoded, calibration, error = run_harness(hf_model, tokenizer, layer_map, method, config, device,
+                                              "none (plain k-quant search)")
 
     tensors: dict[str, EncodedTensor] = {}
     for hf_name, param in log.progress(list(hf_model.named_parameters()), desc="other tensors", unit="tensor"):
@@ -122,7 +112,6 @@ def quantize_to_gguf(model: str | None, out: str | Path, config, overwrite: bool
     size_after = write_gguf(out, hf_model, tokenizer, tensors, mixture.file_type, overwrite=overwrite)
     what = {"gptq": "GPTQ on the k-quant grid", "rtn": "imatrix-weighted" if calibrated else "plain",
             "awq": "AWQ + imatrix-weighted", "awq+gptq": "AWQ + GPTQ on the k-quant grid"}[config.method]
-    error = sum(errors) / max(len(errors), 1)
     log.info(f"llmq: wrote {out} ({mixture.name}, {what}): {human_size(size_before)} -> {human_size(size_after)} "
              f"({size_before / max(size_after, 1):.2f}x smaller), {seconds:.0f} s, "
              f"mean relative weight error of the decoder Linears {error:.2e}")

@@ -101,6 +101,24 @@ def _write_checkpoint(directory: Path, hf_model, tokenizer, quantized, scheme: Q
     tokenizer.save_pretrained(directory)
 
 
+def run_harness(hf_model, tokenizer, layer_map, method, config: QuantizeConfig, device: torch.device,
+                no_data: str) -> tuple[dict, str, float]:
+    """Calibrate when the method needs it and quantize every decoder layer.
+
+    Returns (quantized weights by module name, a description of the calibration, mean relative weight error).
+    """
+    inputs, calibration = None, no_data
+    if method.needs_calibration:
+        samples, calibration = calibration_samples(hf_model, tokenizer, config.calib, config.samples, config.seqlen, device)
+        calibration = f"{calibration}, {config.samples} x {config.seqlen} tokens"
+        batch = max(1, config.calib_batch_tokens // config.seqlen)
+        inputs = capture_layer_inputs(hf_model, layer_map, samples, device, batch)
+    errors = []
+    quantized = quantize_layers(hf_model, layer_map, method, inputs, device,
+                                on_layer=lambda report: errors.append(report.relative_weight_error))
+    return quantized, calibration, sum(errors) / max(len(errors), 1)
+
+
 def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None = None,
              overwrite: bool = False, trust_remote_code: bool = False) -> QuantizeResult:
     """Quantize `model` (hub id, local directory, or None for the embedded default) into directory `out`."""
@@ -128,17 +146,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     check_weights_finite(linears)
     size_before = _tensor_bytes(hf_model)
 
-    inputs, calibration = None, "none (round-to-nearest needs no data)"
-    if method.needs_calibration:
-        samples, calibration = calibration_samples(hf_model, tokenizer, config.calib, config.samples, config.seqlen, device)
-        calibration = f"{calibration}, {config.samples} x {config.seqlen} tokens"
-        batch = max(1, config.calib_batch_tokens // config.seqlen)
-        inputs = capture_layer_inputs(hf_model, layer_map, samples, device, batch)
-
-    errors = []
-    quantized = quantize_layers(hf_model, layer_map, method, inputs, device,
-                                on_layer=lambda report: errors.append(report.relative_weight_error))
-    del inputs
+    quantized, calibration, error = run_harness(hf_model, tokenizer, layer_map, method, config, device,
+                                                "none (round-to-nearest needs no data)")
     seconds = time.perf_counter() - started
 
     out = Path(out)
@@ -153,7 +162,6 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             device=device.type, dtype=str(hf_model.dtype).removeprefix("torch."),
         ))
 
-    error = sum(errors) / max(len(errors), 1)
     log.info(f"llmq: wrote {out}: {human_size(size_before)} -> {human_size(size_after)} "
              f"({size_before / max(size_after, 1):.2f}x smaller), {seconds:.0f} s, "
              f"mean relative weight error {error:.2e}")
