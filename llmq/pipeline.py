@@ -45,6 +45,12 @@ class QuantizeConfig:
     calib_batch_tokens: int = 4096  # tokens per forward pass during calibration
     format: str = "compressed-tensors"  # or "gguf" (one llama.cpp file; `gguf_type` picks the mixture)
     gguf_type: str = "Q4_K_M"
+    # --method bitnet: scale granularity (tensor | channel | group) and ternary-aware fine-tuning (0: none)
+    ternary_scale: str = "tensor"
+    qat_steps: int = 0
+    qat_lr: float = 5e-4
+    qat_batch: int = 4
+    qat_seqlen: int = 256
 
     def scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.group_size, self.symmetric)
@@ -124,6 +130,10 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     """Quantize `model` (hub id, local directory, or None for the embedded default) into directory `out`."""
     config = config or QuantizeConfig()
     _check_config(config)
+    if config.method == "bitnet":
+        from llmq.bitnet_pipeline import quantize_bitnet
+
+        return quantize_bitnet(model, out, config, overwrite, trust_remote_code)
     if config.format == "gguf":
         from llmq.gguf_export import quantize_to_gguf
 

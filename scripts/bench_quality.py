@@ -38,7 +38,12 @@ ROWS = {
     "awq-w3g64-asym": ("awq", 3, 64, False, False, False),
     "awq+gptq-w3g64-asym-ao": ("awq+gptq", 3, 64, False, True, False),
     "awq-w4g128-asym": ("awq", 4, 128, False, False, False),
+    # BitNet b1.58 ternary (per-tensor absmean scale, int8 activations), after training or not
+    "bitnet-ptq": ("bitnet", 1.58, "tensor", True, False, False),
+    "bitnet-qat300": ("bitnet", 1.58, "tensor", True, False, False),
 }
+# ternary-aware fine-tuning steps per bitnet row (batch 4 x 256 tokens of the calibration text, lr 5e-4)
+QAT_STEPS = {"bitnet-ptq": 0, "bitnet-qat300": 300}
 
 
 def reference_model(work: Path) -> Path:
@@ -69,9 +74,10 @@ def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
     target = str(reference)
     if name != "unquantized":
         method, bits, group, symmetric, act_order, mse = ROWS[name]
-        config = QuantizeConfig(method=method, bits=bits, group_size=group, symmetric=symmetric,
+        config = QuantizeConfig(method=method, bits=4 if method == "bitnet" else bits,
+                                group_size=128 if method == "bitnet" else group, symmetric=symmetric,
                                 act_order=act_order, mse=mse, calib=str(DATA / "wikitext2_valid_calib.txt"),
-                                samples=128, seqlen=512, device="cpu")
+                                samples=128, seqlen=512, device="cpu", qat_steps=QAT_STEPS.get(name, 0))
         started = time.perf_counter()
         try:
             result = quantize(str(reference), work / name, config, overwrite=True)
@@ -80,6 +86,7 @@ def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
         row["seconds"] = time.perf_counter() - started
         row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         row["size_mb"] = result.size_after / 1e6
+        row["what"] = result.calibration
         target = str(work / name)
     else:
         row["size_mb"] = (reference / "model.safetensors").stat().st_size / 1e6
@@ -143,6 +150,9 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, wikitext2 test, {args.windows} windows x 2048 tokens, "
           f"calibration 128 x 512 tokens of wikitext2 valid; {os.cpu_count()} CPU cores\n")
     print(table(rows))
+    for r in rows:
+        if r.get("what", "").startswith("post-training ternary"):
+            print(f"- {r['name']}: {r['what']}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""transformers' native BitNet layout (`quant_method: "bitnet"`): write it, and read it back into llmq.
+
+Each ternary Linear is stored as two tensors (transformers' BitLinear, `linear_class: "bitlinear"`):
+
+    <name>.weight        uint8 [ceil(out / 4), in]   four ternary rows per byte row, each as t + 1 in 2 bits
+    <name>.weight_scale  [1], the model's dtype       1 / gamma ("inverted": BitLinear divides by it)
+
+Row packing: with R = ceil(out / 4), byte row r holds weight rows r, R + r, 2R + r, 3R + r:
+
+    bits:    7 6 | 5 4 | 3 2 | 1 0
+    row:    3R+r | 2R+r| R+r |  r
+
+Checkpoints with `linear_class: "autobitlinear"` (offline) use the same packing but multiply by the scale
+(it holds gamma itself); the reader takes both. Everything else (embeddings, norms, lm_head, any sub-norms)
+stays in the model's dtype, and `modules_to_not_convert` names the Linears that are not ternary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from llmq.errors import LlmqError
+from llmq.formats.compressed_tensors import read_weights, write_weights
+from llmq.methods.bitnet import TernaryLinear, TernaryScheme, ternary_modules
+
+ROWS_PER_BYTE = 4
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes {-1, 0, 1} [out, in] -> uint8 [ceil(out / 4), in] in transformers' row-chunk packing."""
+    out_rows = codes.shape[0]
+    chunk = -(-out_rows // ROWS_PER_BYTE)
+    padded = torch.ones(chunk * ROWS_PER_BYTE, codes.shape[1], dtype=torch.int32)  # pad rows decode to 0
+    padded[:out_rows] = codes.to(torch.int32) + 1
+    shifts = (2 * torch.arange(ROWS_PER_BYTE, dtype=torch.int32)).reshape(ROWS_PER_BYTE, 1, 1)
+    return (padded.reshape(ROWS_PER_BYTE, chunk, -1) << shifts).sum(0).to(torch.uint8)
+
+
+def unpack_ternary(packed: torch.Tensor, out_rows: int) -> torch.Tensor:
+    """uint8 [ceil(out / 4), in] -> int8 codes [out, in]."""
+    shifts = (2 * torch.arange(ROWS_PER_BYTE, dtype=torch.int32)).reshape(ROWS_PER_BYTE, 1, 1)
+    fields = (packed.to(torch.int32).unsqueeze(0) >> shifts) & 3
+    return (fields.reshape(-1, packed.shape[1])[:out_rows] - 1).to(torch.int8)
+
+
+def quantization_config(not_converted: list[str]) -> dict:
+    return {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
+            "modules_to_not_convert": not_converted}
+
+
+def _not_converted(model) -> list[str]:
+    """Every Linear that stays in float (lm_head at least): BitLinear would otherwise replace it."""
+    ternary = ternary_modules(model)
+    return sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in ternary)
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype the unquantized tensors are stored in: the source checkpoint's (bf16 when it does not say)."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+
+
+def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
+    """The state dict transformers' BitLinear loads: packed codes and inverted per-tensor scales."""
+    dtype = checkpoint_dtype(model.config)
+    ternary = ternary_modules(model)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module = name.rpartition(".")[0]
+        if module in ternary:
+            continue
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for name, module in ternary.items():
+        if module.scheme.granularity != "tensor":
+            raise LlmqError(f"transformers' BitNet layout holds one scale per tensor but {name} has one per "
+                            f"{module.scheme.granularity}; use --ternary-scale tensor or --format gguf")
+        codes, gamma = module.ternarize()
+        state[f"{name}.weight"] = pack_ternary(codes)
+        state[f"{name}.weight_scale"] = (1.0 / gamma.reshape(1)).to(module.scale_dtype)
+        if module.bias is not None:
+            state[f"{name}.bias"] = module.bias.detach().to(module.scale_dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_checkpoint(directory: Path, model, tokenizer) -> None:
+    """Packed weights, config with the bitnet quantization_config, generation config and tokenizer."""
+    write_weights(directory, checkpoint_state_dict(model))
+    config = model.config
+    config.quantization_config = quantization_config(_not_converted(model))
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def is_bitnet_config(quant_config) -> bool:
+    if quant_config is None:
+        return False
+    if not isinstance(quant_config, dict):
+        quant_config = quant_config.to_dict()
+    return quant_config.get("quant_method") == "bitnet"
+
+
+def load_bitnet(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """A transformers model whose ternary Linears are frozen TernaryLinear modules (codes + per-tensor scale)."""
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    quant = config.quantization_config
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    multiplies = quant.get("linear_class", "bitlinear") == "autobitlinear"
+    if multiplies and quant.get("quantization_mode", "offline") != "offline":
+        raise LlmqError(f"{directory} holds float weights quantized on the fly (online mode); quantize it with "
+                        "llmq quantize --method bitnet instead")
+    if quant.get("use_rms_norm"):
+        raise LlmqError(f"{directory} uses BitLinear's extra input RMSNorm (use_rms_norm), which llmq does not run")
+    state = read_weights(directory)
+    scale_dtype = next((t.dtype for k, t in state.items() if k.endswith(".weight_scale")), torch.bfloat16)
+    del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")]:
+        linear = model.get_submodule(name)
+        packed, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale").float().reshape(1, 1)
+        if packed.dtype != torch.uint8 or packed.shape[0] * ROWS_PER_BYTE < linear.out_features:
+            raise LlmqError(f"{name}.weight is not a packed ternary tensor ({packed.dtype}, {tuple(packed.shape)}); "
+                            "the checkpoint is damaged")
+        gamma = scale if multiplies else 1.0 / scale
+        bias = state.pop(f"{name}.bias", None)
+        module = TernaryLinear.from_codes(unpack_ternary(packed, linear.out_features), gamma, TernaryScheme(),
+                                          scale_dtype, None if bias is None else bias.float())
+        parent, _, child = name.rpartition(".")
+        model.get_submodule(parent).register_module(child, module)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise LlmqError(f"checkpoint lacks {len(missing)} tensors (first: {missing[0]}); the files are incomplete")
+    config.quantization_config = quant
+    return model.eval()
