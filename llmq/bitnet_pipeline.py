@@ -74,6 +74,30 @@ def densify(model) -> None:
         model.get_submodule(parent).register_module(child, linear)
 
 
+def write_ternary_gguf(model, tokenizer, gguf_type: str, out: Path, overwrite: bool) -> int:
+    """A model with frozen TernaryLinears as GGUF: TQ1_0/TQ2_0 where rows allow, llama.cpp's mixture elsewhere."""
+    from llmq.formats.gguf_mixtures import get_mixture
+    from llmq.gguf_export import write_plain_gguf
+
+    if gguf_type.upper() not in TERNARY_GGUF_TYPES:
+        raise LlmqError(f"ternary weights go into GGUF {' or '.join(TERNARY_GGUF_TYPES)}, not {gguf_type}; pass --type TQ2_0")
+    densify(model)
+    return write_plain_gguf(model, tokenizer, get_mixture(gguf_type), out, overwrite)
+
+
+def export_bitnet_gguf(directory: str | Path, out: str | Path, gguf_type: str = "TQ2_0", overwrite: bool = False) -> int:
+    """An existing BitNet b1.58 checkpoint (transformers' packed layout, any architecture) as GGUF TQ types."""
+    from transformers import AutoTokenizer
+
+    from llmq.formats.bitnet_hf import load_bitnet
+
+    check_output_free(out, overwrite)
+    model = load_bitnet(directory, torch.float32)
+    size = write_ternary_gguf(model, AutoTokenizer.from_pretrained(directory), gguf_type, Path(out), overwrite)
+    log.info(f"llmq: wrote {out} ({gguf_type.upper()}, from ternary checkpoint {Path(directory).name}): {human_size(size)}")
+    return size
+
+
 def _check(config) -> None:
     if config.format == "gguf" and config.gguf_type.upper() not in TERNARY_GGUF_TYPES:
         raise LlmqError(f"--method bitnet writes GGUF types {' or '.join(TERNARY_GGUF_TYPES)}, not {config.gguf_type}; "
@@ -81,6 +105,20 @@ def _check(config) -> None:
     if config.format == "compressed-tensors" and config.ternary_scale != "tensor":
         raise LlmqError(f"transformers' BitNet layout holds one scale per tensor, not per {config.ternary_scale}; "
                         "use --ternary-scale tensor or --format gguf")
+
+
+def _check_model(hf_model, config) -> None:
+    """Refuse before any work (fine-tuning can take hours) what the chosen output cannot hold."""
+    if config.format == "gguf":
+        from llmq.formats.gguf import gguf_arch
+
+        gguf_arch(hf_model.config)
+        return
+    layer_map = layer_map_for(hf_model.config.model_type)
+    for name, linear in quantizable_linears(hf_model, layer_map).items():
+        if linear.out_features % 4:
+            raise LlmqError(f"{name} has {linear.out_features} output rows; transformers' BitNet layout packs four "
+                            "rows per byte and needs a multiple of 4: use --format gguf")
 
 
 def quantize_bitnet(model: str | None, out: str | Path, config, overwrite: bool = False,
@@ -93,26 +131,19 @@ def quantize_bitnet(model: str | None, out: str | Path, config, overwrite: bool 
     device = _device(config.device)
     started = time.perf_counter()
     hf_model, tokenizer, _ = load_model(model, resolve_dtype(config.dtype), trust_remote_code)
+    _check_model(hf_model, config)
     size_before = _tensor_bytes(hf_model)
     out = Path(out)
 
     if config.format == "gguf":
-        from llmq.formats.gguf_mixtures import get_mixture
-        from llmq.gguf_export import encode_model_to_gguf
-
         curve = out.with_name(out.stem + ".qat_loss.png")
         hf_model, description, error = ternary_model(hf_model, tokenizer, config, device, curve)
-        densify(hf_model)
-        plain = dataclasses.replace(config, method="rtn", calib=None)
-        result = encode_model_to_gguf(hf_model, tokenizer, plain, get_mixture(config.gguf_type), out, device,
-                                      overwrite, started, size_before, what=description)
-        result.relative_weight_error, result.calibration = error, description
-        return result
-
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        hf_model, description, error = ternary_model(hf_model, tokenizer, config, device, tmp / "qat_loss.png")
-        bitnet_hf.write_checkpoint(tmp, hf_model, tokenizer)
-        size_after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        size_after = write_ternary_gguf(hf_model, tokenizer, config.gguf_type, out, overwrite)
+    else:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            hf_model, description, error = ternary_model(hf_model, tokenizer, config, device, tmp / "qat_loss.png")
+            bitnet_hf.write_checkpoint(tmp, hf_model, tokenizer)
+            size_after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     seconds = time.perf_counter() - started
     log.info(f"llmq: wrote {out} ({description}): {human_size(size_before)} -> {human_size(size_after)} "
              f"({size_before / max(size_after, 1):.2f}x smaller), {seconds:.0f} s, "

@@ -65,8 +65,11 @@ def _eval_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export-gguf", help="re-express an llmq GPTQ/AWQ checkpoint as a GGUF file for llama.cpp")
-    p.add_argument("checkpoint", help="output directory of llmq quantize (compressed-tensors format)")
+    p = sub.add_parser("export-gguf", help="re-express an llmq GPTQ/AWQ checkpoint or a BitNet checkpoint as GGUF")
+    p.add_argument("checkpoint", help="output directory of llmq quantize (compressed-tensors format), or a BitNet "
+                                      "b1.58 checkpoint (quant_method bitnet, e.g. BitNetForCausalLM)")
+    p.add_argument("--type", dest="gguf_type", default=None,
+                   help="BitNet checkpoints: TQ1_0 (1.69 bits/weight) or TQ2_0 (2.06, faster; default)")
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -100,7 +103,17 @@ def _run_quantize(args) -> None:
 
 
 def _run_export(args) -> None:
+    from llmq.formats.bitnet_hf import is_bitnet_checkpoint
     from llmq.gguf_export import export_checkpoint
+
+    if is_bitnet_checkpoint(args.checkpoint):
+        from llmq.bitnet_pipeline import export_bitnet_gguf
+
+        export_bitnet_gguf(args.checkpoint, args.out, args.gguf_type or "TQ2_0", overwrite=args.overwrite)
+        return
+    if args.gguf_type is not None:
+        raise LlmqError("--type applies to BitNet checkpoints; an llmq GPTQ/AWQ checkpoint maps to the GGUF types "
+                        "its grid fits")
 
     report = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
     for name, error in sorted(report.requantized.items()):

@@ -85,8 +85,33 @@ def quantize_to_gguf(model: str | None, out: str | Path, config, overwrite: bool
                                 started, _tensor_bytes(hf_model))
 
 
+def encode_tensors(hf_model, names: dict[str, str], plan: dict[str, T], encoded: dict) -> dict[str, EncodedTensor]:
+    """Every parameter as a GGUF tensor: the harness's encodings where given, else encoded plainly by the plan."""
+    tensors: dict[str, EncodedTensor] = {}
+    for hf_name, param in log.progress(list(hf_model.named_parameters()), desc="encode tensors", unit="tensor"):
+        gguf_name, qtype = names[hf_name], plan[names[hf_name]]
+        module = hf_name.removesuffix(".weight")
+        if module in encoded and hf_name.endswith(".weight"):
+            part = encoded[module]
+            tensors[gguf_name] = EncodedTensor(part.qtype, _permute_rows(hf_model.config, gguf_name, part.data))
+            continue
+        values = prepare_float(hf_model.config, gguf_name, param)
+        if qtype in QUANTIZED_TYPES:
+            tensors[gguf_name] = EncodedTensor(qtype, encode_bytes(values, qtype))
+        else:
+            tensors[gguf_name] = encode_float(values, qtype)
+    return tensors
+
+
+def write_plain_gguf(hf_model, tokenizer, mixture, out: str | Path, overwrite: bool) -> int:
+    """Every tensor encoded plainly by the mixture's plan (no calibration); returns the file size."""
+    names, plan = _tensor_plan(hf_model, mixture, has_imatrix=False)
+    return write_gguf(out, hf_model, tokenizer, encode_tensors(hf_model, names, plan, {}), mixture.file_type,
+                      overwrite=overwrite)
+
+
 def encode_model_to_gguf(hf_model, tokenizer, config, mixture, out: str | Path, device: torch.device,
-                         overwrite: bool, started: float, size_before: int, what: str | None = None):
+                         overwrite: bool, started: float, size_before: int):
     """Encode a loaded model's tensors by the mixture's plan (decoder Linears through the harness) and write."""
     from llmq.pipeline import QuantizeResult, run_harness
 
@@ -101,24 +126,11 @@ def encode_model_to_gguf(hf_model, tokenizer, config, mixture, out: str | Path, 
 
     encoded, calibration, error = run_harness(hf_model, tokenizer, layer_map, method, config, device,
                                               "none (plain k-quant search)")
-
-    tensors: dict[str, EncodedTensor] = {}
-    for hf_name, param in log.progress(list(hf_model.named_parameters()), desc="other tensors", unit="tensor"):
-        gguf_name, qtype = names[hf_name], plan[names[hf_name]]
-        module = hf_name.removesuffix(".weight")
-        if module in encoded and hf_name.endswith(".weight"):
-            part = encoded[module]
-            tensors[gguf_name] = EncodedTensor(part.qtype, _permute_rows(hf_model.config, gguf_name, part.data))
-            continue
-        values = prepare_float(hf_model.config, gguf_name, param)
-        if qtype in QUANTIZED_TYPES:
-            tensors[gguf_name] = EncodedTensor(qtype, encode_bytes(values, qtype))
-        else:
-            tensors[gguf_name] = encode_float(values, qtype)
+    tensors = encode_tensors(hf_model, names, plan, encoded)
     seconds = time.perf_counter() - started
     size_after = write_gguf(out, hf_model, tokenizer, tensors, mixture.file_type, overwrite=overwrite)
-    what = what or {"gptq": "GPTQ on the k-quant grid", "rtn": "imatrix-weighted" if calibrated else "plain",
-                    "awq": "AWQ + imatrix-weighted", "awq+gptq": "AWQ + GPTQ on the k-quant grid"}[config.method]
+    what = {"gptq": "GPTQ on the k-quant grid", "rtn": "imatrix-weighted" if calibrated else "plain",
+            "awq": "AWQ + imatrix-weighted", "awq+gptq": "AWQ + GPTQ on the k-quant grid"}[config.method]
     log.info(f"llmq: wrote {out} ({mixture.name}, {what}): {human_size(size_before)} -> {human_size(size_after)} "
              f"({size_before / max(size_after, 1):.2f}x smaller), {seconds:.0f} s, "
              f"mean relative weight error of the decoder Linears {error:.2e}")

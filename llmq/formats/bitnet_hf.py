@@ -17,6 +17,7 @@ stays in the model's dtype, and `modules_to_not_convert` names the Linears that 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -101,12 +102,16 @@ def write_checkpoint(directory: Path, model, tokenizer) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def is_bitnet_config(quant_config) -> bool:
-    if quant_config is None:
+def is_bitnet_checkpoint(directory: str | Path) -> bool:
+    """Whether a model directory's config.json says quant_method "bitnet"."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
         return False
-    if not isinstance(quant_config, dict):
-        quant_config = quant_config.to_dict()
-    return quant_config.get("quant_method") == "bitnet"
+    try:
+        quant = json.loads(path.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        raise LlmqError(f"{path} is not valid JSON; the checkpoint is damaged") from None
+    return quant.get("quant_method") == "bitnet"
 
 
 def load_bitnet(directory: str | Path, dtype: torch.dtype = torch.float32):

@@ -45,6 +45,7 @@ ARCHITECTURES = {
     "phi3": MODEL_ARCH.PHI3,
     "gemma2": MODEL_ARCH.GEMMA2,
     "gemma3_text": MODEL_ARCH.GEMMA3,
+    "bitnet": MODEL_ARCH.BITNET,  # transformers' BitNetForCausalLM (ternary Linears, attention/FFN sub-norms)
 }
 
 _GEMMA = (MODEL_ARCH.GEMMA2, MODEL_ARCH.GEMMA3)
@@ -60,10 +61,27 @@ class EncodedTensor:
 
 def gguf_arch(config) -> MODEL_ARCH:
     try:
-        return ARCHITECTURES[config.model_type]
+        arch = ARCHITECTURES[config.model_type]
     except KeyError:
         raise LlmqError(f"GGUF export does not support architecture {config.model_type!r}; "
                         f"supported: {', '.join(ARCHITECTURES)}") from None
+    if arch == MODEL_ARCH.BITNET:
+        _check_bitnet(config)
+    return arch
+
+
+def _check_bitnet(config) -> None:
+    """llama.cpp's bitnet graph hard-codes a SiLU-gated FFN and reads the output matrix from token_embd."""
+    if config.hidden_act != "silu":
+        raise LlmqError(f"llama.cpp's bitnet graph computes SiLU in the FFN but this model uses {config.hidden_act}; "
+                        "its GGUF would run wrongly, so it is not written")
+    if not getattr(config, "tie_word_embeddings", False):
+        raise LlmqError("llama.cpp's bitnet graph has no separate output matrix but this model's lm_head is not tied "
+                        "to its embeddings; it cannot be written as GGUF")
+
+
+# transformers' BitNet names for the sub-norms -> the names gguf-py's tensor map knows (the original 1bitLLM code's)
+_BITNET_ALIASES = {".self_attn.attn_sub_norm.": ".self_attn.inner_attn_ln.", ".mlp.ffn_sub_norm.": ".mlp.ffn_layernorm."}
 
 
 def gguf_name_map(config):
@@ -71,6 +89,8 @@ def gguf_name_map(config):
     name_map = get_tensor_name_map(gguf_arch(config), config.num_hidden_layers)
 
     def name_of(hf_name: str) -> str:
+        for alias, known in _BITNET_ALIASES.items():
+            hf_name = hf_name.replace(alias, known)
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LlmqError(f"GGUF export: no llama.cpp name for tensor {hf_name}; this model variant is not supported")

@@ -410,6 +410,73 @@ class Q8_0(BlockType, qtype=GGMLQuantizationType.Q8_0):
         return Codes(d=_read_f16(d), L=q.contiguous().view(torch.int8).to(torch.int32) + 128)
 
 
+# ---- ternary types (BitNet b1.58): L = t + 1 in {0, 1, 2}, one fp16 scale per 256 weights; w = d * (L - 1) ----
+
+
+class TQ2_0(BlockType, qtype=GGMLQuantizationType.TQ2_0):
+    """66 bytes / 256 weights: 64 bytes of 2-bit codes, then d (fp16).
+
+    Each half of the block (128 weights) fills 32 bytes; byte j holds weights j, 32 + j, 64 + j, 96 + j:
+
+        bits:     7 6  | 5 4  | 3 2  | 1 0
+        weight:  96+j  | 64+j | 32+j |  j        (within the half)
+    """
+
+    sub_size, qmax, zero = 256, 2, 1
+
+    @classmethod
+    def pack(cls, codes):
+        halves = codes.L.reshape(-1, 2, 128)
+        return torch.cat([interleave(halves, 2, 32).reshape(-1, 64), _f16_bytes(codes.d)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        qs, d = _split(data, [64, 2])
+        return Codes(d=_read_f16(d), L=deinterleave(qs.reshape(-1, 2, 32), 2, 4).reshape(-1, 256))
+
+
+# TQ1_0 packs five trits per byte (3^5 = 243 <= 256) as a base-3 number, first weight most significant,
+# then stretches it to a fixed-point fraction of 256 (v * 256 / 243, rounded up) so that a decoder pulls
+# trit k out with one multiply and a shift: ((byte * 3^k) mod 256) * 3 >> 8.
+_TRIT_PLACES = torch.tensor([81, 27, 9, 3, 1], dtype=torch.int32)
+
+
+def _trits_to_bytes(L: torch.Tensor, width: int, trits: int) -> torch.Tensor:
+    """[n, trits * width] -> [n, width]: byte j = sum_k L[k * width + j] * 3^(4 - k), as a fraction of 256."""
+    v = (L.reshape(L.shape[0], trits, width).to(torch.int32) * _TRIT_PLACES[:trits].reshape(trits, 1)).sum(1)
+    return ((v * 256 + 242) // 243).to(torch.uint8)
+
+
+def _bytes_to_trits(data: torch.Tensor, trits: int) -> torch.Tensor:
+    """Inverse of `_trits_to_bytes`: [n, width] -> [n, trits * width]."""
+    powers = torch.tensor([1, 3, 9, 27, 81][:trits], dtype=torch.int32).reshape(trits, 1)
+    shifted = (data.to(torch.int32).unsqueeze(1) * powers) & 0xFF  # uint8 arithmetic wraps
+    return ((shifted * 3) >> 8).reshape(data.shape[0], -1)
+
+
+class TQ1_0(BlockType, qtype=GGMLQuantizationType.TQ1_0):
+    """54 bytes / 256 weights: qs (48 bytes), qh (4 bytes), d (fp16); 1.69 bits per weight.
+
+        qs[0:32]   weights   0..159, five per byte: byte j <- weights j, 32+j, 64+j, 96+j, 128+j
+        qs[32:48]  weights 160..239, five per byte: byte j <- 160 + {j, 16+j, 32+j, 48+j, 64+j}
+        qh[0:4]    weights 240..255, four per byte: byte j <- 240 + {j, 4+j, 8+j, 12+j} (lowest trit 0)
+    """
+
+    sub_size, qmax, zero = 256, 2, 1
+
+    @classmethod
+    def pack(cls, codes):
+        L = codes.L
+        return torch.cat([_trits_to_bytes(L[:, :160], 32, 5), _trits_to_bytes(L[:, 160:240], 16, 5),
+                          _trits_to_bytes(L[:, 240:], 4, 4), _f16_bytes(codes.d)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        qs0, qs1, qh, d = _split(data, [32, 16, 4, 2])
+        L = torch.cat([_bytes_to_trits(qs0, 5), _bytes_to_trits(qs1, 5), _bytes_to_trits(qh, 4)], dim=1)
+        return Codes(d=_read_f16(d), L=L)
+
+
 def block_type(qtype: GGMLQuantizationType) -> type[BlockType]:
     return BLOCK_TYPES[qtype]
 

@@ -3,7 +3,7 @@
 The rules follow llama.cpp's src/llama-quant.cpp (llama_tensor_get_type) for the dense-model cases:
 a default type per mixture, more bits for attn_v / ffn_down in chosen layers, Q6_K (or Q8_0) for the output
 matrix and for tied embeddings, and a fallback to a 32-wide type when a row length is not a multiple of
-256 (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when not even 32 divides it).
+256 (Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when not even 32 divides it).
 Not reproduced: the Falcon, MoE and "70B" special cases (llmq supports none of those models).
 """
 
@@ -37,12 +37,15 @@ MIXTURES = {m.name: m for m in [
     Mixture("Q6_K", T.Q6_K, LlamaFileType.MOSTLY_Q6_K),
     Mixture("Q8_0", T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     Mixture("Q4_0", T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    Mixture("TQ1_0", T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0),  # ternary (BitNet b1.58) weights only
+    Mixture("TQ2_0", T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
     Mixture("F16", T.F16, LlamaFileType.MOSTLY_F16),
     Mixture("BF16", T.BF16, LlamaFileType.MOSTLY_BF16),
     Mixture("F32", T.F32, LlamaFileType.ALL_F32),
 ]}
 
-_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.TQ1_0: T.Q4_0,
+             T.TQ2_0: T.Q4_0}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -70,6 +73,8 @@ def _mixture_type(mix: str, qtype: T, name: str, n_layers: int, n_gqa: int, tied
     kind = name.split(".")[-2] if layer_match else name.removesuffix(".weight")
     if kind == "output" or (tied and kind == "token_embd"):
         return T.Q8_0 if qtype == T.Q8_0 else T.Q6_K  # the row-length check happens in the caller
+    if kind == "token_embd" and mix in ("TQ1_0", "TQ2_0"):
+        return T.Q4_K
     if kind in ("attn_v", "attn_qkv"):
         if mix == "Q2_K":
             return T.Q4_K if n_gqa >= 4 else T.Q3_K

@@ -306,6 +306,12 @@ def _q8_0(cls, x, w):
     return cls.unpack(torch.from_numpy(data).reshape(x.shape[0], -1))
 
 
+def _via_gguf_py(cls, x, w):
+    """gguf-py's reference encoder (TQ1_0/TQ2_0: d = block absmax, exact for weights that are already ternary)."""
+    data = gguf_quants.quantize(x.numpy().astype(np.float32), cls.qtype)
+    return cls.unpack(torch.from_numpy(data).reshape(x.shape[0], -1))
+
+
 def _with_integers(cls: type[BlockType], codes: Codes, x: torch.Tensor) -> Codes:
     """Fill codes.L by rounding x to the grid the stored codes actually decode to."""
     scale, minimum = cls.grid(codes)
@@ -326,6 +332,8 @@ _ENCODERS = {
     T.Q4_1: _legacy_asym,
     T.Q5_1: _legacy_asym,
     T.Q8_0: _q8_0,
+    T.TQ1_0: _via_gguf_py,
+    T.TQ2_0: _via_gguf_py,
 }
 
 QUANTIZED_TYPES = tuple(_ENCODERS)
