@@ -21,9 +21,10 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the lla
 from llmq.eval_llamacpp import llamacpp_quantize_file, llamacpp_quantize_tensor, open_llama
 
 ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+TERNARY = [T.TQ1_0, T.TQ2_0]  # for BitNet weights: encoded with gguf-py's (= llama.cpp's) absmax rule
 # relative error bounds for the test weights (measured values are ~20% below; a wrong layout decodes to ~1)
 BOUND = {T.Q2_K: 0.38, T.Q3_K: 0.26, T.Q4_K: 0.12, T.Q5_K: 0.06, T.Q6_K: 0.04, T.Q4_0: 0.19, T.Q4_1: 0.12,
-         T.Q5_0: 0.09, T.Q5_1: 0.06, T.Q8_0: 0.012}
+         T.Q5_0: 0.09, T.Q5_1: 0.06, T.Q8_0: 0.012, T.TQ1_0: 0.95, T.TQ2_0: 0.95}
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -37,7 +38,7 @@ def _weights(rows, cols, seed=0):
     return w
 
 
-@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES + TERNARY, ids=lambda t: t.name)
 def test_our_bytes_decode_identically_in_gguf_py(qtype):
     w = _weights(48, 512, seed=int(qtype))
     importance = torch.rand(512, generator=torch.Generator().manual_seed(5)) ** 4 + 0.01
@@ -51,7 +52,7 @@ def test_our_bytes_decode_identically_in_gguf_py(qtype):
         assert rel < BOUND[qtype]
 
 
-@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES + TERNARY, ids=lambda t: t.name)
 def test_llamacpp_bytes_decode_identically_in_llmq(qtype):
     w = _weights(32, 768, seed=3)
     data = llamacpp_quantize_tensor(w.numpy(), qtype)
