@@ -21,7 +21,7 @@ from llmq import log
 from llmq.calib.arch import layer_map_for, quantizable_linears
 from llmq.calib.data import calibration_text, tokenize_text
 from llmq.calib.harness import check_weights_finite
-from llmq.card import human_size
+from llmq.card import human_size, render_card
 from llmq.errors import LlmqError
 from llmq.formats.atomic import atomic_output_dir, check_output_free
 from llmq.methods.bitnet import TernaryScheme, relative_error, ternarize_model, ternary_modules
@@ -130,7 +130,8 @@ def quantize_bitnet(model: str | None, out: str | Path, config, overwrite: bool 
     check_output_free(out, overwrite)
     device = _device(config.device)
     started = time.perf_counter()
-    hf_model, tokenizer, _ = load_model(model, resolve_dtype(config.dtype), trust_remote_code)
+    hf_model, tokenizer, model_id = load_model(model, resolve_dtype(config.dtype), trust_remote_code)
+    dtype = str(hf_model.dtype).removeprefix("torch.")
     _check_model(hf_model, config)
     size_before = _tensor_bytes(hf_model)
     out = Path(out)
@@ -144,6 +145,15 @@ def quantize_bitnet(model: str | None, out: str | Path, config, overwrite: bool 
             hf_model, description, error = ternary_model(hf_model, tokenizer, config, device, tmp / "qat_loss.png")
             bitnet_hf.write_checkpoint(tmp, hf_model, tokenizer)
             size_after = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+            (tmp / "README.md").write_text(render_card(
+                name=out.name, base_model=model_id, method="bitnet", bits="1.58", group_size="per-tensor scale",
+                symmetric=True, act_order=False, mse=False, calibration=description,
+                size_before=human_size(size_before), size_after=human_size(size_after),
+                seconds=f"{time.perf_counter() - started:.0f} s", device=device.type, dtype=dtype, format_tag="ternary",
+                summary=f"Ternary (BitNet b1.58: weights in {{-1, 0, 1}} times one scale per tensor, int8 "
+                        f"activations) version of `{model_id}`, made with llmq.",
+                layout="transformers BitNet (`bitlinear`: 2-bit packed rows, inverted scale)",
+                loader_note="transformers' own BitNet loader"))
     seconds = time.perf_counter() - started
     log.info(f"llmq: wrote {out} ({description}): {human_size(size_before)} -> {human_size(size_after)} "
              f"({size_before / max(size_after, 1):.2f}x smaller), {seconds:.0f} s, "

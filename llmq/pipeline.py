@@ -169,7 +169,9 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             group_size="per-channel" if scheme.group_size == -1 else scheme.group_size,
             symmetric=scheme.symmetric, act_order=act_order, mse=config.mse, calibration=calibration,
             size_before=human_size(size_before), size_after=human_size(size_after), seconds=f"{seconds:.0f} s",
-            device=device.type, dtype=str(hf_model.dtype).removeprefix("torch."),
+            device=device.type, dtype=str(hf_model.dtype).removeprefix("torch."), format_tag="compressed-tensors",
+            summary=f"{scheme.bits}-bit weight-only quantization of `{model_id}`, made with llmq.",
+            layout="compressed-tensors `pack-quantized`", loader_note="needs the compressed-tensors package",
         ))
 
     log.info(f"llmq: wrote {out}: {human_size(size_before)} -> {human_size(size_after)} "
