@@ -348,3 +348,21 @@ def test_damaged_bitnet_checkpoint_is_one_line_error(smollm2_tokenizer_dir, tmp_
     save_file(state, source / "model.safetensors")
     with pytest.raises(LlmqError, match="not a packed ternary tensor"):
         bitnet_hf.load_bitnet(source)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(smollm2_tokenizer_dir):
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
+    windows = torch.randint(0, 49152, (8, 32), generator=torch.Generator().manual_seed(2))
+    students = []
+    for checkpointing in (False, True):
+        student = copy.deepcopy(teacher)
+        names = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        ternarize_model(student, names, TernaryScheme())
+        config = QATConfig(steps=3, lr=1e-3, batch_size=2, seqlen=32, autocast=False, gradient_checkpointing=checkpointing)
+        students.append((distill(student, teacher, windows, config, torch.device("cpu")), student))
+    (plain, a), (checkpointed, b) = students
+    assert plain.losses == pytest.approx(checkpointed.losses, rel=1e-5)
+    wa = a.model.layers[1].mlp.down_proj.weight
+    assert torch.allclose(wa, b.model.layers[1].mlp.down_proj.weight, atol=1e-6)
+    assert not torch.equal(wa, teacher.model.layers[1].mlp.down_proj.weight)  # it did train
