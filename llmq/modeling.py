@@ -12,16 +12,21 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmq import log
 from llmq.errors import LlmqError
 from llmq.formats.compressed_tensors import read_weights, scheme_from_config
-from llmq.kernels.cpu import quant_linear_cpu
+from llmq.kernels import cuda as cuda_kernels
+from llmq.kernels.build import load_extension
+from llmq.kernels.cpu import INT4_MAX_ROWS, int4_linear_cpu, int4_supported, quant_linear_cpu, repack_int4_cpu
 from llmq.kernels.reference import dequantize_packed
 from llmq.methods.grid import QuantScheme
 
 
 class QuantLinear(nn.Module):
-    """A Linear whose weight stays packed (compressed-tensors layout); forward picks a kernel by device.
+    """A Linear whose weight stays packed (compressed-tensors layout); forward picks a kernel by device and size.
 
-    Buffers use the checkpoint's names, so a state dict round-trips unchanged. A device kernel only needs to
-    provide `forward` for its device type in `_KERNELS`; the buffers are the portable layout.
+    Buffers use the checkpoint's names, so a state dict round-trips unchanged. Kernels that want another layout
+    get a copy repacked once, on first use, kept beside the buffers (not in the state dict):
+    - CUDA, 4-bit, fp16/bf16 activations: llmq's W4A16 kernels (llmq/kernels/cuda.py), built on first use;
+    - CPU, up to INT4_MAX_ROWS activation rows, 4-bit: torch's CPU int4 kernel;
+    - anything else: dequantize this layer to float32 and run a dense GEMM (llmq/kernels/cpu.py).
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, weight_packed: torch.Tensor,
@@ -32,15 +37,37 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("weight_zero_point", weight_zero_point)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._repacked: dict[str, object] = {}  # kernel name -> its layout of the weight (None: not supported)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point,
                                  self.in_features, self.scheme.bits)
 
+    def _layout(self, kernel: str, make):
+        key = f"{kernel}@{self.weight_packed.device}"
+        if key not in self._repacked:
+            self._repacked[key] = make()
+        return self._repacked[key]
+
+    def _apply(self, fn, recurse=True):  # .to(device) / .half(): drop repacked copies made for the old placement
+        self._repacked = {}
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = _KERNELS.get(x.device.type, quant_linear_cpu)
-        return kernel(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
-                      self.in_features, self.scheme.bits, self.bias)
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16):
+            extension = load_extension()
+            packed = extension and self._layout("w4a16", lambda: cuda_kernels.repack(
+                self.weight_packed, self.weight_scale, self.weight_zero_point, self.in_features, self.scheme.bits))
+            if packed:
+                return cuda_kernels.w4_linear_cuda(extension, x, packed, self.bias)
+        if x.device.type == "cpu" and rows <= INT4_MAX_ROWS and int4_supported(
+                self.scheme.bits, self.in_features, self.in_features // self.weight_scale.shape[1]):
+            weight = self._layout("int4-cpu", lambda: repack_int4_cpu(
+                self.weight_packed, self.weight_scale, self.weight_zero_point, self.in_features))
+            return int4_linear_cpu(x, weight, self.bias)
+        return quant_linear_cpu(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                self.in_features, self.scheme.bits, self.bias)
 
     def extra_repr(self) -> str:
         s = self.scheme
@@ -48,14 +75,16 @@ class QuantLinear(nn.Module):
                 f"group_size={s.group_size}, symmetric={s.symmetric}")
 
 
-# Device type -> kernel with quant_linear_cpu's signature. The CUDA kernel registers itself here.
-_KERNELS: dict[str, object] = {}
-
-
-def kernel_path(device: torch.device | str) -> str:
+def kernel_path(device: torch.device | str, bits: int = 4) -> str:
+    """One line naming the path packed Linears take on `device`."""
     device_type = torch.device(device).type
-    kernel = _KERNELS.get(device_type, quant_linear_cpu)
-    return "dequantize + dense GEMM (portable)" if kernel is quant_linear_cpu else f"{kernel.__module__} ({device_type})"
+    if device_type == "cuda":
+        if bits == 4 and load_extension() is not None:
+            return "llmq W4A16 CUDA kernels (gemv M<=8, tensor cores M<=64, dequantize + cuBLAS above)"
+        return "dequantize + cuBLAS (no llmq kernel for this model or machine)"
+    if bits == 4:
+        return f"torch CPU int4 kernel up to {INT4_MAX_ROWS} rows, dequantize + float32 GEMM above"
+    return "dequantize + dense GEMM"
 
 
 def _quant_linear_from_state(name: str, state: dict, scheme: QuantScheme, bias: torch.Tensor | None) -> QuantLinear:
@@ -110,5 +139,6 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     if missing:
         raise LlmqError(f"checkpoint lacks {len(missing)} tensors (first: {missing[0]}); the files are incomplete")
     model.to(device).eval()
-    log.info(f"llmq: {len(packed_names)} packed Linears on {torch.device(device).type}: {kernel_path(device)}")
+    log.info(f"llmq: {len(packed_names)} packed Linears on {torch.device(device).type}: "
+             f"{kernel_path(device, scheme.bits)}")
     return model

@@ -1,15 +1,65 @@
-"""The CPU path of QuantLinear: dequantize the layer's weight on the fly, then one dense GEMM.
+"""The CPU path of QuantLinear.
 
-Weights stay packed in memory between calls; only one layer's dense weight exists at a time.
+Two ways to multiply by a packed 4-bit weight, chosen by the number of activation rows:
+- long inputs (prefill, perplexity windows): dequantize the layer to float32 (one layer at a time, nothing
+  cached) and run one dense GEMM; the GEMM dominates, so this costs about what the dense model costs;
+- short inputs (decoding a few tokens): torch's own CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) on a
+  copy of the weight repacked once into its layout, which never materializes the dense weight.
+Any other bit width, or a group size the int4 kernel does not take, always uses the first way.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from llmq.kernels.reference import dequantize_packed
+from llmq.formats.packing import unpack_int32
+
+# at or below this many rows the int4 kernel wins on this project's 2-core CPU (scripts/bench_kernel.py --cpu)
+INT4_MAX_ROWS = 16
+_INT4_GROUPS = (32, 64, 128, 256)
 
 
 def quant_linear_cpu(x, weight_packed, weight_scale, weight_zero_point, in_features, bits, bias) -> torch.Tensor:
+    """Dequantize to float32, then a dense GEMM in x's dtype."""
     weight = dequantize_packed(weight_packed, weight_scale, weight_zero_point, in_features, bits)
     return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@dataclass
+class Int4PackCPU:
+    """A 4-bit weight in torch's CPU int4 layout: w = (u - 8) * scale + zero, u unsigned, per group."""
+
+    packed: torch.Tensor  # uint8, torch's opaque layout
+    scales_and_zeros: torch.Tensor  # float32 [K/g, N, 2]
+    group: int
+    out_features: int
+
+
+def int4_supported(bits: int, in_features: int, group: int) -> bool:
+    return bits == 4 and group in _INT4_GROUPS and in_features % group == 0 and hasattr(
+        torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def repack_int4_cpu(weight_packed, weight_scale, weight_zero_point, in_features: int) -> Int4PackCPU:
+    """compressed-tensors (w = (q - z) * s, q signed) -> torch's int4 (w = (u - 8) * s + zero): zero = -z * s."""
+    out_features, groups = weight_scale.shape
+    unsigned = (unpack_int32(weight_packed, 4, in_features).to(torch.int32) + 8).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 8)
+    scale = weight_scale.float()
+    zero = torch.zeros_like(scale) if weight_zero_point is None else unpack_int32(
+        weight_zero_point, 4, out_features, dim=0).float()
+    scales_and_zeros = torch.stack([scale.T, (-zero * scale).T], dim=-1).contiguous()
+    return Int4PackCPU(packed, scales_and_zeros, in_features // groups, out_features)
+
+
+def int4_linear_cpu(x: torch.Tensor, weight: Int4PackCPU, bias: torch.Tensor | None) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight.packed, weight.group,
+                                                   weight.scales_and_zeros.to(x.dtype))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*shape[:-1], weight.out_features)

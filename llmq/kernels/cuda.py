@@ -1,0 +1,100 @@
+"""The CUDA path of QuantLinear for 4-bit weights: repack once at load, then pick a kernel by M.
+
+Repacked form (see cuda/w4a16.cu): qweight int32 [N, K/8] (the checkpoint's words as they are), and float32
+scales s and zs = u_zero * s, [N, K/g] each, so a weight is one FMA away: W = u * s - zs. `reference_w4`
+computes exactly that in plain torch; the tests hold the kernels to it.
+
+Paths by the number of rows M of the activation matrix: M <= 8 gemv (memory-bound), M <= 64 tensor cores
+(WMMA on dequantized tiles), larger M dequantize once + cuBLAS. Split-K when the output alone gives fewer
+than two blocks per SM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmq.formats.packing import unpack_int32
+
+GEMV_MAX_M = 8
+MMA_MAX_M = 64
+_GEMV_ROWS_PER_BLOCK = 8
+_MMA_N_TILE = 64
+
+
+@dataclass
+class PackedW4:
+    qweight: torch.Tensor  # int32 [N, K/8]
+    scales: torch.Tensor  # float32 [N, K/g]
+    zs: torch.Tensor  # float32 [N, K/g]
+    group: int
+    in_features: int
+    out_features: int
+
+
+def kernel_supports(bits: int, in_features: int, group: int) -> bool:
+    return bits == 4 and in_features % 64 == 0 and group % 32 == 0 and in_features % group == 0
+
+
+def repack(weight_packed, weight_scale, weight_zero_point, in_features: int, bits: int) -> PackedW4 | None:
+    """The kernel's layout of a compressed-tensors 4-bit Linear, or None when the kernel cannot take it."""
+    out_features, groups = weight_scale.shape
+    group = in_features // groups
+    if not kernel_supports(bits, in_features, group) or weight_packed.shape[1] * 8 != in_features:
+        return None
+    scales = weight_scale.float().contiguous()
+    if weight_zero_point is None:
+        zero_unsigned = torch.full_like(scales, 8.0)
+    else:
+        zero_unsigned = unpack_int32(weight_zero_point, bits, out_features, dim=0).float() + 8
+    return PackedW4(weight_packed.contiguous(), scales, (zero_unsigned * scales).contiguous(), group, in_features,
+                    out_features)
+
+
+def dequantize_w4(packed: PackedW4) -> torch.Tensor:
+    """float32 [N, K] with the kernel's arithmetic: u * s - zs."""
+    shifts = torch.arange(0, 32, 4, device=packed.qweight.device, dtype=torch.int32)
+    u = ((packed.qweight.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.out_features, -1, packed.group).float()
+    return (u * packed.scales.unsqueeze(-1) - packed.zs.unsqueeze(-1)).reshape(packed.out_features, -1)
+
+
+def reference_w4(x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' maths in plain torch: float32 weights and accumulation, one rounding to x's dtype at the end."""
+    y = x.float() @ dequantize_w4(packed).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def choose_path(m: int) -> str:
+    return "gemv" if m <= GEMV_MAX_M else "mma" if m <= MMA_MAX_M else "cublas"
+
+
+def choose_splits(path: str, n: int, k: int, sm_count: int) -> int:
+    """Split K until there are about two blocks per SM (each split keeps at least 512 columns of K)."""
+    blocks = -(-n // (_GEMV_ROWS_PER_BLOCK if path == "gemv" else _MMA_N_TILE))
+    if blocks >= 2 * sm_count:
+        return 1
+    return max(1, min(-(-2 * sm_count // blocks), k // 512))
+
+
+def w4_linear_cuda(extension, x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b on the GPU; x [..., K] float16/bfloat16."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    m = x2.shape[0]
+    path = choose_path(m)
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    if path == "cublas":
+        weight = extension.w4_dequant(packed.qweight, packed.scales, packed.zs, packed.group, x2)
+        y = torch.nn.functional.linear(x2, weight, bias)
+    else:
+        if out is None:
+            out = torch.empty(m, packed.out_features, device=x.device, dtype=x.dtype)
+        sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = choose_splits(path, packed.out_features, packed.in_features, sm_count)
+        y = extension.w4_linear(x2, packed.qweight, packed.scales, packed.zs, bias, packed.group,
+                                0 if path == "gemv" else 1, splits, out)
+    return y.reshape(*shape[:-1], packed.out_features)

@@ -1,0 +1,95 @@
+// torch binding of the W4A16 kernels in w4a16.cu: argument checks, workspace, stream; no maths here.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+void llmq_w4_gemv(int dtype, int M, const void* x, const uint32_t* qw, const float* s, const float* zs,
+                  const void* bias, void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream);
+void llmq_w4_mma(int dtype, int M, const void* x, const uint32_t* qw, const float* s, const float* zs,
+                 const void* bias, void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream);
+void llmq_w4_dequant(int dtype, const uint32_t* qw, const float* s, const float* zs, void* w, int N, int K, int group,
+                     cudaStream_t stream);
+
+namespace {
+
+int dtype_code(const torch::Tensor& t) {
+  if (t.scalar_type() == torch::kHalf) return 0;
+  if (t.scalar_type() == torch::kBFloat16) return 1;
+  TORCH_CHECK(false, "llmq W4A16 kernel: activations must be float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_weights(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zs, int64_t K,
+                   int64_t group) {
+  TORCH_CHECK(qweight.is_cuda() && qweight.scalar_type() == torch::kInt32 && qweight.is_contiguous() &&
+                  qweight.dim() == 2 && qweight.size(1) * 8 == K,
+              "qweight must be a contiguous CUDA int32 [N, K/8] tensor");
+  TORCH_CHECK(K % 64 == 0 && group % 32 == 0 && K % group == 0, "K must be a multiple of 64 and of the group size, "
+              "the group size a multiple of 32");
+  for (const auto* t : {&scales, &zs})
+    TORCH_CHECK(t->is_cuda() && t->scalar_type() == torch::kFloat && t->is_contiguous() &&
+                    t->size(0) == qweight.size(0) && t->size(1) == K / group,
+                "scales / zs must be contiguous CUDA float32 [N, K/group] tensors");
+}
+
+}  // namespace
+
+// out = x @ W^T (+ bias) into the preallocated `out` [M, N]; path 0: gemv (M <= 8), 1: tensor cores (M <= 64).
+torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zs,
+                        c10::optional<torch::Tensor> bias, int64_t group, int64_t path, int64_t splits,
+                        torch::Tensor out) {
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
+  check_weights(qweight, scales, zs, K, group);
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type() && out.size(0) == M && out.size(1) == N,
+              "out must be a contiguous [M, N] tensor of x's dtype");
+  TORCH_CHECK((path == 0 && M <= 8) || (path == 1 && M <= 64), "path 0 takes M <= 8, path 1 M <= 64");
+  TORCH_CHECK(splits >= 1, "splits must be >= 1");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int code = dtype_code(x);
+  const void* bias_ptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N,
+                "bias must be [N] in x's dtype");
+    bias_ptr = bias->data_ptr();
+  }
+  torch::Tensor workspace;
+  if (splits > 1) workspace = torch::zeros({M, N}, x.options().dtype(torch::kFloat));
+  float* ws = splits > 1 ? workspace.data_ptr<float>() : nullptr;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  auto qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  if (path == 0)
+    llmq_w4_gemv(code, (int)M, x.data_ptr(), qw, scales.data_ptr<float>(), zs.data_ptr<float>(), bias_ptr,
+                 out.data_ptr(), ws, (int)N, (int)K, (int)group, (int)splits, stream);
+  else
+    llmq_w4_mma(code, (int)M, x.data_ptr(), qw, scales.data_ptr<float>(), zs.data_ptr<float>(), bias_ptr,
+                out.data_ptr(), ws, (int)N, (int)K, (int)group, (int)splits, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    if (bias_ptr != nullptr) workspace.add_(bias->to(torch::kFloat));
+    out.copy_(workspace);
+  }
+  return out;
+}
+
+// The dense [N, K] weight in `dtype` (float16 / bfloat16), for cuBLAS at large M.
+torch::Tensor w4_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zs, int64_t group,
+                         torch::Tensor like) {
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 8;
+  check_weights(qweight, scales, zs, K, group);
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  auto w = torch::empty({N, K}, like.options());
+  llmq_w4_dequant(dtype_code(like), reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
+                  scales.data_ptr<float>(), zs.data_ptr<float>(), w.data_ptr(), (int)N, (int)K, (int)group,
+                  c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return w;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("w4_linear", &w4_linear, "llmq W4A16 linear (gemv or tensor-core path)");
+  m.def("w4_dequant", &w4_dequant, "llmq W4 dequantize to float16/bfloat16");
+}

@@ -1,0 +1,297 @@
+// llmq W4A16 kernels: y[M, N] = x[M, K] @ W^T, W 4-bit with group-wise scales (fp16 or bf16 activations).
+//
+// Weight layout (the checkpoint's own, reinterpreted; nothing reordered):
+//   qweight  uint32 [N, K / 8]   word j of row n holds W[n, 8j .. 8j+7], value i in bits 4i..4i+3, unsigned u in 0..15
+//   scales   float  [N, K / g]   s
+//   zs       float  [N, K / g]   u_zero * s   (symmetric: 8 * s), so that  W[n, k] = u * s - zs   (one FMA)
+// g (group size) is a multiple of 32, or K (per channel). Act-order checkpoints of llmq use static groups, so
+// no permutation is needed at run time.
+//
+// Three paths, chosen by the host (llmq/kernels/cuda.py) from M:
+//   gemv  M <= 8: memory-bound. A warp owns two output rows and streams them once with 16-byte loads
+//         (32 weights per lane per load), dequantizes in registers and keeps M float accumulators per row.
+//         Split-K over gridDim.y (float atomics into a zeroed workspace) when N alone gives too few blocks.
+//   mma   8 < M <= 64: tensor cores (WMMA 16x16x16). A block owns 64 output columns; per 64-wide K step it
+//         dequantizes its 64x64 weight tile into shared memory once and multiplies every 16-row M tile by it.
+//         Split-K as above.
+//   dequant  M > 64: W dequantized once into a dense fp16/bf16 buffer; the host then calls cuBLAS.
+//
+// This translation unit includes no torch header, so CI compiles it with nvcc alone for sm_80 and sm_90.
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#include <stdint.h>
+
+namespace llmq {
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// ---- gemv: M <= 8 ------------------------------------------------------------------------------------------
+
+constexpr int GEMV_WARPS = 4;
+constexpr int GEMV_ROWS_PER_WARP = 2;
+constexpr int GEMV_ROWS_PER_BLOCK = GEMV_WARPS * GEMV_ROWS_PER_WARP;
+
+// Eight activations x[m, k .. k+7] as floats (one 16-byte load).
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* out) {
+  uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_float<T>(v[i]);
+}
+
+template <typename T, int M>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const float* __restrict__ scales,
+               const float* __restrict__ zs, const T* __restrict__ bias, T* __restrict__ y,
+               float* __restrict__ workspace, int N, int K, int group, int chunks_per_split) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int row0 = blockIdx.x * GEMV_ROWS_PER_BLOCK + warp * GEMV_ROWS_PER_WARP;
+  const int groups = K / group;
+  const int chunks = K / 32;  // 16-byte chunks of 32 weights per row
+  const int chunk_begin = blockIdx.y * chunks_per_split;
+  const int chunk_end = min(chunks, chunk_begin + chunks_per_split);
+
+  float acc[GEMV_ROWS_PER_WARP][M];
+#pragma unroll
+  for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+
+  for (int c = chunk_begin + lane; c < chunk_end; c += 32) {
+    const int k0 = c * 32;
+    const int gi = k0 / group;  // the 32 weights of a chunk share one group (group % 32 == 0)
+    uint32_t w4[GEMV_ROWS_PER_WARP][4];
+    float s[GEMV_ROWS_PER_WARP], z[GEMV_ROWS_PER_WARP];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+      const int n = min(row0 + r, N - 1);  // a row past N computes a copy of the last one and is not written
+      const uint4 words = reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8))[c];
+      w4[r][0] = words.x; w4[r][1] = words.y; w4[r][2] = words.z; w4[r][3] = words.w;
+      s[r] = scales[(size_t)n * groups + gi];
+      z[r] = zs[(size_t)n * groups + gi];
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // 8 weights per word; the activations of those 8 columns once per word
+      float xs[M][8];
+#pragma unroll
+      for (int m = 0; m < M; ++m) load8<T>(x + (size_t)m * K + k0 + 8 * q, xs[m]);
+#pragma unroll
+      for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+          const float w = fmaf(float((w4[r][q] >> (4 * b)) & 0xF), s[r], -z[r]);
+#pragma unroll
+          for (int m = 0; m < M; ++m) acc[r][m] = fmaf(w, xs[m][b], acc[r][m]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      const int n = row0 + r;
+      if (lane == 0 && n < N) {
+        if (gridDim.y == 1) {
+          if (bias != nullptr) v += to_float<T>(bias[n]);
+          y[(size_t)m * N + n] = from_float<T>(v);
+        } else {
+          atomicAdd(workspace + (size_t)m * N + n, v);
+        }
+      }
+    }
+  }
+}
+
+// ---- mma: 8 < M <= 64, tensor cores --------------------------------------------------------------------------
+
+constexpr int MMA_N_TILE = 64;   // output columns per block: 4 warps x 16
+constexpr int MMA_K_TILE = 64;
+constexpr int MMA_M_MAX = 64;    // 4 M tiles of 16
+constexpr int MMA_PAD = 8;       // shared-memory row padding (halves) against bank conflicts
+constexpr int MMA_THREADS = 128;
+
+template <typename T>
+__global__ void __launch_bounds__(MMA_THREADS)
+mma_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const float* __restrict__ scales,
+              const float* __restrict__ zs, const T* __restrict__ bias, T* __restrict__ y,
+              float* __restrict__ workspace, int M, int N, int K, int group, int k_per_split) {
+  using namespace nvcuda;
+  __shared__ __align__(32) T a_tile[MMA_M_MAX][MMA_K_TILE + MMA_PAD];     // x[m, k .. k+63]
+  __shared__ __align__(32) T b_tile[MMA_N_TILE][MMA_K_TILE + MMA_PAD];    // W[n, k .. k+63], read as col-major B
+  __shared__ __align__(32) float c_tile[MMA_M_MAX][MMA_N_TILE + 4];
+
+  const int warp = threadIdx.x >> 5;
+  const int n0 = blockIdx.x * MMA_N_TILE;
+  const int m_tiles = (M + 15) / 16;
+  const int groups = K / group;
+  const int k_begin = blockIdx.y * k_per_split;
+  const int k_end = min(K, k_begin + k_per_split);
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MMA_M_MAX / 16];
+#pragma unroll
+  for (int t = 0; t < MMA_M_MAX / 16; ++t) wmma::fill_fragment(acc[t], 0.f);
+
+  for (int k = k_begin; k < k_end; k += MMA_K_TILE) {
+    // A: m_tiles * 16 rows x 64 columns, 8 values (16 bytes) per load; rows >= M are zero
+    for (int i = threadIdx.x; i < m_tiles * 16 * (MMA_K_TILE / 8); i += MMA_THREADS) {
+      const int m = i / (MMA_K_TILE / 8), c = (i % (MMA_K_TILE / 8)) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (m < M) v = *reinterpret_cast<const uint4*>(x + (size_t)m * K + k + c);
+      *reinterpret_cast<uint4*>(&a_tile[m][c]) = v;
+    }
+    // B: 64 rows x 64 columns = 64 x 8 words; each thread dequantizes 4 words (32 weights, one group)
+    {
+      const int row = threadIdx.x >> 1, half_row = threadIdx.x & 1;
+      const int n = n0 + row;
+      const int kk = k + half_row * 32;
+      T* dst = &b_tile[row][half_row * 32];
+      if (n < N) {
+        const uint4 words = *reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8) + kk / 8);
+        const float s = scales[(size_t)n * groups + kk / group];
+        const float z = zs[(size_t)n * groups + kk / group];
+        const uint32_t w4[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+          for (int b = 0; b < 8; ++b) dst[8 * q + b] = from_float<T>(fmaf(float((w4[q] >> (4 * b)) & 0xF), s, -z));
+      } else {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) dst[i] = from_float<T>(0.f);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < MMA_K_TILE; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b_frag;
+      wmma::load_matrix_sync(b_frag, &b_tile[warp * 16][kk], MMA_K_TILE + MMA_PAD);
+#pragma unroll
+      for (int t = 0; t < MMA_M_MAX / 16; ++t) {
+        if (t < m_tiles) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_frag;
+          wmma::load_matrix_sync(a_frag, &a_tile[t * 16][kk], MMA_K_TILE + MMA_PAD);
+          wmma::mma_sync(acc[t], a_frag, b_frag, acc[t]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int t = 0; t < MMA_M_MAX / 16; ++t)
+    if (t < m_tiles) wmma::store_matrix_sync(&c_tile[t * 16][warp * 16], acc[t], MMA_N_TILE + 4, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = threadIdx.x; i < M * MMA_N_TILE; i += MMA_THREADS) {
+    const int m = i / MMA_N_TILE, n = n0 + i % MMA_N_TILE;
+    if (n >= N) continue;
+    float v = c_tile[m][i % MMA_N_TILE];
+    if (gridDim.y == 1) {
+      if (bias != nullptr) v += to_float<T>(bias[n]);
+      y[(size_t)m * N + n] = from_float<T>(v);
+    } else {
+      atomicAdd(workspace + (size_t)m * N + n, v);
+    }
+  }
+}
+
+// ---- dequant: M > 64, then cuBLAS ---------------------------------------------------------------------------
+
+template <typename T>
+__global__ void dequant_w4_kernel(const uint32_t* __restrict__ qweight, const float* __restrict__ scales,
+                                  const float* __restrict__ zs, T* __restrict__ w, int N, int K, int group) {
+  const size_t words = (size_t)N * (K / 8);
+  const int groups = K / group;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < words; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t n = i / (K / 8);
+    const int k0 = (int)(i % (K / 8)) * 8;
+    const float s = scales[n * groups + k0 / group];
+    const float z = zs[n * groups + k0 / group];
+    const uint32_t word = qweight[i];
+    alignas(16) T out[8];
+#pragma unroll
+    for (int b = 0; b < 8; ++b) out[b] = from_float<T>(fmaf(float((word >> (4 * b)) & 0xF), s, -z));
+    *reinterpret_cast<uint4*>(w + n * K + k0) = *reinterpret_cast<const uint4*>(out);
+  }
+}
+
+// ---- host launchers (raw pointers; the torch binding lives in binding.cpp) -----------------------------------
+
+template <typename T, int M>
+static void launch_gemv(const void* x, const uint32_t* qw, const float* s, const float* zs, const void* bias, void* y,
+                        float* workspace, int N, int K, int group, int splits, cudaStream_t stream) {
+  const int chunks = K / 32;
+  const int per_split = (chunks + splits - 1) / splits;
+  dim3 grid((N + GEMV_ROWS_PER_BLOCK - 1) / GEMV_ROWS_PER_BLOCK, splits);
+  gemv_w4_kernel<T, M><<<grid, GEMV_WARPS * 32, 0, stream>>>(
+      static_cast<const T*>(x), qw, s, zs, static_cast<const T*>(bias), static_cast<T*>(y), workspace, N, K, group,
+      per_split);
+}
+
+template <typename T>
+static void gemv_dispatch(int M, const void* x, const uint32_t* qw, const float* s, const float* zs, const void* bias,
+                          void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream) {
+  switch (M) {
+    case 1: launch_gemv<T, 1>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
+    case 2: launch_gemv<T, 2>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
+    case 3: launch_gemv<T, 3>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
+    case 4: launch_gemv<T, 4>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
+    case 5: launch_gemv<T, 5>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
+    case 6: launch_gemv<T, 6>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
+    case 7: launch_gemv<T, 7>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
+    default: launch_gemv<T, 8>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
+  }
+}
+
+}  // namespace llmq
+
+// dtype: 0 = fp16, 1 = bf16. Preconditions (checked by the binding): K % 64 == 0, group % 32 == 0, K % group == 0,
+// 16-byte aligned pointers, workspace zeroed [M, N] float when splits > 1.
+void llmq_w4_gemv(int dtype, int M, const void* x, const uint32_t* qw, const float* s, const float* zs,
+                  const void* bias, void* y, float* workspace, int N, int K, int group, int splits,
+                  cudaStream_t stream) {
+  if (dtype == 0) llmq::gemv_dispatch<__half>(M, x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream);
+  else llmq::gemv_dispatch<__nv_bfloat16>(M, x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream);
+}
+
+void llmq_w4_mma(int dtype, int M, const void* x, const uint32_t* qw, const float* s, const float* zs,
+                 const void* bias, void* y, float* workspace, int N, int K, int group, int splits,
+                 cudaStream_t stream) {
+  const int k_tiles = K / llmq::MMA_K_TILE;
+  const int per_split = ((k_tiles + splits - 1) / splits) * llmq::MMA_K_TILE;
+  dim3 grid((N + llmq::MMA_N_TILE - 1) / llmq::MMA_N_TILE, splits);
+  if (dtype == 0)
+    llmq::mma_w4_kernel<__half><<<grid, llmq::MMA_THREADS, 0, stream>>>(
+        static_cast<const __half*>(x), qw, s, zs, static_cast<const __half*>(bias), static_cast<__half*>(y),
+        workspace, M, N, K, group, per_split);
+  else
+    llmq::mma_w4_kernel<__nv_bfloat16><<<grid, llmq::MMA_THREADS, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(x), qw, s, zs, static_cast<const __nv_bfloat16*>(bias),
+        static_cast<__nv_bfloat16*>(y), workspace, M, N, K, group, per_split);
+}
+
+void llmq_w4_dequant(int dtype, const uint32_t* qw, const float* s, const float* zs, void* w, int N, int K, int group,
+                     cudaStream_t stream) {
+  const size_t words = (size_t)N * (K / 8);
+  const int blocks = (int)((words + 255) / 256 < 65535 * 4 ? (words + 255) / 256 : 65535 * 4);
+  if (dtype == 0)
+    llmq::dequant_w4_kernel<__half><<<blocks, 256, 0, stream>>>(qw, s, zs, static_cast<__half*>(w), N, K, group);
+  else
+    llmq::dequant_w4_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(qw, s, zs, static_cast<__nv_bfloat16*>(w), N, K,
+                                                                       group);
+}
