@@ -1,8 +1,8 @@
 """The CUDA path of QuantLinear for 4-bit weights: repack once at load, then pick a kernel by M.
 
-Repacked form (see cuda/w4a16.cu): qweight int32 [N, K/8] (the checkpoint's words as they are), and float32
-scales s and zs = u_zero * s, [N, K/g] each, so a weight is one FMA away: W = u * s - zs. `reference_w4`
-computes exactly that in plain torch; the tests hold the kernels to it.
+Repacked form (see cuda/w4a16.cu): qweight int32 [N, K/8] (the checkpoint's words as they are), scales float16
+and unsigned zero points uint8, [N, K/g] each (3 bytes per group): W = u * s - (u_zero * s), in float32.
+`reference_w4` computes exactly that in plain torch; the tests hold the kernels to it.
 
 Paths by the number of rows M of the activation matrix: M <= 8 gemv (memory-bound), M <= 64 tensor cores
 (WMMA on dequantized tiles), larger M dequantize once + cuBLAS. Split-K when the output alone gives fewer
@@ -26,8 +26,8 @@ _MMA_N_TILE = 64
 @dataclass
 class PackedW4:
     qweight: torch.Tensor  # int32 [N, K/8]
-    scales: torch.Tensor  # float32 [N, K/g]
-    zs: torch.Tensor  # float32 [N, K/g]
+    scales: torch.Tensor  # float16 [N, K/g]
+    zeros: torch.Tensor  # uint8 [N, K/g], unsigned (symmetric: 8)
     group: int
     in_features: int
     out_features: int
@@ -43,20 +43,20 @@ def repack(weight_packed, weight_scale, weight_zero_point, in_features: int, bit
     group = in_features // groups
     if not kernel_supports(bits, in_features, group) or weight_packed.shape[1] * 8 != in_features:
         return None
-    scales = weight_scale.float().contiguous()
+    scales = weight_scale.to(torch.float16).contiguous()  # bf16 scales are exact in fp16 above 6e-5
     if weight_zero_point is None:
-        zero_unsigned = torch.full_like(scales, 8.0)
+        zeros = torch.full(scales.shape, 8, dtype=torch.uint8, device=scales.device)
     else:
-        zero_unsigned = unpack_int32(weight_zero_point, bits, out_features, dim=0).float() + 8
-    return PackedW4(weight_packed.contiguous(), scales, (zero_unsigned * scales).contiguous(), group, in_features,
-                    out_features)
+        zeros = (unpack_int32(weight_zero_point, bits, out_features, dim=0).to(torch.int16) + 8).to(torch.uint8)
+    return PackedW4(weight_packed.contiguous(), scales, zeros.contiguous(), group, in_features, out_features)
 
 
 def dequantize_w4(packed: PackedW4) -> torch.Tensor:
-    """float32 [N, K] with the kernel's arithmetic: u * s - zs."""
+    """float32 [N, K] with the kernel's arithmetic: u * s - (u_zero * s)."""
     shifts = torch.arange(0, 32, 4, device=packed.qweight.device, dtype=torch.int32)
     u = ((packed.qweight.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.out_features, -1, packed.group).float()
-    return (u * packed.scales.unsqueeze(-1) - packed.zs.unsqueeze(-1)).reshape(packed.out_features, -1)
+    s = packed.scales.float().unsqueeze(-1)
+    return (u * s - packed.zeros.float().unsqueeze(-1) * s).reshape(packed.out_features, -1)
 
 
 def reference_w4(x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None) -> torch.Tensor:
@@ -88,13 +88,13 @@ def w4_linear_cuda(extension, x: torch.Tensor, packed: PackedW4, bias: torch.Ten
     path = choose_path(m)
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     if path == "cublas":
-        weight = extension.w4_dequant(packed.qweight, packed.scales, packed.zs, packed.group, x2)
+        weight = extension.w4_dequant(packed.qweight, packed.scales, packed.zeros, packed.group, x2)
         y = torch.nn.functional.linear(x2, weight, bias)
     else:
         if out is None:
             out = torch.empty(m, packed.out_features, device=x.device, dtype=x.dtype)
         sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
         splits = choose_splits(path, packed.out_features, packed.in_features, sm_count)
-        y = extension.w4_linear(x2, packed.qweight, packed.scales, packed.zs, bias, packed.group,
+        y = extension.w4_linear(x2, packed.qweight, packed.scales, packed.zeros, bias, packed.group,
                                 0 if path == "gemv" else 1, splits, out)
     return y.reshape(*shape[:-1], packed.out_features)

@@ -4,14 +4,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-void llmq_w4_gemv(int dtype, int M, const void* x, const uint32_t* qw, const float* s, const float* zs,
+void llmq_w4_gemv(int dtype, int M, const void* x, const uint32_t* qw, const __half* s, const uint8_t* zeros,
                   const void* bias, void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream);
-void llmq_w4_mma(int dtype, int M, const void* x, const uint32_t* qw, const float* s, const float* zs,
+void llmq_w4_mma(int dtype, int M, const void* x, const uint32_t* qw, const __half* s, const uint8_t* zeros,
                  const void* bias, void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream);
-void llmq_w4_dequant(int dtype, const uint32_t* qw, const float* s, const float* zs, void* w, int N, int K, int group,
+void llmq_w4_dequant(int dtype, const uint32_t* qw, const __half* s, const uint8_t* zeros, void* w, int N, int K, int group,
                      cudaStream_t stream);
 
 namespace {
@@ -22,28 +23,29 @@ int dtype_code(const torch::Tensor& t) {
   TORCH_CHECK(false, "llmq W4A16 kernel: activations must be float16 or bfloat16, got ", t.scalar_type());
 }
 
-void check_weights(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zs, int64_t K,
+void check_weights(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t K,
                    int64_t group) {
   TORCH_CHECK(qweight.is_cuda() && qweight.scalar_type() == torch::kInt32 && qweight.is_contiguous() &&
                   qweight.dim() == 2 && qweight.size(1) * 8 == K,
               "qweight must be a contiguous CUDA int32 [N, K/8] tensor");
   TORCH_CHECK(K % 64 == 0 && group % 32 == 0 && K % group == 0, "K must be a multiple of 64 and of the group size, "
               "the group size a multiple of 32");
-  for (const auto* t : {&scales, &zs})
-    TORCH_CHECK(t->is_cuda() && t->scalar_type() == torch::kFloat && t->is_contiguous() &&
-                    t->size(0) == qweight.size(0) && t->size(1) == K / group,
-                "scales / zs must be contiguous CUDA float32 [N, K/group] tensors");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kByte,
+              "scales must be float16 and zeros uint8");
+  for (const auto* t : {&scales, &zeros})
+    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->size(0) == qweight.size(0) && t->size(1) == K / group,
+                "scales / zeros must be contiguous CUDA [N, K/group] tensors");
 }
 
 }  // namespace
 
 // out = x @ W^T (+ bias) into the preallocated `out` [M, N]; path 0: gemv (M <= 8), 1: tensor cores (M <= 64).
-torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zs,
+torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                         c10::optional<torch::Tensor> bias, int64_t group, int64_t path, int64_t splits,
                         torch::Tensor out) {
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
-  check_weights(qweight, scales, zs, K, group);
+  check_weights(qweight, scales, zeros, K, group);
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type() && out.size(0) == M && out.size(1) == N,
               "out must be a contiguous [M, N] tensor of x's dtype");
   TORCH_CHECK((path == 0 && M <= 8) || (path == 1 && M <= 64), "path 0 takes M <= 8, path 1 M <= 64");
@@ -62,10 +64,10 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   auto qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
   if (path == 0)
-    llmq_w4_gemv(code, (int)M, x.data_ptr(), qw, scales.data_ptr<float>(), zs.data_ptr<float>(), bias_ptr,
+    llmq_w4_gemv(code, (int)M, x.data_ptr(), qw, reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), bias_ptr,
                  out.data_ptr(), ws, (int)N, (int)K, (int)group, (int)splits, stream);
   else
-    llmq_w4_mma(code, (int)M, x.data_ptr(), qw, scales.data_ptr<float>(), zs.data_ptr<float>(), bias_ptr,
+    llmq_w4_mma(code, (int)M, x.data_ptr(), qw, reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), bias_ptr,
                 out.data_ptr(), ws, (int)N, (int)K, (int)group, (int)splits, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
@@ -76,14 +78,14 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
 }
 
 // The dense [N, K] weight in `dtype` (float16 / bfloat16), for cuBLAS at large M.
-torch::Tensor w4_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zs, int64_t group,
+torch::Tensor w4_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t group,
                          torch::Tensor like) {
   const int64_t N = qweight.size(0), K = qweight.size(1) * 8;
-  check_weights(qweight, scales, zs, K, group);
+  check_weights(qweight, scales, zeros, K, group);
   const c10::cuda::CUDAGuard guard(qweight.device());
   auto w = torch::empty({N, K}, like.options());
   llmq_w4_dequant(dtype_code(like), reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>()),
-                  scales.data_ptr<float>(), zs.data_ptr<float>(), w.data_ptr(), (int)N, (int)K, (int)group,
+                  reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), w.data_ptr(), (int)N, (int)K, (int)group,
                   c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return w;

@@ -2,8 +2,10 @@
 //
 // Weight layout (the checkpoint's own, reinterpreted; nothing reordered):
 //   qweight  uint32 [N, K / 8]   word j of row n holds W[n, 8j .. 8j+7], value i in bits 4i..4i+3, unsigned u in 0..15
-//   scales   float  [N, K / g]   s
-//   zs       float  [N, K / g]   u_zero * s   (symmetric: 8 * s), so that  W[n, k] = u * s - zs   (one FMA)
+//   scales   half   [N, K / g]   s
+//   zeros    uint8  [N, K / g]   u_zero (symmetric: 8);  W[n, k] = u * s - u_zero * s
+// 3 bytes per group beside the 4-bit weights. u_zero * s is formed once per 32 weights, so each weight costs
+// one FMA; the reference (llmq/kernels/cuda.py: dequantize_w4) does the same float32 operations.
 // g (group size) is a multiple of 32, or K (per channel). Act-order checkpoints of llmq use static groups, so
 // no permutation is needed at run time.
 //
@@ -52,8 +54,8 @@ __device__ __forceinline__ void load8(const T* p, float* out) {
 
 template <typename T, int M>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const float* __restrict__ scales,
-               const float* __restrict__ zs, const T* __restrict__ bias, T* __restrict__ y,
+gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
+               const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
                float* __restrict__ workspace, int N, int K, int group, int chunks_per_split) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -79,8 +81,8 @@ gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, co
       const int n = min(row0 + r, N - 1);  // a row past N computes a copy of the last one and is not written
       const uint4 words = reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8))[c];
       w4[r][0] = words.x; w4[r][1] = words.y; w4[r][2] = words.z; w4[r][3] = words.w;
-      s[r] = scales[(size_t)n * groups + gi];
-      z[r] = zs[(size_t)n * groups + gi];
+      s[r] = __half2float(scales[(size_t)n * groups + gi]);
+      z[r] = float(zeros[(size_t)n * groups + gi]) * s[r];
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {  // 8 weights per word; the activations of those 8 columns once per word
@@ -129,8 +131,8 @@ constexpr int MMA_THREADS = 128;
 
 template <typename T>
 __global__ void __launch_bounds__(MMA_THREADS)
-mma_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const float* __restrict__ scales,
-              const float* __restrict__ zs, const T* __restrict__ bias, T* __restrict__ y,
+mma_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
+              const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
               float* __restrict__ workspace, int M, int N, int K, int group, int k_per_split) {
   using namespace nvcuda;
   __shared__ __align__(32) T a_tile[MMA_M_MAX][MMA_K_TILE + MMA_PAD];     // x[m, k .. k+63]
@@ -164,8 +166,8 @@ mma_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, con
       T* dst = &b_tile[row][half_row * 32];
       if (n < N) {
         const uint4 words = *reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8) + kk / 8);
-        const float s = scales[(size_t)n * groups + kk / group];
-        const float z = zs[(size_t)n * groups + kk / group];
+        const float s = __half2float(scales[(size_t)n * groups + kk / group]);
+        const float z = float(zeros[(size_t)n * groups + kk / group]) * s;
         const uint32_t w4[4] = {words.x, words.y, words.z, words.w};
 #pragma unroll
         for (int q = 0; q < 4; ++q)
@@ -213,15 +215,15 @@ mma_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, con
 // ---- dequant: M > 64, then cuBLAS ---------------------------------------------------------------------------
 
 template <typename T>
-__global__ void dequant_w4_kernel(const uint32_t* __restrict__ qweight, const float* __restrict__ scales,
-                                  const float* __restrict__ zs, T* __restrict__ w, int N, int K, int group) {
+__global__ void dequant_w4_kernel(const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
+                                  const uint8_t* __restrict__ zeros, T* __restrict__ w, int N, int K, int group) {
   const size_t words = (size_t)N * (K / 8);
   const int groups = K / group;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < words; i += (size_t)gridDim.x * blockDim.x) {
     const size_t n = i / (K / 8);
     const int k0 = (int)(i % (K / 8)) * 8;
-    const float s = scales[n * groups + k0 / group];
-    const float z = zs[n * groups + k0 / group];
+    const float s = __half2float(scales[n * groups + k0 / group]);
+    const float z = float(zeros[n * groups + k0 / group]) * s;
     const uint32_t word = qweight[i];
     alignas(16) T out[8];
 #pragma unroll
@@ -233,28 +235,28 @@ __global__ void dequant_w4_kernel(const uint32_t* __restrict__ qweight, const fl
 // ---- host launchers (raw pointers; the torch binding lives in binding.cpp) -----------------------------------
 
 template <typename T, int M>
-static void launch_gemv(const void* x, const uint32_t* qw, const float* s, const float* zs, const void* bias, void* y,
+static void launch_gemv(const void* x, const uint32_t* qw, const __half* s, const uint8_t* zeros, const void* bias, void* y,
                         float* workspace, int N, int K, int group, int splits, cudaStream_t stream) {
   const int chunks = K / 32;
   const int per_split = (chunks + splits - 1) / splits;
   dim3 grid((N + GEMV_ROWS_PER_BLOCK - 1) / GEMV_ROWS_PER_BLOCK, splits);
   gemv_w4_kernel<T, M><<<grid, GEMV_WARPS * 32, 0, stream>>>(
-      static_cast<const T*>(x), qw, s, zs, static_cast<const T*>(bias), static_cast<T*>(y), workspace, N, K, group,
+      static_cast<const T*>(x), qw, s, zeros, static_cast<const T*>(bias), static_cast<T*>(y), workspace, N, K, group,
       per_split);
 }
 
 template <typename T>
-static void gemv_dispatch(int M, const void* x, const uint32_t* qw, const float* s, const float* zs, const void* bias,
+static void gemv_dispatch(int M, const void* x, const uint32_t* qw, const __half* s, const uint8_t* zeros, const void* bias,
                           void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream) {
   switch (M) {
-    case 1: launch_gemv<T, 1>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
-    case 2: launch_gemv<T, 2>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
-    case 3: launch_gemv<T, 3>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
-    case 4: launch_gemv<T, 4>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
-    case 5: launch_gemv<T, 5>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
-    case 6: launch_gemv<T, 6>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
-    case 7: launch_gemv<T, 7>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
-    default: launch_gemv<T, 8>(x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream); break;
+    case 1: launch_gemv<T, 1>(x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream); break;
+    case 2: launch_gemv<T, 2>(x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream); break;
+    case 3: launch_gemv<T, 3>(x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream); break;
+    case 4: launch_gemv<T, 4>(x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream); break;
+    case 5: launch_gemv<T, 5>(x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream); break;
+    case 6: launch_gemv<T, 6>(x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream); break;
+    case 7: launch_gemv<T, 7>(x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream); break;
+    default: launch_gemv<T, 8>(x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream); break;
   }
 }
 
@@ -262,14 +264,14 @@ static void gemv_dispatch(int M, const void* x, const uint32_t* qw, const float*
 
 // dtype: 0 = fp16, 1 = bf16. Preconditions (checked by the binding): K % 64 == 0, group % 32 == 0, K % group == 0,
 // 16-byte aligned pointers, workspace zeroed [M, N] float when splits > 1.
-void llmq_w4_gemv(int dtype, int M, const void* x, const uint32_t* qw, const float* s, const float* zs,
+void llmq_w4_gemv(int dtype, int M, const void* x, const uint32_t* qw, const __half* s, const uint8_t* zeros,
                   const void* bias, void* y, float* workspace, int N, int K, int group, int splits,
                   cudaStream_t stream) {
-  if (dtype == 0) llmq::gemv_dispatch<__half>(M, x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream);
-  else llmq::gemv_dispatch<__nv_bfloat16>(M, x, qw, s, zs, bias, y, workspace, N, K, group, splits, stream);
+  if (dtype == 0) llmq::gemv_dispatch<__half>(M, x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream);
+  else llmq::gemv_dispatch<__nv_bfloat16>(M, x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream);
 }
 
-void llmq_w4_mma(int dtype, int M, const void* x, const uint32_t* qw, const float* s, const float* zs,
+void llmq_w4_mma(int dtype, int M, const void* x, const uint32_t* qw, const __half* s, const uint8_t* zeros,
                  const void* bias, void* y, float* workspace, int N, int K, int group, int splits,
                  cudaStream_t stream) {
   const int k_tiles = K / llmq::MMA_K_TILE;
@@ -277,21 +279,21 @@ void llmq_w4_mma(int dtype, int M, const void* x, const uint32_t* qw, const floa
   dim3 grid((N + llmq::MMA_N_TILE - 1) / llmq::MMA_N_TILE, splits);
   if (dtype == 0)
     llmq::mma_w4_kernel<__half><<<grid, llmq::MMA_THREADS, 0, stream>>>(
-        static_cast<const __half*>(x), qw, s, zs, static_cast<const __half*>(bias), static_cast<__half*>(y),
+        static_cast<const __half*>(x), qw, s, zeros, static_cast<const __half*>(bias), static_cast<__half*>(y),
         workspace, M, N, K, group, per_split);
   else
     llmq::mma_w4_kernel<__nv_bfloat16><<<grid, llmq::MMA_THREADS, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(x), qw, s, zs, static_cast<const __nv_bfloat16*>(bias),
+        static_cast<const __nv_bfloat16*>(x), qw, s, zeros, static_cast<const __nv_bfloat16*>(bias),
         static_cast<__nv_bfloat16*>(y), workspace, M, N, K, group, per_split);
 }
 
-void llmq_w4_dequant(int dtype, const uint32_t* qw, const float* s, const float* zs, void* w, int N, int K, int group,
+void llmq_w4_dequant(int dtype, const uint32_t* qw, const __half* s, const uint8_t* zeros, void* w, int N, int K, int group,
                      cudaStream_t stream) {
   const size_t words = (size_t)N * (K / 8);
   const int blocks = (int)((words + 255) / 256 < 65535 * 4 ? (words + 255) / 256 : 65535 * 4);
   if (dtype == 0)
-    llmq::dequant_w4_kernel<__half><<<blocks, 256, 0, stream>>>(qw, s, zs, static_cast<__half*>(w), N, K, group);
+    llmq::dequant_w4_kernel<__half><<<blocks, 256, 0, stream>>>(qw, s, zeros, static_cast<__half*>(w), N, K, group);
   else
-    llmq::dequant_w4_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(qw, s, zs, static_cast<__nv_bfloat16*>(w), N, K,
+    llmq::dequant_w4_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(qw, s, zeros, static_cast<__nv_bfloat16*>(w), N, K,
                                                                        group);
 }
