@@ -1,0 +1,224 @@
+"""Speed of packed 4-bit Linears: llmq's CUDA kernels against cuBLAS bf16, torch's int4 kernel and the HBM floor;
+end-to-end decode; and the CPU path's perplexity evaluation against the dense float32 model.
+
+    python scripts/bench_kernel.py --gpu      # per shape and M (needs a CUDA GPU); then decode tokens/s
+    python scripts/bench_kernel.py --cpu      # perplexity evaluation time and peak memory, packed vs dense (CPU)
+
+GPU protocol: weights random (speed does not depend on values), group 128, asymmetric, bf16 activations. Each
+timing is the median of 50 CUDA-event-timed runs after 10 warm-up runs. The HBM floor is (packed weight +
+fp16 scales + uint8 zeros + activation + output bytes) / copy bandwidth, the bandwidth measured in the same
+run by a 2 GiB device-to-device copy (read + write bytes / time). torch int4 is
+`torch.ops.aten._weight_int4pack_mm` (tinygemm) with group 128.
+
+CPU protocol: the reference model (bench_quality.py) quantized with GPTQ W4 g64 (asymmetric), evaluated with
+llmq.eval on wikitext2 test, 2048-token windows; the dense row is the bf16 reference loaded in float32. Each row
+runs in its own process so the peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+SHAPES = {  # name: (K, N)
+    "8B q/k/v": (4096, 6144),
+    "8B o": (4096, 4096),
+    "8B gate+up": (4096, 28672),
+    "8B down": (14336, 4096),
+    "70B gate+up": (8192, 57344),
+    "70B down": (28672, 8192),
+}
+MS = (1, 4, 16, 64, 128, 512)
+
+
+# ---- GPU -------------------------------------------------------------------------------------------------------
+
+
+def _time_cuda(fn, repeats: int = 50, warmup: int = 10) -> float:
+    """Median microseconds of fn() by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 2 GiB device-to-device copy (read + write)."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = _time_cuda(lambda: b.copy_(a), repeats=20, warmup=3)
+    del a, b
+    return 2 * (2 << 30) / (us * 1e-6)
+
+
+def _random_w4(n: int, k: int, group: int = 128):
+    from llmq.kernels.cuda import PackedW4
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qweight = torch.randint(-2**31, 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32, generator=g)
+    scales = (torch.rand(n, k // group, device="cuda", generator=g) * 0.01 + 1e-3).half()
+    zeros = torch.randint(0, 16, (n, k // group), device="cuda", dtype=torch.uint8, generator=g)
+    return PackedW4(qweight, scales, zeros, group, k, n)
+
+
+def gpu_table() -> list[dict]:
+    from llmq.kernels.build import load_extension
+    from llmq.kernels.cuda import w4_linear_cuda
+
+    extension = load_extension()
+    if extension is None:
+        raise SystemExit("the llmq CUDA kernel did not build; see the message above")
+    bandwidth = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        packed = _random_w4(n, k)
+        dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        tinygemm = torch.ops.aten._convert_weight_to_int4pack(
+            torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8), 8)
+        scales_zeros = torch.rand(k // 128, n, 2, device="cuda", dtype=torch.bfloat16)
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            cublas = _time_cuda(lambda: torch.matmul(x, dense.T))
+            int4 = _time_cuda(lambda: torch.ops.aten._weight_int4pack_mm(x, tinygemm, 128, scales_zeros))
+            ours = _time_cuda(lambda: w4_linear_cuda(extension, x, packed, None, out=out if m <= 64 else None))
+            weight_bytes = n * k // 2 + packed.scales.numel() * 3
+            floor = (weight_bytes + 2 * m * (k + n)) / bandwidth * 1e6
+            rows.append({"shape": name, "M": m, "cublas_us": cublas, "torch_int4_us": int4, "llmq_us": ours,
+                         "floor_us": floor})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        del dense, tinygemm, packed
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_gpu_table(rows: list[dict]) -> None:
+    print("| shape | M | cuBLAS bf16 µs | torch int4 µs | llmq µs | floor µs | llmq/floor | bf16/llmq | int4/llmq |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['M']} | {r['cublas_us']:.1f} | {r['torch_int4_us']:.1f} | {r['llmq_us']:.1f} | "
+              f"{r['floor_us']:.1f} | {r['llmq_us'] / r['floor_us']:.2f} | {r['cublas_us'] / r['llmq_us']:.2f} | "
+              f"{r['torch_int4_us'] / r['llmq_us']:.2f} |")
+
+
+def decode_speed(tokens: int = 128) -> dict:
+    """Greedy decode tokens/s of an 8B-shaped Llama (random weights), bf16 vs every Linear packed 4-bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmq.methods.grid import QuantScheme
+    from llmq.modeling import QuantLinear
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 16), device="cuda")
+
+    def run() -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        torch.cuda.synchronize()
+        return tokens / (time.perf_counter() - started)
+
+    run()
+    result = {"bf16_tokens_per_s": run()}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            n, k = module.out_features, module.in_features
+            packed = _random_w4(n, k)
+            zero_words = torch.zeros((n + 7) // 8, k // 128, device="cuda", dtype=torch.int32)
+            layer = QuantLinear(k, n, QuantScheme(4, 128, False), packed.qweight, packed.scales.to(torch.bfloat16),
+                                zero_words, None)
+            parent, _, child = name.rpartition(".")
+            model.get_submodule(parent).register_module(child, layer)
+    torch.cuda.empty_cache()
+    run()
+    result["int4_tokens_per_s"] = run()
+    return result
+
+
+# ---- CPU -------------------------------------------------------------------------------------------------------
+
+
+def cpu_row(kind: str, windows: int) -> dict:
+    from llmq import log
+    from llmq.eval import evaluate, evaluation_windows, load_for_eval
+
+    log.quiet = True
+    work = ROOT / "bench_out"
+    if kind == "packed":
+        target = work / "gptq-w4g64-asym-ao"
+        if not (target / "config.json").exists():
+            from llmq.pipeline import QuantizeConfig, quantize
+
+            quantize(str(work / "SmolLM2-135M-Instruct-bf16"), target,
+                     QuantizeConfig(method="gptq", group_size=64, calib=str(DATA / "wikitext2_valid_calib.txt")))
+    else:
+        target = work / "SmolLM2-135M-Instruct-bf16"
+    model, tokenizer = load_for_eval(str(target), "cpu", torch.float32)
+    data = evaluation_windows(tokenizer, str(DATA / "wikitext2_test.txt"), 2048, windows)
+    started = time.perf_counter()
+    result = evaluate(model, data)
+    return {"kind": kind, "seconds": time.perf_counter() - started, "ppl": result.perplexity,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--decode", action="store_true", help="with --gpu: also the 8B decode tokens/s")
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--windows", type=int, default=10)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(cpu_row(args.one, args.windows)))
+        return
+    if args.gpu:
+        print_gpu_table(gpu_table())
+        if args.decode:
+            print(json.dumps(decode_speed()))
+    if args.cpu:
+        from bench_quality import reference_model
+
+        reference_model(ROOT / "bench_out")
+        rows = []
+        for kind in ("dense", "packed"):
+            done = subprocess.run([sys.executable, __file__, "--one", kind, "--windows", str(args.windows)],
+                                  capture_output=True, text=True, env=os.environ, check=False)
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-3000:])
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"CPU ({os.cpu_count()} cores), SmolLM2-135M-Instruct, wikitext2 test, {args.windows} x 2048 tokens\n")
+        print("| model | eval s | s / window | perplexity | peak RSS GB |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['kind']} | {r['seconds']:.1f} | {r['seconds'] / args.windows:.2f} | {r['ppl']:.3f} | "
+                  f"{r['peak_rss_gb']:.2f} |")
+        print(f"\npacked / dense time: {rows[1]['seconds'] / rows[0]['seconds']:.3f}x; "
+              f"peak memory {rows[1]['peak_rss_gb'] / rows[0]['peak_rss_gb']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
