@@ -17,6 +17,7 @@ from llmq.kernels.build import load_extension
 from llmq.kernels.cpu import INT4_MAX_ROWS, int4_linear_cpu, int4_supported, quant_linear_cpu, repack_int4_cpu
 from llmq.kernels.reference import dequantize_packed
 from llmq.methods.grid import QuantScheme
+from llmq.models import fill_remaining_weights
 
 
 class QuantLinear(nn.Module):
@@ -131,13 +132,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         bias = state.pop(f"{name}.bias", None)
         model.get_submodule(parent_name).register_module(child, _quant_linear_from_state(name, state, scheme, bias))
 
-    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise LlmqError(f"checkpoint lacks {len(missing)} tensors (first: {missing[0]}); the files are incomplete")
+    fill_remaining_weights(model, state, dtype)
     model.to(device).eval()
     log.info(f"llmq: {len(packed_names)} packed Linears on {torch.device(device).type}: "
              f"{kernel_path(device, scheme.bits)}")

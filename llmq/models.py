@@ -86,3 +86,15 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
         raise LlmqError(f"cannot load model {name!r} ({str(error).splitlines()[0]}); the checkpoint may be incomplete") from None
     # The card names a hub id as is, a local checkpoint by its directory name (never a path from this machine).
     return model.eval(), tokenizer, path.resolve().name if path.exists() else name
+
+
+def fill_remaining_weights(model, state: dict, dtype: torch.dtype) -> None:
+    """Load the unquantized tensors of a packed checkpoint into a model built on the meta device, tie the
+    embeddings when the config says so, and refuse a checkpoint that leaves any parameter unfilled."""
+    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise LlmqError(f"checkpoint lacks {len(missing)} tensors (first: {missing[0]}); the files are incomplete")

@@ -63,11 +63,10 @@ def _time_cuda(fn, repeats: int = 50, warmup: int = 10) -> float:
 
 def copy_bandwidth() -> float:
     """Bytes per second of a 2 GiB device-to-device copy (read + write)."""
-    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    us = _time_cuda(lambda: b.copy_(a), repeats=20, warmup=3)
-    del a, b
-    return 2 * (2 << 30) / (us * 1e-6)
+    source = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    us = _time_cuda(lambda: target.copy_(source), repeats=20, warmup=3)
+    return 2 * (2 << 30) / (us * 1e-6)  # the buffers go when this frame does
 
 
 def _random_w4(n: int, k: int, group: int = 128):
@@ -107,7 +106,6 @@ def gpu_table() -> list[dict]:
             rows.append({"shape": name, "M": m, "cublas_us": cublas, "torch_int4_us": int4, "llmq_us": ours,
                          "floor_us": floor})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        del dense, tinygemm, packed
         torch.cuda.empty_cache()
     return rows
 

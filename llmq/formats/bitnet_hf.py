@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmq.errors import LlmqError
 from llmq.formats.compressed_tensors import read_weights, write_weights
 from llmq.methods.bitnet import TernaryLinear, TernaryScheme, ternary_modules
+from llmq.models import fill_remaining_weights
 
 ROWS_PER_BYTE = 4
 
@@ -143,12 +144,6 @@ def load_bitnet(directory: str | Path, dtype: torch.dtype = torch.float32):
                                           scale_dtype, None if bias is None else bias.float())
         parent, _, child = name.rpartition(".")
         model.get_submodule(parent).register_module(child, module)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise LlmqError(f"checkpoint lacks {len(missing)} tensors (first: {missing[0]}); the files are incomplete")
+    fill_remaining_weights(model, state, dtype)
     config.quantization_config = quant
     return model.eval()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmq.kernels.reference import dequantize_packed
 from llmq.formats.packing import unpack_int32
+from llmq.kernels.reference import dequantize_packed
 
 # at or below this many rows the int4 kernel wins on this project's 2-core CPU (scripts/bench_kernel.py --cpu)
 INT4_MAX_ROWS = 16
