@@ -49,7 +49,7 @@ def ternary_model(hf_model, tokenizer, config, device: torch.device, curve_path:
         qat = QATConfig(steps=config.qat_steps, lr=config.qat_lr, batch_size=config.qat_batch,
                         seqlen=config.qat_seqlen)
         windows = training_windows(tokenize_text(tokenizer, calibration_text(config.calib)), qat.seqlen)
-        result = distill(hf_model, teacher.float(), windows, qat, device)
+        result = distill(hf_model, teacher, windows, qat, device)  # teacher stays in its dtype: half the memory
         del teacher
         hf_model.to("cpu")
         description += (f", then {qat.steps} steps of ternary-aware distillation ({result.tokens} tokens, "
