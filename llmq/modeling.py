@@ -14,7 +14,13 @@ from llmq.errors import LlmqError
 from llmq.formats.compressed_tensors import read_weights, scheme_from_config
 from llmq.kernels import cuda as cuda_kernels
 from llmq.kernels.build import load_extension
-from llmq.kernels.cpu import INT4_MAX_ROWS, int4_linear_cpu, int4_supported, quant_linear_cpu, repack_int4_cpu
+from llmq.kernels.cpu import (
+    INT4_MAX_ROWS,
+    int4_linear_cpu,
+    int4_supported,
+    quant_linear_cpu,
+    repack_int4_cpu,
+)
 from llmq.kernels.reference import dequantize_packed
 from llmq.methods.grid import QuantScheme
 from llmq.models import fill_remaining_weights
@@ -26,7 +32,7 @@ class QuantLinear(nn.Module):
     Buffers use the checkpoint's names, so a state dict round-trips unchanged. Kernels that want another layout
     get a copy repacked once, on first use, kept beside the buffers (not in the state dict):
     - CUDA, 4-bit, fp16/bf16 activations: llmq's W4A16 kernels (llmq/kernels/cuda.py), built on first use;
-    - CPU, up to INT4_MAX_ROWS activation rows, 4-bit: torch's CPU int4 kernel;
+    - CPU, 4-bit, up to INT4_MAX_ROWS[dtype] activation rows: torch's CPU int4 kernel;
     - anything else: dequantize this layer to float32 and run a dense GEMM (llmq/kernels/cpu.py).
     """
 
@@ -62,11 +68,12 @@ class QuantLinear(nn.Module):
                 self.weight_packed, self.weight_scale, self.weight_zero_point, self.in_features, self.scheme.bits))
             if packed:
                 return cuda_kernels.w4_linear_cuda(extension, x, packed, self.bias)
-        if x.device.type == "cpu" and rows <= INT4_MAX_ROWS and int4_supported(
-                self.scheme.bits, self.in_features, self.in_features // self.weight_scale.shape[1]):
-            weight = self._layout("int4-cpu", lambda: repack_int4_cpu(
-                self.weight_packed, self.weight_scale, self.weight_zero_point, self.in_features))
-            return int4_linear_cpu(x, weight, self.bias)
+        if x.device.type == "cpu" and self.scheme.bits == 4:
+            group = self.in_features // self.weight_scale.shape[1]
+            if rows <= INT4_MAX_ROWS.get(x.dtype, 0) and int4_supported(4, self.in_features, group):
+                weight = self._layout("int4-cpu", lambda: repack_int4_cpu(
+                    self.weight_packed, self.weight_scale, self.weight_zero_point, self.in_features))
+                return int4_linear_cpu(x, weight, self.bias)
         return quant_linear_cpu(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                 self.in_features, self.scheme.bits, self.bias)
 
@@ -84,7 +91,8 @@ def kernel_path(device: torch.device | str, bits: int = 4) -> str:
             return "llmq W4A16 CUDA kernels (gemv M<=8, tensor cores M<=64, dequantize + cuBLAS above)"
         return "dequantize + cuBLAS (no llmq kernel for this model or machine)"
     if bits == 4:
-        return f"torch CPU int4 kernel up to {INT4_MAX_ROWS} rows, dequantize + float32 GEMM above"
+        limits = ", ".join(f"{str(k).removeprefix('torch.')} {v}" for k, v in INT4_MAX_ROWS.items())
+        return f"torch CPU int4 kernel up to ({limits}) rows, dequantize + dense GEMM above"
     return "dequantize + dense GEMM"
 
 

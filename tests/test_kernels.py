@@ -41,19 +41,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_cpu_paths_agree_with_dense_reference(symmetric, group):
     layer = random_quant_linear(96, 256, group, symmetric, seed=group + symmetric)
     dense = layer.dequantized_weight()
-    for rows in (1, 3, INT4_MAX_ROWS, INT4_MAX_ROWS + 1, 70):  # int4 kernel up to INT4_MAX_ROWS, dequant + GEMM above
-        x = torch.randn(2, rows, 256)
+    limit = INT4_MAX_ROWS[torch.bfloat16]
+    for rows in (1, 2, 3, limit, limit + 1):  # int4 kernel up to the dtype's limit, dequantize + GEMM above
+        x = torch.randn(rows, 256)
         expected = x @ dense.T + layer.bias
         assert _rel(layer(x), expected) < 2e-6, rows
         assert _rel(layer(x.to(torch.bfloat16)), expected) < 2e-2, rows  # bf16 activations and output
+    assert set(k.split("@")[0] for k in layer._repacked) == {"int4-cpu"}
 
 
 def test_int4_layout_is_made_once_and_dropped_when_moved():
     layer = random_quant_linear(64, 128, 32, False)
-    layer(torch.randn(1, 128))
+    layer(torch.randn(1, 128, dtype=torch.bfloat16))
     assert len(layer._repacked) == 1
     first = next(iter(layer._repacked.values()))
-    layer(torch.randn(1, 128))
+    layer(torch.randn(1, 128, dtype=torch.bfloat16))
     assert next(iter(layer._repacked.values())) is first
     layer.to(torch.device("cpu"))
     assert layer._repacked == {}
