@@ -69,7 +69,13 @@ def assert_fresh_transformers_process_matches(directory, tmp_path):
     assert isinstance(model.model.layers[1].self_attn.k_proj, QuantLinear)
     with torch.no_grad():
         ours = model(ids).logits.float()
-    assert ((ours - transformers_logits).norm() / transformers_logits.norm()).item() <= 1e-3
+        exact = llmq.load(directory, device="cpu", dtype=torch.float32)(ids).logits
+    # Both run in bf16 but round differently: transformers dequantizes and runs a bf16 GEMM, llmq's CPU path
+    # (<= 128 rows) is torch's int4 kernel. llmq must be at least as close to the float32 result as
+    # transformers is, and the two within bf16 noise of each other.
+    error = lambda logits: ((logits - exact).norm() / exact.norm()).item()
+    assert error(ours) <= 1.25 * error(transformers_logits) + 1e-4, (error(ours), error(transformers_logits))
+    assert ((ours - transformers_logits).norm() / transformers_logits.norm()).item() <= 1e-2
 
 
 def test_fresh_transformers_process_matches_llmq_logits(gptq_dir, tmp_path):
