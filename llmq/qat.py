@@ -91,8 +91,12 @@ def distill(student, teacher, windows: torch.Tensor, config: QATConfig, device: 
     checkpointing = config.gradient_checkpointing
     if checkpointing is None:
         checkpointing = n_params > 1e9
-    if checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:  # transformers >= 5.x renamed gradient_checkpointing_* to activation_checkpointing_*
+        enable = getattr(student, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(windows.shape[0], generator=generator)
@@ -122,7 +126,7 @@ def distill(student, teacher, windows: torch.Tensor, config: QATConfig, device: 
         result.tokens += batch.numel()
         bar.set_postfix(kl=f"{loss.item():.3f}", lr=f"{_learning_rate(config, step):.1e}")
     if checkpointing:
-        student.gradient_checkpointing_disable()
+        getattr(student, "activation_checkpointing_disable", student.gradient_checkpointing_disable)()
     for p in student.parameters():
         p.requires_grad_(False)
     student.eval()
