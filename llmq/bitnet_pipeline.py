@@ -38,25 +38,25 @@ def ternary_model(hf_model, tokenizer, config, device: torch.device, curve_path:
     layer_map = layer_map_for(hf_model.config.model_type)
     linears = quantizable_linears(hf_model, layer_map)
     check_weights_finite(linears)
-    originals = {name: linear.weight.detach().float().clone() for name, linear in linears.items()}
     teacher = copy.deepcopy(hf_model) if config.qat_steps > 0 else None
     scheme = TernaryScheme(config.ternary_scale, config.group_size)
     ternarize_model(hf_model, list(linears), scheme)
     description = f"post-training ternary (absmean, per {scheme.granularity})"
+    # the original weights, to report the error against: the teacher's, else the (untouched) latent weights
+    originals = {name: (teacher or hf_model).get_submodule(name).weight for name in linears}
     if teacher is not None:
-        if config.calib is None:
-            raise LlmqError("--qat-steps needs --calib FILE (text to fine-tune on)")
         qat = QATConfig(steps=config.qat_steps, lr=config.qat_lr, batch_size=config.qat_batch,
                         seqlen=config.qat_seqlen)
         windows = training_windows(tokenize_text(tokenizer, calibration_text(config.calib)), qat.seqlen)
         result = distill(hf_model, teacher, windows, qat, device)  # teacher stays in its dtype: half the memory
-        del teacher
         hf_model.to("cpu")
+        teacher.to("cpu")
         description += (f", then {qat.steps} steps of ternary-aware distillation ({result.tokens} tokens, "
                         f"{result.seconds:.0f} s, final KL {sum(result.losses[-20:]) / len(result.losses[-20:]):.3f})")
         if curve_path is not None:
             save_loss_curve(result, curve_path, f"ternary fine-tuning, {qat.steps} steps")
     error = relative_error(hf_model, originals)
+    del teacher, originals
     for module in ternary_modules(hf_model).values():
         module.freeze()
     return hf_model.eval(), description, error
@@ -98,6 +98,8 @@ def export_bitnet_gguf(directory: str | Path, out: str | Path, gguf_type: str = 
 
 
 def _check(config) -> None:
+    if config.qat_steps > 0 and config.calib is None:
+        raise LlmqError("--qat-steps needs --calib FILE (text to fine-tune on)")
     if config.format == "gguf" and config.gguf_type.upper() not in TERNARY_GGUF_TYPES:
         raise LlmqError(f"--method bitnet writes GGUF types {' or '.join(TERNARY_GGUF_TYPES)}, not {config.gguf_type}; "
                         "pass --type TQ2_0")
