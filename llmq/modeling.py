@@ -51,10 +51,9 @@ class QuantLinear(nn.Module):
                                  self.in_features, self.scheme.bits)
 
     def _layout(self, kernel: str, make):
-        key = f"{kernel}@{self.weight_packed.device}"
-        if key not in self._repacked:
-            self._repacked[key] = make()
-        return self._repacked[key]
+        if kernel not in self._repacked:
+            self._repacked[kernel] = make()
+        return self._repacked[kernel]
 
     def _apply(self, fn, recurse=True):  # .to(device) / .half(): drop repacked copies made for the old placement
         self._repacked = {}
@@ -62,7 +61,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16):
+        if x.device.type == "cuda" and self.scheme.bits == 4 and x.dtype in (torch.float16, torch.bfloat16):
             extension = load_extension()
             packed = extension and self._layout("w4a16", lambda: cuda_kernels.repack(
                 self.weight_packed, self.weight_scale, self.weight_zero_point, self.in_features, self.scheme.bits))
