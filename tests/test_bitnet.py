@@ -188,9 +188,11 @@ def test_bitnet_cli_writes_checkpoint_and_refuses_what_the_layout_cannot_hold(ti
         quantize(str(tiny_llama_dir), tmp_path / "c", QuantizeConfig(method="bitnet", ternary_scale="channel"))
     with pytest.raises(LlmqError, match="not Q4_K_M; pass --type TQ2_0"):
         quantize(str(tiny_llama_dir), tmp_path / "c.gguf", QuantizeConfig(method="bitnet", format="gguf"))
+    with pytest.raises(LlmqError, match="holds ternary weights; quantize with --method bitnet"):
+        quantize(str(tiny_llama_dir), tmp_path / "r.gguf", QuantizeConfig(method="rtn", format="gguf", gguf_type="TQ2_0"))
     with pytest.raises(LlmqError, match="--qat-steps needs --calib"):
         quantize(str(tiny_llama_dir), tmp_path / "q", QuantizeConfig(method="bitnet", qat_steps=2))
-    for name in ("c", "c.gguf", "q"):
+    for name in ("c", "c.gguf", "r.gguf", "q"):
         assert not (tmp_path / name).exists()
 
 

@@ -121,7 +121,8 @@ def _types(path):
 @pytest.mark.parametrize("mixture", [m for m in MIXTURES if m not in ("F16", "BF16", "F32")])
 def test_mixture_types_match_llama_quantize(mixture, mixture_model, mixture_f32, tmp_path):
     ours = tmp_path / "llmq.gguf"
-    quantize(str(mixture_model), ours, QuantizeConfig(method="rtn", format="gguf", gguf_type=mixture, device="cpu"))
+    method = "bitnet" if mixture.startswith("TQ") else "rtn"  # TQ types hold ternary weights only
+    quantize(str(mixture_model), ours, QuantizeConfig(method=method, format="gguf", gguf_type=mixture, device="cpu"))
     theirs = tmp_path / "llamacpp.gguf"
     llamacpp_quantize_file(mixture_f32, theirs, MIXTURES[mixture].file_type)
     assert _types(ours) == _types(theirs)

@@ -300,14 +300,9 @@ def _best_legacy(cls, x, w, candidates: list[Codes]) -> Codes:
     return best
 
 
-def _q8_0(cls, x, w):
-    # llama.cpp's reference Q8_0 (amax / 127), through gguf-py's bit-exact encoder
-    data = gguf_quants.quantize(x.numpy().astype(np.float32), T.Q8_0)
-    return cls.unpack(torch.from_numpy(data).reshape(x.shape[0], -1))
-
-
 def _via_gguf_py(cls, x, w):
-    """gguf-py's reference encoder (TQ1_0/TQ2_0: d = block absmax, exact for weights that are already ternary)."""
+    """gguf-py's bit-exact reference encoder: Q8_0 (amax / 127, as llama.cpp) and TQ1_0/TQ2_0 (d = block
+    absmax: exact for weights that are already ternary)."""
     data = gguf_quants.quantize(x.numpy().astype(np.float32), cls.qtype)
     return cls.unpack(torch.from_numpy(data).reshape(x.shape[0], -1))
 
@@ -331,7 +326,7 @@ _ENCODERS = {
     T.Q5_0: _legacy_sym,
     T.Q4_1: _legacy_asym,
     T.Q5_1: _legacy_asym,
-    T.Q8_0: _q8_0,
+    T.Q8_0: _via_gguf_py,
     T.TQ1_0: _via_gguf_py,
     T.TQ2_0: _via_gguf_py,
 }
