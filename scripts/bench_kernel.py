@@ -2,7 +2,8 @@
 end-to-end decode; and the CPU path's perplexity evaluation against the dense float32 model.
 
     python scripts/bench_kernel.py --gpu      # per shape and M (needs a CUDA GPU); then decode tokens/s
-    python scripts/bench_kernel.py --cpu      # perplexity evaluation time and peak memory, packed vs dense (CPU)
+    python scripts/bench_kernel.py --cpu      # perplexity evaluation time and peak memory, packed vs dense (CPU),
+                                              # and bf16 greedy decode tokens/s
 
 GPU protocol: weights random (speed does not depend on values), group 128, asymmetric, bf16 activations. Each
 timing is the median of 50 CUDA-event-timed runs after 10 warm-up runs. The HBM floor is (packed weight +
@@ -182,6 +183,29 @@ def cpu_row(kind: str, windows: int) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
+def cpu_decode(tokens: int = 64) -> dict:
+    """Greedy decode tokens/s on the CPU in bf16: the dense reference vs the packed GPTQ W4 g64 checkpoint
+    (torch's CPU int4 kernel at one row per step)."""
+    from transformers import AutoModelForCausalLM
+
+    import llmq
+    from llmq import log
+
+    log.quiet = True
+    work = ROOT / "bench_out"
+    models = {"dense": AutoModelForCausalLM.from_pretrained(work / "SmolLM2-135M-Instruct-bf16", dtype=torch.bfloat16),
+              "packed": llmq.load(work / "gptq-w4g64-asym-ao", dtype=torch.bfloat16)}
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 282, 2536]])
+    result = {}
+    for name, model in models.items():
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
+            started = time.perf_counter()
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        result[name] = tokens / (time.perf_counter() - started)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true")
@@ -216,6 +240,9 @@ def main() -> None:
                   f"{r['peak_rss_gb']:.2f} |")
         print(f"\npacked / dense time: {rows[1]['seconds'] / rows[0]['seconds']:.3f}x; "
               f"peak memory {rows[1]['peak_rss_gb'] / rows[0]['peak_rss_gb']:.3f}x")
+        decode = cpu_decode()
+        print(f"\nbf16 greedy decode, 64 tokens: dense {decode['dense']:.1f} tokens/s, packed "
+              f"{decode['packed']:.1f} tokens/s ({decode['packed'] / decode['dense']:.2f}x)")
 
 
 if __name__ == "__main__":
