@@ -41,9 +41,10 @@ ROWS = {
     # BitNet b1.58 ternary (per-tensor absmean scale, int8 activations), after training or not
     "bitnet-ptq": ("bitnet", 1.58, "tensor", True, False, False),
     "bitnet-qat300": ("bitnet", 1.58, "tensor", True, False, False),
+    "bitnet-qat450": ("bitnet", 1.58, "tensor", True, False, False),
 }
 # ternary-aware fine-tuning steps per bitnet row (batch 4 x 256 tokens of the calibration text, lr 5e-4)
-QAT_STEPS = {"bitnet-ptq": 0, "bitnet-qat300": 300}
+QAT_STEPS = {"bitnet-ptq": 0, "bitnet-qat300": 300, "bitnet-qat450": 450}
 
 
 def reference_model(work: Path) -> Path:
