@@ -103,6 +103,9 @@ def _check(config) -> None:
     if config.format == "gguf" and config.gguf_type.upper() not in TERNARY_GGUF_TYPES:
         raise LlmqError(f"--method bitnet writes GGUF types {' or '.join(TERNARY_GGUF_TYPES)}, not {config.gguf_type}; "
                         "pass --type TQ2_0")
+    if config.format == "gguf" and config.ternary_scale == "group" and config.group_size % 256:
+        raise LlmqError(f"GGUF TQ blocks hold one scale per 256 weights, so --group-size {config.group_size} would not "
+                        "survive the export; use --group-size 256 (or a multiple) or --ternary-scale channel")
     if config.format == "compressed-tensors" and config.ternary_scale != "tensor":
         raise LlmqError(f"transformers' BitNet layout holds one scale per tensor, not per {config.ternary_scale}; "
                         "use --ternary-scale tensor or --format gguf")

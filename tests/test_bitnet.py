@@ -186,13 +186,16 @@ def test_bitnet_cli_writes_checkpoint_and_refuses_what_the_layout_cannot_hold(ti
     assert result.size_after < result.size_before
     with pytest.raises(LlmqError, match="one scale per tensor"):
         quantize(str(tiny_llama_dir), tmp_path / "c", QuantizeConfig(method="bitnet", ternary_scale="channel"))
+    with pytest.raises(LlmqError, match="one scale per 256 weights"):
+        quantize(str(tiny_llama_dir), tmp_path / "g.gguf", QuantizeConfig(method="bitnet", format="gguf", gguf_type="TQ2_0",
+                                                                          ternary_scale="group", group_size=128))
     with pytest.raises(LlmqError, match="not Q4_K_M; pass --type TQ2_0"):
         quantize(str(tiny_llama_dir), tmp_path / "c.gguf", QuantizeConfig(method="bitnet", format="gguf"))
     with pytest.raises(LlmqError, match="holds ternary weights; quantize with --method bitnet"):
         quantize(str(tiny_llama_dir), tmp_path / "r.gguf", QuantizeConfig(method="rtn", format="gguf", gguf_type="TQ2_0"))
     with pytest.raises(LlmqError, match="--qat-steps needs --calib"):
         quantize(str(tiny_llama_dir), tmp_path / "q", QuantizeConfig(method="bitnet", qat_steps=2))
-    for name in ("c", "c.gguf", "r.gguf", "q"):
+    for name in ("c", "c.gguf", "g.gguf", "r.gguf", "q"):
         assert not (tmp_path / name).exists()
 
 
@@ -222,7 +225,8 @@ def test_distillation_recovers_the_teacher(smollm2_tokenizer_dir, calib_file, tm
     assert after < 0.5 * before, (before, after)
     assert all(p.requires_grad is False for p in student.parameters())
     curve = save_loss_curve(result, tmp_path / "loss.png", "test")
-    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(json.loads(curve.with_suffix(".json").read_text())["kl_per_step"]) == 40
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(json.loads(curve.with_suffix(".json").read_text())["kl_per_step"]) == 40
 
 
 def test_qat_through_quantize_saves_loss_curve(tiny_llama_dir, calib_file, tmp_path):
