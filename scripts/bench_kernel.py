@@ -82,7 +82,7 @@ def _random_w4(n: int, k: int, group: int = 128):
 
 def gpu_table() -> list[dict]:
     from llmq.kernels.build import load_extension
-    from llmq.kernels.cuda import w4_linear_cuda
+    from llmq.kernels.cuda import choose_path, w4_linear_cuda
 
     extension = load_extension()
     if extension is None:
@@ -101,7 +101,7 @@ def gpu_table() -> list[dict]:
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             cublas = _time_cuda(lambda: torch.matmul(x, dense.T))
             int4 = _time_cuda(lambda: torch.ops.aten._weight_int4pack_mm(x, tinygemm, 128, scales_zeros))
-            ours = _time_cuda(lambda: w4_linear_cuda(extension, x, packed, None, out=out if m <= 64 else None))
+            ours = _time_cuda(lambda: w4_linear_cuda(extension, x, packed, None, out=None if choose_path(m) == "cublas" else out))
             weight_bytes = n * k // 2 + packed.scales.numel() * 3
             floor = (weight_bytes + 2 * m * (k + n)) / bandwidth * 1e6
             rows.append({"shape": name, "M": m, "cublas_us": cublas, "torch_int4_us": int4, "llmq_us": ours,

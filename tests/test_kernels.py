@@ -93,8 +93,8 @@ def _parts(layer):
 
 
 def test_path_and_split_choice():
-    assert [cuda_kernels.choose_path(m) for m in (1, 8, 9, 64, 65, 512)] == ["gemv", "gemv", "mma", "mma", "cublas",
-                                                                            "cublas"]
+    assert [cuda_kernels.choose_path(m) for m in (1, 8, 9, 128, 129, 512)] == ["gemv", "gemv", "mma", "mma", "cublas",
+                                                                              "cublas"]
     # 70B gate+up: 57344 rows fill 132 SMs; a 1024-row k/v projection needs K split
     assert cuda_kernels.choose_splits("gemv", 57344, 8192, 132) == 1
     assert cuda_kernels.choose_splits("mma", 1024, 4096, 132) == 8
@@ -132,7 +132,7 @@ def test_cuda_kernels_match_reference(dtype, symmetric):
                                           (8192, 1024, 128), (130, 2048, 64)]):
         layer = random_quant_linear(n, k, group, symmetric, seed=case).to("cuda")
         packed = cuda_kernels.repack(layer.weight_packed, layer.weight_scale, layer.weight_zero_point, k, 4)
-        for m in (1, 2, 5, 8, 9, 16, 33, 64, 65, 200):
+        for m in (1, 2, 5, 8, 9, 16, 33, 64, 65, 128, 129, 200):
             x = torch.randn(m, k, generator=g).to("cuda", dtype)
             out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # poisoned: every element must be written
             y = cuda_kernels.w4_linear_cuda(extension, x, packed, layer.bias, out=out)

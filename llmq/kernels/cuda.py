@@ -4,7 +4,7 @@ Repacked form (see cuda/w4a16.cu): qweight int32 [N, K/8] (the checkpoint's word
 and unsigned zero points uint8, [N, K/g] each (3 bytes per group): W = u * s - (u_zero * s), in float32.
 `reference_w4` computes exactly that in plain torch; the tests hold the kernels to it.
 
-Paths by the number of rows M of the activation matrix: M <= 8 gemv (memory-bound), M <= 64 tensor cores
+Paths by the number of rows M of the activation matrix: M <= 8 gemv (memory-bound), M <= 128 tensor cores
 (WMMA on dequantized tiles), larger M dequantize once + cuBLAS. Split-K when the output alone gives fewer
 than two blocks per SM.
 """
@@ -18,7 +18,7 @@ import torch
 from llmq.formats.packing import unpack_int32
 
 GEMV_MAX_M = 8
-MMA_MAX_M = 64
+MMA_MAX_M = 128
 _GEMV_ROWS_PER_BLOCK = 8
 _MMA_N_TILE = 64
 
@@ -84,6 +84,8 @@ def w4_linear_cuda(extension, x: torch.Tensor, packed: PackedW4, bias: torch.Ten
     """y = x W^T + b on the GPU; x [..., K] float16/bfloat16."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
+    if x2.data_ptr() % 16:  # a view at an odd offset: the kernels read activations 16 bytes at a time
+        x2 = x2.clone()
     m = x2.shape[0]
     path = choose_path(m)
     bias = None if bias is None else bias.to(x.dtype).contiguous()

@@ -39,16 +39,17 @@ void check_weights(const torch::Tensor& qweight, const torch::Tensor& scales, co
 
 }  // namespace
 
-// out = x @ W^T (+ bias) into the preallocated `out` [M, N]; path 0: gemv (M <= 8), 1: tensor cores (M <= 64).
+// out = x @ W^T (+ bias) into the preallocated `out` [M, N]; path 0: gemv (M <= 8), 1: tensor cores (M <= 128).
 torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                         c10::optional<torch::Tensor> bias, int64_t group, int64_t path, int64_t splits,
                         torch::Tensor out) {
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x must be a contiguous, 16-byte aligned CUDA [M, K] tensor");
   check_weights(qweight, scales, zeros, K, group);
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type() && out.size(0) == M && out.size(1) == N,
               "out must be a contiguous [M, N] tensor of x's dtype");
-  TORCH_CHECK((path == 0 && M <= 8) || (path == 1 && M <= 64), "path 0 takes M <= 8, path 1 M <= 64");
+  TORCH_CHECK((path == 0 && M <= 8) || (path == 1 && M <= 128), "path 0 takes M <= 8, path 1 M <= 128");
   TORCH_CHECK(splits >= 1, "splits must be >= 1");
   const c10::cuda::CUDAGuard guard(x.device());
   const int code = dtype_code(x);

@@ -13,10 +13,11 @@
 //   gemv  M <= 8: memory-bound. A warp owns two output rows and streams them once with 16-byte loads
 //         (32 weights per lane per load), dequantizes in registers and keeps M float accumulators per row.
 //         Split-K over gridDim.y (float atomics into a zeroed workspace) when N alone gives too few blocks.
-//   mma   8 < M <= 64: tensor cores (WMMA 16x16x16). A block owns 64 output columns; per 64-wide K step it
-//         dequantizes its 64x64 weight tile into shared memory once and multiplies every 16-row M tile by it.
-//         Split-K as above.
-//   dequant  M > 64: W dequantized once into a dense fp16/bf16 buffer; the host then calls cuBLAS.
+//   mma   8 < M <= 128: tensor cores (WMMA 16x16x16). A block owns 64 output columns; per 64-wide K step it
+//         dequantizes its 64x64 weight tile into shared memory once and multiplies every 16-row M tile by it;
+//         the next step's weight words are loaded into registers while the tensor cores work (a register
+//         double buffer). Split-K as above.
+//   dequant  M > 128: W dequantized once into a dense fp16/bf16 buffer; the host then calls cuBLAS.
 //
 // This translation unit includes no torch header, so CI compiles it with nvcc alone for sm_80 and sm_90.
 
@@ -71,6 +72,7 @@ gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, co
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
+#pragma unroll 2  // two chunks' weight loads in flight per lane
   for (int c = chunk_begin + lane; c < chunk_end; c += 32) {
     const int k0 = c * 32;
     const int gi = k0 / group;  // the 32 weights of a chunk share one group (group % 32 == 0)
@@ -121,13 +123,43 @@ gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, co
   }
 }
 
-// ---- mma: 8 < M <= 64, tensor cores --------------------------------------------------------------------------
+// ---- mma: 8 < M <= 128, tensor cores -------------------------------------------------------------------------
 
 constexpr int MMA_N_TILE = 64;   // output columns per block: 4 warps x 16
 constexpr int MMA_K_TILE = 64;
-constexpr int MMA_M_MAX = 64;    // 4 M tiles of 16
+constexpr int MMA_M_MAX = 128;   // 8 M tiles of 16
 constexpr int MMA_PAD = 8;       // shared-memory row padding (halves) against bank conflicts
 constexpr int MMA_THREADS = 128;
+
+// Shared memory of one block: the x and W tiles during the K loop, then (reusing the same bytes) the float
+// output tile. 34 KB, under the 48 KB of static shared memory.
+template <typename T>
+union MmaShared {
+  struct {
+    T a[MMA_M_MAX][MMA_K_TILE + MMA_PAD];   // x[m, k .. k+63]
+    T b[MMA_N_TILE][MMA_K_TILE + MMA_PAD];  // W[n, k .. k+63], read as a col-major B operand
+  } in;
+  float c[MMA_M_MAX][MMA_N_TILE + 4];
+};
+
+// The 32 weights a thread dequantizes per K step (one row, half of the 64-wide tile, one group), in registers.
+struct WeightSlice {
+  uint4 words;
+  float s, z;  // scale and zero * scale
+};
+
+__device__ __forceinline__ WeightSlice fetch_slice(const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
+                                                   const uint8_t* __restrict__ zeros, int n, int N, int K, int kk,
+                                                   int group) {
+  WeightSlice w{make_uint4(0, 0, 0, 0), 0.f, 0.f};  // rows past N (and an empty split) dequantize to zero
+  if (n < N && kk < K) {
+    const int groups = K / group;
+    w.words = *reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8) + kk / 8);
+    w.s = __half2float(scales[(size_t)n * groups + kk / group]);
+    w.z = float(zeros[(size_t)n * groups + kk / group]) * w.s;
+  }
+  return w;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(MMA_THREADS)
@@ -135,74 +167,69 @@ mma_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, con
               const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
               float* __restrict__ workspace, int M, int N, int K, int group, int k_per_split) {
   using namespace nvcuda;
-  __shared__ __align__(32) T a_tile[MMA_M_MAX][MMA_K_TILE + MMA_PAD];     // x[m, k .. k+63]
-  __shared__ __align__(32) T b_tile[MMA_N_TILE][MMA_K_TILE + MMA_PAD];    // W[n, k .. k+63], read as col-major B
-  __shared__ __align__(32) float c_tile[MMA_M_MAX][MMA_N_TILE + 4];
+  __shared__ __align__(32) MmaShared<T> smem;
 
   const int warp = threadIdx.x >> 5;
   const int n0 = blockIdx.x * MMA_N_TILE;
   const int m_tiles = (M + 15) / 16;
-  const int groups = K / group;
   const int k_begin = blockIdx.y * k_per_split;
   const int k_end = min(K, k_begin + k_per_split);
+  // this thread's slice of the W tile: row b_row, columns b_col .. b_col+31
+  const int b_row = threadIdx.x >> 1, b_col = (threadIdx.x & 1) * 32;
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MMA_M_MAX / 16];
 #pragma unroll
   for (int t = 0; t < MMA_M_MAX / 16; ++t) wmma::fill_fragment(acc[t], 0.f);
 
+  // Software pipeline: the weight words of step k+64 are fetched into registers before the tensor-core work
+  // of step k, so their memory latency hides behind it.
+  WeightSlice next = fetch_slice(qweight, scales, zeros, n0 + b_row, N, K, k_begin + b_col, group);
   for (int k = k_begin; k < k_end; k += MMA_K_TILE) {
     // A: m_tiles * 16 rows x 64 columns, 8 values (16 bytes) per load; rows >= M are zero
     for (int i = threadIdx.x; i < m_tiles * 16 * (MMA_K_TILE / 8); i += MMA_THREADS) {
       const int m = i / (MMA_K_TILE / 8), c = (i % (MMA_K_TILE / 8)) * 8;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (m < M) v = *reinterpret_cast<const uint4*>(x + (size_t)m * K + k + c);
-      *reinterpret_cast<uint4*>(&a_tile[m][c]) = v;
+      *reinterpret_cast<uint4*>(&smem.in.a[m][c]) = v;
     }
-    // B: 64 rows x 64 columns = 64 x 8 words; each thread dequantizes 4 words (32 weights, one group)
+    // B: dequantize this thread's 32 weights, 8 per 16-byte shared-memory store
     {
-      const int row = threadIdx.x >> 1, half_row = threadIdx.x & 1;
-      const int n = n0 + row;
-      const int kk = k + half_row * 32;
-      T* dst = &b_tile[row][half_row * 32];
-      if (n < N) {
-        const uint4 words = *reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8) + kk / 8);
-        const float s = __half2float(scales[(size_t)n * groups + kk / group]);
-        const float z = float(zeros[(size_t)n * groups + kk / group]) * s;
-        const uint32_t w4[4] = {words.x, words.y, words.z, words.w};
+      const WeightSlice w = next;
+      const uint32_t w4[4] = {w.words.x, w.words.y, w.words.z, w.words.w};
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
+      for (int q = 0; q < 4; ++q) {
+        alignas(16) T v[8];
 #pragma unroll
-          for (int b = 0; b < 8; ++b) dst[8 * q + b] = from_float<T>(fmaf(float((w4[q] >> (4 * b)) & 0xF), s, -z));
-      } else {
-#pragma unroll
-        for (int i = 0; i < 32; ++i) dst[i] = from_float<T>(0.f);
+        for (int b = 0; b < 8; ++b) v[b] = from_float<T>(fmaf(float((w4[q] >> (4 * b)) & 0xF), w.s, -w.z));
+        *reinterpret_cast<uint4*>(&smem.in.b[b_row][b_col + 8 * q]) = *reinterpret_cast<const uint4*>(v);
       }
     }
     __syncthreads();
+    if (k + MMA_K_TILE < k_end) next = fetch_slice(qweight, scales, zeros, n0 + b_row, N, K, k + MMA_K_TILE + b_col, group);
 #pragma unroll
     for (int kk = 0; kk < MMA_K_TILE; kk += 16) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b_frag;
-      wmma::load_matrix_sync(b_frag, &b_tile[warp * 16][kk], MMA_K_TILE + MMA_PAD);
+      wmma::load_matrix_sync(b_frag, &smem.in.b[warp * 16][kk], MMA_K_TILE + MMA_PAD);
 #pragma unroll
       for (int t = 0; t < MMA_M_MAX / 16; ++t) {
         if (t < m_tiles) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_frag;
-          wmma::load_matrix_sync(a_frag, &a_tile[t * 16][kk], MMA_K_TILE + MMA_PAD);
+          wmma::load_matrix_sync(a_frag, &smem.in.a[t * 16][kk], MMA_K_TILE + MMA_PAD);
           wmma::mma_sync(acc[t], a_frag, b_frag, acc[t]);
         }
       }
     }
-    __syncthreads();
+    __syncthreads();  // the tiles are rewritten next step, and reused as the output tile after the loop
   }
 
 #pragma unroll
   for (int t = 0; t < MMA_M_MAX / 16; ++t)
-    if (t < m_tiles) wmma::store_matrix_sync(&c_tile[t * 16][warp * 16], acc[t], MMA_N_TILE + 4, wmma::mem_row_major);
+    if (t < m_tiles) wmma::store_matrix_sync(&smem.c[t * 16][warp * 16], acc[t], MMA_N_TILE + 4, wmma::mem_row_major);
   __syncthreads();
   for (int i = threadIdx.x; i < M * MMA_N_TILE; i += MMA_THREADS) {
     const int m = i / MMA_N_TILE, n = n0 + i % MMA_N_TILE;
     if (n >= N) continue;
-    float v = c_tile[m][i % MMA_N_TILE];
+    float v = smem.c[m][i % MMA_N_TILE];
     if (gridDim.y == 1) {
       if (bias != nullptr) v += to_float<T>(bias[n]);
       y[(size_t)m * N + n] = from_float<T>(v);
@@ -212,7 +239,7 @@ mma_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, con
   }
 }
 
-// ---- dequant: M > 64, then cuBLAS ---------------------------------------------------------------------------
+// ---- dequant: M > 128, then cuBLAS ---------------------------------------------------------------------------
 
 template <typename T>
 __global__ void dequant_w4_kernel(const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
