@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,29 @@ def test_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "spill stores" in done.stderr and " 0 bytes spill stores" in done.stderr
     assert "error" not in done.stderr.lower()
+
+
+def _cuda_include() -> Path | None:
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(nvcc).resolve().parents[1] / "include"] if nvcc else []
+    candidates += sorted(Path("/usr/local").glob("cuda*/include"))
+    return next((c for c in candidates if (c / "cuda_runtime.h").exists()), None)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None, reason="needs g++ and CUDA headers")
+def test_torch_binding_compiles_against_torch_headers(tmp_path):
+    """binding.cpp against this torch's headers (syntax and types; no GPU, no link). A CPU torch wheel lacks one
+    generated CUDA header, c10/cuda/impl/cuda_cmake_macros.h, which only says how c10_cuda was built: stub it."""
+    from torch.utils import cpp_extension
+
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [str(tmp_path), *cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(_cuda_include())]
+    done = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=llmq_w4a16",
+                           *(f"-I{i}" for i in includes), str(CUDA_SOURCE.with_name("binding.cpp"))],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ---- on a GPU ------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def load_extension():
         directory.mkdir(parents=True, exist_ok=True)
         _extension = cpp_extension.load(
             name="llmq_w4a16", sources=[str(p) for p in SOURCES], build_directory=str(directory),
-            extra_cuda_cflags=["-O3", "-std=c++17"], extra_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=["-O3"], extra_cflags=["-O3"],  # the C++ standard: torch's own choice for its headers
             verbose=bool(os.environ.get("LLMQ_BUILD_VERBOSE")))  # the compiler's own output, to debug a failing build
     except Exception as error:  # any build problem means: use the portable path, and say so once
         _failure = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"

@@ -41,7 +41,7 @@ void check_weights(const torch::Tensor& qweight, const torch::Tensor& scales, co
 
 // out = x @ W^T (+ bias) into the preallocated `out` [M, N]; path 0: gemv (M <= 8), 1: tensor cores (M <= 128).
 torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
-                        c10::optional<torch::Tensor> bias, int64_t group, int64_t path, int64_t splits,
+                        std::optional<torch::Tensor> bias, int64_t group, int64_t path, int64_t splits,
                         torch::Tensor out) {
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
