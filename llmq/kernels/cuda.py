@@ -12,6 +12,7 @@ than two blocks per SM.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -79,6 +80,11 @@ def choose_splits(path: str, n: int, k: int, sm_count: int) -> int:
     return max(1, min(-(-2 * sm_count // blocks), k // 512))
 
 
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:  # asked once per device: the query costs more than a small kernel
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def w4_linear_cuda(extension, x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b on the GPU; x [..., K] float16/bfloat16."""
@@ -95,7 +101,7 @@ def w4_linear_cuda(extension, x: torch.Tensor, packed: PackedW4, bias: torch.Ten
     else:
         if out is None:
             out = torch.empty(m, packed.out_features, device=x.device, dtype=x.dtype)
-        sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
+        sm_count = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         splits = choose_splits(path, packed.out_features, packed.in_features, sm_count)
         y = extension.w4_linear(x2, packed.qweight, packed.scales, packed.zeros, bias, packed.group,
                                 0 if path == "gemv" else 1, splits, out)

@@ -4,16 +4,20 @@
 //   qweight  uint32 [N, K / 8]   word j of row n holds W[n, 8j .. 8j+7], value i in bits 4i..4i+3, unsigned u in 0..15
 //   scales   half   [N, K / g]   s
 //   zeros    uint8  [N, K / g]   u_zero (symmetric: 8);  W[n, k] = u * s - u_zero * s
-// 3 bytes per group beside the 4-bit weights. u_zero * s is formed once per 32 weights, so each weight costs
-// one FMA; the reference (llmq/kernels/cuda.py: dequantize_w4) does the same float32 operations.
+// 3 bytes per group beside the 4-bit weights. Nibbles become numbers by the exact 'magic number' trick below
+// (no int->float conversion instructions); the reference (llmq/kernels/cuda.py: reference_w4) computes the same
+// values in float32, and the kernels agree with it to float32 (gemv) or to one rounding of each weight to the
+// activation dtype (tensor cores).
 // g (group size) is a multiple of 32, or K (per channel). Act-order checkpoints of llmq use static groups, so
 // no permutation is needed at run time.
 //
 // Three paths, chosen by the host (llmq/kernels/cuda.py) from M:
 //   gemv  M <= 8: memory-bound. A warp owns two output rows and streams them once with 16-byte loads
-//         (32 weights per lane per load), dequantizes in registers and keeps M float accumulators per row.
+//         (32 weights per lane per load, the next chunk requested before this one's arithmetic), dequantizes in
+//         registers and keeps M float accumulators per row; the scale multiplies once per 32-weight chunk.
 //         Split-K over gridDim.y (float atomics into a zeroed workspace) when N alone gives too few blocks.
-//   mma   8 < M <= 128: tensor cores (WMMA 16x16x16). A block owns 64 output columns; per 64-wide K step it
+//   mma   8 < M <= 128: tensor cores (WMMA 16x16x16), compiled for 1, 2, 4 or 8 tiles of 16 rows so that small
+//         M keeps registers and shared memory small. A block owns 64 output columns; per 64-wide K step it
 //         dequantizes its 64x64 weight tile into shared memory once and multiplies every 16-row M tile by it;
 //         the next step's weight words are loaded into registers while the tensor cores work (a register
 //         double buffer). Split-K as above.
@@ -38,6 +42,56 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// ---- 4-bit fields to numbers without int->float conversions ----------------------------------------------------
+// An int->float conversion is a quarter-rate instruction; with one per weight the first version of these kernels
+// was compute-bound. Instead a nibble is OR-ed into the low mantissa bits of a float whose last mantissa bit is
+// worth 1, and the float's own value is subtracted: exact, one integer and one float instruction.
+
+// u - z as float, u the nibble at bit `shift` of `word`; magic_plus_zero = 2^23 + z.
+__device__ __forceinline__ float nibble_minus_zero(uint32_t word, int shift, float magic_plus_zero) {
+  return __uint_as_float(((word >> shift) & 0xFu) | 0x4B000000u) - magic_plus_zero;
+}
+
+// The same two at a time for 16-bit types: (word >> 4i) & 0x000F000F puts nibbles i and i+4 in the low bits of
+// two halves; OR-ed into 1024.0 (fp16) or 128.0 (bf16), whose last mantissa bit is worth 1, they read as
+// (base + u_i, base + u_{i+4}). Subtracting base + z is exact; one multiply by the scale then rounds (u - z) * s
+// once, i.e. the weight rounded to T.
+__device__ __forceinline__ __half low_of(__half2 v) { return __low2half(v); }
+__device__ __forceinline__ __half high_of(__half2 v) { return __high2half(v); }
+__device__ __forceinline__ __nv_bfloat16 low_of(__nv_bfloat162 v) { return __low2bfloat16(v); }
+__device__ __forceinline__ __nv_bfloat16 high_of(__nv_bfloat162 v) { return __high2bfloat16(v); }
+
+template <typename T> struct Pair;
+template <> struct Pair<__half> {
+  using type = __half2;
+  static constexpr uint32_t magic = 0x64006400u;  // (1024.0, 1024.0)
+  static constexpr float base = 1024.f;
+  static __device__ __forceinline__ type splat(float v) { return __float2half2_rn(v); }
+};
+template <> struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static constexpr uint32_t magic = 0x43004300u;  // (128.0, 128.0)
+  static constexpr float base = 128.f;
+  static __device__ __forceinline__ type splat(float v) { return __float2bfloat162_rn(v); }
+};
+
+// The eight weights of one word, in column order: out[b] = (u_b - z) * s.
+template <typename T>
+__device__ __forceinline__ void dequant_word(uint32_t word, typename Pair<T>::type base_plus_zero,
+                                             typename Pair<T>::type scale, T* out) {
+  using P = Pair<T>;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t bits = ((word >> (4 * i)) & 0x000F000Fu) | P::magic;
+    typename P::type v;
+    memcpy(&v, &bits, sizeof(bits));
+    v = __hmul2(__hsub2(v, base_plus_zero), scale);
+    out[i] = low_of(v);
+    out[i + 4] = high_of(v);
+  }
+}
+
+
 // ---- gemv: M <= 8 ------------------------------------------------------------------------------------------
 
 constexpr int GEMV_WARPS = 4;
@@ -53,6 +107,29 @@ __device__ __forceinline__ void load8(const T* p, float* out) {
   for (int i = 0; i < 8; ++i) out[i] = to_float<T>(v[i]);
 }
 
+// One lane's 32-weight chunk of each of the warp's rows (one group), held in registers.
+struct GemvChunk {
+  uint32_t words[GEMV_ROWS_PER_WARP][4];
+  float scale[GEMV_ROWS_PER_WARP];
+  float magic_plus_zero[GEMV_ROWS_PER_WARP];
+};
+
+__device__ __forceinline__ GemvChunk fetch_chunk(const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
+                                                 const uint8_t* __restrict__ zeros, int row0, int N, int K, int group,
+                                                 int c) {
+  GemvChunk chunk;
+  const int groups = K / group, gi = c * 32 / group;  // the 32 weights of a chunk share one group
+#pragma unroll
+  for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+    const int n = min(row0 + r, N - 1);  // a row past N computes a copy of the last one and is not written
+    const uint4 words = reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8))[c];
+    chunk.words[r][0] = words.x; chunk.words[r][1] = words.y; chunk.words[r][2] = words.z; chunk.words[r][3] = words.w;
+    chunk.scale[r] = __half2float(scales[(size_t)n * groups + gi]);
+    chunk.magic_plus_zero[r] = 8388608.f + float(zeros[(size_t)n * groups + gi]);
+  }
+  return chunk;
+}
+
 template <typename T, int M>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
@@ -61,7 +138,6 @@ gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, co
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int row0 = blockIdx.x * GEMV_ROWS_PER_BLOCK + warp * GEMV_ROWS_PER_WARP;
-  const int groups = K / group;
   const int chunks = K / 32;  // 16-byte chunks of 32 weights per row
   const int chunk_begin = blockIdx.y * chunks_per_split;
   const int chunk_end = min(chunks, chunk_begin + chunks_per_split);
@@ -72,35 +148,39 @@ gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, co
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
-#pragma unroll 2  // two chunks' weight loads in flight per lane
-  for (int c = chunk_begin + lane; c < chunk_end; c += 32) {
-    const int k0 = c * 32;
-    const int gi = k0 / group;  // the 32 weights of a chunk share one group (group % 32 == 0)
-    uint32_t w4[GEMV_ROWS_PER_WARP][4];
-    float s[GEMV_ROWS_PER_WARP], z[GEMV_ROWS_PER_WARP];
+  // Register double buffer: the next chunk's weights are requested before this chunk's arithmetic.
+  int c = chunk_begin + lane;
+  GemvChunk current;
+  if (c < chunk_end) current = fetch_chunk(qweight, scales, zeros, row0, N, K, group, c);
+  for (; c < chunk_end; c += 32) {
+    GemvChunk next;
+    if (c + 32 < chunk_end) next = fetch_chunk(qweight, scales, zeros, row0, N, K, group, c + 32);
+    // sum over the chunk of (u - z) * x, then one multiply by the group's scale
+    float partial[GEMV_ROWS_PER_WARP][M];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
-      const int n = min(row0 + r, N - 1);  // a row past N computes a copy of the last one and is not written
-      const uint4 words = reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8))[c];
-      w4[r][0] = words.x; w4[r][1] = words.y; w4[r][2] = words.z; w4[r][3] = words.w;
-      s[r] = __half2float(scales[(size_t)n * groups + gi]);
-      z[r] = float(zeros[(size_t)n * groups + gi]) * s[r];
-    }
+    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) partial[r][m] = 0.f;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {  // 8 weights per word; the activations of those 8 columns once per word
       float xs[M][8];
 #pragma unroll
-      for (int m = 0; m < M; ++m) load8<T>(x + (size_t)m * K + k0 + 8 * q, xs[m]);
+      for (int m = 0; m < M; ++m) load8<T>(x + (size_t)m * K + c * 32 + 8 * q, xs[m]);
 #pragma unroll
       for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
 #pragma unroll
         for (int b = 0; b < 8; ++b) {
-          const float w = fmaf(float((w4[r][q] >> (4 * b)) & 0xF), s[r], -z[r]);
+          const float w = nibble_minus_zero(current.words[r][q], 4 * b, current.magic_plus_zero[r]);
 #pragma unroll
-          for (int m = 0; m < M; ++m) acc[r][m] = fmaf(w, xs[m][b], acc[r][m]);
+          for (int m = 0; m < M; ++m) partial[r][m] = fmaf(w, xs[m][b], partial[r][m]);
         }
       }
     }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[r][m] = fmaf(partial[r][m], current.scale[r], acc[r][m]);
+    current = next;
   }
 
 #pragma unroll
@@ -127,104 +207,112 @@ gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, co
 
 constexpr int MMA_N_TILE = 64;   // output columns per block: 4 warps x 16
 constexpr int MMA_K_TILE = 64;
-constexpr int MMA_M_MAX = 128;   // 8 M tiles of 16
 constexpr int MMA_PAD = 8;       // shared-memory row padding (halves) against bank conflicts
 constexpr int MMA_THREADS = 128;
 
-// Shared memory of one block: the x and W tiles during the K loop, then (reusing the same bytes) the float
-// output tile. 34 KB, under the 48 KB of static shared memory.
-template <typename T>
+// Shared memory of one block with MT tiles of 16 rows: the x and W tiles during the K loop, then (reusing the
+// same bytes) the float output tile. At most 34 KB (MT = 8), under the 48 KB of static shared memory.
+template <typename T, int MT>
 union MmaShared {
   struct {
-    T a[MMA_M_MAX][MMA_K_TILE + MMA_PAD];   // x[m, k .. k+63]
+    T a[MT * 16][MMA_K_TILE + MMA_PAD];     // x[m, k .. k+63]
     T b[MMA_N_TILE][MMA_K_TILE + MMA_PAD];  // W[n, k .. k+63], read as a col-major B operand
   } in;
-  float c[MMA_M_MAX][MMA_N_TILE + 4];
+  float c[MT * 16][MMA_N_TILE + 4];
 };
 
-// The 32 weights a thread dequantizes per K step (one row, half of the 64-wide tile, one group), in registers.
-struct WeightSlice {
+// What one thread loads per K step, held in registers one step ahead: 32 weights of one row (one group) and
+// MT 16-byte pieces of the x tile.
+template <int MT>
+struct MmaStage {
   uint4 words;
-  float s, z;  // scale and zero * scale
+  float scale, zero;
+  uint4 a[MT];
 };
 
-__device__ __forceinline__ WeightSlice fetch_slice(const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
-                                                   const uint8_t* __restrict__ zeros, int n, int N, int K, int kk,
-                                                   int group) {
-  WeightSlice w{make_uint4(0, 0, 0, 0), 0.f, 0.f};  // rows past N (and an empty split) dequantize to zero
-  if (n < N && kk < K) {
-    const int groups = K / group;
-    w.words = *reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8) + kk / 8);
-    w.s = __half2float(scales[(size_t)n * groups + kk / group]);
-    w.z = float(zeros[(size_t)n * groups + kk / group]) * w.s;
+template <typename T, int MT>
+__device__ __forceinline__ MmaStage<MT> fetch_stage(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
+                                                    const __half* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                                                    int M, int N, int K, int group, int n, int k, int b_col) {
+  MmaStage<MT> stage;
+  stage.words = make_uint4(0, 0, 0, 0);  // rows past N dequantize to (0 - 0) * 0 = 0
+  stage.scale = 0.f;
+  stage.zero = 0.f;
+  if (n < N && k < K) {
+    const int groups = K / group, gi = (k + b_col) / group;
+    stage.words = *reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8) + (k + b_col) / 8);
+    stage.scale = __half2float(scales[(size_t)n * groups + gi]);
+    stage.zero = float(zeros[(size_t)n * groups + gi]);
   }
-  return w;
+#pragma unroll
+  for (int j = 0; j < MT; ++j) {  // piece i of the tile: row i / 8, columns (i % 8) * 8 .. +7; rows >= M are zero
+    const int i = threadIdx.x + j * MMA_THREADS, m = i / (MMA_K_TILE / 8), col = (i % (MMA_K_TILE / 8)) * 8;
+    stage.a[j] = make_uint4(0, 0, 0, 0);
+    if (m < M && k < K) stage.a[j] = *reinterpret_cast<const uint4*>(x + (size_t)m * K + k + col);
+  }
+  return stage;
 }
 
-template <typename T>
+template <typename T, int MT>
 __global__ void __launch_bounds__(MMA_THREADS)
 mma_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
               const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
               float* __restrict__ workspace, int M, int N, int K, int group, int k_per_split) {
   using namespace nvcuda;
-  __shared__ __align__(32) MmaShared<T> smem;
+  using P = Pair<T>;
+  __shared__ __align__(32) MmaShared<T, MT> smem;
 
   const int warp = threadIdx.x >> 5;
   const int n0 = blockIdx.x * MMA_N_TILE;
-  const int m_tiles = (M + 15) / 16;
   const int k_begin = blockIdx.y * k_per_split;
   const int k_end = min(K, k_begin + k_per_split);
   // this thread's slice of the W tile: row b_row, columns b_col .. b_col+31
   const int b_row = threadIdx.x >> 1, b_col = (threadIdx.x & 1) * 32;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MMA_M_MAX / 16];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[MT];
 #pragma unroll
-  for (int t = 0; t < MMA_M_MAX / 16; ++t) wmma::fill_fragment(acc[t], 0.f);
+  for (int t = 0; t < MT; ++t) wmma::fill_fragment(acc[t], 0.f);
 
-  // Software pipeline: the weight words of step k+64 are fetched into registers before the tensor-core work
-  // of step k, so their memory latency hides behind it.
-  WeightSlice next = fetch_slice(qweight, scales, zeros, n0 + b_row, N, K, k_begin + b_col, group);
+  // Software pipeline: step k+64's weights and activations are requested into registers before the
+  // tensor-core work of step k, so their memory latency hides behind it.
+  MmaStage<MT> next = fetch_stage<T, MT>(x, qweight, scales, zeros, M, N, K, group, n0 + b_row, k_begin, b_col);
   for (int k = k_begin; k < k_end; k += MMA_K_TILE) {
-    // A: m_tiles * 16 rows x 64 columns, 8 values (16 bytes) per load; rows >= M are zero
-    for (int i = threadIdx.x; i < m_tiles * 16 * (MMA_K_TILE / 8); i += MMA_THREADS) {
-      const int m = i / (MMA_K_TILE / 8), c = (i % (MMA_K_TILE / 8)) * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (m < M) v = *reinterpret_cast<const uint4*>(x + (size_t)m * K + k + c);
-      *reinterpret_cast<uint4*>(&smem.in.a[m][c]) = v;
+    const MmaStage<MT> stage = next;
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+      const int i = threadIdx.x + j * MMA_THREADS;
+      *reinterpret_cast<uint4*>(&smem.in.a[i / (MMA_K_TILE / 8)][(i % (MMA_K_TILE / 8)) * 8]) = stage.a[j];
     }
-    // B: dequantize this thread's 32 weights, 8 per 16-byte shared-memory store
-    {
-      const WeightSlice w = next;
-      const uint32_t w4[4] = {w.words.x, w.words.y, w.words.z, w.words.w};
+    {  // dequantize this thread's 32 weights, 8 per 16-byte shared-memory store
+      const uint32_t w4[4] = {stage.words.x, stage.words.y, stage.words.z, stage.words.w};
+      const typename P::type base_plus_zero = P::splat(P::base + stage.zero), scale = P::splat(stage.scale);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         alignas(16) T v[8];
-#pragma unroll
-        for (int b = 0; b < 8; ++b) v[b] = from_float<T>(fmaf(float((w4[q] >> (4 * b)) & 0xF), w.s, -w.z));
+        dequant_word<T>(w4[q], base_plus_zero, scale, v);
         *reinterpret_cast<uint4*>(&smem.in.b[b_row][b_col + 8 * q]) = *reinterpret_cast<const uint4*>(v);
       }
     }
     __syncthreads();
-    if (k + MMA_K_TILE < k_end) next = fetch_slice(qweight, scales, zeros, n0 + b_row, N, K, k + MMA_K_TILE + b_col, group);
+    if (k + MMA_K_TILE < k_end)
+      next = fetch_stage<T, MT>(x, qweight, scales, zeros, M, N, K, group, n0 + b_row, k + MMA_K_TILE, b_col);
 #pragma unroll
     for (int kk = 0; kk < MMA_K_TILE; kk += 16) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b_frag;
       wmma::load_matrix_sync(b_frag, &smem.in.b[warp * 16][kk], MMA_K_TILE + MMA_PAD);
 #pragma unroll
-      for (int t = 0; t < MMA_M_MAX / 16; ++t) {
-        if (t < m_tiles) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_frag;
-          wmma::load_matrix_sync(a_frag, &smem.in.a[t * 16][kk], MMA_K_TILE + MMA_PAD);
-          wmma::mma_sync(acc[t], a_frag, b_frag, acc[t]);
-        }
+      for (int t = 0; t < MT; ++t) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_frag;
+        wmma::load_matrix_sync(a_frag, &smem.in.a[t * 16][kk], MMA_K_TILE + MMA_PAD);
+        wmma::mma_sync(acc[t], a_frag, b_frag, acc[t]);
       }
     }
     __syncthreads();  // the tiles are rewritten next step, and reused as the output tile after the loop
   }
 
 #pragma unroll
-  for (int t = 0; t < MMA_M_MAX / 16; ++t)
-    if (t < m_tiles) wmma::store_matrix_sync(&smem.c[t * 16][warp * 16], acc[t], MMA_N_TILE + 4, wmma::mem_row_major);
+  for (int t = 0; t < MT; ++t)
+    wmma::store_matrix_sync(&smem.c[t * 16][warp * 16], acc[t], MMA_N_TILE + 4, wmma::mem_row_major);
   __syncthreads();
   for (int i = threadIdx.x; i < M * MMA_N_TILE; i += MMA_THREADS) {
     const int m = i / MMA_N_TILE, n = n0 + i % MMA_N_TILE;
@@ -244,17 +332,16 @@ mma_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, con
 template <typename T>
 __global__ void dequant_w4_kernel(const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
                                   const uint8_t* __restrict__ zeros, T* __restrict__ w, int N, int K, int group) {
+  using P = Pair<T>;
   const size_t words = (size_t)N * (K / 8);
   const int groups = K / group;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < words; i += (size_t)gridDim.x * blockDim.x) {
     const size_t n = i / (K / 8);
     const int k0 = (int)(i % (K / 8)) * 8;
     const float s = __half2float(scales[n * groups + k0 / group]);
-    const float z = float(zeros[n * groups + k0 / group]) * s;
-    const uint32_t word = qweight[i];
+    const float z = float(zeros[n * groups + k0 / group]);
     alignas(16) T out[8];
-#pragma unroll
-    for (int b = 0; b < 8; ++b) out[b] = from_float<T>(fmaf(float((word >> (4 * b)) & 0xF), s, -z));
+    dequant_word<T>(qweight[i], P::splat(P::base + z), P::splat(s), out);
     *reinterpret_cast<uint4*>(w + n * K + k0) = *reinterpret_cast<const uint4*>(out);
   }
 }
@@ -270,6 +357,17 @@ static void launch_gemv(const void* x, const uint32_t* qw, const __half* s, cons
   gemv_w4_kernel<T, M><<<grid, GEMV_WARPS * 32, 0, stream>>>(
       static_cast<const T*>(x), qw, s, zeros, static_cast<const T*>(bias), static_cast<T*>(y), workspace, N, K, group,
       per_split);
+}
+
+template <typename T, int MT>
+static void launch_mma(int M, const void* x, const uint32_t* qw, const __half* s, const uint8_t* zeros, const void* bias,
+                       void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream) {
+  const int k_tiles = K / MMA_K_TILE;
+  const int per_split = ((k_tiles + splits - 1) / splits) * MMA_K_TILE;
+  dim3 grid((N + MMA_N_TILE - 1) / MMA_N_TILE, splits);
+  mma_w4_kernel<T, MT><<<grid, MMA_THREADS, 0, stream>>>(
+      static_cast<const T*>(x), qw, s, zeros, static_cast<const T*>(bias), static_cast<T*>(y), workspace, M, N, K,
+      group, per_split);
 }
 
 template <typename T>
@@ -301,17 +399,19 @@ void llmq_w4_gemv(int dtype, int M, const void* x, const uint32_t* qw, const __h
 void llmq_w4_mma(int dtype, int M, const void* x, const uint32_t* qw, const __half* s, const uint8_t* zeros,
                  const void* bias, void* y, float* workspace, int N, int K, int group, int splits,
                  cudaStream_t stream) {
-  const int k_tiles = K / llmq::MMA_K_TILE;
-  const int per_split = ((k_tiles + splits - 1) / splits) * llmq::MMA_K_TILE;
-  dim3 grid((N + llmq::MMA_N_TILE - 1) / llmq::MMA_N_TILE, splits);
-  if (dtype == 0)
-    llmq::mma_w4_kernel<__half><<<grid, llmq::MMA_THREADS, 0, stream>>>(
-        static_cast<const __half*>(x), qw, s, zeros, static_cast<const __half*>(bias), static_cast<__half*>(y),
-        workspace, M, N, K, group, per_split);
-  else
-    llmq::mma_w4_kernel<__nv_bfloat16><<<grid, llmq::MMA_THREADS, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(x), qw, s, zeros, static_cast<const __nv_bfloat16*>(bias),
-        static_cast<__nv_bfloat16*>(y), workspace, M, N, K, group, per_split);
+  const int m_tiles = (M + 15) / 16;
+  if (dtype == 0) {
+    if (m_tiles <= 1) llmq::launch_mma<__half, 1>(M, x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream);
+    else if (m_tiles <= 2) llmq::launch_mma<__half, 2>(M, x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream);
+    else if (m_tiles <= 4) llmq::launch_mma<__half, 4>(M, x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream);
+    else llmq::launch_mma<__half, 8>(M, x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream);
+  } else {
+    using B = __nv_bfloat16;
+    if (m_tiles <= 1) llmq::launch_mma<B, 1>(M, x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream);
+    else if (m_tiles <= 2) llmq::launch_mma<B, 2>(M, x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream);
+    else if (m_tiles <= 4) llmq::launch_mma<B, 4>(M, x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream);
+    else llmq::launch_mma<B, 8>(M, x, qw, s, zeros, bias, y, workspace, N, K, group, splits, stream);
+  }
 }
 
 void llmq_w4_dequant(int dtype, const uint32_t* qw, const __half* s, const uint8_t* zeros, void* w, int N, int K, int group,
