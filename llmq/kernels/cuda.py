@@ -20,7 +20,6 @@ from llmq.formats.packing import unpack_int32
 
 GEMV_MAX_M = 8
 MMA_MAX_M = 128
-_GEMV_ROWS_PER_BLOCK = 8
 _MMA_N_TILE = 64
 
 
@@ -74,7 +73,7 @@ def choose_path(m: int) -> str:
 
 def choose_splits(path: str, n: int, k: int, sm_count: int) -> int:
     """Split K until there are about two blocks per SM (each split keeps at least 512 columns of K)."""
-    blocks = -(-n // (_GEMV_ROWS_PER_BLOCK if path == "gemv" else _MMA_N_TILE))
+    blocks = -(-n // (_MMA_N_TILE if path == "mma" else 8))  # gemv: 8 or 16 rows per block (w4a16.cu)
     if blocks >= 2 * sm_count:
         return 1
     return max(1, min(-(-2 * sm_count // blocks), k // 512))

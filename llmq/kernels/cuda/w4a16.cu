@@ -12,7 +12,7 @@
 // no permutation is needed at run time.
 //
 // Three paths, chosen by the host (llmq/kernels/cuda.py) from M:
-//   gemv  M <= 8: memory-bound. A warp owns two output rows and streams them once with 16-byte loads
+//   gemv  M <= 8: memory-bound. A warp owns four (M <= 2) or two output rows and streams them once with 16-byte loads
 //         (32 weights per lane per load, the next chunk requested before this one's arithmetic), dequantizes in
 //         registers and keeps M float accumulators per row; the scale multiplies once per 32-weight chunk.
 //         Split-K over gridDim.y (float atomics into a zeroed workspace) when N alone gives too few blocks.
@@ -47,9 +47,18 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // was compute-bound. Instead a nibble is OR-ed into the low mantissa bits of a float whose last mantissa bit is
 // worth 1, and the float's own value is subtracted: exact, one integer and one float instruction.
 
-// u - z as float, u the nibble at bit `shift` of `word`; magic_plus_zero = 2^23 + z.
-__device__ __forceinline__ float nibble_minus_zero(uint32_t word, int shift, float magic_plus_zero) {
-  return __uint_as_float(((word >> shift) & 0xFu) | 0x4B000000u) - magic_plus_zero;
+// The eight values u_b - z of one word as floats. Nibble b sits at bits 4b..4b+3; OR-ed, in place, into the float
+// 2^(23-4b), whose mantissa bit 4b is worth exactly 1, it reads as 2^(23-4b) + u_b (one LOP3, no shift). That
+// holds while the nibble stays inside the 23 mantissa bits (b <= 4); nibbles 5..7 are taken from word >> 16 at
+// positions 1..3. magic_plus_zero[j] = 2^(23-4j) + z.
+__device__ __forceinline__ void nibbles_minus_zero(uint32_t word, const float* magic_plus_zero, float* out) {
+  const uint32_t high = word >> 16;
+#pragma unroll
+  for (int b = 0; b < 8; ++b) {
+    const int j = b < 5 ? b : b - 4;
+    const uint32_t bits = ((b < 5 ? word : high) & (0xFu << (4 * j))) | ((150u - 4 * j) << 23);
+    out[b] = __uint_as_float(bits) - magic_plus_zero[j];
+  }
 }
 
 // The same two at a time for 16-bit types: (word >> 4i) & 0x000F000F puts nibbles i and i+4 in the low bits of
@@ -95,8 +104,8 @@ __device__ __forceinline__ void dequant_word(uint32_t word, typename Pair<T>::ty
 // ---- gemv: M <= 8 ------------------------------------------------------------------------------------------
 
 constexpr int GEMV_WARPS = 4;
-constexpr int GEMV_ROWS_PER_WARP = 2;
-constexpr int GEMV_ROWS_PER_BLOCK = GEMV_WARPS * GEMV_ROWS_PER_WARP;
+// Rows per warp: 4 for M <= 2 (each activation converted to float once serves four rows), 2 above (registers).
+__host__ __device__ constexpr int gemv_rows_per_warp(int M) { return M <= 2 ? 4 : 2; }
 
 // Eight activations x[m, k .. k+7] as floats (one 16-byte load).
 template <typename T>
@@ -107,25 +116,27 @@ __device__ __forceinline__ void load8(const T* p, float* out) {
   for (int i = 0; i < 8; ++i) out[i] = to_float<T>(v[i]);
 }
 
-// One lane's 32-weight chunk of each of the warp's rows (one group), held in registers.
+// One lane's 32-weight chunk of each of the warp's R rows (one group), held in registers.
+template <int R>
 struct GemvChunk {
-  uint32_t words[GEMV_ROWS_PER_WARP][4];
-  float scale[GEMV_ROWS_PER_WARP];
-  float magic_plus_zero[GEMV_ROWS_PER_WARP];
+  uint32_t words[R][4];
+  float scale[R];
+  float zero[R];
 };
 
-__device__ __forceinline__ GemvChunk fetch_chunk(const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
-                                                 const uint8_t* __restrict__ zeros, int row0, int N, int K, int group,
-                                                 int c) {
-  GemvChunk chunk;
+template <int R>
+__device__ __forceinline__ GemvChunk<R> fetch_chunk(const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
+                                                    const uint8_t* __restrict__ zeros, int row0, int N, int K, int group,
+                                                    int c) {
+  GemvChunk<R> chunk;
   const int groups = K / group, gi = c * 32 / group;  // the 32 weights of a chunk share one group
 #pragma unroll
-  for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+  for (int r = 0; r < R; ++r) {
     const int n = min(row0 + r, N - 1);  // a row past N computes a copy of the last one and is not written
     const uint4 words = reinterpret_cast<const uint4*>(qweight + (size_t)n * (K / 8))[c];
     chunk.words[r][0] = words.x; chunk.words[r][1] = words.y; chunk.words[r][2] = words.z; chunk.words[r][3] = words.w;
     chunk.scale[r] = __half2float(scales[(size_t)n * groups + gi]);
-    chunk.magic_plus_zero[r] = 8388608.f + float(zeros[(size_t)n * groups + gi]);
+    chunk.zero[r] = float(zeros[(size_t)n * groups + gi]);
   }
   return chunk;
 }
@@ -135,30 +146,36 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
                const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
                float* __restrict__ workspace, int N, int K, int group, int chunks_per_split) {
+  constexpr int R = gemv_rows_per_warp(M);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int row0 = blockIdx.x * GEMV_ROWS_PER_BLOCK + warp * GEMV_ROWS_PER_WARP;
+  const int row0 = (blockIdx.x * GEMV_WARPS + warp) * R;
   const int chunks = K / 32;  // 16-byte chunks of 32 weights per row
   const int chunk_begin = blockIdx.y * chunks_per_split;
   const int chunk_end = min(chunks, chunk_begin + chunks_per_split);
 
-  float acc[GEMV_ROWS_PER_WARP][M];
+  float acc[R][M];
 #pragma unroll
-  for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
   // Register double buffer: the next chunk's weights are requested before this chunk's arithmetic.
   int c = chunk_begin + lane;
-  GemvChunk current;
-  if (c < chunk_end) current = fetch_chunk(qweight, scales, zeros, row0, N, K, group, c);
+  GemvChunk<R> current;
+  if (c < chunk_end) current = fetch_chunk<R>(qweight, scales, zeros, row0, N, K, group, c);
   for (; c < chunk_end; c += 32) {
-    GemvChunk next;
-    if (c + 32 < chunk_end) next = fetch_chunk(qweight, scales, zeros, row0, N, K, group, c + 32);
-    // sum over the chunk of (u - z) * x, then one multiply by the group's scale
-    float partial[GEMV_ROWS_PER_WARP][M];
+    GemvChunk<R> next;
+    if (c + 32 < chunk_end) next = fetch_chunk<R>(qweight, scales, zeros, row0, N, K, group, c + 32);
+    float magic_plus_zero[R][5];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < 5; ++j) magic_plus_zero[r][j] = float(1 << (23 - 4 * j)) + current.zero[r];
+    // sum over the chunk of (u - z) * x, then one multiply by the group's scale
+    float partial[R][M];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int m = 0; m < M; ++m) partial[r][m] = 0.f;
 #pragma unroll
@@ -167,24 +184,24 @@ gemv_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, co
 #pragma unroll
       for (int m = 0; m < M; ++m) load8<T>(x + (size_t)m * K + c * 32 + 8 * q, xs[m]);
 #pragma unroll
-      for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+      for (int r = 0; r < R; ++r) {
+        float w[8];
+        nibbles_minus_zero(current.words[r][q], magic_plus_zero[r], w);
 #pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          const float w = nibble_minus_zero(current.words[r][q], 4 * b, current.magic_plus_zero[r]);
+        for (int b = 0; b < 8; ++b)
 #pragma unroll
-          for (int m = 0; m < M; ++m) partial[r][m] = fmaf(w, xs[m][b], partial[r][m]);
-        }
+          for (int m = 0; m < M; ++m) partial[r][m] = fmaf(w[b], xs[m][b], partial[r][m]);
       }
     }
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int m = 0; m < M; ++m) acc[r][m] = fmaf(partial[r][m], current.scale[r], acc[r][m]);
     current = next;
   }
 
 #pragma unroll
-  for (int r = 0; r < GEMV_ROWS_PER_WARP; ++r) {
+  for (int r = 0; r < R; ++r) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       float v = acc[r][m];
@@ -353,7 +370,8 @@ static void launch_gemv(const void* x, const uint32_t* qw, const __half* s, cons
                         float* workspace, int N, int K, int group, int splits, cudaStream_t stream) {
   const int chunks = K / 32;
   const int per_split = (chunks + splits - 1) / splits;
-  dim3 grid((N + GEMV_ROWS_PER_BLOCK - 1) / GEMV_ROWS_PER_BLOCK, splits);
+  constexpr int rows_per_block = GEMV_WARPS * gemv_rows_per_warp(M);
+  dim3 grid((N + rows_per_block - 1) / rows_per_block, splits);
   gemv_w4_kernel<T, M><<<grid, GEMV_WARPS * 32, 0, stream>>>(
       static_cast<const T*>(x), qw, s, zeros, static_cast<const T*>(bias), static_cast<T*>(y), workspace, N, K, group,
       per_split);
