@@ -24,7 +24,7 @@ stamp bench
 timeout 200 python3 scripts/bench_kernel.py --gpu --decode 2>"$OUT/bench.err" | tee "$OUT/bench_kernel.md"
 tail -3 "$OUT/bench.err"
 stamp profile
-# Nsight Compute: speed of light (memory vs compute use) of the 70B gate+up kernels at M = 1 and M = 16
+# Nsight Compute's speed-of-light numbers (memory vs compute use) for the 70B gate+up shape, M = 1 and M = 16
 cat > /tmp/one_call.py <<'PY'
 import sys, torch
 sys.path.insert(0, "scripts")
@@ -36,6 +36,6 @@ for m in (1, 16):
     w4_linear_cuda(extension, torch.randn(m, 8192, device="cuda", dtype=torch.bfloat16), packed, None)
 torch.cuda.synchronize()
 PY
-command -v ncu >/dev/null && timeout 90 ncu --kernel-name regex:"skinny" --section SpeedOfLight --section Occupancy \
+command -v ncu >/dev/null && timeout 90 ncu --kernel-name regex:"gemv|mma" --section SpeedOfLight --section Occupancy \
   python3 /tmp/one_call.py 2>&1 | grep -E "w4_kernel|Throughput|Duration|Achieved Occupancy|Registers" | tee "$OUT/ncu.txt"
 stamp done
