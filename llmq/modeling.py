@@ -87,7 +87,7 @@ def kernel_path(device: torch.device | str, bits: int = 4) -> str:
     device_type = torch.device(device).type
     if device_type == "cuda":
         if bits == 4 and load_extension() is not None:
-            return "llmq W4A16 CUDA kernels (skinny tensor-core M<=16, tiled tensor-core M<=128, dequantize + cuBLAS above)"
+            return "llmq W4A16 CUDA kernels (gemv M<=8, tensor cores M<=128, dequantize + cuBLAS above)"
         return "dequantize + cuBLAS (no llmq kernel for this model or machine)"
     if bits == 4:
         limits = ", ".join(f"{str(k).removeprefix('torch.')} {v}" for k, v in INT4_MAX_ROWS.items())

@@ -4,10 +4,9 @@ Repacked form (see cuda/w4a16.cu): qweight int32 [N, K/8] (the checkpoint's word
 and unsigned zero points uint8, [N, K/g] each (3 bytes per group): W = u * s - (u_zero * s), in float32.
 `reference_w4` computes exactly that in plain torch; the tests hold the kernels to it.
 
-Paths by the number of rows M of the activation matrix: M <= 16 "skinny" tensor-core kernel on a second copy of
-the words in mma fragment order (`fragment_layout`, made on first use), M <= 128 tensor cores (WMMA on
-dequantized tiles), larger M dequantize once + cuBLAS. The older gemv (M <= 8, CUDA cores) stays selectable
-(path "gemv") for comparison. Split-K when the output alone gives fewer than two blocks per SM.
+Paths by the number of rows M of the activation matrix: M <= 8 gemv (memory-bound), M <= 128 tensor cores
+(WMMA on dequantized tiles), larger M dequantize once + cuBLAS. Split-K when the output alone gives fewer
+than two blocks per SM.
 """
 
 from __future__ import annotations
@@ -20,14 +19,8 @@ import torch
 from llmq.formats.packing import unpack_int32
 
 GEMV_MAX_M = 8
-SKINNY_MAX_M = 16
 MMA_MAX_M = 128
 _MMA_N_TILE = 64
-_SKINNY_ROWS_PER_BLOCK = 128
-# lane l of a warp holds, per 16-wide k step of a 16-row tile, nibble i = W[row, col] with (row, col) below
-# (g = l // 4, t = l % 4): the A fragment of mma.m16n8k16 (cuda/w4a16.cu, skinny kernel)
-_FRAGMENT_ROW = [0, 8, 0, 8, 0, 8, 0, 8]  # + g
-_FRAGMENT_COL = [0, 0, 8, 8, 1, 1, 9, 9]  # + 2t
 
 
 @dataclass
@@ -38,52 +31,6 @@ class PackedW4:
     group: int
     in_features: int
     out_features: int
-    skinny: SkinnyW4 | None = None  # the fragment-order copy, made on first use with M <= 16
-
-
-@dataclass
-class SkinnyW4:
-    frags: torch.Tensor  # int32 [ceil(N/16), K/64, 32 lanes, 4 steps]
-    scales: torch.Tensor  # float16 [ceil(N/16) * 16, K/g], padded rows 0
-    zeros: torch.Tensor  # uint8, same shape
-
-
-def fragment_layout(qweight: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The words in the skinny kernel's order: int32 [ceil(N/16), K/64, 32, 4], rows padded with zeros."""
-    tiles = -(-out_features // 16)
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    u = ((qweight.unsqueeze(-1) >> shifts) & 0xF).reshape(out_features, in_features)
-    u = torch.nn.functional.pad(u, (0, 0, 0, tiles * 16 - out_features))
-    u = u.reshape(tiles, 16, in_features // 16, 16).permute(0, 2, 1, 3)  # tile, k step, row, col
-    lane = torch.arange(32, device=qweight.device)
-    rows = (lane // 4).unsqueeze(1) + torch.tensor(_FRAGMENT_ROW, device=qweight.device)  # [32, 8]
-    cols = 2 * (lane % 4).unsqueeze(1) + torch.tensor(_FRAGMENT_COL, device=qweight.device)
-    nibbles = u[:, :, rows, cols].to(torch.int64)  # tile, k step, lane, nibble
-    words = (nibbles << (4 * torch.arange(8, device=qweight.device))).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words.reshape(tiles, in_features // 64, 4, 32).transpose(2, 3).contiguous()
-
-
-def unfragment(frags: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The inverse of fragment_layout, as unsigned nibbles [N, K] (tests)."""
-    tiles = frags.shape[0]
-    words = frags.transpose(2, 3).reshape(tiles, in_features // 16, 32).to(torch.int64) & 0xFFFFFFFF
-    u = torch.zeros(tiles, in_features // 16, 16, 16, dtype=torch.int64, device=frags.device)
-    for lane in range(32):
-        g, t = divmod(lane, 4)
-        for i in range(8):
-            u[:, :, g + _FRAGMENT_ROW[i], 2 * t + _FRAGMENT_COL[i]] = (words[:, :, lane] >> (4 * i)) & 0xF
-    return u.permute(0, 2, 1, 3).reshape(tiles * 16, in_features)[:out_features]
-
-
-def skinny_layout(packed: PackedW4) -> SkinnyW4:
-    if packed.skinny is None:
-        pad = -(-packed.out_features // 16) * 16 - packed.out_features
-        packed.skinny = SkinnyW4(
-            fragment_layout(packed.qweight, packed.out_features, packed.in_features),
-            torch.nn.functional.pad(packed.scales, (0, 0, 0, pad)).contiguous(),
-            torch.nn.functional.pad(packed.zeros, (0, 0, 0, pad)).contiguous())
-    return packed.skinny
 
 
 def kernel_supports(bits: int, in_features: int, group: int) -> bool:
@@ -121,13 +68,12 @@ def reference_w4(x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None) -
 
 
 def choose_path(m: int) -> str:
-    return "skinny" if m <= SKINNY_MAX_M else "mma" if m <= MMA_MAX_M else "cublas"
+    return "gemv" if m <= GEMV_MAX_M else "mma" if m <= MMA_MAX_M else "cublas"
 
 
 def choose_splits(path: str, n: int, k: int, sm_count: int) -> int:
     """Split K until there are about two blocks per SM (each split keeps at least 512 columns of K)."""
-    rows_per_block = {"mma": _MMA_N_TILE, "skinny": _SKINNY_ROWS_PER_BLOCK}.get(path, 8)  # gemv: 8 or 16 rows
-    blocks = -(-n // rows_per_block)
+    blocks = -(-n // (_MMA_N_TILE if path == "mma" else 8))  # gemv: 8 or 16 rows per block (w4a16.cu)
     if blocks >= 2 * sm_count:
         return 1
     return max(1, min(-(-2 * sm_count // blocks), k // 512))
@@ -139,14 +85,14 @@ def _sm_count(device_index: int) -> int:  # asked once per device: the query cos
 
 
 def w4_linear_cuda(extension, x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None,
-                   out: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
-    """y = x W^T + b on the GPU; x [..., K] float16/bfloat16. `path` overrides the choice by M (benchmarks)."""
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b on the GPU; x [..., K] float16/bfloat16."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     if x2.data_ptr() % 16:  # a view at an odd offset: the kernels read activations 16 bytes at a time
         x2 = x2.clone()
     m = x2.shape[0]
-    path = path or choose_path(m)
+    path = choose_path(m)
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     if path == "cublas":
         weight = extension.w4_dequant(packed.qweight, packed.scales, packed.zeros, packed.group, x2)
@@ -156,11 +102,6 @@ def w4_linear_cuda(extension, x: torch.Tensor, packed: PackedW4, bias: torch.Ten
             out = torch.empty(m, packed.out_features, device=x.device, dtype=x.dtype)
         sm_count = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         splits = choose_splits(path, packed.out_features, packed.in_features, sm_count)
-        if path == "skinny":
-            skinny = skinny_layout(packed)
-            y = extension.w4_skinny(x2, skinny.frags, skinny.scales, skinny.zeros, bias, packed.group,
-                                    packed.out_features, splits, out)
-        else:
-            y = extension.w4_linear(x2, packed.qweight, packed.scales, packed.zeros, bias, packed.group,
-                                    0 if path == "gemv" else 1, splits, out)
+        y = extension.w4_linear(x2, packed.qweight, packed.scales, packed.zeros, bias, packed.group,
+                                0 if path == "gemv" else 1, splits, out)
     return y.reshape(*shape[:-1], packed.out_features)

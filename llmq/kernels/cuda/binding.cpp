@@ -12,8 +12,6 @@ void llmq_w4_gemv(int dtype, int M, const void* x, const uint32_t* qw, const __h
                   const void* bias, void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream);
 void llmq_w4_mma(int dtype, int M, const void* x, const uint32_t* qw, const __half* s, const uint8_t* zeros,
                  const void* bias, void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream);
-void llmq_w4_skinny(int dtype, int M, const void* x, const void* frags, const __half* s, const uint8_t* zeros,
-                    const void* bias, void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream);
 void llmq_w4_dequant(int dtype, const uint32_t* qw, const __half* s, const uint8_t* zeros, void* w, int N, int K, int group,
                      cudaStream_t stream);
 
@@ -80,47 +78,6 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   return out;
 }
 
-// out = x @ W^T (+ bias), M <= 16, from the fragment layout (frags int32 [ceil(N/16), K/64, 32, 4]; scales and
-// zeros padded to ceil(N/16) * 16 rows).
-torch::Tensor w4_skinny(torch::Tensor x, torch::Tensor frags, torch::Tensor scales, torch::Tensor zeros,
-                        std::optional<torch::Tensor> bias, int64_t group, int64_t N, int64_t splits, torch::Tensor out) {
-  const int64_t M = x.size(0), K = x.size(1), tiles = (N + 15) / 16;
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-              "x must be a contiguous, 16-byte aligned CUDA [M, K] tensor");
-  TORCH_CHECK(M <= 16, "the skinny kernel takes M <= 16");
-  TORCH_CHECK(frags.is_cuda() && frags.is_contiguous() && frags.scalar_type() == torch::kInt32 && frags.dim() == 4 &&
-                  frags.size(0) == tiles && frags.size(1) * 64 == K && frags.size(2) == 32 && frags.size(3) == 4,
-              "frags must be a contiguous CUDA int32 [ceil(N/16), K/64, 32, 4] tensor");
-  TORCH_CHECK(K % 64 == 0 && group % 16 == 0 && K % group == 0, "K must be a multiple of 64 and of the group size");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kByte,
-              "scales must be float16 and zeros uint8");
-  for (const auto* p : {&scales, &zeros})
-    TORCH_CHECK(p->is_cuda() && p->is_contiguous() && p->size(0) == tiles * 16 && p->size(1) == K / group,
-                "scales / zeros must be contiguous CUDA [ceil(N/16) * 16, K/group] tensors");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type() && out.size(0) == M && out.size(1) == N,
-              "out must be a contiguous [M, N] tensor of x's dtype");
-  TORCH_CHECK(splits >= 1, "splits must be >= 1");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const void* bias_ptr = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N,
-                "bias must be [N] in x's dtype");
-    bias_ptr = bias->data_ptr();
-  }
-  torch::Tensor workspace;
-  if (splits > 1) workspace = torch::zeros({M, N}, x.options().dtype(torch::kFloat));
-  llmq_w4_skinny(dtype_code(x), (int)M, x.data_ptr(), frags.data_ptr(),
-                 reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), bias_ptr,
-                 out.data_ptr(), splits > 1 ? workspace.data_ptr<float>() : nullptr, (int)N, (int)K, (int)group,
-                 (int)splits, c10::cuda::getCurrentCUDAStream().stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
-    if (bias_ptr != nullptr) workspace.add_(bias->to(torch::kFloat));
-    out.copy_(workspace);
-  }
-  return out;
-}
-
 // The dense [N, K] weight in `dtype` (float16 / bfloat16), for cuBLAS at large M.
 torch::Tensor w4_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t group,
                          torch::Tensor like) {
@@ -138,5 +95,4 @@ torch::Tensor w4_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4_linear", &w4_linear, "llmq W4A16 linear (gemv or tensor-core path)");
   m.def("w4_dequant", &w4_dequant, "llmq W4 dequantize to float16/bfloat16");
-  m.def("w4_skinny", &w4_skinny, "llmq W4A16 linear for M <= 16 (tensor cores on the fragment layout)");
 }

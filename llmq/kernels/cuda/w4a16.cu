@@ -11,15 +11,12 @@
 // g (group size) is a multiple of 32, or K (per channel). Act-order checkpoints of llmq use static groups, so
 // no permutation is needed at run time.
 //
-// Paths, chosen by the host (llmq/kernels/cuda.py) from M:
-//   skinny  M <= 16: mma.sync on the weights' exact integers from a fragment-order copy of the words (see its
-//         section below); one tensor-core instruction serves 8 tokens, the weights are read once.
-//   gemv  M <= 8 (selectable, not the default): CUDA cores. A warp owns four (M <= 2) or two output rows and
-//         streams them once with 16-byte loads (32 weights per lane per load, the next chunk requested before this
-//         one's arithmetic), dequantizes in registers and keeps M float accumulators per row; the scale
-//         multiplies once per 32-weight chunk.
+// Three paths, chosen by the host (llmq/kernels/cuda.py) from M:
+//   gemv  M <= 8: memory-bound. A warp owns four (M <= 2) or two output rows and streams them once with 16-byte loads
+//         (32 weights per lane per load, the next chunk requested before this one's arithmetic), dequantizes in
+//         registers and keeps M float accumulators per row; the scale multiplies once per 32-weight chunk.
 //         Split-K over gridDim.y (float atomics into a zeroed workspace) when N alone gives too few blocks.
-//   mma   16 < M <= 128: tensor cores (WMMA 16x16x16), compiled for 1, 2, 4 or 8 tiles of 16 rows so that small
+//   mma   8 < M <= 128: tensor cores (WMMA 16x16x16), compiled for 1, 2, 4 or 8 tiles of 16 rows so that small
 //         M keeps registers and shared memory small. A block owns 64 output columns; per 64-wide K step it
 //         dequantizes its 64x64 weight tile into shared memory once and multiplies every 16-row M tile by it;
 //         the next step's weight words are loaded into registers while the tensor cores work (a register
@@ -347,167 +344,6 @@ mma_w4_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, con
   }
 }
 
-// ---- skinny: M <= 16, tensor cores on the weights' own integers ------------------------------------------------
-// y^T = W x^T as mma.sync m16n8k16 with W as the A operand (16 rows x 16 k) and x^T as B (16 k x 8 tokens), so one
-// tensor-core instruction serves up to 8 tokens while the weights are still read once. The words are repacked at
-// load (llmq/kernels/cuda.py: fragment_layout) so that lane l (g = l / 4, t = l % 4) finds, in one 32-bit word
-// per 16-wide k step, exactly the 8 nibbles of its A fragment:
-//   nibbles (0, 4) = W[g][2t, 2t+1]      -> register a0      (1, 5) = W[g+8][2t, 2t+1]   -> a1
-//   nibbles (2, 6) = W[g][2t+8, 2t+9]    -> a2               (3, 7) = W[g+8][2t+8, 2t+9] -> a3
-// ((word >> 4i) & 0x000F000F) | magic reads as (base + u, base + u') (see Pair), and one subtraction of base + z
-// leaves the integers u - z exactly (|u - z| <= 15 is exact in fp16 and bf16). The tensor cores multiply these
-// exact integers by x with fp32 accumulation; each group's fp32 partial is multiplied by its scale once.
-// Words are stored [N/16 tiles][K/64 chunks][32 lanes][4 steps]: one 16-byte load per lane per 64 k, next chunk
-// requested before this one's arithmetic. A warp owns SKINNY_TILES tiles; rows are padded to a multiple of 16
-// (scale 0). TG = tokens / 8, rounded up (1 or 2).
-
-constexpr int SKINNY_WARPS = 4;
-constexpr int SKINNY_TILES = 2;  // 16-row tiles per warp: 32 rows per warp, 128 per block
-
-template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b);
-template <>
-__device__ __forceinline__ void mma_m16n8k16<__half>(float* d, const uint32_t* a, const uint32_t* b) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float* d, const uint32_t* a, const uint32_t* b) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Register i of the A fragment: the nibble pair (i, i+4) of `word` minus (base + z) of its row.
-template <typename T>
-__device__ __forceinline__ uint32_t fragment_register(uint32_t word, int i, typename Pair<T>::type base_plus_zero) {
-  const uint32_t bits = ((word >> (4 * i)) & 0x000F000Fu) | Pair<T>::magic;
-  typename Pair<T>::type v;
-  memcpy(&v, &bits, sizeof(bits));
-  v = __hsub2(v, base_plus_zero);
-  uint32_t out;
-  memcpy(&out, &v, sizeof(out));
-  return out;
-}
-
-template <typename T, int TG>
-__global__ void __launch_bounds__(SKINNY_WARPS * 32)
-skinny_w4_kernel(const T* __restrict__ x, const uint4* __restrict__ frags, const __half* __restrict__ scales,
-                 const uint8_t* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
-                 float* __restrict__ workspace, int M, int N, int K, int group, int chunks_per_split) {
-  using P = Pair<T>;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int tiles = (N + 15) / 16;
-  const int tile0 = (blockIdx.x * SKINNY_WARPS + warp) * SKINNY_TILES;
-  if (tile0 >= tiles) return;  // no block-level synchronisation below
-  const int chunks = K / 64, groups = K / group;
-  const int chunk_begin = blockIdx.y * chunks_per_split;
-  const int chunk_end = min(chunks, chunk_begin + chunks_per_split);
-
-  float acc[SKINNY_TILES][TG][4], part[SKINNY_TILES][TG][4];
-#pragma unroll
-  for (int i = 0; i < SKINNY_TILES; ++i)
-#pragma unroll
-    for (int j = 0; j < TG; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[i][j][c] = part[i][j][c] = 0.f;
-
-  // the current group's parameters of rows g (lo) and g + 8 (hi) of each tile; tiles past the end read tile 0
-  float scale_lo[SKINNY_TILES], scale_hi[SKINNY_TILES];
-  typename P::type offset_lo[SKINNY_TILES], offset_hi[SKINNY_TILES];
-  int current_group = -1;
-  auto flush = [&]() {  // acc += scale * part, per row
-#pragma unroll
-    for (int i = 0; i < SKINNY_TILES; ++i)
-#pragma unroll
-      for (int j = 0; j < TG; ++j) {
-        acc[i][j][0] = fmaf(scale_lo[i], part[i][j][0], acc[i][j][0]);
-        acc[i][j][1] = fmaf(scale_lo[i], part[i][j][1], acc[i][j][1]);
-        acc[i][j][2] = fmaf(scale_hi[i], part[i][j][2], acc[i][j][2]);
-        acc[i][j][3] = fmaf(scale_hi[i], part[i][j][3], acc[i][j][3]);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) part[i][j][c] = 0.f;
-      }
-  };
-  auto tile_of = [&](int i) { return min(tile0 + i, tiles - 1); };
-  auto load_chunk = [&](uint4* words, int c) {
-#pragma unroll
-    for (int i = 0; i < SKINNY_TILES; ++i) words[i] = frags[((size_t)tile_of(i) * chunks + c) * 32 + lane];
-  };
-
-  uint4 current[SKINNY_TILES], next[SKINNY_TILES];
-  if (chunk_begin < chunk_end) load_chunk(current, chunk_begin);
-  for (int c = chunk_begin; c < chunk_end; ++c) {
-    if (c + 1 < chunk_end) load_chunk(next, c + 1);
-#pragma unroll
-    for (int step = 0; step < 4; ++step) {
-      const int k = c * 64 + step * 16;
-      const int gi = k / group;
-      if (gi != current_group) {
-        if (current_group >= 0) flush();
-        current_group = gi;
-#pragma unroll
-        for (int i = 0; i < SKINNY_TILES; ++i) {
-          const size_t row = (size_t)tile_of(i) * 16 + g;
-          scale_lo[i] = __half2float(scales[row * groups + gi]);
-          scale_hi[i] = __half2float(scales[(row + 8) * groups + gi]);
-          offset_lo[i] = P::splat(P::base + float(zeros[row * groups + gi]));
-          offset_hi[i] = P::splat(P::base + float(zeros[(row + 8) * groups + gi]));
-        }
-      }
-      // B fragments: x[token][k + 2t, +1] and x[token][k + 2t + 8, +9] for token = 8j + g (zero past M)
-      uint32_t b[TG][2];
-#pragma unroll
-      for (int j = 0; j < TG; ++j) {
-        const int m = 8 * j + g;
-        b[j][0] = b[j][1] = 0u;
-        if (m < M) {
-          b[j][0] = *reinterpret_cast<const uint32_t*>(x + (size_t)m * K + k + 2 * t);
-          b[j][1] = *reinterpret_cast<const uint32_t*>(x + (size_t)m * K + k + 2 * t + 8);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < SKINNY_TILES; ++i) {
-        const uint32_t word = step == 0 ? current[i].x : step == 1 ? current[i].y : step == 2 ? current[i].z : current[i].w;
-        uint32_t a[4];
-        a[0] = fragment_register<T>(word, 0, offset_lo[i]);
-        a[1] = fragment_register<T>(word, 1, offset_hi[i]);
-        a[2] = fragment_register<T>(word, 2, offset_lo[i]);
-        a[3] = fragment_register<T>(word, 3, offset_hi[i]);
-#pragma unroll
-        for (int j = 0; j < TG; ++j) mma_m16n8k16<T>(part[i][j], a, b[j]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < SKINNY_TILES; ++i) current[i] = next[i];
-  }
-  if (current_group >= 0) flush();
-
-  // C fragment: (row g, tokens 2t, 2t+1) and (row g + 8, tokens 2t, 2t+1) of each tile and token group
-#pragma unroll
-  for (int i = 0; i < SKINNY_TILES; ++i) {
-    if (tile0 + i >= tiles) continue;
-#pragma unroll
-    for (int j = 0; j < TG; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int n = (tile0 + i) * 16 + g + (c >= 2 ? 8 : 0), m = 8 * j + 2 * t + (c & 1);
-        if (n >= N || m >= M) continue;
-        float v = acc[i][j][c];
-        if (gridDim.y == 1) {
-          if (bias != nullptr) v += to_float<T>(bias[n]);
-          y[(size_t)m * N + n] = from_float<T>(v);
-        } else {
-          atomicAdd(workspace + (size_t)m * N + n, v);
-        }
-      }
-  }
-}
-
 // ---- dequant: M > 128, then cuBLAS ---------------------------------------------------------------------------
 
 template <typename T>
@@ -605,25 +441,4 @@ void llmq_w4_dequant(int dtype, const uint32_t* qw, const __half* s, const uint8
   else
     llmq::dequant_w4_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(qw, s, zeros, static_cast<__nv_bfloat16*>(w), N, K,
                                                                        group);
-}
-
-// frags: uint4 [ceil(N/16), K/64, 32] (fragment_layout); scales / zeros padded to ceil(N/16) * 16 rows.
-void llmq_w4_skinny(int dtype, int M, const void* x, const void* frags, const __half* s, const uint8_t* zeros,
-                    const void* bias, void* y, float* workspace, int N, int K, int group, int splits,
-                    cudaStream_t stream) {
-  const int chunks = K / 64;
-  const int per_split = (chunks + splits - 1) / splits;
-  const int rows_per_block = llmq::SKINNY_WARPS * llmq::SKINNY_TILES * 16;
-  dim3 grid((N + rows_per_block - 1) / rows_per_block, splits);
-  auto f = static_cast<const uint4*>(frags);
-  if (dtype == 0) {
-    auto xp = static_cast<const __half*>(x); auto bp = static_cast<const __half*>(bias); auto yp = static_cast<__half*>(y);
-    if (M <= 8) llmq::skinny_w4_kernel<__half, 1><<<grid, llmq::SKINNY_WARPS * 32, 0, stream>>>(xp, f, s, zeros, bp, yp, workspace, M, N, K, group, per_split);
-    else llmq::skinny_w4_kernel<__half, 2><<<grid, llmq::SKINNY_WARPS * 32, 0, stream>>>(xp, f, s, zeros, bp, yp, workspace, M, N, K, group, per_split);
-  } else {
-    using B = __nv_bfloat16;
-    auto xp = static_cast<const B*>(x); auto bp = static_cast<const B*>(bias); auto yp = static_cast<B*>(y);
-    if (M <= 8) llmq::skinny_w4_kernel<B, 1><<<grid, llmq::SKINNY_WARPS * 32, 0, stream>>>(xp, f, s, zeros, bp, yp, workspace, M, N, K, group, per_split);
-    else llmq::skinny_w4_kernel<B, 2><<<grid, llmq::SKINNY_WARPS * 32, 0, stream>>>(xp, f, s, zeros, bp, yp, workspace, M, N, K, group, per_split);
-  }
 }
