@@ -102,22 +102,29 @@ def gpu_table() -> list[dict]:
             cublas = _time_cuda(lambda: torch.matmul(x, dense.T))
             int4 = _time_cuda(lambda: torch.ops.aten._weight_int4pack_mm(x, tinygemm, 128, scales_zeros))
             ours = _time_cuda(lambda: w4_linear_cuda(extension, x, packed, None, out=None if choose_path(m) == "cublas" else out))
+            # the other llmq kernel that can take this M, for comparison with the default choice
+            others = {path: _time_cuda(lambda path=path: w4_linear_cuda(extension, x, packed, None, out=out, path=path))
+                      for path, top in (("gemv", 8), ("mma", 128)) if m <= top and path != choose_path(m)}
             weight_bytes = n * k // 2 + packed.scales.numel() * 3
             floor = (weight_bytes + 2 * m * (k + n)) / bandwidth * 1e6
             rows.append({"shape": name, "M": m, "cublas_us": cublas, "torch_int4_us": int4, "llmq_us": ours,
-                         "floor_us": floor})
+                         "llmq_path": choose_path(m), "floor_us": floor,
+                         **{f"llmq_{path}_us": us for path, us in others.items()}})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         torch.cuda.empty_cache()
     return rows
 
 
 def print_gpu_table(rows: list[dict]) -> None:
-    print("| shape | M | cuBLAS bf16 µs | torch int4 µs | llmq µs | floor µs | llmq/floor | bf16/llmq | int4/llmq |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | M | cuBLAS bf16 µs | torch int4 µs | llmq µs (path) | floor µs | llmq/floor | bf16/llmq | int4/llmq |"
+          " other llmq path µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['M']} | {r['cublas_us']:.1f} | {r['torch_int4_us']:.1f} | {r['llmq_us']:.1f} | "
-              f"{r['floor_us']:.1f} | {r['llmq_us'] / r['floor_us']:.2f} | {r['cublas_us'] / r['llmq_us']:.2f} | "
-              f"{r['torch_int4_us'] / r['llmq_us']:.2f} |")
+        others = ", ".join(f"{key[5:-3]} {value:.1f}" for key, value in r.items()
+                           if key.startswith("llmq_") and key.endswith("_us") and key != "llmq_us")
+        print(f"| {r['shape']} | {r['M']} | {r['cublas_us']:.1f} | {r['torch_int4_us']:.1f} | {r['llmq_us']:.1f} "
+              f"({r['llmq_path']}) | {r['floor_us']:.1f} | {r['llmq_us'] / r['floor_us']:.2f} | "
+              f"{r['cublas_us'] / r['llmq_us']:.2f} | {r['torch_int4_us'] / r['llmq_us']:.2f} | {others} |")
 
 
 def decode_speed(tokens: int = 128) -> dict:

@@ -158,12 +158,13 @@ def test_cuda_kernels_match_reference(dtype, symmetric):
         packed = cuda_kernels.repack(layer.weight_packed, layer.weight_scale, layer.weight_zero_point, k, 4)
         for m in (1, 2, 5, 8, 9, 16, 33, 64, 65, 128, 129, 200):
             x = torch.randn(m, k, generator=g).to("cuda", dtype)
-            out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # poisoned: every element must be written
-            y = cuda_kernels.w4_linear_cuda(extension, x, packed, layer.bias, out=out)
-            torch.cuda.synchronize()
             expected = cuda_kernels.reference_w4(x, packed, layer.bias)
-            assert torch.isfinite(y).all(), (n, k, group, m)
-            assert _rel(y, expected) < tolerance, (n, k, group, m, _rel(y, expected))
+            for path in [p for p, top in (("gemv", 8), ("mma", 128)) if m <= top] or ["cublas"]:
+                out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # poisoned: all must be written
+                y = cuda_kernels.w4_linear_cuda(extension, x, packed, layer.bias, out=out, path=path)
+                torch.cuda.synchronize()
+                assert torch.isfinite(y).all(), (n, k, group, m, path)
+                assert _rel(y, expected) < tolerance, (n, k, group, m, path, _rel(y, expected))
 
 
 @gpu

@@ -85,14 +85,14 @@ def _sm_count(device_index: int) -> int:  # asked once per device: the query cos
 
 
 def w4_linear_cuda(extension, x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b on the GPU; x [..., K] float16/bfloat16."""
+                   out: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
+    """y = x W^T + b on the GPU; x [..., K] float16/bfloat16. `path` overrides the choice by M (tests, benchmarks)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     if x2.data_ptr() % 16:  # a view at an odd offset: the kernels read activations 16 bytes at a time
         x2 = x2.clone()
     m = x2.shape[0]
-    path = choose_path(m)
+    path = path or choose_path(m)
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     if path == "cublas":
         weight = extension.w4_dequant(packed.qweight, packed.scales, packed.zeros, packed.group, x2)
