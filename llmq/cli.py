@@ -39,6 +39,9 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean Hessian diagonal")
+    p.add_argument("--sink-weight", type=float, default=16.0,
+                   help="GPTQ: how many tokens each calibration window's first token (the attention sink) counts "
+                        "for in the Hessian (default 16; 1 = plain GPTQ)")
     p.add_argument("--ternary-scale", default="tensor", choices=["tensor", "channel", "group"],
                    help="bitnet: one absmean scale per tensor (default; transformers' layout), per output channel "
                         "or per --group-size columns (GGUF only)")
@@ -95,7 +98,8 @@ def _run_quantize(args) -> None:
         method=args.method, format=args.format, gguf_type=args.gguf_type, bits=args.bits,
         group_size=args.group_size, symmetric=args.symmetric,
         act_order=args.act_order, mse=args.mse, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-        damp=args.damp, device=args.device, dtype=args.dtype, ternary_scale=args.ternary_scale,
+        damp=args.damp, sink_weight=args.sink_weight, device=args.device, dtype=args.dtype,
+        ternary_scale=args.ternary_scale,
         qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_batch=args.qat_batch, qat_seqlen=args.qat_seqlen,
     )
     quantize(args.model, args.out or _default_out(args), config, overwrite=args.overwrite,

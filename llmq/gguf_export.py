@@ -57,7 +57,7 @@ def _tensor_plan(hf_model, mixture, has_imatrix):
 def _method(config, plan_by_module, mixture):
     if mixture.default in (T.TQ1_0, T.TQ2_0):
         raise LlmqError(f"--type {mixture.name} holds ternary weights; quantize with --method bitnet")
-    options = MethodOptions(act_order=config.act_order, damp=config.damp)
+    options = MethodOptions(act_order=config.act_order, damp=config.damp, sink_weight=config.sink_weight)
     if config.method == "gptq":
         return KQuantGPTQ(plan_by_module, options)
     if config.method == "rtn":

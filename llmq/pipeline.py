@@ -40,6 +40,7 @@ class QuantizeConfig:
     samples: int = 128
     seqlen: int = 512
     damp: float = 0.01
+    sink_weight: float = 16.0  # GPTQ: weight of each calibration window's first token (llmq/methods/gptq.py)
     device: str = "auto"  # cuda when available, else cpu
     dtype: str = "auto"  # compute/storage dtype of the unquantized parts; auto: the checkpoint's
     calib_batch_tokens: int = 4096  # tokens per forward pass during calibration
@@ -82,6 +83,8 @@ def _check_config(config: QuantizeConfig) -> None:
         raise LlmqError("--samples must be at least 1 and --seqlen at least 2")
     if not 0 < config.damp < 1:
         raise LlmqError(f"--damp {config.damp} is out of range; use a fraction such as 0.01")
+    if not 1 <= config.sink_weight <= 1e4:
+        raise LlmqError(f"--sink-weight {config.sink_weight} is out of range; use 1 (off) to a few hundred, e.g. 16")
     if config.calib is not None:
         check_calib_source(config.calib)
 
@@ -142,7 +145,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
         raise LlmqError(f"--format {config.format} is not supported; use compressed-tensors or gguf")
     check_output_free(out, overwrite)
     scheme = config.scheme()
-    options = MethodOptions(mse=config.mse, act_order=config.act_order, damp=config.damp)
+    options = MethodOptions(mse=config.mse, act_order=config.act_order, damp=config.damp,
+                            sink_weight=config.sink_weight)
     method = get_method(config.method, scheme, options)
     act_order = config.act_order and method.orders_columns
     device = _device(config.device)

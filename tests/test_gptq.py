@@ -86,3 +86,18 @@ def test_hessian_collector_is_exact_for_bf16_inputs():
     stats.add(x[200:])
     expected = 2 * (x.double().T @ x.double()) / 512
     assert torch.allclose(stats.hessian().double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_sink_weight_counts_each_windows_first_token_that_many_times():
+    x = torch.randn(3, 10, 16)  # 3 calibration windows of 10 tokens
+    original = x.clone()
+    weighted = HessianCollector(16, torch.device("cpu"), sink_weight=5)
+    weighted.add(x)
+    assert torch.equal(x, original)  # the caller's activations are not scaled in place
+    repeated = HessianCollector(16, torch.device("cpu"))
+    repeated.add(torch.cat([x[:, :1].expand(3, 5, 16), x[:, 1:]], dim=1))  # first token written 5 times
+    assert weighted.tokens == repeated.tokens == 3 * 14
+    assert torch.allclose(weighted.hessian(), repeated.hessian(), rtol=1e-5, atol=1e-6)
+    plain = HessianCollector(16, torch.device("cpu"))
+    plain.add(x)
+    assert not torch.allclose(plain.hessian(), weighted.hessian(), rtol=1e-3)

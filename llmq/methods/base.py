@@ -23,6 +23,7 @@ class MethodOptions:
     act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ: damping as a fraction of the mean Hessian diagonal
     block_size: int = 128  # GPTQ: columns per lazy-update block
+    sink_weight: float = 1.0  # GPTQ: weight of each calibration sequence's first token in the Hessian
 
 
 class StatsCollector:

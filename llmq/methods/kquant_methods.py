@@ -130,7 +130,7 @@ class KQuantGPTQ(KQuantRound):
         super().__init__(plan, True, options)
 
     def new_collector(self, in_features: int, device: torch.device) -> StatsCollector:
-        return _HessianWithImportance(in_features, device)
+        return _HessianWithImportance(in_features, device, self.options.sink_weight)
 
     def _encode(self, weight, qtype, importance, stats) -> EncodedWeight:
         codes = gptq_on_grid(weight, stats.hessian(), qtype, importance, self.options)
