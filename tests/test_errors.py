@@ -41,6 +41,12 @@ def test_group_size_that_does_not_divide(capsys, tmp_path, tiny_llama_dir):
     assert not (tmp_path / "o").exists()
 
 
+def test_sink_weight_out_of_range(capsys, tmp_path, tiny_llama_dir):
+    code, line = run_cli(capsys, "quantize", str(tiny_llama_dir), "--sink-weight", "0", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--sink-weight 0.0 is out of range" in line and "16" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_nan_weights(capsys, tmp_path, smollm2_tokenizer_dir):
     from safetensors.torch import load_file, save_file
 
