@@ -120,6 +120,8 @@ def run_harness(hf_model, tokenizer, layer_map, method, config: QuantizeConfig, 
     if method.needs_calibration:
         samples, calibration = calibration_samples(hf_model, tokenizer, config.calib, config.samples, config.seqlen, device)
         calibration = f"{calibration}, {config.samples} x {config.seqlen} tokens"
+        if "gptq" in method.name and config.sink_weight != 1:
+            calibration += f", first token of each window x{config.sink_weight:g} in GPTQ's Hessian"
         batch = max(1, config.calib_batch_tokens // config.seqlen)
         inputs = capture_layer_inputs(hf_model, layer_map, samples, device, batch)
     errors = []

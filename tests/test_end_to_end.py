@@ -57,6 +57,7 @@ def test_checkpoint_layout(gptq_dir):
     assert zero.dtype == torch.int32 and zero.shape == (64 * 4 // 32, 128 // 32)
     card = (gptq_dir / "README.md").read_text()
     assert "| method | gptq |" in card and "| group size | 32 |" in card and "calib.txt, 8 x 64 tokens" in card
+    assert "first token of each window x16 in GPTQ's Hessian" in card
 
 
 def assert_fresh_transformers_process_matches(directory, tmp_path):
