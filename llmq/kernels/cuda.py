@@ -12,7 +12,7 @@ than two blocks per SM.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -73,13 +73,14 @@ def choose_path(m: int) -> str:
 
 def choose_splits(path: str, n: int, k: int, sm_count: int) -> int:
     """Split K until there are about two blocks per SM (each split keeps at least 512 columns of K)."""
-    blocks = -(-n // (_MMA_N_TILE if path == "mma" else 8))  # gemv: 8 or 16 rows per block (w4a16.cu)
+    # gemv blocks hold 8 rows (16 at M <= 2, where this count is then twice too high: split-K only gets rarer)
+    blocks = -(-n // (_MMA_N_TILE if path == "mma" else 8))
     if blocks >= 2 * sm_count:
         return 1
     return max(1, min(-(-2 * sm_count // blocks), k // 512))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(device_index: int) -> int:  # asked once per device: the query costs more than a small kernel
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
