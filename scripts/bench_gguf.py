@@ -38,28 +38,29 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_quality import reference_model
 
-from llmq import log
-from llmq.eval_llamacpp import llamacpp_perplexity, llamacpp_quantize_file, llamacpp_quantize_tensor
-from llmq.formats.gguf import EncodedTensor, encode_float, prepare_float, write_gguf
-from llmq.formats.gguf_mixtures import get_mixture
-from llmq.gguf_export import _tensor_plan
-from llmq.methods.kquants import QUANTIZED_TYPES, encode_bytes
-from llmq.pipeline import QuantizeConfig, quantize
+from llmq import QuantizeConfig, quantize
+from llmq.core import log
+from llmq.eval.llamacpp import llamacpp_perplexity, llamacpp_quantize_file, llamacpp_quantize_tensor
+from llmq.methods.grids.kquant_search import QUANTIZED_TYPES, encode_bytes
+from llmq.targets.atomic import atomic_output_file
+from llmq.targets.gguf.mixtures import get_mixture
+from llmq.targets.gguf.target import tensor_plan
+from llmq.targets.gguf.writer import EncodedTensor, encode_float, prepare_float, write_gguf
 
 CALIB = DATA / "wikitext2_valid_calib.txt"
 
 
 def llmq_file(reference: Path, out: Path, mixture: str, method: str, calib: Path | None) -> float:
     started = time.perf_counter()
-    config = QuantizeConfig(method=method, format="gguf", gguf_type=mixture, calib=None if calib is None else str(calib),
-                            samples=128, seqlen=512)
+    config = QuantizeConfig.of(method=method, format="gguf", gguf_type=mixture,
+                               calib=None if calib is None else str(calib), samples=128, seqlen=512)
     quantize(str(reference), out, config, overwrite=True)
     return time.perf_counter() - started
 
 
 def unquantized_imatrix(model, tokenizer) -> dict[str, torch.Tensor]:
     """Mean x^2 per input channel of every decoder Linear, on the unquantized model (what llama-imatrix measures)."""
-    from llmq.calib.data import calibration_samples
+    from llmq.calib.text import calibration_samples
 
     samples, _ = calibration_samples(model, tokenizer, str(CALIB), 128, 512, torch.device("cpu"))
     sums, counts, hooks = {}, {}, []
@@ -81,7 +82,7 @@ def unquantized_imatrix(model, tokenizer) -> dict[str, torch.Tensor]:
 def llamacpp_imatrix_file(model, tokenizer, imatrix, out: Path, mixture_name: str) -> float:
     started = time.perf_counter()
     mixture = get_mixture(mixture_name)
-    names, plan = _tensor_plan(model, mixture, has_imatrix=True)
+    names, plan = tensor_plan(model, mixture, has_imatrix=True)
     tensors = {}
     for hf_name, param in model.named_parameters():
         gguf_name, qtype = names[hf_name], plan[names[hf_name]]
@@ -92,7 +93,8 @@ def llamacpp_imatrix_file(model, tokenizer, imatrix, out: Path, mixture_name: st
         importance = imatrix.get(hf_name.removesuffix(".weight"))
         data = llamacpp_quantize_tensor(values.numpy(), qtype, None if importance is None else importance.numpy())
         tensors[gguf_name] = EncodedTensor(qtype, data)
-    write_gguf(out, model, tokenizer, tensors, mixture.file_type, overwrite=True)
+    with atomic_output_file(out, overwrite=True) as tmp:
+        write_gguf(tmp, model, tokenizer, tensors, mixture.file_type, name=out.stem)
     return time.perf_counter() - started
 
 
@@ -101,7 +103,7 @@ def speed(reference: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
-    names, plan = _tensor_plan(model, get_mixture("Q4_K_M"), has_imatrix=False)
+    names, plan = tensor_plan(model, get_mixture("Q4_K_M"), has_imatrix=False)
     jobs = [(param.detach(), plan[names[n]]) for n, param in model.named_parameters() if plan[names[n]] in QUANTIZED_TYPES]
     square = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02
     cases = {"reference model, Q4_K_M plan": jobs, "4096 x 4096, Q4_K": [(square, T.Q4_K)],

@@ -71,7 +71,7 @@ def copy_bandwidth() -> float:
 
 
 def _random_w4(n: int, k: int, group: int = 128):
-    from llmq.kernels.cuda import PackedW4
+    from llmq.runtime.kernels.cuda import PackedW4
 
     g = torch.Generator(device="cuda").manual_seed(0)
     qweight = torch.randint(-2**31, 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32, generator=g)
@@ -81,8 +81,8 @@ def _random_w4(n: int, k: int, group: int = 128):
 
 
 def gpu_table() -> list[dict]:
-    from llmq.kernels.build import load_extension
-    from llmq.kernels.cuda import choose_path, w4_linear_cuda
+    from llmq.runtime.kernels.build import load_extension
+    from llmq.runtime.kernels.cuda import choose_path, w4_linear_cuda
 
     extension = load_extension()
     if extension is None:
@@ -131,8 +131,8 @@ def decode_speed(tokens: int = 128) -> dict:
     """Greedy decode tokens/s of an 8B-shaped Llama (random weights), bf16 vs every Linear packed 4-bit."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmq.methods.grid import QuantScheme
-    from llmq.modeling import QuantLinear
+    from llmq.core.scheme import QuantScheme
+    from llmq.runtime.modeling import QuantLinear
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096)
@@ -168,7 +168,7 @@ def decode_speed(tokens: int = 128) -> dict:
 
 
 def cpu_row(kind: str, windows: int) -> dict:
-    from llmq import log
+    from llmq.core import log
     from llmq.eval import evaluate, evaluation_windows, load_for_eval
 
     log.quiet = True
@@ -176,10 +176,10 @@ def cpu_row(kind: str, windows: int) -> dict:
     if kind == "packed":
         target = work / "gptq-w4g64-asym-ao"
         if not (target / "config.json").exists():
-            from llmq.pipeline import QuantizeConfig, quantize
+            from llmq import QuantizeConfig, quantize
 
             quantize(str(work / "SmolLM2-135M-Instruct-bf16"), target,
-                     QuantizeConfig(method="gptq", group_size=64, calib=str(DATA / "wikitext2_valid_calib.txt")))
+                     QuantizeConfig.of(method="gptq", group_size=64, calib=str(DATA / "wikitext2_valid_calib.txt")))
     else:
         target = work / "SmolLM2-135M-Instruct-bf16"
     model, tokenizer = load_for_eval(str(target), "cpu", torch.float32)
@@ -196,7 +196,7 @@ def cpu_decode(tokens: int = 64) -> dict:
     from transformers import AutoModelForCausalLM
 
     import llmq
-    from llmq import log
+    from llmq.core import log
 
     log.quiet = True
     work = ROOT / "bench_out"

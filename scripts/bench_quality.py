@@ -51,7 +51,7 @@ def reference_model(work: Path) -> Path:
     """The bf16 reference checkpoint, made once from the embedded GGUF."""
     directory = work / "SmolLM2-135M-Instruct-bf16"
     if not (directory / "model.safetensors").exists():
-        from llmq.models import load_embedded_default
+        from llmq.calib.models import load_embedded_default
 
         model, tokenizer = load_embedded_default()
         model.save_pretrained(directory)
@@ -63,11 +63,11 @@ def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
     """Quantize (unless unquantized) and evaluate one row; runs inside its own process."""
     import torch
 
-    from llmq import log
-    from llmq.card import append_evaluation
-    from llmq.errors import LlmqError
+    from llmq.core import log
+    from llmq.targets.card import append_evaluation
+    from llmq.core.errors import LlmqError
     from llmq.eval import evaluate, evaluation_windows, load_for_eval
-    from llmq.pipeline import QuantizeConfig, quantize
+    from llmq import QuantizeConfig, quantize
 
     log.quiet = True
     torch.manual_seed(0)
@@ -75,10 +75,10 @@ def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
     target = str(reference)
     if name != "unquantized":
         method, bits, group, symmetric, act_order, mse = ROWS[name]
-        config = QuantizeConfig(method=method, bits=4 if method == "bitnet" else bits,
-                                group_size=128 if method == "bitnet" else group, symmetric=symmetric,
-                                act_order=act_order, mse=mse, calib=str(DATA / "wikitext2_valid_calib.txt"),
-                                samples=128, seqlen=512, device="cpu", qat_steps=QAT_STEPS.get(name, 0))
+        config = QuantizeConfig.of(method=method, bits=4 if method == "bitnet" else bits,
+                                   group_size=128 if method == "bitnet" else group, symmetric=symmetric,
+                                   act_order=act_order, mse=mse, calib=str(DATA / "wikitext2_valid_calib.txt"),
+                                   samples=128, seqlen=512, device="cpu", qat_steps=QAT_STEPS.get(name, 0))
         started = time.perf_counter()
         try:
             result = quantize(str(reference), work / name, config, overwrite=True)

@@ -23,12 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
-from llmq import log
-from llmq.bitnet_pipeline import densify, export_bitnet_gguf
-from llmq.eval_llamacpp import llamacpp_perplexity, open_llama
-from llmq.formats.bitnet_hf import load_bitnet
-from llmq.formats.gguf_mixtures import get_mixture
-from llmq.gguf_export import write_plain_gguf
+from llmq.core import log
+from llmq.eval.llamacpp import llamacpp_perplexity, open_llama
+from llmq.export import densify, export_bitnet_gguf, write_plain_gguf
+from llmq.targets.bitnet import load_bitnet
 
 PROMPT = "The history of the city begins"
 
@@ -78,7 +76,7 @@ def main() -> None:
         export_bitnet_gguf(args.checkpoint, files[qtype], qtype, overwrite=True)
     files["F32"] = args.checkpoint.with_name(f"{args.checkpoint.name}-F32.gguf")
     densify(model)
-    write_plain_gguf(model, tokenizer, get_mixture("F32"), files["F32"], overwrite=True)
+    write_plain_gguf(model, tokenizer, "F32", files["F32"], overwrite=True)
 
     print(f"{args.checkpoint.name}: llama.cpp perplexity protocol, wikitext2 test, {args.chunks} chunks x 512; "
           f"greedy 16 tokens after {PROMPT!r}\n")

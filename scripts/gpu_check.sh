@@ -13,7 +13,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda'
 stamp build
 timeout 240 python3 -c "
 import time; t = time.time()
-from llmq.kernels.build import load_extension
+from llmq.runtime.kernels.build import load_extension
 ok = load_extension() is not None
 print('kernel build', 'OK' if ok else 'FAILED', f'{time.time() - t:.1f} s')
 " > "$OUT/build.log" 2>&1; tail -5 "$OUT/build.log"
@@ -29,8 +29,8 @@ cat > /tmp/one_call.py <<'PY'
 import sys, torch
 sys.path.insert(0, "scripts")
 from bench_kernel import _random_w4
-from llmq.kernels.build import load_extension
-from llmq.kernels.cuda import w4_linear_cuda
+from llmq.runtime.kernels.build import load_extension
+from llmq.runtime.kernels.cuda import w4_linear_cuda
 extension, packed = load_extension(), _random_w4(57344, 8192)
 for m in (1, 16):
     w4_linear_cuda(extension, torch.randn(m, 8192, device="cuda", dtype=torch.bfloat16), packed, None)

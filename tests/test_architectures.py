@@ -6,16 +6,16 @@ from conftest import save_tiny_model
 
 import llmq
 from llmq.calib.arch import LAYER_MAPS, layer_map_for, quantizable_linears
-from llmq.errors import LlmqError
-from llmq.modeling import QuantLinear
-from llmq.pipeline import QuantizeConfig, quantize
+from llmq.core.errors import LlmqError
+from llmq.runtime.modeling import QuantLinear
+from llmq import QuantizeConfig, quantize
 
 
 @pytest.mark.parametrize("model_type", sorted(LAYER_MAPS))
 def test_architecture_quantizes_and_reloads(model_type, tmp_path, smollm2_tokenizer_dir, calib_file):
     source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type)
     out = tmp_path / "out"
-    config = QuantizeConfig(method="gptq", group_size=32, symmetric=False, calib=str(calib_file), samples=4,
+    config = QuantizeConfig.of(method="gptq", group_size=32, symmetric=False, calib=str(calib_file), samples=4,
                             seqlen=32, device="cpu")
     result = quantize(str(source), out, config)
     assert result.size_after < result.size_before

@@ -5,10 +5,10 @@ import torch
 from conftest import save_tiny_model, tiny_config
 from torch import nn
 
+from llmq import QuantizeConfig, quantize
 from llmq.calib.arch import LAYER_MAPS, layer_map_for
-from llmq.methods import QuantScheme, get_method
-from llmq.methods.awq import _can_fold, fold_scales
-from llmq.pipeline import QuantizeConfig, quantize
+from llmq.core.scheme import QuantScheme
+from llmq.methods.awq import AWQ, _can_fold, fold_scales
 
 
 @pytest.mark.parametrize("model_type", sorted(LAYER_MAPS))
@@ -71,7 +71,7 @@ def test_awq_beats_round_to_nearest_on_a_model_with_loud_channels(method, tmp_pa
     ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(5))
     errors = {}
     for name in ("rtn", method):
-        config = QuantizeConfig(method=name, bits=3, group_size=32, symmetric=False, calib=str(calib_file),
+        config = QuantizeConfig.of(method=name, bits=3, group_size=32, symmetric=False, calib=str(calib_file),
                                 samples=8, seqlen=64, device="cpu")
         quantize(str(source), tmp_path / name, config)
         with torch.no_grad():
@@ -81,16 +81,15 @@ def test_awq_beats_round_to_nearest_on_a_model_with_loud_channels(method, tmp_pa
 
 
 def test_clip_search_lowers_partial_output_error():
-    method = get_method("awq", QuantScheme(3, 32, True))
+    scheme = QuantScheme(3, 32, True)
     g = torch.Generator().manual_seed(0)
     linear = nn.Linear(64, 16, bias=False)
     linear.weight.data = torch.randn(16, 64, generator=g) ** 3  # heavy tails: clipping pays
     x = torch.randn(256, 64, generator=g)
     original = linear.weight.data.clone()
-    method._clip(linear, x)
+    AWQ._clip(linear, x, scheme)
     from llmq.methods.awq import fake_quantize
 
-    scheme = method.scheme
     error = lambda w: (x @ (fake_quantize(w, scheme) - original).T).pow(2).sum().item()
     assert error(linear.weight.data) < 0.95 * error(original)
     assert (linear.weight.data.abs() <= original.abs() + 1e-6).all()

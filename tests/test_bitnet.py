@@ -13,26 +13,26 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import save_tiny_model, tiny_config
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmq.bitnet_pipeline import export_bitnet_gguf, ternary_model, write_ternary_gguf
-from llmq.errors import LlmqError
-from llmq.formats import bitnet_hf
+import llmq
+from llmq import QuantizeConfig, quantize
+from llmq.core.errors import LlmqError
+from llmq.export import export_bitnet_gguf
 from llmq.methods.bitnet import (
     TernaryLinear,
-    TernaryScheme,
-    absmean_scale,
     quantize_activations,
     ternarize_model,
-    ternary_codes,
     ternary_modules,
+    trainable_parameters,
 )
-from llmq.pipeline import QuantizeConfig, quantize
-from llmq.qat import QATConfig, distill, save_loss_curve, training_windows
+from llmq.methods.grids.ternary import TernaryScheme, absmean_scale, ternary_codes
+from llmq.methods.qat import QATConfig, distill, save_loss_curve, training_windows
+from llmq.targets import bitnet as bitnet_hf
 
 PROMPT = "The capital of France is"
 
@@ -128,13 +128,24 @@ def test_pack_matches_transformers_and_round_trips(rows):
     assert torch.equal(bitnet_hf.unpack_ternary(ours, rows), codes)
 
 
+def _make_ternary(model) -> None:
+    """Every decoder Linear of an in-memory model ternary (absmean per tensor) and frozen, in place."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    ternarize_model(model, names, TernaryScheme())
+    for module in ternary_modules(model).values():
+        module.freeze()
+
+
+def _ternary_results(model) -> dict:
+    return {name: module.quantized() for name, module in ternary_modules(model).items()}
+
+
 def _tiny_ternary(tokenizer_dir, **overrides):
     """A random tiny Llama made ternary (post-training), frozen; and its tokenizer."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", **overrides), dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model, _, _ = ternary_model(model, tokenizer, QuantizeConfig(method="bitnet"), torch.device("cpu"))
-    return model, tokenizer
+    _make_ternary(model)
+    return model.eval(), AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 _LOAD_IN_TRANSFORMERS = """
@@ -153,7 +164,7 @@ def test_transformers_loads_native_checkpoint_in_fresh_process_with_llmq_logits(
     model, tokenizer = _tiny_ternary(smollm2_tokenizer_dir)
     out = tmp_path / "ternary"
     out.mkdir()
-    bitnet_hf.write_checkpoint(out, model, tokenizer)
+    bitnet_hf.write_checkpoint(out, model, tokenizer, _ternary_results(model))
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitnet"
     assert config["quantization_config"]["modules_to_not_convert"] == ["lm_head"]
@@ -170,31 +181,30 @@ def test_transformers_loads_native_checkpoint_in_fresh_process_with_llmq_logits(
     theirs = load_file(logits_file)["logits"]
     assert torch.allclose(theirs, ours, rtol=0, atol=1e-5 * ours.abs().max().item())
     # llmq reads the same checkpoint back to the same model
-    import llmq
-
     with torch.no_grad():
         again = llmq.load(out)(ids).logits[0]
     assert torch.equal(again, ours)
 
 
 def test_bitnet_cli_writes_checkpoint_and_refuses_what_the_layout_cannot_hold(tiny_llama_dir, tmp_path):
-    result = quantize(str(tiny_llama_dir), tmp_path / "t", QuantizeConfig(method="bitnet", device="cpu"))
+    result = quantize(str(tiny_llama_dir), tmp_path / "t", QuantizeConfig.of(method="bitnet", device="cpu"))
     state = load_file(tmp_path / "t" / "model.safetensors")
     assert state["model.layers.1.self_attn.q_proj.weight"].dtype == torch.uint8  # 2 bits per weight
     assert state["model.layers.1.self_attn.q_proj.weight"].shape == (64 // 4, 64)
     assert state["model.layers.1.self_attn.q_proj.weight_scale"].shape == (1,)
     assert result.size_after < result.size_before
     with pytest.raises(LlmqError, match="one scale per tensor"):
-        quantize(str(tiny_llama_dir), tmp_path / "c", QuantizeConfig(method="bitnet", ternary_scale="channel"))
+        quantize(str(tiny_llama_dir), tmp_path / "c", QuantizeConfig.of(method="bitnet", ternary_scale="channel"))
     with pytest.raises(LlmqError, match="one scale per 256 weights"):
-        quantize(str(tiny_llama_dir), tmp_path / "g.gguf", QuantizeConfig(method="bitnet", format="gguf", gguf_type="TQ2_0",
+        quantize(str(tiny_llama_dir), tmp_path / "g.gguf", QuantizeConfig.of(method="bitnet", format="gguf", gguf_type="TQ2_0",
                                                                           ternary_scale="group", group_size=128))
     with pytest.raises(LlmqError, match="not Q4_K_M; pass --type TQ2_0"):
-        quantize(str(tiny_llama_dir), tmp_path / "c.gguf", QuantizeConfig(method="bitnet", format="gguf"))
+        quantize(str(tiny_llama_dir), tmp_path / "c.gguf", QuantizeConfig.of(method="bitnet", format="gguf",
+                                                                             gguf_type="Q4_K_M"))
     with pytest.raises(LlmqError, match="holds ternary weights; quantize with --method bitnet"):
-        quantize(str(tiny_llama_dir), tmp_path / "r.gguf", QuantizeConfig(method="rtn", format="gguf", gguf_type="TQ2_0"))
+        quantize(str(tiny_llama_dir), tmp_path / "r.gguf", QuantizeConfig.of(method="rtn", format="gguf", gguf_type="TQ2_0"))
     with pytest.raises(LlmqError, match="--qat-steps needs --calib"):
-        quantize(str(tiny_llama_dir), tmp_path / "q", QuantizeConfig(method="bitnet", qat_steps=2))
+        quantize(str(tiny_llama_dir), tmp_path / "q", QuantizeConfig.of(method="bitnet", qat_steps=2))
     for name in ("c", "c.gguf", "g.gguf", "r.gguf", "q"):
         assert not (tmp_path / name).exists()
 
@@ -220,7 +230,8 @@ def test_distillation_recovers_the_teacher(smollm2_tokenizer_dir, calib_file, tm
         return torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item() / held_out.shape[1]
 
     before = kl()
-    result = distill(student, teacher, train, QATConfig(steps=40, lr=3e-3, batch_size=4, seqlen=64), torch.device("cpu"))
+    result = distill(student, teacher, train, QATConfig(steps=40, lr=3e-3, batch_size=4, seqlen=64), torch.device("cpu"),
+                     trainable_parameters(student))
     after = kl()
     assert after < 0.5 * before, (before, after)
     assert all(p.requires_grad is False for p in student.parameters())
@@ -231,7 +242,7 @@ def test_distillation_recovers_the_teacher(smollm2_tokenizer_dir, calib_file, tm
 
 def test_qat_through_quantize_saves_loss_curve(tiny_llama_dir, calib_file, tmp_path):
     out = tmp_path / "qat"
-    config = QuantizeConfig(method="bitnet", qat_steps=3, qat_batch=2, qat_seqlen=32, calib=str(calib_file), device="cpu")
+    config = QuantizeConfig.of(method="bitnet", qat_steps=3, qat_batch=2, qat_seqlen=32, calib=str(calib_file), device="cpu")
     result = quantize(str(tiny_llama_dir), out, config)
     assert (out / "qat_loss.png").exists() and "3 steps of ternary-aware distillation" in result.calibration
 
@@ -244,7 +255,7 @@ def _greedy_llmq(model, ids, n):
 
 
 def _greedy_llamacpp(path, ids, n):
-    from llmq.eval_llamacpp import open_llama
+    from llmq.eval.llamacpp import open_llama
 
     with open_llama(path, n_ctx=64) as llm:
         out = []
@@ -259,14 +270,16 @@ def _greedy_llamacpp(path, ids, n):
 def test_tq_files_give_llmq_greedy_tokens_in_llamacpp(qtype, smollm2_tokenizer_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     # rows of 256 and 512: every ternary matrix is TQ (no fallback); a 0.1 init makes the random logits peaked
-    model, tokenizer = _tiny_ternary(smollm2_tokenizer_dir, hidden_size=256, intermediate_size=512,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, initializer_range=0.1,
-                                     tie_word_embeddings=True)
-    model.float()
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    expected = _greedy_llmq(model, ids, 12)
+    source = save_tiny_model(tmp_path / "float", smollm2_tokenizer_dir, hidden_size=256, intermediate_size=512,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=64, initializer_range=0.1,
+                             tie_word_embeddings=True)
+    # the same ternary model twice: transformers' layout, run by llmq, and a GGUF file, run by llama.cpp
+    quantize(str(source), tmp_path / "ternary", QuantizeConfig.of(method="bitnet", device="cpu"))
     out = tmp_path / f"m-{qtype}.gguf"
-    write_ternary_gguf(copy.deepcopy(model), tokenizer, qtype, out, overwrite=False)
+    quantize(str(source), out, QuantizeConfig.of(method="bitnet", format="gguf", gguf_type=qtype, device="cpu"))
+    model = llmq.load(tmp_path / "ternary", dtype=torch.float32)
+    ids = AutoTokenizer.from_pretrained(source)(PROMPT, return_tensors="pt").input_ids
+    expected = _greedy_llmq(model, ids, 12)
     types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
     assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == T[qtype]
     assert types["token_embd.weight"] == T.Q6_K  # tied: llama.cpp's output rule
@@ -277,7 +290,7 @@ def test_tq_files_give_llmq_greedy_tokens_in_llamacpp(qtype, smollm2_tokenizer_d
 def test_tq_fallback_rows_are_q4_0_and_still_ternary(tiny_llama_dir, tmp_path):
     # 64-wide rows: not a multiple of 256, so llama.cpp's fallback (Q4_0) holds them, exactly up to fp16
     out = tmp_path / "t.gguf"
-    quantize(str(tiny_llama_dir), out, QuantizeConfig(method="bitnet", format="gguf", gguf_type="TQ1_0", device="cpu"))
+    quantize(str(tiny_llama_dir), out, QuantizeConfig.of(method="bitnet", format="gguf", gguf_type="TQ1_0", device="cpu"))
     reader = GGUFReader(out)
     tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate.weight")
     assert tensor.tensor_type == T.Q4_0
@@ -303,20 +316,17 @@ def _bitnet_checkpoint(directory, tokenizer_dir, hidden_act="silu"):
     model = BitNetForCausalLM(config).to(torch.bfloat16)
     for norm in [m for n, m in model.named_modules() if n.endswith("sub_norm")]:
         norm.weight.data.uniform_(0.5, 1.5)  # not all ones, so a dropped or misplaced sub-norm shows
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    ternarize_model(model, names, TernaryScheme())
-    for module in ternary_modules(model).values():
-        module.freeze()
+    _make_ternary(model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     directory.mkdir()
-    bitnet_hf.write_checkpoint(directory, model, tokenizer)
+    bitnet_hf.write_checkpoint(directory, model, tokenizer, _ternary_results(model))
     return directory
 
 
 @pytest.mark.parametrize("qtype", ["TQ1_0", "TQ2_0"])
 def test_import_bitnet_checkpoint_to_tq_runs_in_llamacpp_like_transformers(qtype, smollm2_tokenizer_dir, tmp_path):
     pytest.importorskip("llama_cpp")
-    from llmq.eval_llamacpp import open_llama
+    from llmq.eval.llamacpp import open_llama
 
     source = _bitnet_checkpoint(tmp_path / "bitnet", smollm2_tokenizer_dir)
     assert "model.layers.0.self_attn.attn_sub_norm.weight" in load_file(source / "model.safetensors")
@@ -366,7 +376,8 @@ def test_gradient_checkpointing_trains_the_same_weights(smollm2_tokenizer_dir):
         names = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
         ternarize_model(student, names, TernaryScheme())
         config = QATConfig(steps=3, lr=1e-3, batch_size=2, seqlen=32, autocast=False, gradient_checkpointing=checkpointing)
-        students.append((distill(student, teacher, windows, config, torch.device("cpu")), student))
+        students.append((distill(student, teacher, windows, config, torch.device("cpu"), trainable_parameters(student)),
+                         student))
     (plain, a), (checkpointed, b) = students
     assert plain.losses == pytest.approx(checkpointed.losses, rel=1e-5)
     wa = a.model.layers[1].mlp.down_proj.weight

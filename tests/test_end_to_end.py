@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import llmq
 from llmq.cli import main
-from llmq.modeling import QuantLinear
+from llmq.runtime.modeling import QuantLinear
 
 # Loaded in the checkpoint's own dtype (bf16): every loader then holds exactly the same weights.
 FRESH_PROCESS_CHECK = r"""
@@ -132,14 +132,14 @@ def test_rtn_needs_no_calibration_and_writes_symmetric_layout(tmp_path, tiny_lla
 
 def test_data_free_calibration_when_no_text_can_be_had(monkeypatch, tmp_path, tiny_llama_dir):
     """No --calib and no hub: the model writes its own calibration text, and the card says so."""
-    from llmq.errors import LlmqError
+    from llmq.core.errors import LlmqError
 
     def offline(source):
         raise LlmqError("offline")
 
     messages = []
-    monkeypatch.setattr("llmq.calib.data.calibration_text", offline)
-    monkeypatch.setattr("llmq.log.info", messages.append)
+    monkeypatch.setattr("llmq.calib.text.calibration_text", offline)
+    monkeypatch.setattr("llmq.core.log.info", messages.append)
     out = tmp_path / "df"
     assert main(["quantize", str(tiny_llama_dir), "--group-size", "32", "--samples", "2", "--seqlen", "16",
                  "--out", str(out)]) == 0

@@ -6,8 +6,8 @@ from conftest import save_tiny_model
 
 import llmq
 from llmq.cli import main
-from llmq.errors import LlmqError
-from llmq.pipeline import QuantizeConfig, quantize
+from llmq.core.errors import LlmqError
+from llmq import QuantizeConfig, quantize
 
 
 def run_cli(capsys, *argv):
@@ -32,6 +32,16 @@ def test_unsupported_architecture(capsys, tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
     code, line = run_cli(capsys, "quantize", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"))
     assert code == 2 and "architecture 'gpt2' is not supported" in line and "llama" in line
+
+
+def test_eval_takes_an_architecture_the_quantizer_does_not_map(capsys, tmp_path, smollm2_tokenizer_dir, calib_file):
+    """The float baseline of any causal LM can be measured; only quantizing needs a layer map."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=49152)).save_pretrained(tmp_path / "gpt2")
+    AutoTokenizer.from_pretrained(smollm2_tokenizer_dir).save_pretrained(tmp_path / "gpt2")
+    assert main(["eval", str(tmp_path / "gpt2"), "--ppl", str(calib_file), "--seqlen", "32", "--windows", "2"]) == 0
+    assert "2 windows x 32 tokens: perplexity" in capsys.readouterr().out
 
 
 def test_group_size_that_does_not_divide(capsys, tmp_path, tiny_llama_dir):
@@ -105,9 +115,9 @@ def test_interrupted_write_leaves_nothing_that_looks_finished(monkeypatch, tmp_p
         (directory / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("llmq.pipeline.write_weights", explode)
+    monkeypatch.setattr("llmq.targets.compressed_tensors.write_weights", explode)
     with pytest.raises(KeyboardInterrupt):
-        quantize(str(tiny_llama_dir), tmp_path / "o", QuantizeConfig(method="rtn", group_size=32))
+        quantize(str(tiny_llama_dir), tmp_path / "o", QuantizeConfig.of(method="rtn", group_size=32))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -124,7 +134,7 @@ def test_cuda_requested_without_gpu(capsys, tmp_path, tiny_llama_dir):
 
 
 def test_named_dataset_when_the_hub_is_unreachable(capsys, monkeypatch, tmp_path, tiny_llama_dir):
-    monkeypatch.setattr("llmq.calib.data.hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("llmq.calib.text.hub_reachable", lambda timeout=3.0: False)
     code, line = run_cli(capsys, "quantize", str(tiny_llama_dir), "--calib", "c4", "--group-size", "32",
                          "--out", str(tmp_path / "o"))
     assert code == 2 and "dataset 'c4' cannot be downloaded" in line and "local text file" in line

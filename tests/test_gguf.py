@@ -11,14 +11,14 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, LlamaFileType
 from gguf import quants as gguf_quants
 
-from llmq.errors import LlmqError
-from llmq.formats.gguf_blocks import BLOCK_TYPES, decode_tensor
-from llmq.formats.gguf_mixtures import MIXTURES, get_mixture
-from llmq.methods.kquants import encode_bytes
-from llmq.pipeline import QuantizeConfig, quantize
+from llmq.core.errors import LlmqError
+from llmq.methods.grids.blocks import BLOCK_TYPES, decode_tensor
+from llmq.targets.gguf.mixtures import MIXTURES, get_mixture
+from llmq.methods.grids.kquant_search import encode_bytes
+from llmq import QuantizeConfig, quantize
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the llama.cpp client these tests need")
-from llmq.eval_llamacpp import llamacpp_quantize_file, llamacpp_quantize_tensor, open_llama
+from llmq.eval.llamacpp import llamacpp_quantize_file, llamacpp_quantize_tensor, open_llama
 
 ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 TERNARY = [T.TQ1_0, T.TQ2_0]  # for BitNet weights: encoded with gguf-py's (= llama.cpp's) absmax rule
@@ -110,7 +110,7 @@ def mixture_model(tmp_path_factory, smollm2_tokenizer_dir):
 @pytest.fixture(scope="module")
 def mixture_f32(mixture_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("f32") / "model-f32.gguf"
-    quantize(str(mixture_model), out, QuantizeConfig(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
+    quantize(str(mixture_model), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
     return out
 
 
@@ -122,7 +122,7 @@ def _types(path):
 def test_mixture_types_match_llama_quantize(mixture, mixture_model, mixture_f32, tmp_path):
     ours = tmp_path / "llmq.gguf"
     method = "bitnet" if mixture.startswith("TQ") else "rtn"  # TQ types hold ternary weights only
-    quantize(str(mixture_model), ours, QuantizeConfig(method=method, format="gguf", gguf_type=mixture, device="cpu"))
+    quantize(str(mixture_model), ours, QuantizeConfig.of(method=method, format="gguf", gguf_type=mixture, device="cpu"))
     theirs = tmp_path / "llamacpp.gguf"
     llamacpp_quantize_file(mixture_f32, theirs, MIXTURES[mixture].file_type)
     assert _types(ours) == _types(theirs)
@@ -137,7 +137,7 @@ def test_mixture_types_match_llama_quantize(mixture, mixture_model, mixture_f32,
 
 def test_mixture_uses_fallbacks_and_bumps(mixture_model, tmp_path):
     out = tmp_path / "m.gguf"
-    quantize(str(mixture_model), out, QuantizeConfig(method="rtn", format="gguf", gguf_type="Q4_K_M", device="cpu"))
+    quantize(str(mixture_model), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type="Q4_K_M", device="cpu"))
     types = _types(out)
     assert types["blk.0.ffn_down.weight"] == T.Q6_K  # first eighth: more bits
     assert types["blk.2.ffn_down.weight"] == T.Q4_K
@@ -167,7 +167,7 @@ def test_llamacpp_runs_our_file_with_transformers_logits(model_type, tmp_path, s
         model_type = "llama"
     source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **overrides)
     out = tmp_path / "tiny.gguf"  # (a name containing "phi3" makes llama.cpp expect Phi-3's own special tokens)
-    quantize(str(source), out, QuantizeConfig(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
+    quantize(str(source), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_pa
     with pytest.raises(LlmqError, match="--type Q9_K is not supported"):
         get_mixture("Q9_K")
     with pytest.raises(LlmqError, match="cannot write GGUF F16"):
-        quantize(str(tiny_llama_dir), tmp_path / "x.gguf", QuantizeConfig(method="awq", format="gguf", gguf_type="F16",
+        quantize(str(tiny_llama_dir), tmp_path / "x.gguf", QuantizeConfig.of(method="awq", format="gguf", gguf_type="F16",
                                                                           device="cpu"))
     assert not (tmp_path / "x.gguf").exists()
     assert LlamaFileType.MOSTLY_Q4_K_M == MIXTURES["Q4_K_M"].file_type
@@ -194,7 +194,7 @@ def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_pa
 @pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
 def test_calibrated_gguf_methods_write_files_llamacpp_runs(method, tiny_llama_dir, calib_file, tmp_path):
     out = tmp_path / "tiny.gguf"
-    quantize(str(tiny_llama_dir), out, QuantizeConfig(method=method, format="gguf", gguf_type="Q4_K_M",
+    quantize(str(tiny_llama_dir), out, QuantizeConfig.of(method=method, format="gguf", gguf_type="Q4_K_M",
                                                       calib=str(calib_file), samples=4, seqlen=32, device="cpu"))
     with open_llama(out, n_ctx=64) as llm:
         assert len(llm("Hello", max_tokens=4, temperature=0)["choices"][0]["text"]) > 0
@@ -202,10 +202,13 @@ def test_calibrated_gguf_methods_write_files_llamacpp_runs(method, tiny_llama_di
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q3_K, T.Q5_0, T.Q6_K], ids=lambda t: t.name)
 def test_gptq_on_grid_beats_weighted_rounding(qtype):
-    from llmq.formats.gguf_blocks import block_type
-    from llmq.methods.base import MethodOptions
-    from llmq.methods.kquant_methods import gptq_on_grid
-    from llmq.methods.kquants import encode
+    """GPTQ rounding onto a k-quant grid (the same GPTQ as for compressed-tensors) beats imatrix-weighted rounding."""
+    from llmq.calib.statistics import HessianCollector
+    from llmq.core.config import MethodOptions
+    from llmq.methods.gptq import GPTQ
+    from llmq.methods.grids.blocks import block_type
+    from llmq.methods.grids.kquant import KQuantGrid
+    from llmq.methods.grids.kquant_search import encode
 
     g = torch.Generator().manual_seed(0)
     cols = 512
@@ -213,17 +216,16 @@ def test_gptq_on_grid_beats_weighted_rounding(qtype):
     x = torch.randn(4096, cols, generator=g) @ (torch.eye(cols) + 0.9 * mixing)  # correlated inputs
     x[:, ::37] *= 6
     w = _weights(64, cols, seed=1)
-    hessian = 2 * x.T @ x / x.shape[0]
-    importance = x.pow(2).mean(0)
+    stats = HessianCollector(cols, torch.device("cpu"))
+    stats.add(x)
     cls = block_type(qtype)
-    rounded = cls.values(encode(w, qtype, importance)).reshape(w.shape)
-    codes = gptq_on_grid(w, hessian, qtype, importance, MethodOptions(act_order=True))
-    compensated = cls.values(codes).reshape(w.shape)
+    rounded = cls.values(encode(w, qtype, stats.importance())).reshape(w.shape)
+    result = GPTQ(MethodOptions(act_order=True)).quantize(w, stats, KQuantGrid(qtype))
+    compensated = result.dequantize()
     error = lambda q: ((q - w) @ x.T).pow(2).sum().item()
     assert error(compensated) < 0.8 * error(rounded)
     # an ordinary tensor of that type: packing round-trips and llama.cpp's decoder agrees
-    data = cls.pack(codes).reshape(64, -1).numpy()
-    assert _same_bits(gguf_quants.dequantize(data, qtype), compensated.numpy())
+    assert _same_bits(gguf_quants.dequantize(result.to_bytes(), qtype), compensated.numpy())
 
 
 # ---- the reference model in llama.cpp -----------------------------------------------------------------------
@@ -242,7 +244,7 @@ def test_reference_model_runs_in_llamacpp(mixture, reference_dir, tmp_path):
     from transformers import AutoTokenizer
 
     out = tmp_path / f"smollm2-{mixture}.gguf"
-    quantize(str(reference_dir), out, QuantizeConfig(method="rtn", format="gguf", gguf_type=mixture, device="cpu"))
+    quantize(str(reference_dir), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type=mixture, device="cpu"))
     tokenizer = AutoTokenizer.from_pretrained(reference_dir)
     sample = "The 2023 Tour de France had 176 riders, and Jonas Vingegaard won it. <|im_start|>user\nHi!<|im_end|>"
     with open_llama(out) as llm:
@@ -254,7 +256,7 @@ def test_reference_model_runs_in_llamacpp(mixture, reference_dir, tmp_path):
 @pytest.mark.slow
 def test_reference_model_gptq_on_grid_file_runs(reference_dir, calib_file, tmp_path):
     out = tmp_path / "smollm2-gptq.gguf"
-    quantize(str(reference_dir), out, QuantizeConfig(method="gptq", format="gguf", gguf_type="Q4_K_M",
+    quantize(str(reference_dir), out, QuantizeConfig.of(method="gptq", format="gguf", gguf_type="Q4_K_M",
                                                      calib=str(calib_file), samples=8, seqlen=128, device="cpu"))
     with open_llama(out) as llm:
         text = llm("The capital of France is", max_tokens=16, temperature=0)["choices"][0]["text"]
@@ -270,10 +272,10 @@ def test_reference_model_gptq_on_grid_file_runs(reference_dir, calib_file, tmp_p
 ])
 def test_export_gguf_carries_the_checkpoint_over(bits, group, symmetric, expect, tiny_llama_dir, tmp_path, calib_file):
     import llmq
-    from llmq.gguf_export import export_checkpoint
+    from llmq.export import export_checkpoint
 
     checkpoint = tmp_path / "ckpt"
-    quantize(str(tiny_llama_dir), checkpoint, QuantizeConfig(method="gptq", bits=bits, group_size=group,
+    quantize(str(tiny_llama_dir), checkpoint, QuantizeConfig.of(method="gptq", bits=bits, group_size=group,
                                                              symmetric=symmetric, calib=str(calib_file), samples=4,
                                                              seqlen=32, device="cpu"))
     out = tmp_path / "tiny.gguf"

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from llmq.methods import MethodOptions, QuantScheme, get_method
-from llmq.methods.gptq import HessianCollector
-from llmq.methods.grid import group_qparams
+from conftest import quantize_matrix
+
+from llmq.calib.statistics import HessianCollector
+from llmq.core.scheme import QuantScheme
+from llmq.methods.grids.integer import group_qparams
 
 
 def correlated_inputs(tokens=4096, features=128, seed=0):
@@ -22,11 +24,7 @@ def output_error(w, w_hat, x):
 
 
 def quantize(name, w, x, scheme, **options):
-    method = get_method(name, scheme, MethodOptions(**options))
-    stats = method.new_collector(w.shape[1], torch.device("cpu"))
-    if stats is not None:
-        stats.add(x)
-    return method.quantize(w, stats, torch.float32)
+    return quantize_matrix(name, w, scheme, x, **options)
 
 
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 64, False), (3, 32, False), (2, 64, False),
@@ -71,7 +69,7 @@ def test_dead_inputs_are_zeroed_not_nan():
 
 def test_singular_hessian_raises_damping_and_still_quantizes(monkeypatch):
     messages = []
-    monkeypatch.setattr("llmq.log.info", messages.append)
+    monkeypatch.setattr("llmq.core.log.info", messages.append)
     x = torch.randn(8, 64) @ torch.randn(64, 64)  # rank 8 of 64
     w = torch.randn(16, 64)
     q = quantize("gptq", w, x, QuantScheme(4, 32, True), damp=1e-12).dequantize()

@@ -3,9 +3,12 @@
 import pytest
 import torch
 
-from llmq.errors import LlmqError
-from llmq.methods import MethodOptions, QuantScheme, get_method
-from llmq.methods.grid import check_group_divides, group_qparams
+from conftest import quantize_matrix
+
+from llmq.core.errors import LlmqError
+from llmq.core.scheme import QuantScheme
+from llmq.methods.grids.integer import group_qparams
+from llmq.targets.compressed_tensors import check_group_divides
 
 
 def _weight(rows=16, cols=128, seed=0):
@@ -17,7 +20,7 @@ def _weight(rows=16, cols=128, seed=0):
 def test_rtn_error_is_at_most_half_a_step(bits, symmetric):
     w = _weight()
     scheme = QuantScheme(bits, 32, symmetric)
-    q = get_method("rtn", scheme).quantize(w, None, torch.float32)
+    q = quantize_matrix("rtn", w, scheme, scale_dtype=torch.float32)
     assert q.qweight.dtype == torch.int8
     assert int(q.qweight.min()) >= scheme.qmin and int(q.qweight.max()) <= scheme.qmax
     step = q.scale.repeat_interleave(32, dim=1)
@@ -36,7 +39,7 @@ def test_symmetric_grid_is_gptq_convention():
 
 def test_asymmetric_grid_reaches_both_ends():
     w = torch.linspace(-1.0, 3.0, 32).reshape(1, 32)
-    q = get_method("rtn", QuantScheme(4, 32, False)).quantize(w, None, torch.float32)
+    q = quantize_matrix("rtn", w, QuantScheme(4, 32, False), scale_dtype=torch.float32)
     assert int(q.qweight.min()) == -8 and int(q.qweight.max()) == 7
     assert q.dequantize().min().item() == pytest.approx(-1.0, abs=0.14)
     assert q.dequantize().max().item() == pytest.approx(3.0, abs=0.14)
@@ -44,7 +47,7 @@ def test_asymmetric_grid_reaches_both_ends():
 
 def test_scales_are_rounded_to_storage_dtype_before_rounding_weights():
     w = _weight(cols=64)
-    q = get_method("rtn", QuantScheme(4, 64, False)).quantize(w, None, torch.bfloat16)
+    q = quantize_matrix("rtn", w, QuantScheme(4, 64, False), scale_dtype=torch.bfloat16)
     assert q.scale.dtype == torch.bfloat16
     # The stored integers are round-to-nearest for the *stored* scale.
     scale = q.scale.float().repeat_interleave(64, dim=1)
@@ -56,20 +59,20 @@ def test_scales_are_rounded_to_storage_dtype_before_rounding_weights():
 def test_mse_clipping_search_lowers_error():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) ** 3  # heavy tails
     scheme = QuantScheme(3, 64, True)
-    plain = get_method("rtn", scheme).quantize(w, None, torch.float32).dequantize()
-    clipped = get_method("rtn", scheme, MethodOptions(mse=True)).quantize(w, None, torch.float32).dequantize()
+    plain = quantize_matrix("rtn", w, scheme, scale_dtype=torch.float32).dequantize()
+    clipped = quantize_matrix("rtn", w, scheme, mse=True).dequantize()
     assert (clipped - w).pow(2).sum() < 0.9 * (plain - w).pow(2).sum()
 
 
 def test_per_channel_has_one_group_per_row():
-    q = get_method("rtn", QuantScheme(4, -1, True)).quantize(_weight(), None, torch.float32)
+    q = quantize_matrix("rtn", _weight(), QuantScheme(4, -1, True), scale_dtype=torch.float32)
     assert q.scale.shape == (16, 1)
 
 
 def test_all_zero_group_round_trips_exactly():
     w = torch.zeros(2, 32)
     for symmetric in (True, False):
-        q = get_method("rtn", QuantScheme(4, 32, symmetric)).quantize(w, None, torch.float32)
+        q = quantize_matrix("rtn", w, QuantScheme(4, 32, symmetric), scale_dtype=torch.float32)
         assert torch.equal(q.dequantize(), w)
 
 

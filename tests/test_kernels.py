@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmq.formats.packing import pack_int32
-from llmq.kernels import cuda as cuda_kernels
-from llmq.kernels.cpu import INT4_MAX_ROWS
-from llmq.methods.grid import QuantScheme
-from llmq.modeling import QuantLinear, kernel_path
+from llmq.targets.packing import pack_int32
+from llmq.runtime.kernels import cuda as cuda_kernels
+from llmq.runtime.kernels.cpu import INT4_MAX_ROWS
+from llmq.core.scheme import QuantScheme
+from llmq.runtime.modeling import QuantLinear, kernel_path
 
-CUDA_SOURCE = Path(__file__).resolve().parents[1] / "llmq" / "kernels" / "cuda" / "w4a16.cu"
+CUDA_SOURCE = Path(__file__).resolve().parents[1] / "llmq" / "runtime" / "kernels" / "cuda" / "w4a16.cu"
 
 
 def random_quant_linear(n: int, k: int, group: int, symmetric: bool, seed: int = 0, bias: bool = True) -> QuantLinear:

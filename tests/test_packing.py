@@ -4,7 +4,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from llmq.formats.packing import pack_int32, packed_words, unpack_int32
+from llmq.targets.packing import pack_int32, packed_words, unpack_int32
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

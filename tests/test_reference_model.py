@@ -6,14 +6,14 @@ weights and activations the way it must (GPTQ below RTN, close to the unquantize
 
 import pytest
 import torch
-from conftest import CALIB_TEXT, TEST_TEXT
+from conftest import CALIB_TEXT, TEST_TEXT, quantize_matrix
 
 from llmq import load
-from llmq.calib.data import read_text_file, sample_windows, tokenize_text
+from llmq.calib.text import read_text_file, sample_windows, tokenize_text
 from llmq.cli import main
 from llmq.eval import evaluate, evaluation_windows
-from llmq.methods import MethodOptions, QuantScheme, get_method
-from llmq.models import load_embedded_default
+from llmq.core.scheme import QuantScheme
+from llmq.calib.models import load_embedded_default
 
 pytestmark = pytest.mark.slow
 
@@ -48,11 +48,7 @@ def test_gptq_layer_output_error_below_rtn_on_real_activations(real_activations,
         x, w = activations[name], module.weight.detach().float()
         errors = {}
         for method_name in ("rtn", "gptq"):
-            method = get_method(method_name, scheme, MethodOptions(act_order=True))
-            stats = method.new_collector(w.shape[1], torch.device("cpu"))
-            if stats is not None:
-                stats.add(x)
-            w_hat = method.quantize(w, stats, torch.bfloat16).dequantize()
+            w_hat = quantize_matrix(method_name, w, scheme, x, torch.bfloat16, act_order=True).dequantize()
             errors[method_name] = ((x @ (w - w_hat).T).norm() / (x @ w.T).norm()).item()
         assert errors["gptq"] < 0.75 * errors["rtn"], (name, errors)
 

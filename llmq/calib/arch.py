@@ -1,33 +1,15 @@
 """Per-architecture layer maps: where the decoder layers are, and which Linears share an input.
 
-Groups are listed in execution order inside a layer; the Linears of one group read the same input tensor, so
-they share calibration statistics. For activation-aware scaling (AWQ) each group also names the sub-block
-whose output the scales must preserve, and the operation that produces the group's input, into which the
-scales are folded. Adding an architecture is one entry here.
+The map's types (LayerMap, LinearGroup) are described in llmq/core/layers.py. Adding an architecture is one
+entry here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from llmq.errors import LlmqError
-
-
-@dataclass(frozen=True)
-class LinearGroup:
-    linears: tuple[str, ...]  # Linears (relative to a decoder layer) reading the same input
-    block: str  # the sub-block (attention, MLP, or the Linear itself) whose output AWQ compares
-    prev: str | None  # the norm or Linear whose output is the group's input; None: nothing to fold into
-    prev_rows: str = "all"  # "second_half": only the second half of a fused Linear's rows feed the group
-
-
-@dataclass(frozen=True)
-class LayerMap:
-    layers: str  # dotted path from the CausalLM to the ModuleList of decoder layers
-    groups: tuple[LinearGroup, ...]  # in execution order
-    norm_offset: float = 0.0  # 1.0 where RMSNorm multiplies by (1 + weight), as Gemma does
+from llmq.core.errors import LlmqError
+from llmq.core.layers import LayerMap, LinearGroup
 
 
 def _llama_like(mlp_norm: str = "post_attention_layernorm", norm_offset: float = 0.0) -> LayerMap:

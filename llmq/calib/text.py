@@ -12,9 +12,10 @@ import socket
 from pathlib import Path
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
-from llmq import log
-from llmq.errors import LlmqError
+from llmq.core import log
+from llmq.core.errors import LlmqError
 
 # Hub datasets reachable by a short name: (path, config, split, text field).
 HUB_DATASETS = {
@@ -133,19 +134,38 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
+class _TokenProgress(BaseStreamer):
+    """A generation streamer that only moves a progress bar: generate() hands it the prompt, then each new token."""
+
+    def __init__(self, bar):
+        self.bar, self.prompt_seen = bar, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.bar.update(value.shape[-1] if value.dim() > 1 else 1)
+
+    def end(self) -> None:
+        self.bar.close()
+
+
 @torch.no_grad()
 def self_generated_samples(model, tokenizer, samples: int, seqlen: int, device, seed: int = 0) -> torch.Tensor:
     """Data-free calibration: let the model write `samples` sequences of `seqlen` tokens from its BOS token."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     model.to(device)
+    bar = log.progress(total=seqlen - 1, desc=f"data-free calibration: writing {samples} texts", unit="token")
     try:
         start = torch.full((samples, 1), bos, dtype=torch.long, device=device)
         out = model.generate(
             start, attention_mask=torch.ones_like(start), do_sample=True, top_k=50,
             max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=tokenizer.eos_token_id,
+            streamer=_TokenProgress(bar),
         )
     finally:
+        bar.close()
         model.to("cpu")
     return out[:, :seqlen].cpu()
 

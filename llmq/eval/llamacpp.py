@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from llmq.errors import LlmqError
+from llmq.core.errors import LlmqError
 
 
 def _llama_cpp():

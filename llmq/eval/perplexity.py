@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer
 
-from llmq import log
-from llmq.calib.data import evaluation_text, tokenize_text
-from llmq.errors import LlmqError
-from llmq.models import EMBEDDED_DEFAULT, load_model
+from llmq.calib.models import EMBEDDED_DEFAULT, load_model
+from llmq.calib.text import evaluation_text, tokenize_text
+from llmq.core import log
+from llmq.core.errors import LlmqError
+from llmq.runtime.modeling import load
 
 
 def is_quantized_dir(name: str) -> bool:
@@ -30,8 +31,6 @@ def is_quantized_dir(name: str) -> bool:
 def load_for_eval(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer): llmq-packed when `name` is a quantized directory, else a plain float model."""
     if is_quantized_dir(name):
-        from llmq.modeling import load
-
         return load(name, device=device, dtype=dtype), AutoTokenizer.from_pretrained(name)
     model, tokenizer, _ = load_model(None if name in ("embedded", EMBEDDED_DEFAULT) else name, dtype)
     return model.to(device), tokenizer

@@ -14,7 +14,10 @@ input scaled down by 1/s. For each group of Linears sharing an input, on the unq
    i < 10, keeping the m with the smallest error of that group's partial outputs over the search tokens
    (q/k are skipped: the attention scores amplify their clipping).
 
-The rounding itself is the inner method's: round-to-nearest for `awq`, GPTQ for `awq+gptq`.
+AWQ is a layer transform: it changes the float weights (and the norms or Linears they are folded into) and
+leaves the rounding to the method it is composed with: round-to-nearest for `awq`, GPTQ for `awq+gptq`
+(llmq/methods/__init__.py). Its searches fake-quantize on the integer grid closest to the target's (the
+target's own for compressed-tensors; for GGUF a 32-wide asymmetric grid with the mixture's bits).
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmq.calib.arch import LayerMap
 from llmq.calib.capture import first_tensor, layer_output
-from llmq.methods.base import Method, StatsCollector
-from llmq.methods.gptq import GPTQ
-from llmq.methods.grid import QuantizedTensor, QuantScheme, dequantize, round_to_nearest
-from llmq.methods.rtn import RTN
+from llmq.core.interfaces import Method
+from llmq.core.layers import LayerMap
+from llmq.core.scheme import QuantScheme, dequantize
+from llmq.methods.grids.integer import round_to_nearest
 
 SCALE_GRID = 20
 CLIP_GRID, CLIP_STEPS = 20, 10  # shrink factors 1.0, 0.95, ..., 0.55
@@ -165,27 +167,19 @@ class _BlockRecorder:
 
 class AWQ(Method):
     name = "awq"
-    needs_calibration = True
-    inner_method = RTN
-
-    def __init__(self, scheme, options=None):
-        super().__init__(scheme, options)
-        self.inner = self.inner_method(scheme, self.options)
-        self.orders_columns = self.inner.orders_columns
-
-    def new_collector(self, in_features: int, device: torch.device) -> StatsCollector | None:
-        return self.inner.new_collector(in_features, device)
-
-    def quantize(self, weight: torch.Tensor, stats, scale_dtype: torch.dtype) -> QuantizedTensor:
-        return self.inner.quantize(weight, stats, scale_dtype)
+    rounds = False
+    needs_data = True
+    searches = True
 
     @torch.no_grad()
-    def prepare_layer(self, layer: nn.Module, layer_map: LayerMap, inputs) -> None:
+    def prepare_layer(self, layer: nn.Module, layer_map: LayerMap, inputs, search_scheme: QuantScheme | None) -> None:
         """Search and fold every group's scales, then clip, on the unquantized layer (the AWQ reference order).
 
         One forward pass (over the first RECORD_TOKENS tokens) records every sub-block's input: folding leaves the
         float model unchanged, so the only input a fold changes is its own group's, by exactly 1/s.
         """
+        if search_scheme is None:
+            raise ValueError("AWQ needs an integer grid to search on; the target must refuse AWQ before the run")
         recorders = {group.block: _BlockRecorder() for group in layer_map.groups}
         handles = [layer.get_submodule(block).register_forward_pre_hook(recorder.record, with_kwargs=True)
                    for block, recorder in recorders.items()]
@@ -206,22 +200,23 @@ class AWQ(Method):
             prev = layer.get_submodule(group.prev) if group.prev else None
             x_clip = recorder.kept_inputs()
             if _can_fold(prev, linears[0].in_features, group.prev_rows):
-                scales = self._search_scales(layer.get_submodule(group.block), linears, recorder)
+                scales = self._search_scales(layer.get_submodule(group.block), linears, recorder, search_scheme)
                 fold_scales(prev, linears, scales, layer_map.norm_offset, group.prev_rows)
                 x_clip = x_clip / scales
             clip_inputs[group] = x_clip
         for group in layer_map.groups:
             for name in group.linears:
                 if not name.endswith(NO_CLIP_SUFFIXES):
-                    self._clip(layer.get_submodule(name), clip_inputs[group])
+                    self._clip(layer.get_submodule(name), clip_inputs[group], search_scheme)
 
-    def _search_scales(self, block: nn.Module, linears: list[nn.Linear], recorder: _BlockRecorder) -> torch.Tensor:
+    def _search_scales(self, block: nn.Module, linears: list[nn.Linear], recorder: _BlockRecorder,
+                       scheme: QuantScheme) -> torch.Tensor:
         """The candidate scales with the least sub-block output error; returns s [in_features]."""
         w = torch.cat([linear.weight.data for linear in linears]).float()
-        grouped = w.abs().reshape(w.shape[0], -1, self.scheme.group_size_for(w.shape[1]))
+        grouped = w.abs().reshape(w.shape[0], -1, scheme.group_size_for(w.shape[1]))
         w_abs_mean = (grouped / grouped.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(w.shape).mean(0)
         candidates = list(self._candidate_scales(recorder.abs_mean(), w_abs_mean))
-        weights = [fake_quantize(w * s[None, :], self.scheme) / s[None, :] for s in candidates]
+        weights = [fake_quantize(w * s[None, :], scheme) / s[None, :] for s in candidates]
         calls = recorder.calls_for(SEARCH_TOKENS)
         if block is linears[0] and len(linears) == 1:
             errors = _linear_block_errors(w, weights, calls)
@@ -238,7 +233,8 @@ class AWQ(Method):
             s = (x_abs_mean.pow(ratio) / (w_abs_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
             yield s / (s.max() * s.min()).sqrt()
 
-    def _clip(self, linear: nn.Linear, x: torch.Tensor) -> None:
+    @staticmethod
+    def _clip(linear: nn.Linear, x: torch.Tensor, scheme: QuantScheme) -> None:
         """Shrink each (row, group) range to the one whose quantized partial outputs err least.
 
         The error of a group's partial output over tokens X_g is d^T (X_g^T X_g) d for the rounding error d
@@ -246,7 +242,7 @@ class AWQ(Method):
         """
         w = linear.weight.data.float()
         rows, cols = w.shape
-        group = self.scheme.group_size_for(cols)
+        group = scheme.group_size_for(cols)
         xg = x.reshape(-1, cols // group, group).transpose(0, 1)  # [groups, tokens, group]
         gram = xg.transpose(1, 2) @ xg  # [groups, group, group]
         wg = w.reshape(rows, -1, group)
@@ -255,17 +251,10 @@ class AWQ(Method):
         best_max = max_abs.clone()
         for step in range(CLIP_STEPS):
             limit = max_abs * (1 - step / CLIP_GRID)
-            delta = (fake_quantize(wg.clamp(-limit, limit).reshape(w.shape), self.scheme) - w).reshape(wg.shape)
+            delta = (fake_quantize(wg.clamp(-limit, limit).reshape(w.shape), scheme) - w).reshape(wg.shape)
             d = delta.transpose(0, 1)  # [groups, rows, group]
             error = ((d @ gram) * d).sum(-1).T.unsqueeze(-1)  # [rows, groups, 1]
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best_max = torch.where(better, limit, best_max)
         linear.weight.data = wg.clamp(-best_max, best_max).reshape(w.shape).to(linear.weight.dtype)
-
-
-class AWQGPTQ(AWQ):
-    """AWQ's scaling and clipping, then GPTQ's error-compensated rounding of the scaled weights."""
-
-    name = "awq+gptq"
-    inner_method = GPTQ

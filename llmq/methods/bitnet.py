@@ -1,81 +1,48 @@
-"""BitNet b1.58 ternary weights: W ~ gamma * clip(round(W / gamma), -1, 1), with gamma = mean |W|.
+"""BitNet b1.58: ternary weights (llmq/methods/grids/ternary.py) with int8 activations, optionally fine-tuned.
 
-The scale gamma is per tensor (BitNet b1.58, and the only one transformers' BitNet layout stores), per output
-channel, or per group of input columns. Activations entering a ternary Linear are quantized to int8 per
-token (absmax), as BitNet b1.58 and transformers' BitLinear do, so the model llmq evaluates is the model a
-loader runs.
+The `bitnet` method is round-to-nearest onto a ternary grid (the target picks it: transformers' BitNet layout,
+or GGUF's TQ1_0 / TQ2_0), after an optional whole-model step: ternary-aware fine-tuning by distillation
+(--qat-steps, llmq/methods/qat.py), which trains the float weights the rounding then ternarizes.
+
+Activations entering a ternary Linear are quantized to int8 per token (absmax), as BitNet b1.58 and
+transformers' BitLinear do, so the model llmq evaluates is the model a loader runs.
 
 `TernaryLinear` has two lives:
 - *latent*: it keeps a float weight and ternarizes it on every forward, with straight-through estimators
-  for both roundings, so ternary-aware fine-tuning (llmq/qat.py) trains the float weight;
-- *frozen*: it keeps only the int8 codes and the scale, which is what the output formats store.
-Post-training ternary is latent -> frozen at once. Ternary needs no calibration statistics, so it does not
-go through the layer-by-layer harness; fine-tuning is a whole-model loop.
+  for both roundings, so ternary-aware fine-tuning trains the float weight;
+- *frozen*: it keeps only the int8 codes and the scale, which is what the output formats store (and what the
+  BitNet checkpoint reader builds).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmq.errors import LlmqError
-
-GRANULARITIES = ("tensor", "channel", "group")
-_MIN_SCALE = 1e-5  # BitNet's clamp: an all-zero tensor keeps a finite scale
-
-
-@dataclass(frozen=True)
-class TernaryScheme:
-    granularity: str = "tensor"  # tensor | channel | group
-    group_size: int = 256  # input columns per scale when granularity == "group"
-
-    def check(self, name: str, in_features: int) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise LlmqError(f"--ternary-scale {self.granularity} is not known; use one of {', '.join(GRANULARITIES)}")
-        if self.granularity == "group" and (self.group_size < 1 or in_features % self.group_size):
-            raise LlmqError(f"--group-size {self.group_size} does not divide {name} ({in_features} columns); "
-                            "pick a divisor or use --ternary-scale channel")
-
-
-def absmean_scale(weight: torch.Tensor, scheme: TernaryScheme) -> torch.Tensor:
-    """gamma, shaped to broadcast against weight [out, in]: [1, 1], [out, 1] or [out, in // group]."""
-    w = weight.detach().float().abs()
-    if scheme.granularity == "tensor":
-        gamma = w.mean().reshape(1, 1)
-    elif scheme.granularity == "channel":
-        gamma = w.mean(dim=1, keepdim=True)
-    else:
-        gamma = w.reshape(w.shape[0], -1, scheme.group_size).mean(dim=-1)
-    return gamma.clamp_min(_MIN_SCALE)
-
-
-def expand_scale(gamma: torch.Tensor, in_features: int) -> torch.Tensor:
-    """[out|1, in // g] -> broadcastable against [out, in] (per-group scales repeated over their columns)."""
-    return gamma.repeat_interleave(in_features // gamma.shape[1], dim=1) if gamma.shape[1] > 1 else gamma
-
-
-def stored_scale(gamma: torch.Tensor, scheme: TernaryScheme, dtype: torch.dtype) -> torch.Tensor:
-    """gamma as the output format will read it back.
-
-    Per tensor (transformers' layout) the checkpoint stores 1 / gamma in the model's dtype; per channel or
-    group only GGUF can hold it, as each 256-block's fp16 scale.
-    """
-    if scheme.granularity == "tensor":
-        return 1.0 / (1.0 / gamma).to(dtype).float()
-    return gamma.to(torch.float16).float()
-
-
-def ternary_codes(weight: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """int8 codes in {-1, 0, 1}: round(W / gamma) clipped."""
-    return (weight.detach().float() / expand_scale(gamma, weight.shape[1])).round().clamp(-1, 1).to(torch.int8)
+from llmq.calib.text import calibration_text, tokenize_text
+from llmq.core.errors import LlmqError
+from llmq.core.interfaces import ModelContext
+from llmq.methods.grids.ternary import (
+    GRANULARITIES,
+    MIN_SCALE,
+    TernaryScheme,
+    TernaryTensor,
+    absmean_scale,
+    expand_scale,
+    stored_scale,
+    ternary_codes,
+    ternary_scheme,
+)
+from llmq.methods.qat import QATConfig, distill, save_loss_curve, training_windows
+from llmq.methods.rtn import RTN
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """Per-token absmax int8 fake quantization (BitLinear's), straight-through in the backward pass."""
-    scale = 127.0 / x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(_MIN_SCALE)
+    scale = 127.0 / x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(MIN_SCALE)
     q = ((x.detach().float() * scale).round().clamp(-128, 127) / scale).to(x.dtype)
     return x + (q - x).detach()
 
@@ -121,10 +88,22 @@ class TernaryLinear(nn.Module):
         codes, gamma = self.ternarize()
         return codes.float() * expand_scale(gamma, self.in_features)
 
+    def quantized(self) -> TernaryTensor:
+        """Codes and stored scale, as the output formats take them."""
+        codes, gamma = self.ternarize()
+        return TernaryTensor(codes, gamma, self.scheme, self.scale_dtype)
+
     def freeze(self) -> None:
         """Keep only codes and scale; the latent weight is dropped."""
         self.codes, self.gamma = self.ternarize()
         self.weight = None
+
+    def as_linear(self) -> nn.Linear:
+        """A plain Linear holding the latent float weight (what the rounding then ternarizes)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight = nn.Parameter(self.weight.detach(), requires_grad=False)
+        linear.bias = self.bias
+        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -139,7 +118,7 @@ class TernaryLinear(nn.Module):
     def _integer_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """int8 activations times ternary codes, then one division by both scales: BitLinear's exact order,
         so a transformers-loaded checkpoint gives the same floats (rounding flips would compound over layers)."""
-        x_scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_SCALE)
+        x_scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp_min(MIN_SCALE)
         x_int = (x * x_scale).round().clamp(-128, 127)
         inverse_gamma = (1.0 / self.gamma.reshape(1)).to(self.scale_dtype).to(x.dtype)
         y = F.linear(x_int, self.codes.to(x.dtype)) / (inverse_gamma * x_scale)
@@ -156,9 +135,8 @@ def ternarize_model(model: nn.Module, linear_names: list[str], scheme: TernarySc
     for name in linear_names:
         linear = model.get_submodule(name)
         scheme.check(name, linear.in_features)
-        parent, _, child = name.rpartition(".")
         replaced[name] = TernaryLinear.from_linear(linear, scheme)
-        model.get_submodule(parent).register_module(child, replaced[name])
+        model.set_submodule(name, replaced[name])
     return replaced
 
 
@@ -166,15 +144,48 @@ def ternary_modules(model: nn.Module) -> dict[str, TernaryLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
 
 
-def relative_error(model: nn.Module, originals: dict[str, torch.Tensor]) -> float:
-    """||W - W_ternary||^2 / ||W||^2 over the ternary Linears (originals: name -> float weight)."""
-    num = den = 0.0
-    for name, module in ternary_modules(model).items():
-        w = originals[name].float()
-        num += (module.dequantized_weight() - w).pow(2).sum().item()
-        den += w.pow(2).sum().item()
-    return num / max(den, 1e-30)
+def trainable_parameters(student: nn.Module) -> list[nn.Parameter]:
+    """What fine-tuning trains: latent ternary weights and norm weights (not embeddings, lm_head, biases)."""
+    params = []
+    for module in student.modules():
+        if isinstance(module, TernaryLinear) and module.weight is not None:
+            params.append(module.weight)
+        elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+            params.append(module.weight)
+    return params
 
 
-__all__ = ["GRANULARITIES", "TernaryLinear", "TernaryScheme", "absmean_scale", "quantize_activations",
-           "stored_scale", "ternarize_model", "ternary_codes", "ternary_modules"]
+class BitNet(RTN):
+    """Round-to-nearest onto the target's ternary grid, after optional ternary-aware fine-tuning."""
+
+    name = "bitnet"
+    ternary = True
+
+    def check(self, config) -> None:
+        if self.options.qat_steps > 0 and config.run.calib is None:
+            raise LlmqError("--qat-steps needs --calib FILE (text to fine-tune on)")
+        if self.options.ternary_scale not in GRANULARITIES:
+            raise LlmqError(f"--ternary-scale {self.options.ternary_scale} is not known; "
+                            f"use one of {', '.join(GRANULARITIES)}")
+
+    def prepare_model(self, model: nn.Module, context: ModelContext) -> str:
+        opts = self.options
+        scheme = ternary_scheme(context.config)
+        description = f"post-training ternary (absmean, per {scheme.granularity})"
+        if opts.qat_steps <= 0:
+            return description
+        teacher = copy.deepcopy(model)  # stays in its dtype: half the memory
+        ternarize_model(model, context.linears, scheme)
+        qat = QATConfig(steps=opts.qat_steps, lr=opts.qat_lr, batch_size=opts.qat_batch, seqlen=opts.qat_seqlen)
+        text = calibration_text(context.config.run.calib)
+        windows = training_windows(tokenize_text(context.tokenizer, text), qat.seqlen)
+        result = distill(model, teacher, windows, qat, context.device, trainable_parameters(model))
+        model.to("cpu")
+        del teacher
+        last = result.losses[-20:]
+        description += (f", then {qat.steps} steps of ternary-aware distillation ({result.tokens} tokens, "
+                        f"{result.seconds:.0f} s, final KL {sum(last) / len(last):.3f})")
+        save_loss_curve(result, context.artifact("qat_loss.png"), f"ternary fine-tuning, {qat.steps} steps")
+        for name, module in ternary_modules(model).items():  # the rounding ternarizes the trained weights
+            model.set_submodule(name, module.as_linear())
+        return description

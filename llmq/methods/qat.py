@@ -1,8 +1,8 @@
 """Ternary-aware fine-tuning: recover what post-training ternary loses, by distillation from the original model.
 
 The student is the model with its decoder Linears replaced by latent `TernaryLinear` modules (ternary
-weights and int8 activations in the forward pass, straight-through gradients to the float weights). The
-teacher is the original model. The loss is KL(teacher || student) of the next-token distributions on
+weights and int8 activations in the forward pass, straight-through gradients to the float weights,
+llmq/methods/bitnet.py, which also says which parameters train). The teacher is the original model. The loss is KL(teacher || student) of the next-token distributions on
 calibration text, so the student learns to behave like the model it came from rather than to fit the text
 anew. Only the latent Linear weights and the norms train; embeddings and lm_head stay as they were.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmq import log
-from llmq.errors import LlmqError
+from llmq.core import log
+from llmq.core.errors import LlmqError
 
 
 @dataclass
@@ -63,30 +63,17 @@ def _learning_rate(config: QATConfig, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _trainable(student) -> list[torch.nn.Parameter]:
-    """Latent ternary weights and norm weights; everything else (embeddings, lm_head, biases) frozen."""
-    from llmq.methods.bitnet import TernaryLinear
-
-    params = []
-    for module in student.modules():
-        if isinstance(module, TernaryLinear) and module.weight is not None:
-            params.append(module.weight)
-        elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
-            params.append(module.weight)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-def distill(student, teacher, windows: torch.Tensor, config: QATConfig, device: torch.device) -> QATResult:
-    """Train `student` (latent TernaryLinears, float32) to match `teacher` on token windows [n, seqlen]."""
+def distill(student, teacher, windows: torch.Tensor, config: QATConfig, device: torch.device,
+            params: list[torch.nn.Parameter]) -> QATResult:
+    """Train `params` of `student` (float32 from here on) to match `teacher` on token windows [n, seqlen]."""
     if config.steps < 1 or config.batch_size < 1 or config.lr <= 0:
         raise LlmqError("--qat-steps, --qat-batch and --qat-lr must be positive")
     student.to(device).float().train()
     teacher.to(device).eval()
-    params = _trainable(student)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     n_params = sum(p.numel() for p in student.parameters())
     checkpointing = config.gradient_checkpointing
     if checkpointing is None:

@@ -1,17 +1,18 @@
-"""Round-to-nearest: the baseline every other method must beat. No calibration data."""
+"""Round-to-nearest: the baseline every other method must beat.
+
+It takes the grid's own fit and its nearest integers. It needs no data; on grids whose fit weighs the error by
+an importance per input channel (GGUF's block types), calibration text, when given, makes it the
+imatrix-weighted rounding llama.cpp users know.
+"""
 
 from __future__ import annotations
 
-import torch
-
-from llmq.methods.base import Method
-from llmq.methods.grid import QuantizedTensor, round_to_nearest, to_quantized_tensor
+from llmq.core.interfaces import Grid, Method, Quantized
 
 
 class RTN(Method):
     name = "rtn"
-    needs_calibration = False
 
-    def quantize(self, weight: torch.Tensor, stats, scale_dtype: torch.dtype) -> QuantizedTensor:
-        q, scale, zero = round_to_nearest(weight, self.scheme, scale_dtype, mse=self.options.mse)
-        return to_quantized_tensor(q, scale, zero, self.scheme, scale_dtype)
+    def quantize(self, weight, stats, grid: Grid) -> Quantized:
+        fit = grid.fit(weight, None if stats is None else stats.importance())
+        return fit.result(fit.nearest())

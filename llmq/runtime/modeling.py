@@ -9,21 +9,22 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from llmq import log
-from llmq.errors import LlmqError
-from llmq.formats.compressed_tensors import read_weights, scheme_from_config
-from llmq.kernels import cuda as cuda_kernels
-from llmq.kernels.build import load_extension
-from llmq.kernels.cpu import (
+from llmq.calib.models import fill_remaining_weights
+from llmq.core import log
+from llmq.core.errors import LlmqError
+from llmq.core.scheme import QuantScheme
+from llmq.runtime.kernels import cuda as cuda_kernels
+from llmq.runtime.kernels.build import load_extension
+from llmq.runtime.kernels.cpu import (
     INT4_MAX_ROWS,
     int4_linear_cpu,
     int4_supported,
     quant_linear_cpu,
     repack_int4_cpu,
 )
-from llmq.kernels.reference import dequantize_packed
-from llmq.methods.grid import QuantScheme
-from llmq.models import fill_remaining_weights
+from llmq.runtime.kernels.reference import dequantize_packed
+from llmq.targets.bitnet import load_bitnet
+from llmq.targets.compressed_tensors import read_weights, scheme_from_config
 
 
 class QuantLinear(nn.Module):
@@ -31,9 +32,9 @@ class QuantLinear(nn.Module):
 
     Buffers use the checkpoint's names, so a state dict round-trips unchanged. Kernels that want another layout
     get a copy repacked once, on first use, kept beside the buffers (not in the state dict):
-    - CUDA, 4-bit, fp16/bf16 activations: llmq's W4A16 kernels (llmq/kernels/cuda.py), built on first use;
+    - CUDA, 4-bit, fp16/bf16 activations: llmq's W4A16 kernels (llmq/runtime/kernels/cuda.py), built on first use;
     - CPU, 4-bit, up to INT4_MAX_ROWS[dtype] activation rows: torch's CPU int4 kernel;
-    - anything else: dequantize this layer to float32 and run a dense GEMM (llmq/kernels/cpu.py).
+    - anything else: dequantize this layer to float32 and run a dense GEMM (llmq/runtime/kernels/cpu.py).
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, weight_packed: torch.Tensor,
@@ -123,8 +124,6 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     if not isinstance(quant_config, dict):
         quant_config = quant_config.to_dict()
     if quant_config.get("quant_method") == "bitnet":
-        from llmq.formats.bitnet_hf import load_bitnet
-
         model = load_bitnet(directory, dtype).to(device)
         log.info(f"llmq: ternary BitNet checkpoint on {torch.device(device).type}: int8 codes, dequantized per call")
         return model
@@ -135,9 +134,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     packed_names = [key[: -len(".weight_packed")] for key in state if key.endswith(".weight_packed")]
     for name in packed_names:
-        parent_name, _, child = name.rpartition(".")
         bias = state.pop(f"{name}.bias", None)
-        model.get_submodule(parent_name).register_module(child, _quant_linear_from_state(name, state, scheme, bias))
+        model.set_submodule(name, _quant_linear_from_state(name, state, scheme, bias))
 
     fill_remaining_weights(model, state, dtype)
     model.to(device).eval()

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llmq.errors import LlmqError
+from llmq.core.errors import LlmqError
 
 
 def check_output_free(target: str | os.PathLike, overwrite: bool = False) -> None:
@@ -39,4 +39,22 @@ def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_file(target: str | os.PathLike, overwrite: bool = False):
+    """Yield a fresh temporary file path beside `target`; on success it replaces `target`, on failure it is removed."""
+    target = Path(target)
+    check_output_free(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result should look like any other file
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

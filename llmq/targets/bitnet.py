@@ -1,4 +1,4 @@
-"""transformers' native BitNet layout (`quant_method: "bitnet"`): write it, and read it back into llmq.
+"""`--format bitnet`: transformers' native BitNet layout (`quant_method: "bitnet"`): write it, and read it back.
 
 Each ternary Linear is stored as two tensors (transformers' BitLinear, `linear_class: "bitlinear"`):
 
@@ -24,10 +24,14 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from llmq.errors import LlmqError
-from llmq.formats.compressed_tensors import read_weights, write_weights
-from llmq.methods.bitnet import TernaryLinear, TernaryScheme, ternary_modules
-from llmq.models import fill_remaining_weights
+from llmq.calib.harness import Part, Plan
+from llmq.calib.models import fill_remaining_weights
+from llmq.core.errors import LlmqError
+from llmq.methods.bitnet import TernaryLinear
+from llmq.methods.grids.ternary import TernaryGrid, TernaryScheme, TernaryTensor, ternary_scheme
+from llmq.targets.base import RunReport, Target
+from llmq.targets.card import model_card
+from llmq.targets.compressed_tensors import read_weights, write_weights
 
 ROWS_PER_BYTE = 4
 
@@ -54,10 +58,9 @@ def quantization_config(not_converted: list[str]) -> dict:
             "modules_to_not_convert": not_converted}
 
 
-def _not_converted(model) -> list[str]:
+def _not_converted(model, quantized: dict[str, TernaryTensor]) -> list[str]:
     """Every Linear that stays in float (lm_head at least): BitLinear would otherwise replace it."""
-    ternary = ternary_modules(model)
-    return sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in ternary)
+    return sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in quantized)
 
 
 def checkpoint_dtype(config) -> torch.dtype:
@@ -68,35 +71,33 @@ def checkpoint_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
 
 
-def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
+def checkpoint_state_dict(model, quantized: dict[str, TernaryTensor]) -> dict[str, torch.Tensor]:
     """The state dict transformers' BitLinear loads: packed codes and inverted per-tensor scales."""
     dtype = checkpoint_dtype(model.config)
-    ternary = ternary_modules(model)
     state = {}
     for name, tensor in model.state_dict().items():
-        module = name.rpartition(".")[0]
-        if module in ternary:
+        if name.rpartition(".")[0] in quantized:
             continue
         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    for name, module in ternary.items():
-        if module.scheme.granularity != "tensor":
+    for name, ternary in quantized.items():
+        if ternary.scheme.granularity != "tensor":
             raise LlmqError(f"transformers' BitNet layout holds one scale per tensor but {name} has one per "
-                            f"{module.scheme.granularity}; use --ternary-scale tensor or --format gguf")
-        codes, gamma = module.ternarize()
-        state[f"{name}.weight"] = pack_ternary(codes)
-        state[f"{name}.weight_scale"] = (1.0 / gamma.reshape(1)).to(module.scale_dtype)
-        if module.bias is not None:
-            state[f"{name}.bias"] = module.bias.detach().to(module.scale_dtype)
+                            f"{ternary.scheme.granularity}; use --ternary-scale tensor or --format gguf")
+        state[f"{name}.weight"] = pack_ternary(ternary.codes)
+        state[f"{name}.weight_scale"] = (1.0 / ternary.gamma.reshape(1)).to(ternary.scale_dtype)
+        bias = model.get_submodule(name).bias
+        if bias is not None:
+            state[f"{name}.bias"] = bias.detach().to(ternary.scale_dtype)
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return state
 
 
-def write_checkpoint(directory: Path, model, tokenizer) -> None:
+def write_checkpoint(directory: Path, model, tokenizer, quantized: dict[str, TernaryTensor]) -> None:
     """Packed weights, config with the bitnet quantization_config, generation config and tokenizer."""
-    write_weights(directory, checkpoint_state_dict(model))
+    write_weights(directory, checkpoint_state_dict(model, quantized))
     config = model.config
-    config.quantization_config = quantization_config(_not_converted(model))
+    config.quantization_config = quantization_config(_not_converted(model, quantized))
     config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
@@ -142,8 +143,51 @@ def load_bitnet(directory: str | Path, dtype: torch.dtype = torch.float32):
         bias = state.pop(f"{name}.bias", None)
         module = TernaryLinear.from_codes(unpack_ternary(packed, linear.out_features), gamma, TernaryScheme(),
                                           scale_dtype, None if bias is None else bias.float())
-        parent, _, child = name.rpartition(".")
-        model.get_submodule(parent).register_module(child, module)
+        model.set_submodule(name, module)
     fill_remaining_weights(model, state, dtype)
     config.quantization_config = quant
     return model.eval()
+
+
+class BitNetTarget(Target):
+    """transformers' BitNet checkpoint: every decoder Linear ternary with one scale, packed four rows per byte."""
+
+    name = "bitnet"
+    default_method = "bitnet"
+
+    def check(self) -> None:
+        if not self.method.ternary:
+            raise LlmqError(f"--format bitnet holds ternary weights; --method {self.method.name} does not make them: "
+                            "use --method bitnet")
+        if self.config.method.ternary_scale != "tensor":
+            raise LlmqError(f"transformers' BitNet layout holds one scale per tensor, not per "
+                            f"{self.config.method.ternary_scale}; use --ternary-scale tensor or --format gguf")
+
+    def check_model(self, model, linears) -> None:
+        for name, linear in linears.items():
+            if linear.out_features % ROWS_PER_BYTE:
+                raise LlmqError(f"{name} has {linear.out_features} output rows; transformers' BitNet layout packs four "
+                                "rows per byte and needs a multiple of 4: use --format gguf")
+
+    def plan(self, model, linears, storage_dtype, calibrated) -> Plan:
+        grid = TernaryGrid(ternary_scheme(self.config), storage_dtype)
+        return lambda names: [Part((name,), grid) for name in names]  # one scale per tensor: one part each
+
+    def write(self, path, model, tokenizer, plan, quantized, report: RunReport) -> int:
+        write_checkpoint(path, model, tokenizer, quantized)
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        (path / "README.md").write_text(model_card(
+            report, size, bits="1.58", group_size="per-tensor scale", symmetric=True, act_order=False, mse=False,
+            format_tag="ternary",
+            summary=f"Ternary (BitNet b1.58: weights in {{-1, 0, 1}} times one scale per tensor, int8 "
+                    f"activations) version of `{report.base_model}`, made with llmq.",
+            layout="transformers BitNet (`bitlinear`: 2-bit packed rows, inverted scale)",
+            loader_note="transformers' own BitNet loader"))
+        return size
+
+    def describe(self) -> str:
+        return "transformers BitNet layout"
+
+    def default_out(self, base: str) -> str:
+        steps = self.config.method.qat_steps
+        return f"{base}-bitnet{f'-qat{steps}' if steps else ''}"

@@ -1,13 +1,17 @@
-"""The model card (README.md) of a quantized checkpoint, from the template in model_cards/."""
+"""The model card (README.md) of a quantized checkpoint, rendered from a run's report and the template in
+model_cards/; and `llmq eval`'s line appended to it."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from llmq.core.device import human_size
+from llmq.targets.base import RunReport
+
 _CANDIDATES = (
     Path(__file__).parent / "model_card_template.md",  # installed wheel (force-included)
-    Path(__file__).parents[1] / "model_cards" / "template.md",  # source checkout / editable install
+    Path(__file__).parents[2] / "model_cards" / "template.md",  # source checkout / editable install
 )
 EVAL_MARKER = "<!-- llmq eval appends its measurements below -->"
 
@@ -19,6 +23,15 @@ def render_card(**fields) -> str:
     return template.read_text().format(**fields)
 
 
+def model_card(report: RunReport, size_after: int, **target_fields) -> str:
+    """The card of a run: what every run reports, plus what the target says about its layout
+    (bits, group_size, symmetric, act_order, mse, format_tag, summary, layout, loader_note)."""
+    return render_card(
+        name=report.out.name, base_model=report.base_model, method=report.method, calibration=report.calibration,
+        size_before=human_size(report.size_before), size_after=human_size(size_after),
+        seconds=f"{report.seconds:.0f} s", device=report.device, dtype=report.dtype, **target_fields)
+
+
 def append_evaluation(directory: str | os.PathLike, line: str) -> bool:
     """Add one measurement line to an llmq card; False when the directory has no llmq card."""
     card = Path(directory) / "README.md"
@@ -28,12 +41,3 @@ def append_evaluation(directory: str | os.PathLike, line: str) -> bool:
     tmp.write_text(text.rstrip("\n") + f"\n- {line}\n")
     os.replace(tmp, card)
     return True
-
-
-def human_size(n_bytes: float) -> str:
-    """Decimal units, as file browsers and the hub show sizes."""
-    for unit in ("B", "KB", "MB"):
-        if n_bytes < 1000:
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1000
-    return f"{n_bytes:.1f} GB"

@@ -20,9 +20,14 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
-from llmq.errors import LlmqError
-from llmq.formats.packing import pack_int32
-from llmq.methods.grid import QuantizedTensor, QuantScheme
+from llmq.calib.harness import Part, Plan
+from llmq.core.errors import LlmqError
+from llmq.core.interfaces import Quantized
+from llmq.core.scheme import QuantizedTensor, QuantScheme
+from llmq.methods.grids.integer import IntegerGrid
+from llmq.targets.base import RunReport, Target
+from llmq.targets.card import model_card
+from llmq.targets.packing import pack_int32
 
 FORMAT = "pack-quantized"
 TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
@@ -66,6 +71,17 @@ def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, list[str]]:
     weights = groups[0]["weights"]
     group_size = -1 if weights.get("strategy") == "channel" else int(weights["group_size"])
     return QuantScheme(weights["num_bits"], group_size, bool(weights["symmetric"])), list(quant_config.get("ignore", []))
+
+
+def check_group_divides(name: str, in_features: int, scheme: QuantScheme) -> None:
+    """Refuse up front a group size that no loader of the format can read (compressed-tensors needs equal groups)."""
+    if scheme.group_size == -1 or in_features % scheme.group_size == 0:
+        return
+    fits = [g for g in (256, 192, 128, 96, 64, 32) if in_features % g == 0 and g < scheme.group_size]
+    hint = f"--group-size {fits[0]}" if fits else "--group-size -1"
+    raise LlmqError(
+        f"--group-size {scheme.group_size} does not divide {name} (in_features {in_features}); use {hint} or -1"
+    )
 
 
 def packed_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
@@ -132,3 +148,57 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         except Exception as error:  # safetensors raises its own types for bad headers and short files
             raise LlmqError(f"cannot read {path} ({str(error).splitlines()[0]}); the file is truncated or damaged") from None
     return state
+
+
+class CompressedTensorsTarget(Target):
+    """A Hugging Face model directory: packed integer weights, config with `quantization_config`, tokenizer, card."""
+
+    name = "compressed-tensors"
+
+    def check(self) -> None:
+        if self.method.ternary:
+            raise LlmqError(f"--method {self.method.name} makes ternary weights, which compressed-tensors does not hold; "
+                            "use --format bitnet (its default) or --format gguf")
+
+    @property
+    def search_scheme(self) -> QuantScheme:
+        return self.config.scheme
+
+    def check_model(self, model, linears) -> None:
+        for name, linear in linears.items():
+            check_group_divides(name, linear.in_features, self.config.scheme)
+
+    def plan(self, model, linears, storage_dtype, calibrated) -> Plan:
+        # one grid for all: a group's Linears are rounded as one stacked matrix, one pass of the method
+        grid = IntegerGrid(self.config.scheme, storage_dtype, mse=self.config.method.mse)
+        return lambda names: [Part(tuple(names), grid)]
+
+    @property
+    def act_order(self) -> bool:
+        return self.config.method.act_order and self.method.orders_columns
+
+    def write(self, path, model, tokenizer, plan, quantized: dict[str, Quantized], report: RunReport) -> int:
+        scheme, mse = self.config.scheme, self.config.method.mse
+        write_weights(path, checkpoint_state_dict(model, quantized))
+        model.config.quantization_config = quantization_config(
+            scheme, self.act_order, ignored_linears(model, quantized), "mse" if mse else "minmax")
+        model.config.save_pretrained(path)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        (path / "README.md").write_text(model_card(
+            report, size, bits=scheme.bits, group_size="per-channel" if scheme.group_size == -1 else scheme.group_size,
+            symmetric=scheme.symmetric, act_order=self.act_order, mse=mse, format_tag="compressed-tensors",
+            summary=f"{scheme.bits}-bit weight-only quantization of `{report.base_model}`, made with llmq.",
+            layout="compressed-tensors `pack-quantized`", loader_note="needs the compressed-tensors package"))
+        return size
+
+    def describe(self) -> str:
+        s = self.config.scheme
+        group = "per-channel" if s.group_size == -1 else f"g{s.group_size}"
+        return f"compressed-tensors, W{s.bits} {group} {'sym' if s.symmetric else 'asym'}"
+
+    def default_out(self, base: str) -> str:
+        group = "c" if self.config.scheme.group_size == -1 else self.config.scheme.group_size
+        return f"{base}-{self.method.name}-w{self.config.scheme.bits}g{group}"

@@ -11,7 +11,9 @@ super-scale per block (k-quants) or directly in fp16 (the 32-wide legacy types).
 integers; `grid()` turns them into the effective scale/min exactly as gguf-py's decoders compute them (same
 float32 operations in the same order), so `decode` is bit-exact with `gguf.quants.dequantize`.
 
-The choice of codes (the search) lives in llmq/methods/kquants.py; this module is only the bit layout.
+The choice of codes (the search) lives in llmq/methods/grids/kquant_search.py; this module is only the bit layout.
+It sits with the grids (not with the GGUF target) because the block types *are* grids: methods round onto
+them, the GGUF target writes their bytes, the runtime decodes them.
 """
 
 from __future__ import annotations

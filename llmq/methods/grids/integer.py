@@ -1,10 +1,5 @@
-"""The integer grid every weight-only method rounds to, in compressed-tensors' convention.
-
-A weight row is split into groups of `group_size` input columns (per-channel: one group per row). Each group
-has a scale s and, when asymmetric, an integer zero point z; integers are signed:
-
-    q = clamp(round(w / s) + z, qmin, qmax)        qmin = -2**(bits-1), qmax = 2**(bits-1) - 1
-    w_hat = (q - z) * s                           (exact in float32; cast to the compute dtype at use)
+"""The integer group grid of compressed-tensors, as a Grid: choosing scales and zero points (formulas and the
+stored tensor in llmq/core/scheme.py).
 
 Symmetric grids have z = 0 and s = max|w| / ((qmax - qmin) / 2), the GPTQ convention (the grid reaches
 -max|w| exactly and stops one step short on the positive side). Asymmetric grids cover [min(w, 0), max(w, 0)].
@@ -15,68 +10,10 @@ integers are the best ones for the scale that will actually be stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from llmq.errors import LlmqError
-
-SUPPORTED_BITS = (2, 3, 4, 8)
-
-
-@dataclass(frozen=True)
-class QuantScheme:
-    """What grid a weight is rounded to. group_size=-1 means one group per output row (per-channel)."""
-
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = True
-
-    def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            raise LlmqError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
-        if self.group_size != -1 and (self.group_size < 1 or self.group_size % 8):
-            raise LlmqError(f"--group-size {self.group_size} is not supported; use a multiple of 8 (32, 64, 128) or -1")
-
-    @property
-    def qmin(self) -> int:
-        return -(1 << (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
-
-    def group_size_for(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
-
-
-@dataclass
-class QuantizedTensor:
-    """A quantized 2-D weight: signed integers, one scale (and zero point) per (row, group)."""
-
-    qweight: torch.Tensor  # int8 [out, in]
-    scale: torch.Tensor  # [out, n_groups], storage dtype
-    zero_point: torch.Tensor | None  # int8 [out, n_groups]; None when symmetric
-    scheme: QuantScheme
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize(self.qweight, self.scale, self.zero_point, self.scheme.group_size_for(self.qweight.shape[1]))
-
-    def rows(self, rows: slice) -> QuantizedTensor:
-        """Some rows as an independent QuantizedTensor on the CPU (no storage shared with the others)."""
-        own = lambda t: None if t is None else t[rows].to("cpu", copy=True)
-        return QuantizedTensor(own(self.qweight), own(self.scale), own(self.zero_point), self.scheme)
-
-
-def check_group_divides(name: str, in_features: int, scheme: QuantScheme) -> None:
-    """Refuse up front a group size that no loader of the format can read (compressed-tensors needs equal groups)."""
-    if scheme.group_size == -1 or in_features % scheme.group_size == 0:
-        return
-    fits = [g for g in (256, 192, 128, 96, 64, 32) if in_features % g == 0 and g < scheme.group_size]
-    hint = f"--group-size {fits[0]}" if fits else "--group-size -1"
-    raise LlmqError(
-        f"--group-size {scheme.group_size} does not divide {name} (in_features {in_features}); use {hint} or -1"
-    )
+from llmq.core.interfaces import Grid, GridFit
+from llmq.core.scheme import QuantizedTensor, QuantScheme, dequantize_values, quantize_values
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -102,29 +39,6 @@ def qparams_from_range(
         return scale, None
     zero = (scheme.qmin - torch.round(wmin / scale)).clamp(scheme.qmin, scheme.qmax)
     return scale, zero
-
-
-def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
-    """Integers (as float) for w under broadcastable scale/zero."""
-    q = torch.round(w / scale)
-    if zero is not None:
-        q = q + zero
-    return q.clamp(scheme.qmin, scheme.qmax)
-
-
-def dequantize_values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-    """(q - z) * s in float32: exact, since s holds a storage-dtype value and q - z is a small integer."""
-    if zero is not None:
-        q = q - zero
-    return q * scale
-
-
-def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    """Full [out, in] float32 weight from integers and per-group parameters."""
-    g = _grouped(qweight.float(), group_size)
-    z = None if zero_point is None else zero_point.float().unsqueeze(-1)
-    w = dequantize_values(g, scale.float().unsqueeze(-1), z)
-    return w.reshape(qweight.shape)
 
 
 def group_qparams(
@@ -175,3 +89,55 @@ def to_quantized_tensor(
         zero_point=None if zero is None else zero.to(torch.int8),
         scheme=scheme,
     )
+
+
+class IntegerGrid(Grid):
+    """compressed-tensors' integer group grid; scales stored in `scale_dtype` (the model's dtype)."""
+
+    def __init__(self, scheme: QuantScheme, scale_dtype: torch.dtype, mse: bool = False):
+        self.scheme, self.scale_dtype, self.mse = scheme, scale_dtype, mse
+
+    def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> IntegerFit:
+        return IntegerFit(self, weight)
+
+
+class IntegerFit(GridFit):
+    """Scale and zero point per (row, group), from the weights it was fitted on (min/max, or the mse search)."""
+
+    def __init__(self, grid: IntegerGrid, weight: torch.Tensor):
+        self.grid, self.weight = grid, weight
+        self.group_size = grid.scheme.group_size_for(weight.shape[1])
+        self.scale, self.zero = group_qparams(weight, grid.scheme, grid.scale_dtype, mse=grid.mse)
+        self.refit_group_size = None if grid.scheme.group_size == -1 else self.group_size
+
+    def _parameters(self, columns: torch.Tensor):
+        groups = columns // self.group_size
+        return self.scale[:, groups], None if self.zero is None else self.zero[:, groups]
+
+    def nearest(self) -> torch.Tensor:
+        expand = lambda t: None if t is None else t.repeat_interleave(self.group_size, dim=1)
+        return quantize_values(self.weight, expand(self.scale), expand(self.zero), self.grid.scheme)
+
+    def position(self, w, columns):
+        scale, zero = self._parameters(columns)
+        return w / scale + (0 if zero is None else zero)
+
+    def round(self, w, columns):
+        scale, zero = self._parameters(columns)
+        return quantize_values(w, scale, zero, self.grid.scheme)
+
+    def clamp(self, q):
+        return q.clamp(self.grid.scheme.qmin, self.grid.scheme.qmax)
+
+    def value(self, q, columns):
+        return dequantize_values(q, *self._parameters(columns))
+
+    def refit(self, column: int, w: torch.Tensor) -> None:
+        """Dynamic groups (GPTQ without act-order): parameters from the weights as updated so far."""
+        s, z = group_qparams(w, self.grid.scheme, self.grid.scale_dtype, mse=self.grid.mse)
+        self.scale[:, column // self.group_size] = s[:, 0]
+        if self.zero is not None:
+            self.zero[:, column // self.group_size] = z[:, 0]
+
+    def result(self, integers: torch.Tensor) -> QuantizedTensor:
+        return to_quantized_tensor(integers, self.scale, self.zero, self.grid.scheme, self.grid.scale_dtype)

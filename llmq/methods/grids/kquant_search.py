@@ -14,8 +14,8 @@ Importance weights per weight: with an activation importance vector (imatrix: me
 channel), w = imp, so the search minimizes the expected output error; without one, plain squared error, or
 llama.cpp's heuristics (|x| + rms for Q4_K/Q5_K, |x| for Q2_K) where those measured better.
 
-`encode(weight, qtype, importance)` -> Codes; `encode_bytes` packs them; `GridChoice`/`round_to_grid` are what
-GPTQ-on-the-grid uses: the block parameters fixed, each column rounded to its own sub-block's grid.
+`encode(weight, qtype, importance)` -> Codes; `encode_bytes` packs them; `grid_of` gives the effective scale/min
+per sub-block, which the k-quant Grid (llmq/methods/grids/kquant.py) hands to rounding methods such as GPTQ.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
-from llmq.formats.gguf_blocks import QK_K, BlockType, Codes, block_type, fp16
+from llmq.methods.grids.blocks import QK_K, BlockType, Codes, block_type, fp16
 
 _INF = float("inf")
 

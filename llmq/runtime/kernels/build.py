@@ -1,7 +1,7 @@
 """Just-in-time build of llmq's CUDA kernels (torch's C++ extension tooling, ninja), cached per machine.
 
-The first CUDA forward of a packed model builds llmq/kernels/cuda/{w4a16.cu, binding.cpp} for the GPU in use
-(about a minute) into ~/.cache/llmq/kernels/<source hash>; later runs load the cached library. If anything is
+The first CUDA forward of a packed model builds llmq/runtime/kernels/cuda/{w4a16.cu, binding.cpp} for the GPU in use
+(about a minute) into ~/.cache/llmq/runtime/kernels/<source hash>; later runs load the cached library. If anything is
 missing (no CUDA torch, no nvcc, no ninja) or the build fails, one line says why and the portable path
 (dequantize + dense GEMM) is used instead.
 """
@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from llmq import log
+from llmq.core import log
 
 SOURCES = [Path(__file__).parent / "cuda" / name for name in ("w4a16.cu", "binding.cpp")]
 _extension = None

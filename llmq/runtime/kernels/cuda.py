@@ -16,7 +16,7 @@ from functools import cache
 
 import torch
 
-from llmq.formats.packing import unpack_int32
+from llmq.targets.packing import unpack_int32
 
 GEMV_MAX_M = 8
 MMA_MAX_M = 128

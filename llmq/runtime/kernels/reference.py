@@ -3,14 +3,14 @@
     W[o, i] = (q[o, i] - z[o, i // group_size]) * s[o, i // group_size]      exact in float32
     y = x @ W^T + b
 
-q is unpacked from int32 words (llmq.formats.packing); z is unpacked down the output dimension.
+q is unpacked from int32 words (llmq.targets.packing); z is unpacked down the output dimension.
 """
 
 from __future__ import annotations
 
 import torch
 
-from llmq.formats.packing import unpack_int32
+from llmq.targets.packing import unpack_int32
 
 
 def dequantize_packed(
@@ -27,7 +27,3 @@ def dequantize_packed(
         zero = unpack_int32(weight_zero_point, bits, out_features, dim=0)
         w = w - zero.float().unsqueeze(-1)
     return (w * weight_scale.float().unsqueeze(-1)).reshape(out_features, in_features)
-
-
-def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))

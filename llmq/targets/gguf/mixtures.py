@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from gguf import GGML_QUANT_SIZES, LlamaFileType
 from gguf import GGMLQuantizationType as T
 
-from llmq.errors import LlmqError
+from llmq.core.errors import LlmqError
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,11 @@ class Mixture:
     name: str
     default: T
     file_type: LlamaFileType
+
+    @property
+    def ternary(self) -> bool:
+        """Its main type holds ternary weights only (BitNet b1.58)."""
+        return self.default in (T.TQ1_0, T.TQ2_0)
 
 
 MIXTURES = {m.name: m for m in [

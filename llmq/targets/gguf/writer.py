@@ -9,13 +9,12 @@ Two conversions llama.cpp expects and HF checkpoints do not have:
   interleaved pairs, so those rows are permuted (rows only, so already-quantized rows permute losslessly).
 - Gemma RMSNorm weights: HF computes x * (1 + w), llama.cpp x * w, so 1 is added.
 
-The file is written under a temporary name and renamed when complete.
+The caller stages the file (a temporary name, renamed when complete: llmq/targets/atomic.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import (
-    GGML_QUANT_SIZES,
     MODEL_ARCH,
     MODEL_ARCH_NAMES,
     GGUFWriter,
@@ -34,8 +32,7 @@ from gguf import (
 )
 from gguf import GGMLQuantizationType as T
 
-from llmq.errors import LlmqError
-from llmq.formats.atomic import check_output_free
+from llmq.core.errors import LlmqError
 
 ARCHITECTURES = {
     "llama": MODEL_ARCH.LLAMA,
@@ -292,41 +289,28 @@ def add_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int) -> None:
 
 
 def write_gguf(path: str | Path, model, tokenizer, tensors: dict[str, EncodedTensor], file_type: int,
-               name: str | None = None, overwrite: bool = False) -> int:
-    """Write `tensors` (GGUF name -> encoded) with the model's metadata; returns the file size in bytes."""
-    path = Path(path)
-    check_output_free(path, overwrite)
+               name: str) -> int:
+    """Write `tensors` (GGUF name -> encoded) with the model's metadata to `path`; returns the file size in bytes.
+
+    `name` is the model name llama.cpp shows (general.name).
+    """
     config = model.config
     arch = gguf_arch(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    os.close(fd)
-    try:
-        writer = GGUFWriter(tmp_name, MODEL_ARCH_NAMES[arch])
-        writer.add_name(name or path.stem)
-        _add_hparams(writer, config, arch)
-        writer.add_file_type(int(file_type))
-        writer.add_quantization_version(2)
-        add_tokenizer(writer, tokenizer, config.vocab_size)
-        tensors = {**rope_scaling_tensors(writer, config), **tensors}
-        for tensor_name, tensor in tensors.items():
-            data = tensor.data
-            if tensor.qtype in (T.F32, T.F16):
-                writer.add_tensor(tensor_name, np.ascontiguousarray(data))
-            else:
-                writer.add_tensor(tensor_name, np.ascontiguousarray(data), raw_dtype=tensor.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
-
-
-def row_bytes(qtype: T, row_length: int) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    return row_length // block * size
+    writer = GGUFWriter(str(path), MODEL_ARCH_NAMES[arch])
+    writer.add_name(name)
+    _add_hparams(writer, config, arch)
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(2)
+    add_tokenizer(writer, tokenizer, config.vocab_size)
+    tensors = {**rope_scaling_tensors(writer, config), **tensors}
+    for tensor_name, tensor in tensors.items():
+        data = tensor.data
+        if tensor.qtype in (T.F32, T.F16):
+            writer.add_tensor(tensor_name, np.ascontiguousarray(data))
+        else:
+            writer.add_tensor(tensor_name, np.ascontiguousarray(data), raw_dtype=tensor.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path).stat().st_size

@@ -5,13 +5,13 @@
 //   scales   half   [N, K / g]   s
 //   zeros    uint8  [N, K / g]   u_zero (symmetric: 8);  W[n, k] = u * s - u_zero * s
 // 3 bytes per group beside the 4-bit weights. Nibbles become numbers by the exact 'magic number' trick below
-// (no int->float conversion instructions); the reference (llmq/kernels/cuda.py: reference_w4) computes the same
+// (no int->float conversion instructions); the reference (llmq/runtime/kernels/cuda.py: reference_w4) computes the same
 // values in float32, and the kernels agree with it to float32 (gemv) or to one rounding of each weight to the
 // activation dtype (tensor cores).
 // g (group size) is a multiple of 32, or K (per channel). Act-order checkpoints of llmq use static groups, so
 // no permutation is needed at run time.
 //
-// Three paths, chosen by the host (llmq/kernels/cuda.py) from M:
+// Three paths, chosen by the host (llmq/runtime/kernels/cuda.py) from M:
 //   gemv  M <= 8: memory-bound. A warp owns four (M <= 2) or two output rows and streams them once with 16-byte loads
 //         (32 weights per lane per load, the next chunk requested before this one's arithmetic), dequantizes in
 //         registers and keeps M float accumulators per row; the scale multiplies once per 32-weight chunk.

@@ -1,0 +1,92 @@
+"""`QuantizeConfig`: everything `llmq quantize` takes besides the model and the output path, in four groups.
+
+- scheme: the integer grid (bits, group size, symmetric), llmq/core/scheme.py;
+- method: which method and the knobs methods read;
+- target: which output format (and GGUF mixture);
+- run: calibration data, device, dtype.
+
+These dataclasses are the one source of defaults: the CLI builds its flags from them (llmq/cli.py), and
+`QuantizeConfig.of(bits=3, method="awq")` takes the same names flat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from llmq.core.errors import LlmqError
+from llmq.core.scheme import QuantScheme
+
+
+@dataclass
+class MethodOptions:
+    """The method (a registry name of llmq/methods, `a+b` composes) and the knobs each method reads."""
+
+    name: str | None = None  # None: the target's default (gptq; rtn for gguf, as llama-quantize; bitnet for bitnet)
+    act_order: bool = True  # GPTQ: static-group act-order; free for loaders, much better on outlier channels
+    mse: bool = False  # search each group's clipping range (integer grid)
+    damp: float = 0.01  # GPTQ: damping as a fraction of the mean Hessian diagonal
+    sink_weight: float = 16.0  # GPTQ: weight of each calibration window's first token (llmq/calib/statistics.py)
+    block_size: int = 128  # GPTQ: columns per lazy-update block
+    ternary_scale: str = "tensor"  # bitnet: absmean scale per tensor | channel | group
+    qat_steps: int = 0  # bitnet: steps of ternary-aware fine-tuning (0: none)
+    qat_lr: float = 5e-4
+    qat_batch: int = 4
+    qat_seqlen: int = 256
+
+
+@dataclass
+class TargetOptions:
+    """The output: compressed-tensors (packed safetensors), gguf (one llama.cpp file) or bitnet (transformers'
+    ternary layout); `auto` picks bitnet for ternary methods, compressed-tensors otherwise."""
+
+    format: str = "auto"
+    gguf_type: str | None = None  # the GGUF mixture; None: Q4_K_M, or TQ2_0 for ternary methods
+
+
+@dataclass
+class RunOptions:
+    """Calibration data and where the work runs."""
+
+    calib: str | None = None  # .txt/.jsonl path or a dataset name; None: wikitext2, else data-free
+    samples: int = 128
+    seqlen: int = 512
+    calib_batch_tokens: int = 4096  # tokens per forward pass during calibration
+    device: str = "auto"  # cuda when available, else cpu
+    dtype: str = "auto"  # compute/storage dtype of the unquantized parts; auto: the checkpoint's
+
+
+@dataclass
+class QuantizeConfig:
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    method: MethodOptions = field(default_factory=MethodOptions)
+    target: TargetOptions = field(default_factory=TargetOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    # flat names that differ from their field's name
+    _ALIASES = {"method": ("method", "name"), "format": ("target", "format"), "gguf_type": ("target", "gguf_type")}
+
+    @classmethod
+    def of(cls, **options) -> QuantizeConfig:
+        """A config from flat names (`bits`, `method`, `calib`, ...), each going to the group that has it."""
+        groups = {"scheme": {}, "method": {}, "target": {}, "run": {}}
+        fields = {group: {f.name for f in dataclasses.fields(kind)}
+                  for group, kind in (("scheme", QuantScheme), ("method", MethodOptions), ("target", TargetOptions),
+                                      ("run", RunOptions))}
+        for key, value in options.items():
+            group, name = cls._ALIASES.get(key, (next((g for g, names in fields.items() if key in names), None), key))
+            if group is None:
+                raise LlmqError(f"unknown option {key!r}; see `llmq quantize --help` for the options")
+            groups[group][name] = value
+        return cls(QuantScheme(**groups["scheme"]), MethodOptions(**groups["method"]),
+                   TargetOptions(**groups["target"]), RunOptions(**groups["run"]))
+
+    def check(self) -> None:
+        """Refuse values that make no sense, before anything is loaded."""
+        run, method = self.run, self.method
+        if run.samples < 1 or run.seqlen < 2:
+            raise LlmqError("--samples must be at least 1 and --seqlen at least 2")
+        if not 0 < method.damp < 1:
+            raise LlmqError(f"--damp {method.damp} is out of range; use a fraction such as 0.01")
+        if not 1 <= method.sink_weight <= 1e4:
+            raise LlmqError(f"--sink-weight {method.sink_weight} is out of range; use 1 (off) to a few hundred, e.g. 16")

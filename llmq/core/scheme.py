@@ -1,0 +1,88 @@
+"""The integer group grid of compressed-tensors: its scheme, its formulas and the tensor it produces.
+
+A weight row is split into groups of `group_size` input columns (per-channel: one group per row). Each group
+has a scale s and, when asymmetric, an integer zero point z; integers are signed:
+
+    q = clamp(round(w / s) + z, qmin, qmax)        qmin = -2**(bits-1), qmax = 2**(bits-1) - 1
+    w_hat = (q - z) * s                           (exact in float32; cast to the compute dtype at use)
+
+These are shared by the methods that choose q, s and z (llmq/methods/grids/integer.py), the target that
+writes them and the runtime that reads them back, so they live here, below all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmq.core.errors import LlmqError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """What grid a weight is rounded to. group_size=-1 means one group per output row (per-channel)."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False  # asymmetric (zero points) by default: 0.7% larger, and clearly better
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise LlmqError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.group_size != -1 and (self.group_size < 1 or self.group_size % 8):
+            raise LlmqError(f"--group-size {self.group_size} is not supported; use a multiple of 8 (32, 64, 128) or -1")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def group_size_for(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+    """Integers (as float) for w under broadcastable scale/zero."""
+    q = torch.round(w / scale)
+    if zero is not None:
+        q = q + zero
+    return q.clamp(scheme.qmin, scheme.qmax)
+
+
+def dequantize_values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """(q - z) * s in float32: exact, since s holds a storage-dtype value and q - z is a small integer."""
+    if zero is not None:
+        q = q - zero
+    return q * scale
+
+
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """Full [out, in] float32 weight from integers and per-group parameters."""
+    rows, cols = qweight.shape
+    g = qweight.float().reshape(rows, cols // group_size, group_size)
+    z = None if zero_point is None else zero_point.float().unsqueeze(-1)
+    return dequantize_values(g, scale.float().unsqueeze(-1), z).reshape(rows, cols)
+
+
+@dataclass
+class QuantizedTensor:
+    """A weight on the integer grid: signed integers, one scale (and zero point) per (row, group)."""
+
+    qweight: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # [out, n_groups], storage dtype
+    zero_point: torch.Tensor | None  # int8 [out, n_groups]; None when symmetric
+    scheme: QuantScheme
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scale, self.zero_point, self.scheme.group_size_for(self.qweight.shape[1]))
+
+    def rows(self, rows: slice) -> QuantizedTensor:
+        """Some rows as an independent QuantizedTensor on the CPU (no storage shared with the others)."""
+        own = lambda t: None if t is None else t[rows].to("cpu", copy=True)
+        return QuantizedTensor(own(self.qweight), own(self.scale), own(self.zero_point), self.scheme)

@@ -1,0 +1,135 @@
+"""GGUF's block types as Grids: the k-quants (and 32-wide legacy types) with their block scales, and the float types.
+
+Fitting a k-quant grid runs llmq's block search (llmq/methods/grids/kquant_search.py; importance-weighted when
+the harness collected an imatrix): it fixes every block's stored scale/min codes and so every sub-block's
+effective scale and min. A rounding method then chooses the integers L in [0, qmax], column by column if it
+likes (GPTQ), on the sub-block grid each column belongs to:
+
+    symmetric types:  w = scale * (L - zero)      asymmetric types:  w = scale * L - min
+
+Block layouts (the bytes) are in llmq/methods/grids/blocks.py; a BlockTensor is the codes of one weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from llmq.core.interfaces import Grid, GridFit
+from llmq.methods.grids.blocks import Codes, block_type
+from llmq.methods.grids.kquant_search import encode, grid_of
+
+FLOAT_TYPES = (T.F32, T.F16, T.BF16)
+
+
+@dataclass
+class BlockTensor:
+    """A weight [rows, cols] in a GGUF block type: the codes of its blocks, row after row."""
+
+    qtype: T
+    codes: Codes
+    shape: tuple[int, int]
+
+    def dequantize(self) -> torch.Tensor:
+        return block_type(self.qtype).values(self.codes).reshape(self.shape)
+
+    def rows(self, rows: slice) -> BlockTensor:
+        per_row = self.shape[1] // block_type(self.qtype).block_size
+        blocks = slice(rows.start * per_row, rows.stop * per_row)
+        cut = lambda t: None if t is None else t[blocks].clone()
+        codes = Codes(d=cut(self.codes.d), L=cut(self.codes.L), sc=cut(self.codes.sc), dmin=cut(self.codes.dmin),
+                      m=cut(self.codes.m))
+        return BlockTensor(self.qtype, codes, (rows.stop - rows.start, self.shape[1]))
+
+    def to_bytes(self) -> np.ndarray:
+        """uint8 [rows, row_bytes] in llama.cpp's layout."""
+        return block_type(self.qtype).pack(self.codes).reshape(self.shape[0], -1).numpy()
+
+
+@dataclass
+class FloatTensor:
+    """A weight a GGUF file stores as floats (F32 / F16 / BF16): the values it will read back."""
+
+    qtype: T
+    values: torch.Tensor  # float32 [rows, cols], already rounded to qtype
+
+    def dequantize(self) -> torch.Tensor:
+        return self.values
+
+    def rows(self, rows: slice) -> FloatTensor:
+        return replace(self, values=self.values[rows].to("cpu", copy=True))
+
+
+class FloatGrid(Grid):
+    """F32 / F16 / BF16: nothing to round; the values are kept in that float type."""
+
+    rounds = False
+
+    def __init__(self, qtype: T):
+        self.qtype = qtype
+
+    def fit(self, weight, importance=None) -> GridFit:
+        raise TypeError(f"{self.qtype.name} stores floats; there is no grid to fit")
+
+    def keep(self, weight: torch.Tensor) -> FloatTensor:
+        dtype = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}[self.qtype]
+        return FloatTensor(self.qtype, weight.to(dtype).float())
+
+
+class KQuantGrid(Grid):
+    """One GGUF block type (Q2_K..Q6_K, Q4_0..Q8_0, TQ1_0/TQ2_0); its fit is llmq's block search."""
+
+    weighted = True
+
+    def __init__(self, qtype: T):
+        self.qtype = qtype
+
+    def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> KQuantFit:
+        return KQuantFit(self.qtype, weight, importance)
+
+
+class KQuantFit(GridFit):
+    """The block codes of the search; integers of a column are rounded on that column's sub-block grid."""
+
+    def __init__(self, qtype: T, weight: torch.Tensor, importance: torch.Tensor | None):
+        self.qtype, self.block = qtype, block_type(qtype)
+        self.shape = tuple(weight.shape)
+        self.codes = encode(weight, qtype, None if importance is None else importance.cpu())
+        scale, minimum = grid_of(self.codes, qtype, self.shape[0])
+        self.scale = scale.to(weight.device)
+        self.minimum = None if minimum is None else minimum.to(weight.device)
+        self.device = weight.device
+
+    def _parameters(self, columns: torch.Tensor):
+        sub = columns // self.block.sub_size
+        return self.scale[:, sub], None if self.minimum is None else self.minimum[:, sub]
+
+    def nearest(self) -> torch.Tensor:
+        return self.codes.L.reshape(self.shape).to(self.device, torch.float32)
+
+    def position(self, w, columns):
+        scale, minimum = self._parameters(columns)
+        inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+        return w * inverse + self.block.zero if minimum is None else (w + minimum) * inverse
+
+    def round(self, w, columns):
+        # the same operations as the search's own re-rounding (kquant_search.round_to_grid), per column
+        scale, minimum = self._parameters(columns)
+        inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+        if minimum is None:
+            return torch.mul(w, inverse).round_().add_(self.block.zero).clamp_(0, self.block.qmax)
+        return torch.add(w, minimum).mul_(inverse).round_().clamp_(0, self.block.qmax)
+
+    def clamp(self, q):
+        return q.clamp(0, self.block.qmax)
+
+    def value(self, q, columns):
+        scale, minimum = self._parameters(columns)
+        return scale * (q - self.block.zero) if minimum is None else scale * q - minimum
+
+    def result(self, integers: torch.Tensor) -> BlockTensor:
+        codes = replace(self.codes, L=integers.to("cpu", torch.int32).reshape(-1, self.block.block_size))
+        return BlockTensor(self.qtype, codes, self.shape)

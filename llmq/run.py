@@ -1,0 +1,108 @@
+"""`llmq.quantize(model, out, config)`: the one run skeleton every method and every target goes through.
+
+    check      the config, the method (llmq/methods) and the target (llmq/targets) against each other
+    load       the model, refusing an unmapped architecture before any weight is read
+    check      what the target cannot hold in this model, and non-finite weights
+    stage      a temporary output beside `out`, renamed only when complete
+    prepare    the method's whole-model step, if it has one (ternary-aware fine-tuning)
+    calibrate  when the method needs data, or text was given and the target's grids can use it
+    quantize   layer by layer on the target's grids (llmq/calib/harness.py)
+    write      the target writes the results; one summary line
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmq.calib.arch import layer_map_for, quantizable_linears
+from llmq.calib.harness import capture_layer_inputs, check_weights_finite, quantize_layers
+from llmq.calib.models import EMBEDDED_BASE_ID, load_model, resolve_dtype
+from llmq.calib.text import calibration_samples, check_calib_source
+from llmq.core import log
+from llmq.core.config import QuantizeConfig
+from llmq.core.device import human_size, resolve_device, tensor_bytes
+from llmq.core.interfaces import Method, ModelContext
+from llmq.methods import build_method
+from llmq.targets import RunReport, Target, build_target, default_method
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    size_before: int
+    size_after: int
+    seconds: float
+    relative_weight_error: float
+    calibration: str
+
+
+def _calibrate(model, tokenizer, layer_map, method: Method, config: QuantizeConfig, device):
+    """What enters the first decoder layer for every calibration window, and a description of the data."""
+    run = config.run
+    samples, source = calibration_samples(model, tokenizer, run.calib, run.samples, run.seqlen, device)
+    description = f"{source}, {run.samples} x {run.seqlen} tokens"
+    if method.statistic == "hessian" and config.method.sink_weight != 1:
+        description += f", first token of each window x{config.method.sink_weight:g} in GPTQ's Hessian"
+    batch = max(1, run.calib_batch_tokens // run.seqlen)
+    return capture_layer_inputs(model, layer_map, samples, device, batch), description
+
+
+def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
+    """The run's method and target, checked against each other and the flags (nothing is loaded)."""
+    config.check()
+    method = build_method(config.method.name or default_method(config), config.method)
+    method.check(config)
+    return method, build_target(config, method)
+
+
+def default_out(model: str | None, config: QuantizeConfig) -> str:
+    """The output name `llmq quantize` uses when no --out is given."""
+    base = Path(model.rstrip("/")).name if model else EMBEDDED_BASE_ID.rpartition("/")[2]
+    return method_and_target(config)[1].default_out(base)
+
+
+def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None = None,
+             overwrite: bool = False, trust_remote_code: bool = False) -> QuantizeResult:
+    """Quantize `model` (hub id, local directory, or None for the embedded default) into `out`."""
+    config = config or QuantizeConfig()
+    method, target = method_and_target(config)
+    if config.run.calib is not None:
+        check_calib_source(config.run.calib)
+    device = resolve_device(config.run.device)
+    out = Path(out)
+    target.check_output(out, overwrite)
+    started = time.perf_counter()
+
+    hf_model, tokenizer, model_id = load_model(model, resolve_dtype(config.run.dtype), trust_remote_code,
+                                               check_config=lambda hf_config: layer_map_for(hf_config.model_type))
+    layer_map = layer_map_for(hf_model.config.model_type)
+    linears = quantizable_linears(hf_model, layer_map)
+    target.check_model(hf_model, linears)
+    check_weights_finite(linears)
+    size_before = tensor_bytes(hf_model)
+    storage_dtype = hf_model.dtype  # scales are stored in it, whatever a whole-model step computes in
+    calibrated = method.needs_data or (config.run.calib is not None and target.weighted)
+
+    with target.staging(out, overwrite) as stage:
+        notes = method.prepare_model(hf_model, ModelContext(tokenizer, device, config, list(linears), stage.artifact))
+        inputs, calibration = None, notes or "none (round-to-nearest needs no data)"
+        if calibrated:
+            inputs, calibration = _calibrate(hf_model, tokenizer, layer_map, method, config, device)
+            calibration = f"{notes}; {calibration}" if notes else calibration
+        plan = target.plan(hf_model, linears, storage_dtype, calibrated)
+        errors = []
+        quantized = quantize_layers(hf_model, layer_map, method, plan, inputs, device, target.search_scheme,
+                                    on_layer=lambda report: errors.append(report.relative_weight_error))
+        error = sum(errors) / max(len(errors), 1)
+        report = RunReport(out, model_id, method.name, calibration, size_before, time.perf_counter() - started,
+                           device.type, str(storage_dtype).removeprefix("torch."), error)
+        log.info(f"llmq: writing {out} ({target.describe()})")
+        size_after = target.write(stage.path, hf_model, tokenizer, plan, quantized, report)
+
+    seconds = time.perf_counter() - started
+    log.info(f"llmq: wrote {out} ({target.describe()}, {method.name}; calibration: {calibration}): "
+             f"{human_size(size_before)} -> {human_size(size_after)} ({size_before / max(size_after, 1):.2f}x smaller), "
+             f"{seconds:.0f} s, mean relative weight error {error:.2e}")
+    return QuantizeResult(out, size_before, size_after, seconds, error, calibration)

@@ -1,0 +1,1 @@
+"""Running quantized checkpoints: QuantLinear, `llmq.load`, and the kernels behind them."""

@@ -1,0 +1,94 @@
+"""What an output format is, as the run skeleton (llmq/run.py) sees it: one object per run with check / plan / write.
+
+    target.check()                      refuse what it cannot do with this method and these flags (nothing loaded)
+    target.check_model(model, linears)  refuse what it cannot hold in this model (before any heavy work)
+    with target.staging(out, overwrite) as stage:      a temporary directory or file, renamed when complete
+        plan = target.plan(...)         the Grid of every Linear, grouped into parts (llmq/calib/harness.py)
+        ... the harness quantizes ...
+        target.write(stage.path, ...)   the weights (and model card) from the quantized results
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmq.calib.harness import Plan
+from llmq.core.config import QuantizeConfig
+from llmq.core.interfaces import Method, Quantized
+from llmq.core.scheme import QuantScheme
+from llmq.targets.atomic import atomic_output_dir, check_output_free
+
+
+@dataclass
+class RunReport:
+    """What a finished quantization tells the target that writes it (and its model card)."""
+
+    out: Path
+    base_model: str  # a hub id, or a local checkpoint's directory name (never a path of this machine)
+    method: str
+    calibration: str  # where the calibration data came from, or what was done without it
+    size_before: int
+    seconds: float
+    device: str
+    dtype: str  # the model's dtype: what the unquantized tensors are kept in
+    relative_weight_error: float
+
+
+@dataclass
+class Stage:
+    path: Path  # the temporary directory or file the target writes
+    artifact: Callable[[str], Path]  # a side output's name -> where it goes (a loss curve)
+
+
+class Target(ABC):
+    name: str = ""
+    default_method: str = "gptq"  # what --method means when it is not given
+    weighted: bool = False  # its grids weigh their fit by an input importance: --calib then helps round-to-nearest
+
+    def __init__(self, config: QuantizeConfig, method: Method):
+        self.config, self.method = config, method
+
+    def check(self) -> None:
+        """Refuse, before anything is loaded, what this target cannot do with the run's method and flags."""
+
+    @property
+    def search_scheme(self) -> QuantScheme | None:
+        """The integer grid closest to this target's, for methods that fake-quantize many candidates (AWQ)."""
+        return None
+
+    def check_model(self, model: nn.Module, linears: dict[str, nn.Linear]) -> None:
+        """Refuse, before any heavy work, a model this target cannot hold."""
+
+    def check_output(self, out: Path, overwrite: bool) -> None:
+        check_output_free(out, overwrite)
+
+    @contextlib.contextmanager
+    def staging(self, out: Path, overwrite: bool):
+        """A temporary directory beside `out`, renamed to it when the block completes (removed if it fails)."""
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            yield Stage(tmp, lambda name: tmp / name)
+
+    @abstractmethod
+    def plan(self, model: nn.Module, linears: dict[str, nn.Linear], storage_dtype: torch.dtype,
+             calibrated: bool) -> Plan:
+        """The grid of every Linear, as the parts the harness quantizes together."""
+
+    @abstractmethod
+    def write(self, path: Path, model: nn.Module, tokenizer, plan: Plan, quantized: dict[str, Quantized],
+              report: RunReport) -> int:
+        """Write the output into the staged `path`; returns the size of the weights written, in bytes."""
+
+    def describe(self) -> str:
+        """A few words for the summary line: the format and what it holds."""
+        return self.name
+
+    @abstractmethod
+    def default_out(self, base: str) -> str:
+        """The output name when none is given, from the model's name."""

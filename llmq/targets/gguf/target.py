@@ -1,0 +1,162 @@
+"""`--format gguf`: one llama.cpp file, each tensor in the type llama.cpp's mixture rules give it.
+
+Plan: every tensor's GGML type (llmq/targets/gguf/mixtures.py); the decoder Linears become parts of the
+harness on that type's grid (a k-quant grid, a float type kept as is, or for ternary methods the ternary grid
+held exactly in TQ1_0 / TQ2_0 / the Q4_0 fallback). Write: those results, every other tensor encoded plainly
+by its planned type, metadata and tokenizer (llmq/targets/gguf/writer.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType as T
+
+from llmq.calib.harness import Part
+from llmq.core import log
+from llmq.core.errors import LlmqError
+from llmq.core.interfaces import Grid, Quantized
+from llmq.core.scheme import QuantScheme
+from llmq.methods.grids.kquant import FLOAT_TYPES, BlockTensor, FloatGrid, FloatTensor, KQuantGrid
+from llmq.methods.grids.kquant_search import QUANTIZED_TYPES, encode_bytes
+from llmq.methods.grids.ternary import ProjectedGrid, TernaryGrid, ternary_scheme
+from llmq.targets.atomic import atomic_output_file
+from llmq.targets.base import RunReport, Stage, Target
+from llmq.targets.gguf.mixtures import get_mixture, plan_types
+from llmq.targets.gguf.writer import (
+    EncodedTensor,
+    encode_float,
+    gguf_arch,
+    gguf_names,
+    prepare_float,
+    rope_row_permutation,
+    write_gguf,
+)
+
+# the integer grid AWQ searches on, per mixture's main type: same bits (4 for the 5-bit types), 32-wide asymmetric
+_SEARCH_BITS = {T.Q2_K: 2, T.Q3_K: 3, T.Q4_K: 4, T.Q5_K: 4, T.Q4_0: 4, T.Q6_K: 8, T.Q8_0: 8}
+TQ_BLOCK = 256  # weights per TQ1_0 / TQ2_0 block: one scale each
+
+
+def permute_rows(config, gguf_name: str, data):
+    """Rows of an encoded tensor in the order llama.cpp's graph wants (rows are whole blocks, so this is exact)."""
+    perm = rope_row_permutation(config, gguf_name, data.shape[0])
+    return data if perm is None else data[perm.numpy()]
+
+
+class GGUFPlan:
+    """Every parameter's GGUF name and type, and the grid of each decoder Linear (one part per Linear)."""
+
+    def __init__(self, names: dict[str, str], types: dict[str, T], grid_for_type):
+        self.names, self.types, self._grid_for_type = names, types, grid_for_type
+
+    def type_of(self, module: str) -> T:
+        return self.types[self.names[f"{module}.weight"]]
+
+    def __call__(self, linears: list[str]) -> list[Part]:
+        # each Linear its own part: q, k and v may get different types
+        return [Part((name,), self._grid_for_type(self.type_of(name))) for name in linears]
+
+
+def tensor_plan(model, mixture, has_imatrix: bool) -> tuple[dict[str, str], dict[str, T]]:
+    """(HF parameter name -> GGUF name, GGUF name -> type) for every parameter of the model."""
+    config = model.config
+    names = gguf_names(model)
+    shapes = {names[n]: tuple(p.shape) for n, p in model.named_parameters()}
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    tied = "lm_head.weight" not in dict(model.named_parameters())
+    types = plan_types(mixture, shapes, config.num_hidden_layers, config.num_attention_heads // kv_heads, tied,
+                       has_imatrix)
+    return names, types
+
+
+def encode_tensors(model, names: dict[str, str], types: dict[str, T],
+                   quantized: dict[str, Quantized]) -> dict[str, EncodedTensor]:
+    """Every parameter as a GGUF tensor: the harness's results where given, else encoded plainly by the plan."""
+    tensors: dict[str, EncodedTensor] = {}
+    for hf_name, param in log.progress(list(model.named_parameters()), desc="encode tensors", unit="tensor"):
+        gguf_name, qtype = names[hf_name], types[names[hf_name]]
+        module = hf_name.removesuffix(".weight")
+        if module in quantized and hf_name.endswith(".weight"):
+            result = quantized[module]
+            if isinstance(result, BlockTensor):
+                encoded = EncodedTensor(result.qtype, result.to_bytes())
+            elif isinstance(result, FloatTensor):
+                encoded = encode_float(result.values, result.qtype)
+            else:
+                raise TypeError(f"GGUF cannot store {type(result).__name__} ({module})")
+            tensors[gguf_name] = EncodedTensor(encoded.qtype, permute_rows(model.config, gguf_name, encoded.data))
+            continue
+        values = prepare_float(model.config, gguf_name, param)
+        if qtype in QUANTIZED_TYPES:
+            tensors[gguf_name] = EncodedTensor(qtype, encode_bytes(values, qtype))
+        else:
+            tensors[gguf_name] = encode_float(values, qtype)
+    return tensors
+
+
+class GGUFTarget(Target):
+    name = "gguf"
+    default_method = "rtn"  # plain k-quant search, as llama-quantize (imatrix-weighted with --calib)
+
+    def __init__(self, config, method):
+        super().__init__(config, method)
+        self.mixture = get_mixture(config.target.gguf_type or ("TQ2_0" if method.ternary else "Q4_K_M"))
+        # ternary weights are held exactly (no weighting to do); a k-quant search weighs by the imatrix
+        self.weighted = not self.mixture.ternary
+
+    def check(self) -> None:
+        mixture, method, options = self.mixture, self.method, self.config.method
+        if mixture.ternary and not method.ternary:
+            raise LlmqError(f"--type {mixture.name} holds ternary weights; quantize with --method bitnet")
+        if method.ternary and not mixture.ternary:
+            raise LlmqError(f"--method {method.name} writes GGUF types TQ1_0 or TQ2_0, not {mixture.name}; "
+                            "pass --type TQ2_0")
+        if method.ternary and options.ternary_scale == "group" and self.config.scheme.group_size % TQ_BLOCK:
+            raise LlmqError(f"GGUF TQ blocks hold one scale per {TQ_BLOCK} weights, so --group-size "
+                            f"{self.config.scheme.group_size} would not survive the export; use --group-size "
+                            f"{TQ_BLOCK} (or a multiple) or --ternary-scale channel")
+        if method.searches and self.search_scheme is None:
+            raise LlmqError(f"--method {method.name} cannot write GGUF {mixture.name}: its search needs an integer grid "
+                            "and that type has none; use a quantized --type such as Q4_K_M")
+
+    @property
+    def search_scheme(self) -> QuantScheme | None:
+        bits = _SEARCH_BITS.get(self.mixture.default)
+        return None if bits is None else QuantScheme(bits, 32, symmetric=False)
+
+    def check_model(self, model, linears) -> None:
+        gguf_arch(model.config)
+        gguf_names(model)  # every tensor has a llama.cpp name, or a one-line error now
+        if self.method.ternary:
+            scheme = ternary_scheme(self.config)
+            for name, linear in linears.items():
+                scheme.check(name, linear.in_features)
+
+    @contextlib.contextmanager
+    def staging(self, out: Path, overwrite: bool):
+        """A temporary file beside `out`; side outputs (a loss curve) go beside it as `<stem>.<name>`."""
+        with atomic_output_file(out, overwrite=overwrite) as tmp:
+            yield Stage(tmp, lambda name: out.with_name(f"{out.stem}.{name}"))
+
+    def plan(self, model, linears, storage_dtype: torch.dtype, calibrated: bool) -> GGUFPlan:
+        names, types = tensor_plan(model, self.mixture, has_imatrix=calibrated)
+        ternary = TernaryGrid(ternary_scheme(self.config), storage_dtype) if self.method.ternary else None
+
+        def grid_for_type(qtype: T) -> Grid:
+            grid = FloatGrid(qtype) if qtype in FLOAT_TYPES else KQuantGrid(qtype)
+            return grid if ternary is None else ProjectedGrid(ternary, grid)
+
+        return GGUFPlan(names, types, grid_for_type)
+
+    def write(self, path, model, tokenizer, plan: GGUFPlan, quantized, report: RunReport) -> int:
+        tensors = encode_tensors(model, plan.names, plan.types, quantized)
+        return write_gguf(path, model, tokenizer, tensors, self.mixture.file_type, name=report.out.stem)
+
+    def describe(self) -> str:
+        return f"GGUF {self.mixture.name}"
+
+    def default_out(self, base: str) -> str:
+        return f"{base}-{self.mixture.name}{'-gptq' if self.method.name == 'gptq' else ''}.gguf"

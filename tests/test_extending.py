@@ -1,0 +1,113 @@
+"""A new method is one class and one registry line, and then runs on every target.
+
+The toy method here rounds each weight to the neighbouring grid integer whose value is smaller in magnitude
+("toward zero"). It is written only against the Grid interface (llmq/core/interfaces.py), so the same class
+writes a compressed-tensors checkpoint (integer groups) and a GGUF file (k-quant blocks, symmetric and
+asymmetric). The checks fail if the registry ignored it (round-to-nearest is not toward zero) or if a target
+did not carry its integers into the file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from gguf import quants as gguf_quants
+from transformers import AutoModelForCausalLM
+
+import llmq
+from llmq import QuantizeConfig, quantize
+from llmq.cli import main
+from llmq.core.interfaces import Method
+from llmq.methods import METHODS
+from llmq.runtime.modeling import QuantLinear
+from llmq.targets.gguf.writer import gguf_name_map
+
+
+class TowardZero(Method):
+    name = "toward-zero"
+
+    def quantize(self, weight, stats, grid):
+        fit = grid.fit(weight)
+        columns = torch.arange(weight.shape[1], device=weight.device)
+        position = fit.position(weight, columns)
+        low, high = fit.clamp(position.floor()), fit.clamp(position.ceil())
+        take_low = fit.value(low, columns).abs() <= fit.value(high, columns).abs()
+        return fit.result(torch.where(take_low, low, high))
+
+
+@pytest.fixture
+def toward_zero(monkeypatch):
+    monkeypatch.setitem(METHODS, TowardZero.name, TowardZero)  # the one registry line
+
+
+@pytest.fixture(scope="module")
+def original(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+
+
+def _errors_and_outward(pairs):
+    """Total squared error and the count of weights whose quantized value is larger in magnitude than the weight."""
+    error, outward = 0.0, 0
+    for w, w_hat in pairs:
+        error += (w_hat - w).pow(2).sum().item()
+        outward += int((w_hat.abs() > w.abs() * (1 + 1e-6) + 1e-9).sum())
+    return error, outward
+
+
+def _checkpoint_pairs(directory, original):
+    model = llmq.load(directory)
+    return [(original.get_submodule(name).weight.detach(), module.dequantized_weight())
+            for name, module in model.named_modules() if isinstance(module, QuantLinear)]
+
+
+def test_toy_method_writes_a_compressed_tensors_checkpoint(toward_zero, tiny_llama_dir, original, tmp_path):
+    common = ["--group-size", "32", "--asym", "--device", "cpu"]
+    assert main(["quantize", str(tiny_llama_dir), "--method", "toward-zero", *common, "--out", str(tmp_path / "toy")]) == 0
+    assert main(["quantize", str(tiny_llama_dir), "--method", "rtn", *common, "--out", str(tmp_path / "rtn")]) == 0
+    toy_error, toy_outward = _errors_and_outward(pairs := _checkpoint_pairs(tmp_path / "toy", original))
+    rtn_error, rtn_outward = _errors_and_outward(_checkpoint_pairs(tmp_path / "rtn", original))
+    assert len(pairs) == 14 and toy_outward == 0 and rtn_outward > 1000
+    assert toy_error > 2 * rtn_error  # rounding toward zero is about 4x worse in squared error
+    assert "| method | toward-zero |" in (tmp_path / "toy" / "README.md").read_text()
+
+
+def _gguf_pairs(path, original):
+    """(original, decoded) for every Linear llama.cpp keeps in its HF row order (attn_q/attn_k are permuted)."""
+    name_of = gguf_name_map(original.config)
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    pairs = []
+    for name, module in original.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            gguf_name = name_of(f"{name}.weight")
+            if gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                continue
+            tensor = tensors[gguf_name]
+            decoded = gguf_quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(module.weight.shape)
+            pairs.append((module.weight.detach(), torch.from_numpy(np.ascontiguousarray(decoded))))
+    return pairs
+
+
+def test_toy_method_writes_a_gguf_file_llamacpp_runs(toward_zero, tiny_llama_dir, original, tmp_path):
+    from llmq.eval.llamacpp import open_llama
+
+    # Q5_K_M on 64/128-wide rows: Q5_1 (asymmetric, with a min) and Q8_0 (symmetric) blocks
+    for name in ("toward-zero", "rtn"):
+        quantize(str(tiny_llama_dir), tmp_path / f"{name}.gguf",
+                 QuantizeConfig.of(method=name, format="gguf", gguf_type="Q5_K_M", device="cpu"))
+    types = {t.tensor_type.name for t in GGUFReader(tmp_path / "toward-zero.gguf").tensors}
+    assert {"Q5_1", "Q8_0"} <= types
+    toy_error, toy_outward = _errors_and_outward(_gguf_pairs(tmp_path / "toward-zero.gguf", original))
+    rtn_error, rtn_outward = _errors_and_outward(_gguf_pairs(tmp_path / "rtn.gguf", original))
+    assert toy_outward == 0 and rtn_outward > 1000
+    assert toy_error > 2 * rtn_error
+    with open_llama(tmp_path / "toward-zero.gguf", n_ctx=64) as llm:
+        assert len(llm("Hello", max_tokens=4, temperature=0)["choices"][0]["text"]) > 0
+
+
+def test_unknown_method_lists_the_registry(capsys, tiny_llama_dir, tmp_path):
+    with pytest.raises(llmq.LlmqError, match=r"unknown --method 'nope'; choose one of: rtn, gptq, awq, bitnet, awq\+gptq"):
+        quantize(str(tiny_llama_dir), tmp_path / "o", QuantizeConfig.of(method="nope"))
+    with pytest.raises(llmq.LlmqError, match="only the last of the \\+-joined methods may round"):
+        quantize(str(tiny_llama_dir), tmp_path / "o", QuantizeConfig.of(method="gptq+awq"))
