@@ -3,8 +3,10 @@
 The toy method here rounds each weight to the neighbouring grid integer whose value is smaller in magnitude
 ("toward zero"). It is written only against the Grid interface (llmq/core/interfaces.py), so the same class
 writes a compressed-tensors checkpoint (integer groups) and a GGUF file (k-quant blocks, symmetric and
-asymmetric). The checks fail if the registry ignored it (round-to-nearest is not toward zero) or if a target
-did not carry its integers into the file.
+asymmetric). On a grid that holds 0 exactly (integer groups, Q8_0) no weight grows in magnitude; an
+asymmetric block with an fp16 min (Q5_1) usually cannot hold 0, so there a weight between the two values
+around 0 may cross it. The checks fail if the registry ignored the method (round-to-nearest grows about half
+of the weights) or if a target did not carry its integers into the file.
 """
 
 from __future__ import annotations
@@ -73,17 +75,17 @@ def test_toy_method_writes_a_compressed_tensors_checkpoint(toward_zero, tiny_lla
     assert "| method | toward-zero |" in (tmp_path / "toy" / "README.md").read_text()
 
 
-def _gguf_pairs(path, original):
-    """(original, decoded) for every Linear llama.cpp keeps in its HF row order (attn_q/attn_k are permuted)."""
+def _gguf_pairs(path, original, type_name: str):
+    """(original, decoded) for every Linear of that GGUF type that llama.cpp keeps in its HF row order (attn_q
+    and attn_k are permuted)."""
     name_of = gguf_name_map(original.config)
     tensors = {t.name: t for t in GGUFReader(path).tensors}
     pairs = []
     for name, module in original.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            gguf_name = name_of(f"{name}.weight")
-            if gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            tensor = tensors[name_of(f"{name}.weight")]
+            if tensor.name.endswith(("attn_q.weight", "attn_k.weight")) or tensor.tensor_type.name != type_name:
                 continue
-            tensor = tensors[gguf_name]
             decoded = gguf_quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(module.weight.shape)
             pairs.append((module.weight.detach(), torch.from_numpy(np.ascontiguousarray(decoded))))
     return pairs
@@ -96,12 +98,14 @@ def test_toy_method_writes_a_gguf_file_llamacpp_runs(toward_zero, tiny_llama_dir
     for name in ("toward-zero", "rtn"):
         quantize(str(tiny_llama_dir), tmp_path / f"{name}.gguf",
                  QuantizeConfig.of(method=name, format="gguf", gguf_type="Q5_K_M", device="cpu"))
-    types = {t.tensor_type.name for t in GGUFReader(tmp_path / "toward-zero.gguf").tensors}
-    assert {"Q5_1", "Q8_0"} <= types
-    toy_error, toy_outward = _errors_and_outward(_gguf_pairs(tmp_path / "toward-zero.gguf", original))
-    rtn_error, rtn_outward = _errors_and_outward(_gguf_pairs(tmp_path / "rtn.gguf", original))
-    assert toy_outward == 0 and rtn_outward > 1000
-    assert toy_error > 2 * rtn_error
+    toy, rtn, weights = {}, {}, {}
+    for type_name in ("Q8_0", "Q5_1"):
+        toy[type_name] = _errors_and_outward(pairs := _gguf_pairs(tmp_path / "toward-zero.gguf", original, type_name))
+        rtn[type_name] = _errors_and_outward(_gguf_pairs(tmp_path / "rtn.gguf", original, type_name))
+        weights[type_name] = sum(w.numel() for w, _ in pairs)
+        assert pairs and toy[type_name][0] > 2 * rtn[type_name][0], (type_name, toy, rtn)
+    assert toy["Q8_0"][1] == 0 and rtn["Q8_0"][1] > 0.3 * weights["Q8_0"]
+    assert toy["Q5_1"][1] < 0.05 * weights["Q5_1"] < 0.1 * rtn["Q5_1"][1]
     with open_llama(tmp_path / "toward-zero.gguf", n_ctx=64) as llm:
         assert len(llm("Hello", max_tokens=4, temperature=0)["choices"][0]["text"]) > 0
 
