@@ -135,7 +135,8 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 
 class _TokenProgress(BaseStreamer):
-    """A generation streamer that only moves a progress bar: generate() hands it the prompt, then each new token."""
+    """A generation streamer that only moves a progress bar: generate() hands it the prompt, then the new tokens
+    of every sequence ([batch] per step, or [batch, steps] when it defers)."""
 
     def __init__(self, bar):
         self.bar, self.prompt_seen = bar, False
@@ -144,7 +145,7 @@ class _TokenProgress(BaseStreamer):
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.bar.update(value.shape[-1] if value.dim() > 1 else 1)
+        self.bar.update(value.numel())
 
     def end(self) -> None:
         self.bar.close()
@@ -156,7 +157,7 @@ def self_generated_samples(model, tokenizer, samples: int, seqlen: int, device, 
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     model.to(device)
-    bar = log.progress(total=seqlen - 1, desc=f"data-free calibration: writing {samples} texts", unit="token")
+    bar = log.progress(total=samples * (seqlen - 1), desc=f"data-free calibration: {samples} texts", unit="token")
     try:
         start = torch.full((samples, 1), bos, dtype=torch.long, device=device)
         out = model.generate(
