@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from llmq.calib.models import EMBEDDED_DEFAULT
@@ -91,6 +93,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--kl", default=None, metavar="BASE", help="also report mean KL divergence against BASE")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--card", action="store_true",
+                   help="append the result to the checkpoint's llmq model card (README.md); off: nothing is written")
 
 
 def _export_parser(sub) -> None:
@@ -134,9 +138,13 @@ def _run_export(args) -> None:
 
 
 def _run_eval(args) -> None:
+    from llmq.core.device import resolve_device
     from llmq.eval import evaluate, evaluation_windows, load_for_eval
     from llmq.targets.card import append_evaluation
 
+    if args.seqlen < 2 or (args.windows is not None and args.windows < 1):
+        raise LlmqError("--seqlen must be at least 2 and --windows at least 1")
+    resolve_device(args.device)
     model, tokenizer = load_for_eval(args.model, args.device)
     windows = evaluation_windows(tokenizer, args.ppl, args.seqlen, args.windows)
     base = load_for_eval(args.kl, args.device)[0] if args.kl else None
@@ -146,8 +154,18 @@ def _run_eval(args) -> None:
     if result.kl_divergence is not None:
         line += f", KL vs {args.kl} {result.kl_divergence:.5f}"
     print(line)
-    if append_evaluation(args.model, f"{line} (llmq eval, {datetime.date.today()})"):
+    if args.card:
+        if not append_evaluation(args.model, f"{line} (llmq eval, {datetime.date.today()})"):
+            raise LlmqError(f"{args.model} has no llmq model card to record in; drop --card")
         print(f"recorded in {Path(args.model) / 'README.md'}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, Docker and Slurm send), handled as Ctrl-C: whatever was staged is removed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,14 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     _export_parser(sub)
     args = parser.parse_args(argv)
+    # Only the main thread may set handlers; main() called from another thread keeps the process's own.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         {"quantize": _run_quantize, "eval": _run_eval, "export-gguf": _run_export}[args.command](args)
     except LlmqError as error:
         print(f"llmq: error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("llmq: stopped by SIGTERM; no output was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("llmq: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

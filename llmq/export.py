@@ -25,7 +25,7 @@ from llmq.methods.bitnet import ternary_modules
 from llmq.methods.grids.blocks import Codes, block_type, fp16
 from llmq.methods.grids.kquant_search import encode_bytes
 from llmq.runtime.modeling import QuantLinear, load
-from llmq.targets.atomic import atomic_output_file, check_output_free
+from llmq.targets.atomic import OutputKind, atomic_output_file, check_output
 from llmq.targets.bitnet import load_bitnet
 from llmq.targets.gguf.mixtures import fallback, get_mixture
 from llmq.targets.gguf.target import encode_tensors, permute_rows, tensor_plan
@@ -72,9 +72,15 @@ def _nearest_type(bits: int, cols: int) -> T:
     return fallback(k_type, cols)
 
 
+def check_gguf_output(directory: str | Path, out: str | Path, overwrite: bool) -> None:
+    if Path(out).suffix != ".gguf":
+        raise LlmqError(f"export-gguf writes one file; name it *.gguf (not --out {out})")
+    check_output(out, overwrite, OutputKind(directory=False), inputs=(Path(directory),))
+
+
 def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = False) -> ExportReport:
     """Re-express an llmq GPTQ/AWQ checkpoint (compressed-tensors, packed) as one GGUF file."""
-    check_output_free(out, overwrite)
+    check_gguf_output(directory, out, overwrite)
     model = load(directory, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     config = model.config
@@ -120,7 +126,7 @@ def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = 
     types = [t.qtype for t in ordered.values() if t.qtype in (T.Q4_0, T.Q4_1, T.Q8_0)]
     file_type = {T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1}.get(
         max(set(types), key=types.count) if types else T.Q8_0, LlamaFileType.MOSTLY_Q8_0)
-    with atomic_output_file(out, overwrite) as tmp:
+    with atomic_output_file(out, overwrite) as (tmp, _):
         size = write_gguf(tmp, model, tokenizer, ordered, file_type, name=Path(out).stem)
     worst = lambda d: f" (largest relative error {max(d.values()):.1e})" if d else ""
     log.info(f"llmq: wrote {out}: {human_size(size)}; of {len(exact) + len(rounded) + len(requantized)} quantized "
@@ -154,7 +160,7 @@ def write_plain_gguf(model, tokenizer, gguf_type: str, out: str | Path, overwrit
     mixture = get_mixture(gguf_type)
     names, types = tensor_plan(model, mixture, has_imatrix=False)
     tensors = encode_tensors(model, names, types, {})
-    with atomic_output_file(out, overwrite) as tmp:
+    with atomic_output_file(out, overwrite) as (tmp, _):
         return write_gguf(tmp, model, tokenizer, tensors, mixture.file_type, name=Path(out).stem)
 
 
@@ -163,7 +169,7 @@ def export_bitnet_gguf(directory: str | Path, out: str | Path, gguf_type: str = 
     if gguf_type.upper() not in TERNARY_GGUF_TYPES:
         raise LlmqError(f"ternary weights go into GGUF {' or '.join(TERNARY_GGUF_TYPES)}, not {gguf_type}; "
                         "pass --type TQ2_0")
-    check_output_free(out, overwrite)
+    check_gguf_output(directory, out, overwrite)
     model = load_bitnet(directory, torch.float32)
     densify(model)
     size = write_plain_gguf(model, AutoTokenizer.from_pretrained(directory), gguf_type, out, overwrite)

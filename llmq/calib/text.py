@@ -42,9 +42,12 @@ def read_text_file(path: str | os.PathLike) -> str:
         if not line.strip():
             continue
         try:
-            texts.append(json.loads(line)["text"])
+            text = json.loads(line)["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise LlmqError(f'{path}:{number} is not a JSON object with a "text" field; fix that line') from None
+            text = None
+        if not isinstance(text, str):
+            raise LlmqError(f'{path}:{number} is not a JSON object with a "text" string; fix that line')
+        texts.append(text)
     return "\n\n".join(texts)
 
 
@@ -177,11 +180,18 @@ def calibration_samples(model, tokenizer, source: str | None, samples: int, seql
     With no source, try the wikitext2 training split from the hub; when it cannot be had (offline, no
     `datasets`), fall back to text the model samples itself, and say so.
     """
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and seqlen > context:
+        log.info(f"calibration: --seqlen {seqlen} is longer than the model's context ({context} positions); "
+                 "positions past it are ones the model was never trained on")
     if source is None:
         try:
             text = calibration_text("wikitext2")
             description = "wikitext2 (train)"
         except LlmqError:
+            if context and seqlen > context:  # generating past the context would take long and mean little
+                log.info(f"calibration: data-free windows capped at the model's context, {context} tokens")
+                seqlen = context
             log.info(f"calibration: no --calib given and no dataset reachable; calibrating on {samples} x {seqlen} "
                      "tokens sampled from the model itself (data-free)")
             return self_generated_samples(model, tokenizer, samples, seqlen, device), "data-free (model-generated)"

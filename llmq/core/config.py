@@ -81,6 +81,15 @@ class QuantizeConfig:
         return cls(QuantScheme(**groups["scheme"]), MethodOptions(**groups["method"]),
                    TargetOptions(**groups["target"]), RunOptions(**groups["run"]))
 
+    _FLAGS = {"symmetric": "--sym", "name": "--method", "gguf_type": "--type"}
+
+    def changed(self, group: str, *names: str) -> list[str]:
+        """The flags of a group (or of those fields of it) set away from their defaults, as the CLI spells them."""
+        values, defaults = getattr(self, group), type(getattr(self, group))()
+        fields = names or [f.name for f in dataclasses.fields(values)]
+        return [self._FLAGS.get(name, "--" + name.replace("_", "-")) for name in fields
+                if getattr(values, name) != getattr(defaults, name)]
+
     def check(self) -> None:
         """Refuse values that make no sense, before anything is loaded."""
         run, method = self.run, self.method

@@ -127,6 +127,7 @@ class Method:
     orders_columns: bool = False  # honours MethodOptions.act_order
     ternary: bool = False  # rounds onto ternary values only: picks the ternary targets and mixtures
     searches: bool = False  # fake-quantizes candidates on the target's nearest integer grid (its search_scheme)
+    side_files: tuple[str, ...] = ()  # files prepare_model writes beside the output (ModelContext.artifact names)
 
     def __init__(self, options: MethodOptions | None = None):
         self.options = options or MethodOptions()

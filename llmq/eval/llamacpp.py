@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 
-from llmq.core.errors import LlmqError
+from llmq.calib.models import check_gguf
+from llmq.core.errors import LlmqError, reason
 
 
 def _llama_cpp():
@@ -34,9 +35,12 @@ def open_llama(path, n_ctx: int = 512, logits_all: bool = False, n_threads: int 
         params.use_extra_bufts = False
         return params
 
+    check_gguf(path)
     module.llama_cpp.llama_model_default_params = defaults
     try:
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=n_threads)
+    except ValueError as error:  # llama.cpp refused the file ("Failed to load model from file")
+        raise LlmqError(f"llama.cpp cannot load {path} ({reason(error)}); re-create it") from None
     finally:
         module.llama_cpp.llama_model_default_params = original
     try:

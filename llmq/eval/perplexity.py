@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer
 from llmq.calib.models import EMBEDDED_DEFAULT, load_model
 from llmq.calib.text import evaluation_text, tokenize_text
 from llmq.core import log
-from llmq.core.errors import LlmqError
+from llmq.core.errors import LlmqError, reason
 from llmq.runtime.modeling import load
 
 
@@ -25,7 +25,11 @@ def is_quantized_dir(name: str) -> bool:
     path = Path(name)
     if not (path / "config.json").exists():
         return False
-    return getattr(AutoConfig.from_pretrained(path), "quantization_config", None) is not None
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as error:  # bad JSON, no model_type, an unknown architecture
+        raise LlmqError(f"cannot read {path / 'config.json'} ({reason(error)}); fix or re-create it") from None
+    return getattr(config, "quantization_config", None) is not None
 
 
 def load_for_eval(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -65,6 +69,9 @@ def evaluate(model, windows: torch.Tensor, base=None, device: str = "cpu") -> Ev
             base_logp = F.log_softmax(base(x).logits[0, :-1].float(), dim=-1)
             kl += F.kl_div(F.log_softmax(logits, dim=-1), base_logp, log_target=True, reduction="sum").item()
         predicted += x.shape[1] - 1
+    if not math.isfinite(nll) or (base is not None and not math.isfinite(kl)):
+        raise LlmqError("the model's outputs are not finite numbers (NaN or Inf), so there is no perplexity to report; "
+                        "the checkpoint is damaged")
     return EvalResult(
         perplexity=math.exp(nll / predicted),
         kl_divergence=None if base is None else kl / predicted,

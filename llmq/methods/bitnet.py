@@ -161,9 +161,17 @@ class BitNet(RTN):
     name = "bitnet"
     ternary = True
 
+    @property
+    def side_files(self) -> tuple[str, ...]:
+        return ("qat_loss.png", "qat_loss.json") if self.options.qat_steps > 0 else ()
+
     def check(self, config) -> None:
         if self.options.qat_steps > 0 and config.run.calib is None:
             raise LlmqError("--qat-steps needs --calib FILE (text to fine-tune on)")
+        opts = self.options
+        if opts.qat_steps < 0 or opts.qat_batch < 1 or opts.qat_seqlen < 2 or not 0 < opts.qat_lr < 1:
+            raise LlmqError("--qat-steps must be 0 or more, --qat-batch at least 1, --qat-seqlen at least 2 and "
+                            "--qat-lr a positive rate below 1 (e.g. 5e-4)")
         if self.options.ternary_scale not in GRANULARITIES:
             raise LlmqError(f"--ternary-scale {self.options.ternary_scale} is not known; "
                             f"use one of {', '.join(GRANULARITIES)}")

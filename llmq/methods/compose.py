@@ -14,6 +14,7 @@ class Composed(Method):
         self.orders_columns = self.rounding.orders_columns
         self.ternary = self.rounding.ternary
         self.searches = any(step.searches for step in steps)
+        self.side_files = tuple(name for step in steps for name in step.side_files)
 
     def check(self, config):
         for step in self.steps:

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmq.calib.models import fill_remaining_weights
 from llmq.core import log
-from llmq.core.errors import LlmqError
+from llmq.core.errors import LlmqError, reason
 from llmq.core.scheme import QuantScheme
 from llmq.runtime.kernels import cuda as cuda_kernels
 from llmq.runtime.kernels.build import load_extension
@@ -24,7 +24,7 @@ from llmq.runtime.kernels.cpu import (
 )
 from llmq.runtime.kernels.reference import dequantize_packed
 from llmq.targets.bitnet import load_bitnet
-from llmq.targets.compressed_tensors import read_weights, scheme_from_config
+from llmq.targets.compressed_tensors import check_packed_tensors, read_weights, scheme_from_config
 
 
 class QuantLinear(nn.Module):
@@ -96,17 +96,36 @@ def kernel_path(device: torch.device | str, bits: int = 4) -> str:
     return "dequantize + dense GEMM"
 
 
-def _quant_linear_from_state(name: str, state: dict, scheme: QuantScheme, bias: torch.Tensor | None) -> QuantLinear:
+def _quant_linear_from_state(model: nn.Module, name: str, state: dict, scheme: QuantScheme,
+                             bias: torch.Tensor | None) -> QuantLinear:
+    """The QuantLinear for `name` from its packed tensors (popped from `state`), checked against the config."""
     try:
         packed = state.pop(f"{name}.weight_packed")
         scale = state.pop(f"{name}.weight_scale")
-        out_features, in_features = (int(v) for v in state.pop(f"{name}.weight_shape"))
+        shape = state.pop(f"{name}.weight_shape")
     except KeyError as missing:
         raise LlmqError(f"checkpoint lacks {missing.args[0]}; the file is incomplete, re-create it") from None
     zero = state.pop(f"{name}.weight_zero_point", None)
     if not scheme.symmetric and zero is None:
         raise LlmqError(f"checkpoint lacks {name}.weight_zero_point for an asymmetric scheme; re-create it")
-    return QuantLinear(in_features, out_features, scheme, packed, scale, zero, bias)
+    linear = model.get_submodule(name) if _has_submodule(model, name) else None
+    if not isinstance(linear, nn.Linear):
+        raise LlmqError(f"checkpoint packs {name}, which this model's config has no Linear for; the config and the "
+                        "weights do not belong together")
+    if shape.tolist() != [linear.out_features, linear.in_features]:
+        raise LlmqError(f"{name}.weight_shape is {shape.tolist()} but the config makes that Linear "
+                        f"[{linear.out_features}, {linear.in_features}]; the config and the weights do not belong together")
+    tensors = {"weight_packed": packed, "weight_scale": scale} | ({} if zero is None else {"weight_zero_point": zero})
+    check_packed_tensors(name, tensors, scheme, linear.out_features, linear.in_features)
+    return QuantLinear(linear.in_features, linear.out_features, scheme, packed, scale, zero, bias)
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -117,7 +136,10 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise LlmqError(f"{directory} is not a model directory (no config.json); pass the --out of llmq quantize")
-    config = AutoConfig.from_pretrained(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as error:  # bad JSON, no model_type, an unknown architecture
+        raise LlmqError(f"cannot read {directory / 'config.json'} ({reason(error)}); fix or re-create it") from None
     quant_config = getattr(config, "quantization_config", None)
     if quant_config is None:
         raise LlmqError(f"{directory} is not quantized (no quantization_config); load it with transformers")
@@ -135,7 +157,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     packed_names = [key[: -len(".weight_packed")] for key in state if key.endswith(".weight_packed")]
     for name in packed_names:
         bias = state.pop(f"{name}.bias", None)
-        model.set_submodule(name, _quant_linear_from_state(name, state, scheme, bias))
+        model.set_submodule(name, _quant_linear_from_state(model, name, state, scheme, bias))
 
     fill_remaining_weights(model, state, dtype)
     model.to(device).eval()

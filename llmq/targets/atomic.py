@@ -1,60 +1,210 @@
-"""Outputs appear only when complete: write under a temporary name beside the target, then rename."""
+"""Outputs appear only when complete, and --overwrite replaces only what llmq itself wrote.
+
+- A run stages its output in a fresh, private directory beside the target (`.NAME.partial-PID-XXXX`) and
+  renames it into place only when complete; a failed or interrupted run (Ctrl-C, SIGTERM) removes it. A run
+  killed outright (SIGKILL) cannot; the next run for the same output removes what it left (its process is
+  gone) before any work starts.
+- `--overwrite` replaces only an llmq output: a directory holding llmq's marker file, or a GGUF file. Never
+  a directory holding the input model, never anything else: that is refused in one line.
+- Nothing is written through an existing file or symbolic link: staged files are new (O_EXCL) in a private
+  directory, and renames replace a name, never what a link points to.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from llmq.core import __version__, log
 from llmq.core.errors import LlmqError
 
+MARKER = "llmq.json"  # in every directory llmq writes; what --overwrite recognises
+GGUF_MAGIC = b"GGUF"
+_STAGED = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?:(?P<pid>\d+)-)?[^/]*$")
 
-def check_output_free(target: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse an existing, non-empty output before any work is done, unless asked to replace it."""
+
+def write_marker(directory: Path, **fields) -> None:
+    (directory / MARKER).write_text(json.dumps({"written_by": "llmq", "version": __version__, **fields}, indent=2) + "\n")
+
+
+def is_llmq_output(path: Path) -> bool:
+    """A directory with llmq's marker, or a GGUF file (what --overwrite may replace)."""
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        marker = path / MARKER
+        if marker.is_symlink() or not marker.is_file():
+            return False
+        try:
+            return json.loads(marker.read_text()).get("written_by") == "llmq"
+        except (OSError, ValueError, AttributeError):
+            return False
+    if path.is_file() and path.suffix == ".gguf":
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    return False
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_stages(target: Path) -> None:
+    """Remove what killed runs left while staging `target`; refuse if a live run is writing it now."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        match = _STAGED.match(entry.name)
+        if match is None or match["name"] != target.name:
+            continue
+        pid = int(match["pid"]) if match["pid"] else None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            raise LlmqError(f"another llmq run (process {pid}) is writing {target}; wait for it or choose another --out")
+        if pid == os.getpid():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        log.info(f"llmq: removed {entry.name}, left by an interrupted run")
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    directory: bool  # True: a model directory; False: one file
+    side_files: tuple[str, ...] = ()  # names written beside a file output as `<stem>.<name>`
+
+
+def side_paths(target: Path, kind: OutputKind) -> list[Path]:
+    return [target.with_name(f"{target.stem}.{name}") for name in kind.side_files]
+
+
+def check_output(target: str | os.PathLike, overwrite: bool, kind: OutputKind,
+                 inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, an output that cannot or must not be written; clean what killed runs left."""
     target = Path(target)
-    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise LlmqError(f"output {target} already exists; choose another --out or pass --overwrite")
+    ancestor = next(p for p in (target.parent, *target.parent.parents) if os.path.lexists(p) or p == Path(p.anchor))
+    if not ancestor.is_dir():
+        raise LlmqError(f"--out {target} is inside {ancestor}, which is a file; choose another --out")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LlmqError(f"cannot write into {ancestor} (permission denied); choose another --out")
+    for source in inputs:
+        if _inside(target, source):
+            raise LlmqError(f"--out {target} is inside the input model's directory {source}; llmq never writes into "
+                            "its input: choose an --out outside it")
+    for path in (target, *side_paths(target, kind)):
+        _check_existing(path, overwrite, kind if path == target else OutputKind(directory=False), inputs)
+    remove_stale_stages(target)
+
+
+def _check_existing(path: Path, overwrite: bool, kind: OutputKind, inputs: tuple[Path, ...]) -> None:
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink():
+        raise LlmqError(f"--out {path} is a symbolic link; llmq does not write through links: name the real path")
+    if kind.directory and not path.is_dir():
+        raise LlmqError(f"--out {path} is a file, but this format writes a directory; choose another --out")
+    if not kind.directory and path.is_dir():
+        raise LlmqError(f"--out {path} is a directory, but this output is one file; choose another --out")
+    if path.is_dir() and not any(path.iterdir()):
+        return  # an empty directory is free
+    if not overwrite:
+        raise LlmqError(f"output {path} already exists; choose another --out or pass --overwrite")
+    for source in inputs:
+        if _inside(source, path):
+            raise LlmqError(f"--overwrite would delete {path}, which holds the input model {source}; choose another --out")
+    if path.suffix == ".gguf" or path.is_dir():
+        if not is_llmq_output(path):
+            raise LlmqError(f"--overwrite replaces only what llmq wrote (a directory with {MARKER}, or a .gguf file); "
+                            f"{path} is neither: choose another --out")
+
+
+def _stage_directory(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    return tmp
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Move `source` to `target`; an existing target (already checked: ours, or --overwrite) goes away after."""
+    if target.is_dir() and not target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+        os.replace(target, old / "previous")
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
 
 
 @contextlib.contextmanager
 def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
-    """Yield a fresh temporary directory; on success it replaces `target`, on failure it is removed."""
+    """Yield a fresh private directory; on success it replaces `target`, on failure it is removed."""
     target = Path(target)
-    check_output_free(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    check_output(target, overwrite, OutputKind(directory=True))
+    tmp = _stage_directory(target)
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
     try:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "previous")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 @contextlib.contextmanager
-def atomic_output_file(target: str | os.PathLike, overwrite: bool = False):
-    """Yield a fresh temporary file path beside `target`; on success it replaces `target`, on failure it is removed."""
+def atomic_output_file(target: str | os.PathLike, overwrite: bool = False, side_files: tuple[str, ...] = ()):
+    """Yield (the staged file's path, the staging directory); on success the file replaces `target` and every other
+    file left in the staging directory goes beside it as `<stem>.<name>`; on failure all of it is removed."""
     target = Path(target)
-    check_output_free(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    kind = OutputKind(directory=False, side_files=side_files)
+    check_output(target, overwrite, kind)
+    stage = _stage_directory(target)
     try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result should look like any other file
-        os.replace(tmp, target)
+        staged = stage / target.name
+        yield staged, stage
+        os.chmod(staged, 0o644)  # files in a private directory: make the result look like any other file
+        for side in sorted(stage.iterdir()):
+            if side != staged:
+                os.chmod(side, 0o644)
+                os.replace(side, target.with_name(f"{target.stem}.{side.name}"))
+        os.replace(staged, target)
+        stage.rmdir()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def write_new_file(path: Path, text: str) -> None:
+    """Replace `path` by a file holding `text`: written under a fresh name (never an existing file or link), then
+    renamed over it; a symbolic link at `path` is refused, not followed."""
+    if path.is_symlink():
+        raise LlmqError(f"{path} is a symbolic link; llmq does not write through links")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(name, 0o644)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
         raise

@@ -21,9 +21,10 @@ from torch import nn
 
 from llmq.calib.harness import Plan
 from llmq.core.config import QuantizeConfig
+from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Method, Quantized
 from llmq.core.scheme import QuantScheme
-from llmq.targets.atomic import atomic_output_dir, check_output_free
+from llmq.targets.atomic import OutputKind, atomic_output_dir, check_output, write_marker
 
 
 @dataclass
@@ -66,14 +67,24 @@ class Target(ABC):
     def check_model(self, model: nn.Module, linears: dict[str, nn.Linear]) -> None:
         """Refuse, before any heavy work, a model this target cannot hold."""
 
-    def check_output(self, out: Path, overwrite: bool) -> None:
-        check_output_free(out, overwrite)
+    @property
+    def output_kind(self) -> OutputKind:
+        return OutputKind(directory=True)
+
+    def check_output(self, out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+        """Refuse, before any work, an output that cannot or must not be written (llmq/targets/atomic.py)."""
+        if self.output_kind.directory and out.suffix == ".gguf":
+            raise LlmqError(f"--out {out} names a GGUF file, but --format {self.name} writes a directory; pass "
+                            "--format gguf or choose another --out")
+        check_output(out, overwrite, self.output_kind, inputs)
 
     @contextlib.contextmanager
     def staging(self, out: Path, overwrite: bool):
-        """A temporary directory beside `out`, renamed to it when the block completes (removed if it fails)."""
+        """A private directory beside `out`, renamed to it when the block completes (removed if it fails), with
+        llmq's marker in it (what a later --overwrite recognises)."""
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             yield Stage(tmp, lambda name: tmp / name)
+            write_marker(tmp, format=self.name, method=self.method.name)
 
     @abstractmethod
     def plan(self, model: nn.Module, linears: dict[str, nn.Linear], storage_dtype: torch.dtype,

@@ -134,11 +134,24 @@ def load_bitnet(directory: str | Path, dtype: torch.dtype = torch.float32):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")]:
-        linear = model.get_submodule(name)
-        packed, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale").float().reshape(1, 1)
-        if packed.dtype != torch.uint8 or packed.shape[0] * ROWS_PER_BYTE < linear.out_features:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, torch.nn.Linear) or f"{name}.weight" not in state:
+            raise LlmqError(f"checkpoint has {name}.weight_scale but no packed {name}.weight for a Linear of its config; "
+                            "the config and the weights do not belong together")
+        packed, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale").float()
+        if scale.numel() != 1:
+            raise LlmqError(f"{name}.weight_scale holds {scale.numel()} values, but transformers' BitNet layout has one "
+                            "per tensor; the checkpoint is damaged")
+        scale = scale.reshape(1, 1)
+        rows = -(-linear.out_features // ROWS_PER_BYTE)
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, linear.in_features):
             raise LlmqError(f"{name}.weight is not a packed ternary tensor ({packed.dtype}, {tuple(packed.shape)}); "
                             "the checkpoint is damaged")
+        if not torch.isfinite(scale).all() or (scale == 0).any():
+            raise LlmqError(f"{name}.weight_scale is {scale.item()}, not a usable scale; the checkpoint is damaged")
         gamma = scale if multiplies else 1.0 / scale
         bias = state.pop(f"{name}.bias", None)
         module = TernaryLinear.from_codes(unpack_ternary(packed, linear.out_features), gamma, TernaryScheme(),
@@ -162,6 +175,10 @@ class BitNetTarget(Target):
         if self.config.method.ternary_scale != "tensor":
             raise LlmqError(f"transformers' BitNet layout holds one scale per tensor, not per "
                             f"{self.config.method.ternary_scale}; use --ternary-scale tensor or --format gguf")
+        unused = self.config.changed("scheme") + self.config.changed("method", "mse") + self.config.changed("target", "gguf_type")
+        if unused:
+            raise LlmqError(f"{', '.join(unused)} do not apply to transformers' BitNet layout (ternary weights, one "
+                            "scale per tensor); drop them")
 
     def check_model(self, model, linears) -> None:
         for name, linear in linears.items():

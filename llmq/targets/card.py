@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 from llmq.core.device import human_size
+from llmq.core.errors import LlmqError
+from llmq.targets.atomic import write_new_file
 from llmq.targets.base import RunReport
 
 _CANDIDATES = (
@@ -33,11 +35,15 @@ def model_card(report: RunReport, size_after: int, **target_fields) -> str:
 
 
 def append_evaluation(directory: str | os.PathLike, line: str) -> bool:
-    """Add one measurement line to an llmq card; False when the directory has no llmq card."""
+    """Add one measurement line to an llmq card; False when the directory has no llmq card.
+
+    The card is rewritten under a fresh name and renamed over the old one; a card that is a symbolic link is
+    refused, never followed (a downloaded checkpoint must not make llmq write elsewhere).
+    """
     card = Path(directory) / "README.md"
-    if not card.exists() or EVAL_MARKER not in (text := card.read_text()):
+    if card.is_symlink():
+        raise LlmqError(f"{card} is a symbolic link; llmq does not write through links")
+    if not card.is_file() or EVAL_MARKER not in (text := card.read_text()):
         return False
-    tmp = card.with_name(".README.md.partial")
-    tmp.write_text(text.rstrip("\n") + f"\n- {line}\n")
-    os.replace(tmp, card)
+    write_new_file(card, text.rstrip("\n") + f"\n- {line}\n")
     return True

@@ -27,7 +27,7 @@ from llmq.core.scheme import QuantizedTensor, QuantScheme
 from llmq.methods.grids.integer import IntegerGrid
 from llmq.targets.base import RunReport, Target
 from llmq.targets.card import model_card
-from llmq.targets.packing import pack_int32
+from llmq.targets.packing import pack_int32, packed_words
 
 FORMAT = "pack-quantized"
 TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
@@ -69,8 +69,40 @@ def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, list[str]]:
     if len(groups) != 1 or groups[0].get("weights", {}).get("type") != "int":
         raise LlmqError("checkpoint mixes several quantization schemes; llmq.load reads one int weight scheme")
     weights = groups[0]["weights"]
-    group_size = -1 if weights.get("strategy") == "channel" else int(weights["group_size"])
-    return QuantScheme(weights["num_bits"], group_size, bool(weights["symmetric"])), list(quant_config.get("ignore", []))
+    try:
+        group_size = -1 if weights.get("strategy") == "channel" else int(weights["group_size"])
+        scheme = QuantScheme(int(weights["num_bits"]), group_size, bool(weights["symmetric"]))
+    except (KeyError, TypeError, ValueError, LlmqError) as error:
+        reason = error.args[0] if error.args else type(error).__name__
+        raise LlmqError(f"the checkpoint's quantization_config is not one llmq reads ({reason}); re-create it") from None
+    return scheme, list(quant_config.get("ignore", []))
+
+
+def check_packed_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int,
+                         in_features: int) -> None:
+    """Refuse packed tensors that disagree with the config (bits, groups, zero points) or the model's shapes:
+    read with the wrong scheme they would decode to garbage without a word."""
+    group = scheme.group_size_for(in_features)
+    if in_features % group:
+        raise LlmqError(f"{name}: group size {group} does not divide its {in_features} inputs; the config and the "
+                        "weights do not belong together")
+    expected = {"weight_packed": (torch.int32, (out_features, packed_words(in_features, scheme.bits))),
+                "weight_scale": (None, (out_features, in_features // group)),
+                "weight_zero_point": (torch.int32, (packed_words(out_features, scheme.bits), in_features // group))}
+    if scheme.symmetric and "weight_zero_point" in tensors:
+        raise LlmqError(f"{name} has zero points but the config says symmetric; the config and the weights do not "
+                        "belong together")
+    for suffix, tensor in tensors.items():
+        dtype, shape = expected[suffix]
+        if tuple(tensor.shape) != shape or (dtype is not None and tensor.dtype != dtype):
+            raise LlmqError(f"{name}.{suffix} is {tensor.dtype} {tuple(tensor.shape)} but the config ({scheme.bits} bits, "
+                            f"group {scheme.group_size}, {'sym' if scheme.symmetric else 'asym'}) and the layer "
+                            f"[{out_features}, {in_features}] need {shape}; the config and the weights do not belong "
+                            "together")
+    scale = tensors["weight_scale"]
+    if not scale.is_floating_point() or not torch.isfinite(scale).all():
+        raise LlmqError(f"{name}.weight_scale holds non-finite or non-float values; the checkpoint is damaged: "
+                        "re-create it")
 
 
 def check_group_divides(name: str, in_features: int, scheme: QuantScheme) -> None:
@@ -159,6 +191,8 @@ class CompressedTensorsTarget(Target):
         if self.method.ternary:
             raise LlmqError(f"--method {self.method.name} makes ternary weights, which compressed-tensors does not hold; "
                             "use --format bitnet (its default) or --format gguf")
+        if self.config.target.gguf_type is not None:
+            raise LlmqError("--type picks a GGUF mixture; it applies to --format gguf only")
 
     @property
     def search_scheme(self) -> QuantScheme:

@@ -22,7 +22,7 @@ from llmq.core.scheme import QuantScheme
 from llmq.methods.grids.kquant import FLOAT_TYPES, BlockTensor, FloatGrid, FloatTensor, KQuantGrid
 from llmq.methods.grids.kquant_search import QUANTIZED_TYPES, encode_bytes
 from llmq.methods.grids.ternary import ProjectedGrid, TernaryGrid, ternary_scheme
-from llmq.targets.atomic import atomic_output_file
+from llmq.targets.atomic import OutputKind, atomic_output_file
 from llmq.targets.base import RunReport, Stage, Target
 from llmq.targets.gguf.mixtures import get_mixture, plan_types
 from llmq.targets.gguf.writer import (
@@ -118,6 +118,12 @@ class GGUFTarget(Target):
             raise LlmqError(f"GGUF TQ blocks hold one scale per {TQ_BLOCK} weights, so --group-size "
                             f"{self.config.scheme.group_size} would not survive the export; use --group-size "
                             f"{TQ_BLOCK} (or a multiple) or --ternary-scale channel")
+        unused = self.config.changed("scheme") + self.config.changed("method", "mse")
+        if method.ternary and options.ternary_scale == "group":
+            unused = [flag for flag in unused if flag != "--group-size"]  # the ternary group's width
+        if unused:
+            raise LlmqError(f"{', '.join(unused)} set compressed-tensors' integer grid and do not apply to GGUF, whose "
+                            "types come from --type; drop them")
         if method.searches and self.search_scheme is None:
             raise LlmqError(f"--method {method.name} cannot write GGUF {mixture.name}: its search needs an integer grid "
                             "and that type has none; use a quantized --type such as Q4_K_M")
@@ -135,11 +141,20 @@ class GGUFTarget(Target):
             for name, linear in linears.items():
                 scheme.check(name, linear.in_features)
 
+    @property
+    def output_kind(self) -> OutputKind:
+        return OutputKind(directory=False, side_files=self.method.side_files)
+
+    def check_output(self, out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+        if out.suffix != ".gguf":
+            raise LlmqError(f"--format gguf writes one file; name it *.gguf (not --out {out})")
+        super().check_output(out, overwrite, inputs)
+
     @contextlib.contextmanager
     def staging(self, out: Path, overwrite: bool):
-        """A temporary file beside `out`; side outputs (a loss curve) go beside it as `<stem>.<name>`."""
-        with atomic_output_file(out, overwrite=overwrite) as tmp:
-            yield Stage(tmp, lambda name: out.with_name(f"{out.stem}.{name}"))
+        """A staged file beside `out`; side outputs (a loss curve) go beside it as `<stem>.<name>` when complete."""
+        with atomic_output_file(out, overwrite, self.method.side_files) as (tmp, stage):
+            yield Stage(tmp, lambda name: stage / name)
 
     def plan(self, model, linears, storage_dtype: torch.dtype, calibrated: bool) -> GGUFPlan:
         names, types = tensor_plan(model, self.mixture, has_imatrix=calibrated)

@@ -1,0 +1,162 @@
+"""Damaged files, byte by byte: every llmq path that reads a model file ends in one clean line or a correct result.
+
+Bounded and seeded (16 cases for each of three readers, 8 for the embedded-default loader, whose every
+successful read parses the 49k-token vocabulary four times: 56 in all): byte flips in the header (where a flip changes what the file *means*)
+and truncations anywhere. A case passes when the reader raises LlmqError (one line for the user) or returns
+exactly what the undamaged file holds; any other exception, a hang or different weights fail it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from safetensors.torch import load_file
+
+from llmq import QuantizeConfig, quantize
+from llmq.calib.models import load_embedded_default, load_model
+from llmq.core.errors import LlmqError
+
+CASES = 16
+
+
+def damaged_copies(data: bytes, header_end: int, seed: int, cases: int = CASES):
+    """(description, bytes): two of three flip 1-3 header bytes, one in three truncates the file."""
+    rng = random.Random(seed)
+    for case in range(cases):
+        if case % 3 == 2:
+            cut = rng.randrange(1, len(data))
+            yield f"truncated at {cut}", data[:cut]
+        else:
+            damaged = bytearray(data)
+            positions = sorted(rng.randrange(0, header_end) for _ in range(rng.randint(1, 3)))
+            for position in positions:
+                damaged[position] ^= 1 << rng.randrange(8)
+            yield f"bits flipped at {positions}", bytes(damaged)
+
+
+def _same_state(model, reference: dict[str, torch.Tensor]) -> bool:
+    state = model.state_dict()
+    return all(torch.equal(state[key], value) for key, value in reference.items() if key in state)
+
+
+def test_damaged_safetensors_is_refused_or_read_exactly(tmp_path, tiny_llama_dir):
+    data = (tiny_llama_dir / "model.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    reference = load_file(tiny_llama_dir / "model.safetensors")
+    outcomes = []
+    for case, (what, damaged) in enumerate(damaged_copies(data, header_end, seed=0)):
+        copy = tmp_path / f"case{case}"
+        shutil.copytree(tiny_llama_dir, copy)
+        (copy / "model.safetensors").write_bytes(damaged)
+        try:
+            model, _, _ = load_model(str(copy))
+        except LlmqError:
+            outcomes.append("refused")
+            continue
+        assert _same_state(model, reference), f"{what}: loaded weights that differ from the checkpoint's"
+        outcomes.append("read")
+    assert outcomes.count("refused") >= CASES // 2, outcomes  # most damage is caught, none slips through as different weights
+
+
+def test_damaged_quantized_checkpoint_is_refused_or_read_exactly(tmp_path, tiny_llama_dir):
+    """llmq.load (what eval and export-gguf read) on damaged copies of a packed checkpoint's safetensors."""
+    import llmq
+
+    checkpoint = tmp_path / "ckpt"
+    quantize(str(tiny_llama_dir), checkpoint, QuantizeConfig.of(method="rtn", group_size=32, device="cpu"))
+    data = (checkpoint / "model.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    reference = {k: v.clone() for k, v in llmq.load(checkpoint).state_dict().items()}
+    outcomes = []
+    for case, (what, damaged) in enumerate(damaged_copies(data, header_end, seed=3)):
+        copy = tmp_path / f"case{case}"
+        shutil.copytree(checkpoint, copy)
+        (copy / "model.safetensors").write_bytes(damaged)
+        try:
+            model = llmq.load(copy)
+        except LlmqError:
+            outcomes.append("refused")
+            continue
+        assert _same_state(model, reference), f"{what}: loaded weights that differ from the checkpoint's"
+        outcomes.append("read")
+    assert outcomes.count("refused") >= CASES // 2, outcomes
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    quantize(str(tiny_llama_dir), out, QuantizeConfig.of(format="gguf", gguf_type="Q8_0", device="cpu"))
+    return out
+
+
+def _gguf_cases(tiny_gguf: Path, seed: int, cases: int = CASES):
+    data = tiny_gguf.read_bytes()
+    return list(damaged_copies(data, GGUFReader(tiny_gguf).data_offset, seed, cases))
+
+
+def test_damaged_gguf_is_refused_or_read_exactly_by_the_embedded_loader(tmp_path, tiny_gguf):
+    """The embedded-default loader (transformers' GGUF reader) on damaged copies of a GGUF file."""
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file name the loader looks for
+    (tmp_path / "ok").mkdir()
+    shutil.copy(tiny_gguf, tmp_path / "ok" / name)
+    reference = {k: v.clone() for k, v in load_embedded_default(torch.float32, str(tmp_path / "ok"))[0].state_dict().items()}
+    outcomes = []
+    for case, (what, damaged) in enumerate(_gguf_cases(tiny_gguf, seed=1, cases=CASES // 2)):
+        directory = tmp_path / f"case{case}"
+        directory.mkdir()
+        (directory / name).write_bytes(damaged)
+        try:
+            model, _ = load_embedded_default(torch.float32, str(directory))
+        except LlmqError:
+            outcomes.append("refused")
+            continue
+        assert _same_state(model, reference), f"{what}: loaded weights that differ from the file's"
+        outcomes.append("read")
+    assert outcomes.count("refused") >= CASES // 4, outcomes
+
+
+_LLAMACPP_CASES = r"""
+import json, sys
+from llmq.core.errors import LlmqError
+from llmq.eval.llamacpp import open_llama
+for path in sys.argv[1:]:
+    print(json.dumps({"case": path, "started": True}), flush=True)
+    try:
+        with open_llama(path, n_ctx=32, logits_all=True) as llm:
+            llm.eval([1, 2, 3, 4])
+            scores = [float(x) for x in llm.scores[3][:8]]
+        print(json.dumps({"case": path, "outcome": "ran", "scores": scores}), flush=True)
+    except LlmqError as error:
+        print(json.dumps({"case": path, "outcome": "refused", "line": str(error)}), flush=True)
+"""
+
+
+def test_damaged_gguf_is_refused_or_run_by_llamacpp(tmp_path, tiny_gguf):
+    """llmq's llama.cpp path (open_llama, as llamacpp_perplexity uses it) on damaged copies, in a child process:
+    a crash inside llama.cpp's C code would take the test runner with it."""
+    pytest.importorskip("llama_cpp")
+    paths = []
+    for case, (_, damaged) in enumerate(_gguf_cases(tiny_gguf, seed=2)):
+        paths.append(tmp_path / f"case{case}.gguf")
+        paths[-1].write_bytes(damaged)
+    done = subprocess.run([sys.executable, "-c", _LLAMACPP_CASES, str(tiny_gguf), *map(str, paths)],
+                          capture_output=True, text=True, timeout=600)
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    results = [line for line in lines if "outcome" in line]
+    assert done.returncode == 0, (lines[-1] if lines else None, done.stderr[-2000:])
+    assert len(results) == CASES + 1, lines
+    reference, cases = results[0], results[1:]
+    assert reference["outcome"] == "ran"
+    for case in cases:  # a file llama.cpp runs must run as the undamaged one does
+        if case["outcome"] == "ran":
+            assert np.allclose(case["scores"], reference["scores"]), case
+    assert sum(case["outcome"] == "refused" for case in cases) >= CASES // 2, cases

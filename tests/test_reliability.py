@@ -1,0 +1,392 @@
+"""Nothing lost, nothing silently wrong, nothing written where it should not be.
+
+Each test is a case a careful user or a hostile checkpoint can produce; the victims (the input model, foreign
+files, files behind symbolic links) are checked byte for byte afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_model
+from safetensors.torch import load_file, save_file
+
+import llmq
+from llmq.cli import main
+from llmq.core.errors import LlmqError
+
+RTN = ["--method", "rtn", "--group-size", "32", "--device", "cpu"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def snapshot(directory: Path) -> dict:
+    """Every entry under `directory`: file bytes, link targets, directories."""
+    found = {}
+    for path in sorted(directory.rglob("*")):
+        key = str(path.relative_to(directory))
+        if path.is_symlink():
+            found[key] = ("link", os.readlink(path))
+        elif path.is_dir():
+            found[key] = ("dir",)
+        else:
+            found[key] = ("file", path.read_bytes())
+    return found
+
+
+@pytest.fixture
+def source(tmp_path, smollm2_tokenizer_dir) -> Path:
+    """A tiny model of this test's own, free to damage."""
+    return save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir)
+
+
+def _edit_state(directory: Path, edit) -> None:
+    state = load_file(directory / "model.safetensors")
+    edit(state)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+# ---- --overwrite replaces only what llmq wrote ----------------------------------------------------------------
+
+
+def test_overwrite_refuses_a_directory_holding_the_input_model(capsys, tmp_path, smollm2_tokenizer_dir):
+    models = tmp_path / "models"
+    model = save_tiny_model(models / "tiny", smollm2_tokenizer_dir)
+    (models / "notes.txt").write_text("mine")
+    before = snapshot(models)
+    code, line = run_cli(capsys, "quantize", model, *RTN, "--out", models, "--overwrite")
+    assert code == 2 and "holds the input model" in line, line
+    assert snapshot(models) == before
+
+
+def test_overwrite_refuses_what_llmq_did_not_write(capsys, tmp_path, tiny_llama_dir):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, line = run_cli(capsys, "quantize", tiny_llama_dir, *RTN, "--out", out, "--overwrite")
+    assert code == 2 and "replaces only what llmq wrote" in line, line
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    foreign = tmp_path / "x.gguf"
+    foreign.write_bytes(b"not a gguf file")
+    code, line = run_cli(capsys, "quantize", tiny_llama_dir, "--format", "gguf", "--type", "Q8_0", "--device", "cpu",
+                         "--out", foreign, "--overwrite")
+    assert code == 2 and "replaces only what llmq wrote" in line, line
+    assert foreign.read_bytes() == b"not a gguf file"
+
+
+def test_overwrite_replaces_an_llmq_output(tmp_path, tiny_llama_dir):
+    out = tmp_path / "o"
+    assert main(["quantize", str(tiny_llama_dir), *RTN, "--out", str(out)]) == 0
+    assert json.loads((out / "llmq.json").read_text())["written_by"] == "llmq"
+    assert main(["quantize", str(tiny_llama_dir), *RTN, "--bits", "3", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "weights"]["num_bits"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_out_inside_the_input_model_is_refused(capsys, source):
+    before = snapshot(source)
+    code, line = run_cli(capsys, "quantize", source, *RTN, "--out", source / "quantized")
+    assert code == 2 and "inside the input model's directory" in line, line
+    assert snapshot(source) == before
+
+
+# ---- nothing written through links, nothing written into an input -------------------------------------------------
+
+
+@pytest.fixture
+def rtn_checkpoint(tmp_path, tiny_llama_dir) -> Path:
+    out = tmp_path / "rtn"
+    assert main(["quantize", str(tiny_llama_dir), *RTN, "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_writes_nothing_into_what_it_evaluates(rtn_checkpoint, calib_file):
+    before = snapshot(rtn_checkpoint)
+    assert main(["eval", str(rtn_checkpoint), "--ppl", str(calib_file), "--seqlen", "32", "--windows", "1"]) == 0
+    assert snapshot(rtn_checkpoint) == before
+
+
+def test_eval_card_never_follows_a_symbolic_link(capsys, rtn_checkpoint, calib_file, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (rtn_checkpoint / ".README.md.partial").symlink_to(victim)  # the fixed name llmq once wrote its card through
+    eval_card = ["eval", rtn_checkpoint, "--ppl", calib_file, "--seqlen", "32", "--windows", "1", "--card"]
+    assert run_cli(capsys, *eval_card)[0] == 0
+    assert victim.read_text() == "precious" and "perplexity" in (rtn_checkpoint / "README.md").read_text()
+    card = rtn_checkpoint / "README.md"
+    card.unlink()
+    card.symlink_to(victim)
+    code, line = run_cli(capsys, *eval_card)
+    assert code == 2 and "symbolic link" in line, line
+    assert victim.read_text() == "precious"
+
+
+def test_loss_curve_beside_a_gguf_never_overwrites_or_follows_links(capsys, tmp_path, tiny_llama_dir, calib_file):
+    out = tmp_path / "t.gguf"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    curve_json = tmp_path / "t.qat_loss.json"
+    curve_json.symlink_to(victim)
+    args = ["quantize", tiny_llama_dir, "--method", "bitnet", "--format", "gguf", "--qat-steps", "2", "--qat-batch", "1",
+            "--qat-seqlen", "32", "--calib", calib_file, "--device", "cpu", "--out", out]
+    code, line = run_cli(capsys, *args, "--overwrite")
+    assert code == 2 and "symbolic link" in line, line
+    curve_json.unlink()
+    curve_png = tmp_path / "t.qat_loss.png"
+    curve_png.write_text("mine")
+    code, line = run_cli(capsys, *args)
+    assert code == 2 and "already exists" in line, line
+    assert victim.read_text() == "precious" and curve_png.read_text() == "mine" and not out.exists()
+    curve_png.unlink()
+    assert run_cli(capsys, *args)[0] == 0
+    assert curve_png.read_bytes()[:4] == b"\x89PNG" and curve_json.is_file() and out.read_bytes()[:4] == b"GGUF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf", "t.qat_loss.json", "t.qat_loss.png", "victim.txt"]
+
+
+# ---- silently wrong results become errors naming the problem ---------------------------------------------------------
+
+
+def test_missing_tensor_is_named(capsys, source, tmp_path):
+    _edit_state(source, lambda state: state.pop("model.layers.1.mlp.up_proj.weight"))
+    code, line = run_cli(capsys, "quantize", source, *RTN, "--out", tmp_path / "o")
+    assert code == 2 and "missing (first: model.layers.1.mlp.up_proj.weight)" in line, line
+
+
+def test_renamed_tensor_is_named(capsys, source, tmp_path):
+    _edit_state(source, lambda state: state.update({"model.layers.1.mlp.up.weight":
+                                                    state.pop("model.layers.1.mlp.up_proj.weight")}))
+    code, line = run_cli(capsys, "quantize", source, *RTN, "--out", tmp_path / "o")
+    assert code == 2 and "model.layers.1.mlp.up_proj.weight" in line and "model.layers.1.mlp.up.weight" in line, line
+
+
+def test_config_without_num_hidden_layers_is_refused(capsys, source, tmp_path):
+    _edit_json(source / "config.json", lambda config: config.pop("num_hidden_layers"))
+    code, line = run_cli(capsys, "quantize", source, *RTN, "--out", tmp_path / "o")
+    assert code == 2 and "tensors missing (first: model.layers." in line, line  # the default is more layers than 2
+
+
+@pytest.mark.parametrize(("edit", "expect"), [
+    (lambda weights: weights.update(num_bits=2), "weight_packed is torch.int32"),
+    (lambda weights: weights.update(symmetric=True), "has zero points but the config says symmetric"),
+    (lambda weights: weights.update(group_size=64), "weight_scale is"),
+    (lambda weights: weights.update(group_size="many"), "quantization_config is not one llmq reads"),
+])
+def test_quantized_checkpoint_whose_config_disagrees_with_its_tensors(capsys, edit, expect, rtn_checkpoint, calib_file,
+                                                                      tmp_path):
+    _edit_json(rtn_checkpoint / "config.json",
+               lambda config: edit(config["quantization_config"]["config_groups"]["group_0"]["weights"]))
+    with pytest.raises(LlmqError, match=expect):
+        llmq.load(rtn_checkpoint)
+    code, line = run_cli(capsys, "eval", rtn_checkpoint, "--ppl", calib_file, "--seqlen", "32", "--windows", "1")
+    assert code == 2 and line.startswith("llmq: error:"), line
+    code, line = run_cli(capsys, "export-gguf", rtn_checkpoint, "--out", tmp_path / "x.gguf")
+    assert code == 2 and line.startswith("llmq: error:") and not (tmp_path / "x.gguf").exists(), line
+
+
+# ---- NaN and Inf ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "model.norm.weight"])
+@pytest.mark.parametrize("how", [["--method", "rtn", "--group-size", "32"], ["--method", "awq", "--group-size", "32"],
+                                 ["--format", "gguf", "--type", "Q8_0"]], ids=["rtn", "awq", "gguf"])
+def test_nan_anywhere_is_refused_before_any_work(capsys, tensor, how, source, calib_file, tmp_path):
+    def poison(state):
+        state[tensor].view(-1)[3] = float("nan")
+
+    _edit_state(source, poison)
+    out = tmp_path / ("o.gguf" if "gguf" in how else "o")
+    code, line = run_cli(capsys, "quantize", source, *how, "--calib", calib_file, "--samples", "2", "--seqlen", "32",
+                         "--device", "cpu", "--out", out)
+    assert code == 2 and f"tensor {tensor} contains NaN or Inf" in line, line
+    assert not out.exists()
+
+
+def test_nan_scale_in_a_checkpoint_is_refused_not_measured(capsys, rtn_checkpoint, calib_file):
+    _edit_state(rtn_checkpoint, lambda state: state["model.layers.0.mlp.down_proj.weight_scale"].view(-1).__setitem__(
+        0, float("nan")))
+    card = (rtn_checkpoint / "README.md").read_text()
+    with pytest.raises(LlmqError, match="down_proj.weight_scale holds non-finite"):
+        llmq.load(rtn_checkpoint)
+    code, line = run_cli(capsys, "eval", rtn_checkpoint, "--ppl", calib_file, "--seqlen", "32", "--windows", "1", "--card")
+    assert code == 2 and "non-finite" in line, line
+    assert (rtn_checkpoint / "README.md").read_text() == card
+
+
+def test_float16_overflow_is_named_as_such(capsys, source, tmp_path):
+    _edit_state(source, lambda state: state["model.layers.0.mlp.up_proj.weight"].view(-1).__setitem__(0, 1e5))
+    code, line = run_cli(capsys, "quantize", source, *RTN, "--dtype", "float16", "--out", tmp_path / "o")
+    assert code == 2 and "does not fit float16" in line and "bfloat16" in line, line
+    assert main(["quantize", str(source), *RTN, "--out", str(tmp_path / "o")]) == 0  # bf16 holds it
+
+
+# ---- kills ------------------------------------------------------------------------------------------------------
+
+
+def _start_and_wait_for_stage(tiny_llama_dir, calib_file, out: Path) -> subprocess.Popen:
+    """A quantize run in its own process, returned once it has staged its output (work is under way)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmq.cli", "quantize", str(tiny_llama_dir), "--method", "gptq", "--group-size", "32",
+         "--calib", str(calib_file), "--samples", "256", "--seqlen", "64", "--device", "cpu", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith(f".{out.name}.partial-") for p in out.parent.iterdir()):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "the run never staged its output"
+        time.sleep(0.05)
+    return process
+
+
+def test_sigterm_leaves_nothing_and_the_next_run_succeeds(tmp_path, tiny_llama_dir, calib_file):
+    work = tmp_path / "work"
+    work.mkdir()
+    process = _start_and_wait_for_stage(tiny_llama_dir, calib_file, work / "o")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM; no output was written" in process.stderr.read()
+    assert list(work.iterdir()) == []
+    assert main(["quantize", str(tiny_llama_dir), *RTN, "--out", str(work / "o")]) == 0
+
+
+def test_sigkill_leaves_a_stage_that_the_next_run_removes(monkeypatch, tmp_path, tiny_llama_dir, calib_file):
+    work = tmp_path / "work"
+    work.mkdir()
+    process = _start_and_wait_for_stage(tiny_llama_dir, calib_file, work / "o")
+    process.kill()
+    process.wait(timeout=60)
+    left = [p.name for p in work.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".o.partial-")  # what SIGKILL leaves: never a finished-looking output
+    messages = []
+    monkeypatch.setattr("llmq.core.log.info", messages.append)
+    assert main(["quantize", str(tiny_llama_dir), *RTN, "--out", str(work / "o")]) == 0
+    assert [p.name for p in work.iterdir()] == ["o"]
+    assert any(f"removed {left[0]}, left by an interrupted run" in m for m in messages)
+
+
+def test_unwritable_or_wrong_outputs_are_refused_before_loading(capsys, monkeypatch, tmp_path, tiny_llama_dir):
+    loaded = []
+    monkeypatch.setattr("llmq.run.load_model", lambda *args, **kwargs: loaded.append(1))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = [(["--out", blocker / "o"], "which is a file"),
+             (["--format", "gguf", "--out", tmp_path / "model"], "name it *.gguf"),
+             (["--out", tmp_path / "model.gguf"], "names a GGUF file"),
+             (["--out", blocker], "is a file, but this format writes a directory")]
+    (tmp_path / "d.gguf").mkdir()
+    (tmp_path / "d.gguf" / "x").write_text("x")
+    cases.append((["--format", "gguf", "--out", tmp_path / "d.gguf"], "is a directory, but this output is one file"))
+    for flags, expect in cases:
+        code, line = run_cli(capsys, "quantize", tiny_llama_dir, "--device", "cpu", *flags)
+        assert code == 2 and expect in line, (flags, line)
+    real_access = os.access
+    monkeypatch.setattr("os.access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
+    code, line = run_cli(capsys, "quantize", tiny_llama_dir, *RTN, "--out", tmp_path / "o")
+    assert code == 2 and "permission denied" in line, line
+    assert not loaded
+
+
+# ---- one clear line instead of a traceback ------------------------------------------------------------------------
+
+
+def test_damaged_input_checkpoint_is_one_line(capsys, source, tmp_path):
+    weights = source / "model.safetensors"
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + weights.read_bytes()[24:])
+    code, line = run_cli(capsys, "quantize", source, *RTN, "--out", tmp_path / "o")
+    assert code == 2 and "cannot load the weights" in line, line
+
+
+def test_missing_tokenizer_is_one_line(capsys, source, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (source / name).unlink(missing_ok=True)
+    code, line = run_cli(capsys, "quantize", source, *RTN, "--out", tmp_path / "o")
+    assert code == 2 and "has no usable tokenizer" in line, line
+
+
+def test_config_without_vocab_size_is_one_line(capsys, source, tmp_path):
+    _edit_json(source / "config.json", lambda config: config.pop("vocab_size"))
+    code, line = run_cli(capsys, "quantize", source, *RTN, "--out", tmp_path / "o")
+    # the config's default vocabulary is another size: the embeddings are named with both shapes
+    assert code == 2 and "2 tensors of the wrong shape (first: lm_head.weight, [49152, 64] in the checkpoint, [32000, 64] by the config" in line, line
+
+
+@pytest.mark.parametrize("flags", [["--seqlen", "0"], ["--seqlen", "1"], ["--windows", "0"], ["--device", "cuda"]])
+def test_bad_eval_arguments_are_one_line(capsys, flags, tiny_llama_dir, calib_file):
+    if flags[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, line = run_cli(capsys, "eval", tiny_llama_dir, "--ppl", calib_file, *flags)
+    assert code == 2 and line.startswith("llmq: error:") and flags[0] in line, line
+
+
+@pytest.mark.parametrize("config", ["{not json", json.dumps({"hidden_size": 64})])
+def test_eval_of_a_broken_config_is_one_line(capsys, config, source, calib_file):
+    (source / "config.json").write_text(config)
+    code, line = run_cli(capsys, "eval", source, "--ppl", calib_file, "--seqlen", "32", "--windows", "1")
+    assert code == 2 and "config" in line, line
+
+
+def test_jsonl_text_that_is_not_a_string(capsys, tmp_path, tiny_llama_dir):
+    calib = tmp_path / "c.jsonl"
+    calib.write_text('{"text": "fine"}\n{"text": 5}\n')
+    code, line = run_cli(capsys, "quantize", tiny_llama_dir, "--group-size", "32", "--calib", calib, "--device", "cpu",
+                         "--out", tmp_path / "o")
+    assert code == 2 and "c.jsonl:2" in line and '"text" string' in line, line
+
+
+def test_qat_rate_that_is_not_a_number(capsys, tmp_path, tiny_llama_dir, calib_file):
+    code, line = run_cli(capsys, "quantize", tiny_llama_dir, "--method", "bitnet", "--qat-steps", "1", "--qat-lr", "nan",
+                         "--calib", calib_file, "--out", tmp_path / "o")
+    assert code == 2 and "--qat-lr" in line and not (tmp_path / "o").exists(), line
+
+
+@pytest.mark.parametrize(("flags", "expect"), [
+    (["--type", "Q4_K_M"], "--type picks a GGUF mixture"),
+    (["--format", "gguf", "--bits", "3"], "--bits set compressed-tensors' integer grid"),
+    (["--format", "gguf", "--sym", "--group-size", "64"], "--group-size, --sym set"),
+    (["--format", "gguf", "--mse"], "--mse set"),
+    (["--qat-steps", "5"], "--qat-steps apply to --method bitnet only"),
+    (["--method", "bitnet", "--bits", "3"], "--bits do not apply to transformers' BitNet layout"),
+])
+def test_flags_that_do_not_apply_are_refused(capsys, flags, expect, tmp_path, tiny_llama_dir):
+    code, line = run_cli(capsys, "quantize", tiny_llama_dir, *flags, "--device", "cpu", "--out", tmp_path / "o.gguf"
+                         if "gguf" in flags else tmp_path / "o")
+    assert code == 2 and expect in line, line
+
+
+def test_data_free_windows_are_capped_at_the_context(monkeypatch, tmp_path, tiny_llama_dir):
+    def offline(source):
+        raise LlmqError("offline")
+
+    messages = []
+    monkeypatch.setattr("llmq.calib.text.calibration_text", offline)
+    monkeypatch.setattr("llmq.core.log.info", messages.append)
+    result = llmq.quantize(str(tiny_llama_dir), tmp_path / "o",
+                           llmq.QuantizeConfig.of(group_size=32, samples=1, seqlen=100_000, device="cpu"))
+    assert any("capped at the model's context, 256 tokens" in m for m in messages)
+    assert "data-free (model-generated), 1 x 256 tokens" in result.calibration
+
+
+def test_calibration_windows_longer_than_the_context_are_warned(monkeypatch, tmp_path, tiny_llama_dir, calib_file):
+    messages = []
+    monkeypatch.setattr("llmq.core.log.info", messages.append)
+    llmq.quantize(str(tiny_llama_dir), tmp_path / "o.gguf", llmq.QuantizeConfig.of(
+        method="rtn", format="gguf", gguf_type="Q8_0", calib=str(calib_file), samples=2, seqlen=512, device="cpu"))
+    assert any("--seqlen 512 is longer than the model's context (256 positions)" in m for m in messages)
+    assert (tmp_path / "o.gguf").read_bytes()[:4] == b"GGUF"
