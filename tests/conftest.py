@@ -89,3 +89,18 @@ def quantize_matrix(method_name: str, w, scheme, x=None, scale_dtype=torch.float
     if stats is not None:
         stats.add(x)
     return method.quantize(w, stats, IntegerGrid(scheme, scale_dtype, mse=method_options.mse))
+
+
+@pytest.fixture
+def offline_messages(monkeypatch) -> list[str]:
+    """No calibration text can be had (as offline): runs fall back to data-free calibration. Returns the list
+    that collects what llmq reports with log.info."""
+    from llmq.core.errors import LlmqError
+
+    def offline(source):
+        raise LlmqError("offline")
+
+    messages: list[str] = []
+    monkeypatch.setattr("llmq.calib.text.calibration_text", offline)
+    monkeypatch.setattr("llmq.core.log.info", messages.append)
+    return messages

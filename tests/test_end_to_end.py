@@ -130,16 +130,9 @@ def test_rtn_needs_no_calibration_and_writes_symmetric_layout(tmp_path, tiny_lla
     assert_fresh_transformers_process_matches(out, tmp_path)  # symmetric: transformers keeps it packed
 
 
-def test_data_free_calibration_when_no_text_can_be_had(monkeypatch, tmp_path, tiny_llama_dir):
+def test_data_free_calibration_when_no_text_can_be_had(offline_messages, tmp_path, tiny_llama_dir):
     """No --calib and no hub: the model writes its own calibration text, and the card says so."""
-    from llmq.core.errors import LlmqError
-
-    def offline(source):
-        raise LlmqError("offline")
-
-    messages = []
-    monkeypatch.setattr("llmq.calib.text.calibration_text", offline)
-    monkeypatch.setattr("llmq.core.log.info", messages.append)
+    messages = offline_messages
     out = tmp_path / "df"
     assert main(["quantize", str(tiny_llama_dir), "--group-size", "32", "--samples", "2", "--seqlen", "16",
                  "--out", str(out)]) == 0

@@ -48,22 +48,33 @@ def _same_state(model, reference: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(state[key], value) for key, value in reference.items() if key in state)
 
 
-def test_damaged_safetensors_is_refused_or_read_exactly(tmp_path, tiny_llama_dir):
-    data = (tiny_llama_dir / "model.safetensors").read_bytes()
-    header_end = 8 + int.from_bytes(data[:8], "little")
-    reference = load_file(tiny_llama_dir / "model.safetensors")
+def _header_end(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")  # safetensors: a u64 header length, then the JSON header
+
+
+def read_damaged_copies(tmp_path: Path, original: Path, file_name: str, cases, read, reference) -> list[str]:
+    """Copy the directory `original` once per case with `file_name` replaced by the damaged bytes and `read` it:
+    each case must be refused (LlmqError) or give exactly the `reference` tensors. Returns the outcomes."""
     outcomes = []
-    for case, (what, damaged) in enumerate(damaged_copies(data, header_end, seed=0)):
+    for case, (what, damaged) in enumerate(cases):
         copy = tmp_path / f"case{case}"
-        shutil.copytree(tiny_llama_dir, copy)
-        (copy / "model.safetensors").write_bytes(damaged)
+        shutil.copytree(original, copy)
+        (copy / file_name).write_bytes(damaged)
         try:
-            model, _, _ = load_model(str(copy))
+            model = read(copy)
         except LlmqError:
             outcomes.append("refused")
             continue
-        assert _same_state(model, reference), f"{what}: loaded weights that differ from the checkpoint's"
+        assert _same_state(model, reference), f"{what}: loaded weights that differ from the file's"
         outcomes.append("read")
+    return outcomes
+
+
+def test_damaged_safetensors_is_refused_or_read_exactly(tmp_path, tiny_llama_dir):
+    data = (tiny_llama_dir / "model.safetensors").read_bytes()
+    cases = damaged_copies(data, _header_end(data), seed=0)
+    outcomes = read_damaged_copies(tmp_path, tiny_llama_dir, "model.safetensors", cases,
+                                   lambda copy: load_model(str(copy))[0], load_file(tiny_llama_dir / "model.safetensors"))
     assert outcomes.count("refused") >= CASES // 2, outcomes  # most damage is caught, none slips through as different weights
 
 
@@ -74,20 +85,9 @@ def test_damaged_quantized_checkpoint_is_refused_or_read_exactly(tmp_path, tiny_
     checkpoint = tmp_path / "ckpt"
     quantize(str(tiny_llama_dir), checkpoint, QuantizeConfig.of(method="rtn", group_size=32, device="cpu"))
     data = (checkpoint / "model.safetensors").read_bytes()
-    header_end = 8 + int.from_bytes(data[:8], "little")
     reference = {k: v.clone() for k, v in llmq.load(checkpoint).state_dict().items()}
-    outcomes = []
-    for case, (what, damaged) in enumerate(damaged_copies(data, header_end, seed=3)):
-        copy = tmp_path / f"case{case}"
-        shutil.copytree(checkpoint, copy)
-        (copy / "model.safetensors").write_bytes(damaged)
-        try:
-            model = llmq.load(copy)
-        except LlmqError:
-            outcomes.append("refused")
-            continue
-        assert _same_state(model, reference), f"{what}: loaded weights that differ from the checkpoint's"
-        outcomes.append("read")
+    outcomes = read_damaged_copies(tmp_path, checkpoint, "model.safetensors",
+                                   damaged_copies(data, _header_end(data), seed=3), llmq.load, reference)
     assert outcomes.count("refused") >= CASES // 2, outcomes
 
 
@@ -108,19 +108,10 @@ def test_damaged_gguf_is_refused_or_read_exactly_by_the_embedded_loader(tmp_path
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file name the loader looks for
     (tmp_path / "ok").mkdir()
     shutil.copy(tiny_gguf, tmp_path / "ok" / name)
-    reference = {k: v.clone() for k, v in load_embedded_default(torch.float32, str(tmp_path / "ok"))[0].state_dict().items()}
-    outcomes = []
-    for case, (what, damaged) in enumerate(_gguf_cases(tiny_gguf, seed=1, cases=CASES // 2)):
-        directory = tmp_path / f"case{case}"
-        directory.mkdir()
-        (directory / name).write_bytes(damaged)
-        try:
-            model, _ = load_embedded_default(torch.float32, str(directory))
-        except LlmqError:
-            outcomes.append("refused")
-            continue
-        assert _same_state(model, reference), f"{what}: loaded weights that differ from the file's"
-        outcomes.append("read")
+    read = lambda directory: load_embedded_default(torch.float32, str(directory))[0]  # noqa: E731
+    reference = {k: v.clone() for k, v in read(tmp_path / "ok").state_dict().items()}
+    outcomes = read_damaged_copies(tmp_path, tmp_path / "ok", name, _gguf_cases(tiny_gguf, seed=1, cases=CASES // 2),
+                                   read, reference)
     assert outcomes.count("refused") >= CASES // 4, outcomes
 
 

@@ -370,13 +370,8 @@ def test_flags_that_do_not_apply_are_refused(capsys, flags, expect, tmp_path, ti
     assert code == 2 and expect in line, line
 
 
-def test_data_free_windows_are_capped_at_the_context(monkeypatch, tmp_path, tiny_llama_dir):
-    def offline(source):
-        raise LlmqError("offline")
-
-    messages = []
-    monkeypatch.setattr("llmq.calib.text.calibration_text", offline)
-    monkeypatch.setattr("llmq.core.log.info", messages.append)
+def test_data_free_windows_are_capped_at_the_context(offline_messages, tmp_path, tiny_llama_dir):
+    messages = offline_messages
     result = llmq.quantize(str(tiny_llama_dir), tmp_path / "o",
                            llmq.QuantizeConfig.of(group_size=32, samples=1, seqlen=100_000, device="cpu"))
     assert any("capped at the model's context, 256 tokens" in m for m in messages)
