@@ -165,6 +165,9 @@ def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
     try:
         yield tmp
+        for written in tmp.rglob("*"):  # some writers (safetensors) make files 0600: give them the umask's mode
+            if written.is_file() and not written.is_symlink():
+                written.chmod(0o666 & ~umask)
         _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
