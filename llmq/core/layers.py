@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 
 @dataclass(frozen=True)
 class LinearGroup:
@@ -24,3 +26,13 @@ class LayerMap:
     layers: str  # dotted path from the CausalLM to the ModuleList of decoder layers
     groups: tuple[LinearGroup, ...]  # in execution order
     norm_offset: float = 0.0  # 1.0 where RMSNorm multiplies by (1 + weight), as Gemma does
+
+
+def linear_at(model: nn.Module, name: str) -> nn.Linear | None:
+    """The Linear at dotted `name`, or None where the model has no module there or it is not a Linear (a
+    checkpoint naming it does not belong to this config)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Linear) else None

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmq.calib.models import fill_remaining_weights
 from llmq.core import log
 from llmq.core.errors import LlmqError, reason
+from llmq.core.layers import linear_at
 from llmq.core.scheme import QuantScheme
 from llmq.runtime.kernels import cuda as cuda_kernels
 from llmq.runtime.kernels.build import load_extension
@@ -108,8 +109,8 @@ def _quant_linear_from_state(model: nn.Module, name: str, state: dict, scheme: Q
     zero = state.pop(f"{name}.weight_zero_point", None)
     if not scheme.symmetric and zero is None:
         raise LlmqError(f"checkpoint lacks {name}.weight_zero_point for an asymmetric scheme; re-create it")
-    linear = model.get_submodule(name) if _has_submodule(model, name) else None
-    if not isinstance(linear, nn.Linear):
+    linear = linear_at(model, name)
+    if linear is None:
         raise LlmqError(f"checkpoint packs {name}, which this model's config has no Linear for; the config and the "
                         "weights do not belong together")
     if shape.tolist() != [linear.out_features, linear.in_features]:
@@ -118,14 +119,6 @@ def _quant_linear_from_state(model: nn.Module, name: str, state: dict, scheme: Q
     tensors = {"weight_packed": packed, "weight_scale": scale} | ({} if zero is None else {"weight_zero_point": zero})
     check_packed_tensors(name, tensors, scheme, linear.out_features, linear.in_features)
     return QuantLinear(linear.in_features, linear.out_features, scheme, packed, scale, zero, bias)
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:

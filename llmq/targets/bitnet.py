@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmq.calib.harness import Part, Plan
 from llmq.calib.models import fill_remaining_weights
 from llmq.core.errors import LlmqError
+from llmq.core.layers import linear_at
 from llmq.methods.bitnet import TernaryLinear
 from llmq.methods.grids.ternary import TernaryGrid, TernaryScheme, TernaryTensor, ternary_scheme
 from llmq.targets.base import RunReport, Target
@@ -134,11 +135,8 @@ def load_bitnet(directory: str | Path, dtype: torch.dtype = torch.float32):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")]:
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, torch.nn.Linear) or f"{name}.weight" not in state:
+        linear = linear_at(model, name)
+        if linear is None or f"{name}.weight" not in state:
             raise LlmqError(f"checkpoint has {name}.weight_scale but no packed {name}.weight for a Linear of its config; "
                             "the config and the weights do not belong together")
         packed, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale").float()
