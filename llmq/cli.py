@@ -83,6 +83,12 @@ def _quantize_parser(sub) -> None:
                      help=f"tokens per calibration window (default {RunOptions.seqlen})")
     run.add_argument("--device", default=RunOptions.device, help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--dtype", default=RunOptions.dtype, help="dtype to load the model in (default: the checkpoint's)")
+    run.add_argument("--route-all-experts", action="store_true", default=RunOptions.route_all_experts,
+                     help="MoE: collect every expert's statistics from every calibration token (outputs keep the "
+                          "real routing)")
+    run.add_argument("--expert-min-tokens", type=int, default=RunOptions.expert_min_tokens,
+                     help="MoE: an expert routed fewer calibration tokens is calibrated on every token instead "
+                          f"(default {RunOptions.expert_min_tokens})")
 
 
 def _eval_parser(sub) -> None:

@@ -29,7 +29,14 @@ from llmq.targets.atomic import OutputKind, atomic_output_file, check_output
 from llmq.targets.bitnet import load_bitnet
 from llmq.targets.gguf.mixtures import fallback, get_mixture
 from llmq.targets.gguf.target import encode_tensors, permute_rows, tensor_plan
-from llmq.targets.gguf.writer import EncodedTensor, encode_float, gguf_name_map, prepare_float, write_gguf
+from llmq.targets.gguf.writer import (
+    EncodedTensor,
+    encode_float,
+    gguf_name_map,
+    model_name,
+    prepare_float,
+    write_gguf,
+)
 from llmq.targets.packing import unpack_int32
 
 TERNARY_GGUF_TYPES = ("TQ1_0", "TQ2_0")
@@ -127,7 +134,7 @@ def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = 
     file_type = {T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1}.get(
         max(set(types), key=types.count) if types else T.Q8_0, LlamaFileType.MOSTLY_Q8_0)
     with atomic_output_file(out, overwrite) as (tmp, _):
-        size = write_gguf(tmp, model, tokenizer, ordered, file_type, name=Path(out).stem)
+        size = write_gguf(tmp, model, tokenizer, ordered, file_type, name=model_name(model, Path(out).stem))
     worst = lambda d: f" (largest relative error {max(d.values()):.1e})" if d else ""
     log.info(f"llmq: wrote {out}: {human_size(size)}; of {len(exact) + len(rounded) + len(requantized)} quantized "
              f"tensors {len(exact)} carried over exactly, {len(rounded)} with a scale or min rounded to fp16"
@@ -161,7 +168,8 @@ def write_plain_gguf(model, tokenizer, gguf_type: str, out: str | Path, overwrit
     names, types = tensor_plan(model, mixture, has_imatrix=False)
     tensors = encode_tensors(model, names, types, {})
     with atomic_output_file(out, overwrite) as (tmp, _):
-        return write_gguf(tmp, model, tokenizer, tensors, mixture.file_type, name=Path(out).stem)
+        return write_gguf(tmp, model, tokenizer, tensors, mixture.file_type,
+                          name=model_name(model, Path(out).stem))
 
 
 def export_bitnet_gguf(directory: str | Path, out: str | Path, gguf_type: str = "TQ2_0", overwrite: bool = False) -> int:

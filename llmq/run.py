@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmq.calib.arch import layer_map_for, quantizable_linears
-from llmq.calib.harness import capture_layer_inputs, quantize_layers
+from llmq.calib.arch import check_config, decoder_layout, quantizable_linears
+from llmq.calib.harness import ExpertPolicy, capture_layer_inputs, quantize_layers
 from llmq.calib.models import EMBEDDED_BASE_ID, load_model, resolve_dtype
 from llmq.calib.text import calibration_samples, check_calib_source
 from llmq.core import log
@@ -39,7 +39,7 @@ class QuantizeResult:
     calibration: str
 
 
-def _calibrate(model, tokenizer, layer_map, method: Method, config: QuantizeConfig, device):
+def _calibrate(model, tokenizer, layout, method: Method, config: QuantizeConfig, device):
     """What enters the first decoder layer for every calibration window, and a description of the data."""
     run = config.run
     samples, source = calibration_samples(model, tokenizer, run.calib, run.samples, run.seqlen, device)
@@ -47,7 +47,8 @@ def _calibrate(model, tokenizer, layer_map, method: Method, config: QuantizeConf
     if method.statistic == "hessian" and config.method.sink_weight != 1:
         description += f", first token of each window x{config.method.sink_weight:g} in GPTQ's Hessian"
     batch = max(1, run.calib_batch_tokens // samples.shape[1])
-    return capture_layer_inputs(model, layer_map, samples, device, batch), description
+    layers = model.get_submodule(layout.layers)
+    return capture_layer_inputs(model, layers, samples, device, batch), description
 
 
 def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
@@ -82,9 +83,10 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     started = time.perf_counter()
 
     hf_model, tokenizer, model_id = load_model(model, resolve_dtype(config.run.dtype), trust_remote_code,
-                                               check_config=lambda hf_config: layer_map_for(hf_config.model_type))
-    layer_map = layer_map_for(hf_model.config.model_type)
-    linears = quantizable_linears(hf_model, layer_map)
+                                               check_config=check_config)
+    layout = decoder_layout(hf_model, device, folds=method.searches)
+    linears = target.quantizable(hf_model, quantizable_linears(hf_model, layout))
+    layout = layout.only(linears)
     target.check_model(hf_model, linears)
     size_before = tensor_bytes(hf_model)
     storage_dtype = hf_model.dtype  # scales are stored in it, whatever a whole-model step computes in
@@ -94,12 +96,17 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
         notes = method.prepare_model(hf_model, ModelContext(tokenizer, device, config, list(linears), stage.artifact))
         inputs, calibration = None, notes or "none (round-to-nearest needs no data)"
         if calibrated:
-            inputs, calibration = _calibrate(hf_model, tokenizer, layer_map, method, config, device)
+            inputs, calibration = _calibrate(hf_model, tokenizer, layout, method, config, device)
             calibration = f"{notes}; {calibration}" if notes else calibration
         plan = target.plan(hf_model, linears, storage_dtype, calibrated)
         errors = []
-        quantized = quantize_layers(hf_model, layer_map, method, plan, inputs, device, target.search_scheme,
-                                    on_layer=lambda report: errors.append(report.relative_weight_error))
+        experts = ExpertPolicy(config.run.route_all_experts, config.run.expert_min_tokens)
+        quantized = quantize_layers(hf_model, layout, method, plan, inputs, device, target.search_scheme,
+                                    on_layer=lambda report: errors.append(report.relative_weight_error),
+                                    experts=experts)
+        if experts.fell_back:
+            calibration += (f"; {experts.fell_back} of {experts.experts} expert Linear groups were routed fewer than "
+                            f"{experts.min_tokens} calibration tokens and were calibrated on every token instead")
         error = sum(errors) / max(len(errors), 1)
         report = RunReport(out, model_id, method.name, calibration, size_before, time.perf_counter() - started,
                            device.type, str(storage_dtype).removeprefix("torch."), error)

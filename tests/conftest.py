@@ -16,16 +16,43 @@ TEST_TEXT = DATA / "wikitext2_test.txt"
 log.quiet = True
 
 
+_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, head_dim=16)
+_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=64, n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1)
+_OVERRIDES = {  # what a 2-layer, 64-wide model of each architecture needs besides _SIZES
+    "gemma2": dict(query_pre_attn_scalar=16, sliding_window=64),
+    "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=64),
+    "qwen2_moe": _MOE, "qwen3_moe": _MOE, "mixtral": _MOE, "gpt_oss": _MOE,
+    "deepseek_v3": dict(_MOE, head_dim=8, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),  # layer 0 dense, layer 1 MoE
+    "llama4_text": dict(_MOE, intermediate_size_mlp=128, interleave_moe_layer_step=2, no_rope_layers=[1, 1]),
+    "phi": dict(partial_rotary_factor=0.5),
+    "gpt_neox": dict(num_key_value_heads=4),  # multi-head attention only (a kv-head count would be ignored)
+    "stablelm": dict(partial_rotary_factor=0.5),
+    "smollm3": dict(pad_token_id=0), "glm4": dict(pad_token_id=0),
+}
+
+
 def tiny_config(model_type: str = "llama", vocab_size: int = 49152, **overrides):
-    """A 2-layer config of the given architecture with every Linear a multiple of 32 wide."""
+    """A 2-layer config of the given architecture with every Linear a multiple of 32 wide (image-text models:
+    a 1-layer vision tower beside it)."""
     from transformers import AutoConfig
 
-    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256, head_dim=16)
-    if model_type in ("gemma2", "gemma3_text"):
-        sizes.update(query_pre_attn_scalar=16, sliding_window=64)
-    sizes.update(overrides)
-    return AutoConfig.for_model(model_type, **sizes)
+    text = dict(_SIZES, vocab_size=vocab_size, **_OVERRIDES.get(model_type, {}))
+    if model_type == "gemma3":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                      patch_size=8)
+        return AutoConfig.for_model("gemma3", text_config=dict(text, query_pre_attn_scalar=16, sliding_window=64),
+                                    vision_config=vision, mm_tokens_per_image=4, **overrides)
+    if model_type == "qwen2_5_vl":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      fullatt_block_indexes=[0])
+        rope = {"type": "mrope", "mrope_section": [2, 3, 3]}
+        return AutoConfig.for_model("qwen2_5_vl", text_config=dict(text, rope_scaling=rope), vision_config=vision,
+                                    **overrides)
+    text.update(overrides)
+    return AutoConfig.for_model(model_type, **text)
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +69,13 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def save_tiny_model(directory: Path, tokenizer_dir: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from llmq.calib.models import causal_lm_class
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.bfloat16)
+    config = tiny_config(model_type, **overrides)
+    model = causal_lm_class(config).from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
     return directory

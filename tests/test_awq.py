@@ -6,42 +6,22 @@ from conftest import save_tiny_model, tiny_config
 from torch import nn
 
 from llmq import QuantizeConfig, quantize
-from llmq.calib.arch import LAYER_MAPS, layer_map_for
 from llmq.core.scheme import QuantScheme
-from llmq.methods.awq import AWQ, _can_fold, fold_scales
+from llmq.methods.awq import AWQ
 
 
-@pytest.mark.parametrize("model_type", sorted(LAYER_MAPS))
-def test_folding_alone_leaves_logits_unchanged(model_type):
+def test_grouped_query_v_to_o_is_not_folded_but_multi_head_is():
+    """Discovery tries v_proj -> o_proj and keeps it only where v makes one channel per o_proj input."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).eval()
-    for param in model.parameters():  # random norms too, so the Gemma (1 + w) convention matters
-        param.data.normal_(0, 0.3)
-    layer_map = layer_map_for(model_type)
-    ids = torch.randint(0, 49152, (2, 20))
-    with torch.no_grad():
-        before = model(ids).logits
-        folded = 0
-        for layer in model.get_submodule(layer_map.layers):
-            for group in layer_map.groups:
-                linears = [layer.get_submodule(name) for name in group.linears]
-                prev = layer.get_submodule(group.prev) if group.prev else None
-                if _can_fold(prev, linears[0].in_features, group.prev_rows):
-                    scales = torch.rand(linears[0].in_features) * 4 + 0.25
-                    fold_scales(prev, linears, scales, layer_map.norm_offset, group.prev_rows)
-                    folded += 1
-        after = model(ids).logits
-    assert folded >= 2 * 2  # at least the two norm-fed groups and down_proj in each of the 2 layers
-    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4)
+    from llmq.calib.arch import decoder_layout
 
-
-def test_grouped_query_v_to_o_is_not_folded():
-    v = nn.Linear(64, 32, bias=False)  # 2 kv heads of 16 feed 4 query heads: o_proj reads 64 channels
-    assert not _can_fold(v, 64, "all")
-    assert _can_fold(nn.Linear(64, 64), 64, "all")
-    assert _can_fold(nn.Linear(64, 128), 64, "second_half")
+    for kv_heads, expected in ((2, None), (4, "self_attn.v_proj")):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(num_key_value_heads=kv_heads), dtype=torch.float32)
+        groups = decoder_layout(model.eval(), torch.device("cpu"), folds=True).maps[0].groups
+        o_proj = next(g for g in groups if g.linears == ("self_attn.o_proj",))
+        assert o_proj.prev == expected
 
 
 def _llm_like_tiny_model(directory, tokenizer_dir):

@@ -147,7 +147,9 @@ def test_mixture_uses_fallbacks_and_bumps(mixture_model, tmp_path):
     assert types["blk.0.attn_norm.weight"] == T.F32
 
 
-_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
+# every architecture the GGUF target writes (llmq/targets/gguf/writer.py VERIFIED), on its tiny random model
+_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "stablelm", "starcoder2", "olmo2",
+          "smollm3", "granite", "exaone4", "phi", "cohere"]
 
 
 _ROPE_SCALINGS = {
@@ -176,6 +178,52 @@ def test_llamacpp_runs_our_file_with_transformers_logits(model_type, tmp_path, s
         llm.eval(ids[0].tolist())
         got = np.array(llm.scores[:24])
     assert np.abs(got - expected).max() / np.abs(expected).max() < 2e-3
+
+
+def _dequantized_into(model, path) -> None:
+    """Put a GGUF file's weights, decoded by gguf-py, back into the HF model (undoing llmq's q/k row order and
+    Gemma's +1), so transformers computes with exactly the weights llama.cpp holds."""
+    from llmq.targets.gguf.writer import _GEMMA, gguf_arch, gguf_names, rope_row_permutation
+
+    by_gguf = {gguf: hf for hf, gguf in gguf_names(model).items()}
+    params = dict(model.named_parameters())
+    for tensor in GGUFReader(path).tensors:
+        if tensor.name not in by_gguf:
+            continue
+        values = torch.from_numpy(gguf_quants.dequantize(tensor.data, tensor.tensor_type).copy()).float()
+        param = params[by_gguf[tensor.name]]
+        values = values.reshape(param.shape)
+        perm = rope_row_permutation(model.config, tensor.name, values.shape[0])
+        if perm is not None:
+            values = values[torch.argsort(perm)]
+        if gguf_arch(model.config) in _GEMMA and tensor.name.endswith("norm.weight"):
+            values = values - 1
+        param.data = values
+
+
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("model_type", _ARCHS)
+def test_quantized_files_run_in_llamacpp_with_the_logits_of_their_weights(model_type, gguf_type, tmp_path,
+                                                                          smollm2_tokenizer_dir):
+    """llama.cpp computes what transformers computes with the file's (dequantized) weights; the gap left is
+    llama.cpp's own rounding of activations to 8 bits in quantized dot products."""
+    from transformers import AutoModelForCausalLM
+
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type)
+    out = tmp_path / f"{model_type}.{gguf_type}.gguf"  # the file's name does not reach general.name
+    quantize(str(source), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type=gguf_type, device="cpu"))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        original = model(ids).logits[0].numpy()
+        _dequantized_into(model, out)
+        expected = model(ids).logits[0].numpy()
+    with open_llama(out, n_ctx=64, logits_all=True) as llm:
+        llm.eval(ids[0].tolist())
+        got = np.array(llm.scores[:24])
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() / scale < 0.03
+    assert np.abs(original - expected).max() / scale > 1e-3  # the weights were quantized
 
 
 def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_path):

@@ -1,70 +1,58 @@
-"""Per-architecture layer maps: where the decoder layers are, and which Linears share an input.
+"""Which models llmq can walk, and the layout of the one loaded: found by discovery, not listed per model.
 
-The map's types (LayerMap, LinearGroup) are described in llmq/core/layers.py. Adding an architecture is one
-entry here.
+`decoder_layout` makes fused MoE experts per-expert Linears (llmq/calib/experts.py), finds the decoder layers
+and runs each on a few probe tokens to group its Linears (llmq/calib/discover.py). OVERRIDES holds the rare
+architecture discovery cannot see right: a function from the discovered layout to the corrected one, keyed by
+`model_type`; it is empty because every architecture tested so far is found as it is (README, "Architectures").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
 
+from llmq.calib.discover import discover, find_decoder_layers
+from llmq.calib.experts import unfuse_experts
+from llmq.calib.harness import probe_layer_inputs
+from llmq.core import log
 from llmq.core.errors import LlmqError
-from llmq.core.layers import LayerMap, LinearGroup
+from llmq.core.layers import DecoderLayout
+
+OVERRIDES: dict[str, Callable[[DecoderLayout], DecoderLayout]] = {}
+PROBE_TOKENS = 16
 
 
-def _llama_like(mlp_norm: str = "post_attention_layernorm", norm_offset: float = 0.0) -> LayerMap:
-    return LayerMap(
-        layers="model.layers",
-        groups=(
-            LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn", "input_layernorm"),
-            LinearGroup(("self_attn.o_proj",), "self_attn.o_proj", "self_attn.v_proj"),
-            LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "mlp", mlp_norm),
-            LinearGroup(("mlp.down_proj",), "mlp.down_proj", "mlp.up_proj"),
-        ),
-        norm_offset=norm_offset,
-    )
+def check_config(config) -> None:
+    """Refuse, before any weight is read, what no discovery can make a decoder of."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise LlmqError(f"{config.model_type} is an encoder-decoder model; llmq quantizes decoder-only language models "
+                        "(and the language tower of image-text models)")
 
 
-_PHI3 = LayerMap(
-    layers="model.layers",
-    groups=(
-        LinearGroup(("self_attn.qkv_proj",), "self_attn", "input_layernorm"),
-        LinearGroup(("self_attn.o_proj",), "self_attn.o_proj", None),  # v is fused into qkv_proj
-        LinearGroup(("mlp.gate_up_proj",), "mlp", "post_attention_layernorm"),
-        LinearGroup(("mlp.down_proj",), "mlp.down_proj", "mlp.gate_up_proj", prev_rows="second_half"),
-    ),
-)
-
-LAYER_MAPS: dict[str, LayerMap] = {
-    "llama": _llama_like(),
-    "mistral": _llama_like(),
-    "qwen2": _llama_like(),
-    "qwen3": _llama_like(),
-    "gemma2": _llama_like("pre_feedforward_layernorm", norm_offset=1.0),
-    "gemma3_text": _llama_like("pre_feedforward_layernorm", norm_offset=1.0),
-    "phi3": _PHI3,
-}
+def decoder_layout(model: nn.Module, device: torch.device, folds: bool) -> DecoderLayout:
+    """The loaded model's decoder layers and each layer's groups (with exact folds when `folds`, for AWQ)."""
+    experts = unfuse_experts(model)
+    if experts:
+        log.info(f"llmq: {experts} experts made per-expert Linears (each calibrated on the tokens routed to it)")
+    _, layers = find_decoder_layers(model)
+    vocab = model.get_input_embeddings().num_embeddings
+    tokens = (torch.arange(PROBE_TOKENS) * 7919 + 100).remainder(vocab).unsqueeze(0)
+    layout = discover(model, probe_layer_inputs(model, layers, tokens, device), folds)
+    override = OVERRIDES.get(model.config.model_type)
+    if override is not None:
+        layout = override(layout)
+    for note in layout.notes:
+        log.info(f"llmq: {note}")
+    return layout
 
 
-def layer_map_for(model_type: str) -> LayerMap:
-    try:
-        return LAYER_MAPS[model_type]
-    except KeyError:
-        supported = ", ".join(sorted(LAYER_MAPS))
-        raise LlmqError(
-            f"architecture {model_type!r} is not supported (supported: {supported}); add it to llmq/calib/arch.py"
-        ) from None
-
-
-def decoder_layers(model: nn.Module, layer_map: LayerMap) -> nn.ModuleList:
-    return model.get_submodule(layer_map.layers)
-
-
-def quantizable_linears(model: nn.Module, layer_map: LayerMap) -> dict[str, nn.Linear]:
-    """Full module name -> Linear, for every Linear the methods quantize (never embeddings or lm_head)."""
+def quantizable_linears(model: nn.Module, layout: DecoderLayout) -> dict[str, nn.Linear]:
+    """Full module name -> Linear, for every Linear the methods quantize (never embeddings, routers or lm_head)."""
     found = {}
-    for index, layer in enumerate(decoder_layers(model, layer_map)):
-        for group in layer_map.groups:
-            for name in group.linears:
-                found[f"{layer_map.layers}.{index}.{name}"] = layer.get_submodule(name)
+    layers = model.get_submodule(layout.layers)
+    for index, (layer, layer_map) in enumerate(zip(layers, layout.maps)):
+        for name in layer_map.linears:
+            found[f"{layout.layers}.{index}.{name}"] = layer.get_submodule(name)
     return found

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,7 +16,13 @@ class StopForward(Exception):
 @dataclass
 class LayerInput:
     hidden: torch.Tensor  # [batch, seq, hidden]
-    kwargs: dict  # everything else the decoder layer was called with
+    kwargs: dict  # everything else the current decoder layer is called with
+    layer_kwargs: list[dict] = field(default_factory=list)  # per layer: sliding/global layers get other masks/rope
+
+    def for_layer(self, index: int) -> None:
+        """Take layer `index`'s keyword arguments (masks, rotary embeddings) as the current ones."""
+        if self.layer_kwargs:
+            self.kwargs = self.layer_kwargs[index]
 
 
 def layer_output(output) -> torch.Tensor:

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmq.calib.arch import decoder_layers
 from llmq.calib.capture import LayerInput, StopForward, first_tensor, layer_output, run_until
+from llmq.calib.experts import set_route_all
 from llmq.calib.statistics import new_collector
 from llmq.core import log
 from llmq.core.interfaces import Grid, Method, Quantized
-from llmq.core.layers import LayerMap
+from llmq.core.layers import DecoderLayout, LinearGroup
 from llmq.core.scheme import QuantScheme
 
 
@@ -45,7 +45,8 @@ Plan = Callable[[list[str]], list[Part]]
 
 
 def _move_non_layer_modules(model: nn.Module, layers: nn.ModuleList, device) -> None:
-    """Move the embeddings, rotary embedding and final norm (everything beside the decoder layers) to device."""
+    """Move the embeddings, rotary embedding and final norm (the decoder layers' siblings) to device; a vision
+    tower or lm_head elsewhere is not needed to make the first layer's input from text."""
     parent = next(m for m in model.modules() if any(child is layers for child in m.children()))
     for child in parent.children():
         if child is not layers:
@@ -53,30 +54,65 @@ def _move_non_layer_modules(model: nn.Module, layers: nn.ModuleList, device) -> 
 
 
 @torch.no_grad()
-def capture_layer_inputs(
-    model: nn.Module, layer_map: LayerMap, samples: torch.Tensor, device: torch.device, batch_size: int
-) -> list[LayerInput]:
-    """What enters the first decoder layer, per batch of calibration samples (token ids [n, seqlen])."""
-    layers = decoder_layers(model, layer_map)
-    captured: list[LayerInput] = []
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tensor, device: torch.device,
+                         batch_size: int, progress: bool = True) -> list[LayerInput]:
+    """What enters the first decoder layer, per batch of calibration samples (token ids [n, seqlen]), and the
+    keyword arguments (masks, rotary embeddings) every layer gets: they differ where sliding-window and global
+    layers alternate (Gemma 2/3, Llama 4).
 
-    def catch(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(LayerInput(hidden, dict(kwargs)))
-        raise StopForward
+    The model runs with each decoder layer's forward replaced by a recorder that hands its input on unchanged,
+    so a batch costs the embeddings and the mask/rotary set-up only; the last recorder stops the pass.
+    """
+    captured: list[LayerInput] = []
+    returns_tuple = []  # what a real decoder layer returns (learnt from layer 0 on the first batch)
+
+    def recorder(index):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = dict(kwargs)
+            if index == 0:
+                captured.append(LayerInput(hidden, kwargs, [kwargs]))
+                if not returns_tuple:
+                    returns_tuple.append(isinstance(type(layers[0]).forward(layers[0], hidden, **kwargs), tuple))
+            else:
+                captured[-1].layer_kwargs.append(kwargs)
+            if index == len(layers) - 1:
+                raise StopForward
+            return (hidden,) if returns_tuple[0] else hidden
+        return forward
 
     _move_non_layer_modules(model, layers, device)
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)
+    layers[0].to(device)  # runs once, to learn what a layer returns
+    batches = samples.split(batch_size)
     try:
-        for batch in log.progress(samples.split(batch_size), desc="embed calibration samples", unit="batch"):
+        for batch in log.progress(batches, desc="embed calibration samples", unit="batch") if progress else batches:
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except StopForward:
                 pass
     finally:
-        handle.remove()
+        for layer in layers:
+            del layer.forward
+        layers[0].to("cpu")
         _move_non_layer_modules(model, layers, "cpu")
     return captured
+
+
+@torch.no_grad()
+def probe_layer_inputs(model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor, device) -> list[LayerInput]:
+    """Each decoder layer's input for a few probe tokens [1, n] (what discovery runs the layers on)."""
+    first = capture_layer_inputs(model, layers, tokens, device, tokens.shape[0], progress=False)[0]
+    probes, hidden = [], first.hidden
+    for index, layer in enumerate(layers):
+        kwargs = first.layer_kwargs[index]
+        probes.append(LayerInput(hidden, kwargs))
+        if index < len(layers) - 1:
+            layer.to(device)
+            hidden = layer_output(layer(hidden, **kwargs))
+            layer.to("cpu")
+    return probes
 
 
 @dataclass
@@ -94,16 +130,44 @@ def _statistic(method: Method, parts: list[Part], calibrated: bool) -> str | Non
     return "importance" if calibrated and any(part.grid.weighted for part in parts) else None
 
 
-def _quantize_group(layer: nn.Module, prefix: str, group: tuple[str, ...], method: Method, plan: Plan, inputs,
-                    device) -> tuple[dict[str, Quantized], float, float]:
+@dataclass
+class ExpertPolicy:
+    """How routed experts are calibrated: `route_all` collects every expert's statistics from every calibration
+    token (the output still follows the real routing); otherwise an expert that was routed fewer than
+    `min_tokens` tokens is re-collected that way. `fell_back` counts those, for the summary."""
+
+    route_all: bool = False
+    min_tokens: int = 64
+    fell_back: int = 0
+    experts: int = 0
+
+
+def _collect(layer: nn.Module, first: nn.Module, inputs, stats, route_all: bool) -> None:
+    set_route_all(layer, route_all)
+    try:
+        run_until(layer, first, inputs, lambda args, kwargs: stats.add(first_tensor(args, kwargs)))
+    finally:
+        set_route_all(layer, False)
+
+
+def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: Method, plan: Plan, inputs,
+                    device, experts: ExpertPolicy) -> tuple[dict[str, Quantized], float, float]:
     """Quantize one group of Linears sharing an input; returns ({full name: quantized weight}, error sums)."""
-    linears = dict(zip((f"{prefix}.{name}" for name in group), (layer.get_submodule(name) for name in group)))
+    names = group.linears
+    linears = dict(zip((f"{prefix}.{name}" for name in names), (layer.get_submodule(name) for name in names)))
+    first = next(iter(linears.values()))
     parts = plan(list(linears))
     statistic = _statistic(method, parts, inputs is not None)
-    stats = new_collector(statistic, next(iter(linears.values())).in_features, device, method.options.sink_weight)
+    stats = new_collector(statistic, first.in_features, device, method.options.sink_weight)
     if stats is not None:
-        run_until(layer, next(iter(linears.values())), inputs,
-                  lambda args, kwargs: stats.add(first_tensor(args, kwargs)))
+        route_all = group.expert and experts.route_all
+        _collect(layer, first, inputs, stats, route_all)
+        if group.expert and not route_all:
+            experts.experts += 1
+            if stats.tokens < experts.min_tokens:  # too few routed tokens to calibrate on: use every token
+                experts.fell_back += 1
+                stats = new_collector(statistic, first.in_features, device, method.options.sink_weight)
+                _collect(layer, first, inputs, stats, True)
     weight = torch.cat([linear.weight for linear in linears.values()]).float()
     results, err_num, err_den, row = {}, 0.0, 0.0, 0
     for part in parts:
@@ -127,30 +191,34 @@ def _quantize_group(layer: nn.Module, prefix: str, group: tuple[str, ...], metho
 @torch.no_grad()
 def quantize_layers(
     model: nn.Module,
-    layer_map: LayerMap,
+    layout: DecoderLayout,
     method: Method,
     plan: Plan,
     inputs: list[LayerInput] | None,
     device: torch.device,
     search_scheme: QuantScheme | None = None,
     on_layer: Callable[[LayerReport], None] | None = None,
+    experts: ExpertPolicy | None = None,
 ) -> dict[str, Quantized]:
-    """Quantize every mapped Linear in place (weights replaced by their dequantized values).
+    """Quantize every discovered Linear in place (weights replaced by their dequantized values).
 
     Returns full module name -> the quantized weight (on CPU). `inputs` is needed when the method calibrates.
     """
     if method.needs_data and inputs is None:
         raise ValueError(f"method {method.name} needs calibration inputs")
-    layers = decoder_layers(model, layer_map)
+    experts = experts or ExpertPolicy()
+    layers = model.get_submodule(layout.layers)
     results: dict[str, Quantized] = {}
     for index in log.progress(range(len(layers)), desc=f"{method.name} layers", unit="layer"):
-        layer = layers[index].to(device)
+        layer, layer_map = layers[index].to(device), layout.maps[index]
+        for item in inputs or ():
+            item.for_layer(index)
         if inputs is not None:
             method.prepare_layer(layer, layer_map, inputs, search_scheme)
         err_num = err_den = 0.0
-        prefix = f"{layer_map.layers}.{index}"
+        prefix = f"{layout.layers}.{index}"
         for group in layer_map.groups:
-            parts, num, den = _quantize_group(layer, prefix, group.linears, method, plan, inputs, device)
+            parts, num, den = _quantize_group(layer, prefix, group, method, plan, inputs, device, experts)
             results.update(parts)
             err_num, err_den = err_num + num, err_den + den
         if inputs is not None and index < len(layers) - 1:

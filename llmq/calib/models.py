@@ -108,6 +108,18 @@ def check_finite(model, cast_from: str | None = None) -> None:
         raise LlmqError(f"tensor {name} contains NaN or Inf; the checkpoint is damaged: re-download or re-export it")
 
 
+def causal_lm_class(config):
+    """The Auto class that builds this config's model with a language-model head: AutoModelForCausalLM, or for
+    image-text checkpoints it does not map (Qwen2-VL, Qwen2.5-VL) AutoModelForImageTextToText."""
+    from transformers import AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise LlmqError(f"{config.model_type} has no language-model head class in transformers (not a causal LM or "
+                    "image-text model); llmq quantizes decoder language models")
+
+
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
@@ -153,10 +165,11 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
         raise LlmqError(f"cannot read the config of {name!r} ({reason(error)}); fix or re-download config.json") from None
     if check_config is not None:
         check_config(config)
+    causal_lm_class(config)
     log.info(f"llmq: loading {name}")
     try:
         # mismatched sizes are recorded rather than raised, so that check_loading_info can name them
-        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+        model, info = causal_lm_class(config).from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                            output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as error:  # safetensors, torch and transformers raise many kinds on a damaged checkpoint
         raise LlmqError(f"cannot load the weights of {name!r} ({reason(error)}); the checkpoint is incomplete or "

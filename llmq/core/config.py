@@ -54,6 +54,8 @@ class RunOptions:
     calib_batch_tokens: int = 4096  # tokens per forward pass during calibration
     device: str = "auto"  # cuda when available, else cpu
     dtype: str = "auto"  # compute/storage dtype of the unquantized parts; auto: the checkpoint's
+    route_all_experts: bool = False  # MoE: every expert's statistics from every calibration token
+    expert_min_tokens: int = 64  # MoE: an expert routed fewer tokens is calibrated on every token instead
 
 
 @dataclass
@@ -95,6 +97,8 @@ class QuantizeConfig:
         run, method = self.run, self.method
         if run.samples < 1 or run.seqlen < 2:
             raise LlmqError("--samples must be at least 1 and --seqlen at least 2")
+        if run.expert_min_tokens < 0:
+            raise LlmqError("--expert-min-tokens must be 0 or more")
         if not 0 < method.damp < 1:
             raise LlmqError(f"--damp {method.damp} is out of range; use a fraction such as 0.01")
         if not 1 <= method.sink_weight <= 1e4:

@@ -9,7 +9,9 @@ input scaled down by 1/s. For each group of Linears sharing an input, on the unq
    round-to-nearest weights give the smallest error of the whole sub-block's output (attention, MLP, or the
    Linear alone) on the first calibration tokens wins; a lone Linear's candidates run as one stacked matmul;
 3. folding: 1/s goes into the operation that produces the input (a norm's weight, or the rows of the Linear
-   before), s into the group's weights, so the float model computes exactly what it did before;
+   before), s into the group's weights, so the float model computes exactly what it did before; discovery
+   (llmq/calib/discover.py) found that operation and checked the fold is exact; a group without one is
+   clipped only;
 4. clip search: per output row and group, shrink the range to [-m, m] for m = max|w| * (1 - i/20),
    i < 10, keeping the m with the smallest error of that group's partial outputs over the search tokens
    (q/k are skipped: the attention scores amplify their clipping).
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from llmq.calib.capture import first_tensor, layer_output
+from llmq.calib.discover import apply_fold
 from llmq.core.interfaces import Method
 from llmq.core.layers import LayerMap
 from llmq.core.scheme import QuantScheme, dequantize
@@ -51,34 +54,6 @@ def _call_block(block: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor) ->
     if args:
         return layer_output(block(x, *args[1:], **kwargs))
     return layer_output(block(**{**kwargs, "hidden_states": x}))
-
-
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, norm_offset: float, prev_rows: str) -> None:
-    """Divide the producer of the input by s and multiply the consumers by s: the float model is unchanged."""
-    s = scales.to(torch.float32)
-    if isinstance(prev, nn.Linear):
-        rows = slice(prev.out_features - s.numel(), None) if prev_rows == "second_half" else slice(None)
-        prev.weight.data[rows] = (prev.weight.data[rows].float() / s[:, None]).to(prev.weight.dtype)
-        if prev.bias is not None:
-            prev.bias.data[rows] = (prev.bias.data[rows].float() / s).to(prev.bias.dtype)
-    else:  # RMSNorm / LayerNorm: out = x_normalised * (offset + weight) (+ bias)
-        weight = prev.weight.data.float()
-        prev.weight.data = ((norm_offset + weight) / s - norm_offset).to(prev.weight.dtype)
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
-    for linear in linears:
-        linear.weight.data = (linear.weight.data.float() * s[None, :]).to(linear.weight.dtype)
-
-
-def _can_fold(prev: nn.Module | None, in_features: int, prev_rows: str) -> bool:
-    """Folding needs the producer's outputs to map one-to-one onto the group's input channels."""
-    if prev is None:
-        return False
-    if isinstance(prev, nn.Linear):
-        produced = prev.out_features // 2 if prev_rows == "second_half" else prev.out_features
-        return produced == in_features  # grouped-query v_proj -> o_proj does not
-    weight = getattr(prev, "weight", None)
-    return weight is not None and weight.numel() == in_features
 
 
 def _linear_block_errors(w: torch.Tensor, weights: list[torch.Tensor], calls) -> list[float]:
@@ -180,9 +155,9 @@ class AWQ(Method):
         """
         if search_scheme is None:
             raise ValueError("AWQ needs an integer grid to search on; the target must refuse AWQ before the run")
-        recorders = {group.block: _BlockRecorder() for group in layer_map.groups}
-        handles = [layer.get_submodule(block).register_forward_pre_hook(recorder.record, with_kwargs=True)
-                   for block, recorder in recorders.items()]
+        recorders = {group: _BlockRecorder() for group in layer_map.groups}
+        handles = [layer.get_submodule(group.block or group.linears[0]).register_forward_pre_hook(
+            recorder.record, with_kwargs=True) for group, recorder in recorders.items()]
         try:
             recorded = 0
             for item in inputs:
@@ -194,22 +169,23 @@ class AWQ(Method):
             for handle in handles:
                 handle.remove()
         clip_inputs = {}
-        for group in layer_map.groups:
-            recorder = recorders[group.block]
+        for group, recorder in recorders.items():
+            if recorder.tokens == 0:  # an expert no calibration token was routed to: nothing to weigh by
+                continue
             linears = [layer.get_submodule(name) for name in group.linears]
-            prev = layer.get_submodule(group.prev) if group.prev else None
             x_clip = recorder.kept_inputs()
-            if _can_fold(prev, linears[0].in_features, group.prev_rows):
-                scales = self._search_scales(layer.get_submodule(group.block), linears, recorder, search_scheme)
-                fold_scales(prev, linears, scales, layer_map.norm_offset, group.prev_rows)
+            if group.prev is not None:  # discovery checked that this fold is exact
+                block = layer.get_submodule(group.block) if group.block else None
+                scales = self._search_scales(block, linears, recorder, search_scheme)
+                apply_fold(layer.get_submodule(group.prev), linears, scales, group.prev_rows, group.norm_offset)
                 x_clip = x_clip / scales
             clip_inputs[group] = x_clip
-        for group in layer_map.groups:
+        for group, x_clip in clip_inputs.items():
             for name in group.linears:
                 if not name.endswith(NO_CLIP_SUFFIXES):
-                    self._clip(layer.get_submodule(name), clip_inputs[group], search_scheme)
+                    self._clip(layer.get_submodule(name), x_clip, search_scheme)
 
-    def _search_scales(self, block: nn.Module, linears: list[nn.Linear], recorder: _BlockRecorder,
+    def _search_scales(self, block: nn.Module | None, linears: list[nn.Linear], recorder: _BlockRecorder,
                        scheme: QuantScheme) -> torch.Tensor:
         """The candidate scales with the least sub-block output error; returns s [in_features]."""
         w = torch.cat([linear.weight.data for linear in linears]).float()
@@ -218,7 +194,7 @@ class AWQ(Method):
         candidates = list(self._candidate_scales(recorder.abs_mean(), w_abs_mean))
         weights = [fake_quantize(w * s[None, :], scheme) / s[None, :] for s in candidates]
         calls = recorder.calls_for(SEARCH_TOKENS)
-        if block is linears[0] and len(linears) == 1:
+        if block is None or (block is linears[0] and len(linears) == 1):  # the Linears themselves, stacked
             errors = _linear_block_errors(w, weights, calls)
         else:
             errors = _block_errors(block, linears, weights, calls)

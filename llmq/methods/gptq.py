@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from llmq.core import log
+from llmq.core.device import small_linear_algebra
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Grid, Method, Quantized
 
@@ -25,11 +26,12 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     mean_diag = hessian.diagonal().mean()
     while damp <= 10:
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
-        if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        with small_linear_algebra(hessian.device):
+            lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
             if info == 0:
-                return upper
+                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        if info == 0:
+            return upper
         log.info(f"GPTQ: Hessian not positive definite with damping {damp:g}; retrying with {damp * 10:g}")
         damp *= 10
     raise LlmqError("GPTQ: the Hessian stays singular even with heavy damping; check the calibration data for NaN/Inf")

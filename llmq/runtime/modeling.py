@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
-from llmq.calib.models import fill_remaining_weights
+from llmq.calib.experts import unfuse_experts
+from llmq.calib.models import causal_lm_class, fill_remaining_weights
+from llmq.calib.naming import has_per_expert_checkpoint, model_names
 from llmq.core import log
 from llmq.core.errors import LlmqError, reason
 from llmq.core.layers import linear_at
@@ -25,7 +27,12 @@ from llmq.runtime.kernels.cpu import (
 )
 from llmq.runtime.kernels.reference import dequantize_packed
 from llmq.targets.bitnet import load_bitnet
-from llmq.targets.compressed_tensors import check_packed_tensors, read_weights, scheme_from_config
+from llmq.targets.compressed_tensors import (
+    TENSOR_SUFFIXES,
+    check_packed_tensors,
+    read_weights,
+    scheme_from_config,
+)
 
 
 class QuantLinear(nn.Module):
@@ -121,6 +128,16 @@ def _quant_linear_from_state(model: nn.Module, name: str, state: dict, scheme: Q
     return QuantLinear(linear.in_features, linear.out_features, scheme, packed, scale, zero, bias)
 
 
+def _skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The model without weights; routed experts as per-expert Linears where its checkpoints store them so."""
+    with init_empty_weights(include_buffers=False):
+        model = causal_lm_class(config).from_config(config, dtype=dtype)
+    if unfuse_experts(model) and not has_per_expert_checkpoint(model):
+        with init_empty_weights(include_buffers=False):  # experts stored fused (kept unquantized): as built
+            model = causal_lm_class(config).from_config(config, dtype=dtype)
+    return model
+
+
 def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """A transformers CausalLM whose quantized Linears are QuantLinear modules kept packed.
 
@@ -145,8 +162,9 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     scheme, _ = scheme_from_config(quant_config)
     state = read_weights(directory)
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = _skeleton(config, dtype)
+    names = model_names(model, TENSOR_SUFFIXES)  # on-disk names (Mixtral's block_sparse_moe...) -> the model's
+    state = {names.get(key, key): value for key, value in state.items()}
     packed_names = [key[: -len(".weight_packed")] for key in state if key.endswith(".weight_packed")]
     for name in packed_names:
         bias = state.pop(f"{name}.bias", None)

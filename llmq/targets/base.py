@@ -1,6 +1,7 @@
 """What an output format is, as the run skeleton (llmq/run.py) sees it: one object per run with check / plan / write.
 
     target.check()                      refuse what it cannot do with this method and these flags (nothing loaded)
+    target.quantizable(model, linears)  the Linears it can hold quantized
     target.check_model(model, linears)  refuse what it cannot hold in this model (before any heavy work)
     with target.staging(out, overwrite) as stage:      a temporary directory or file, renamed when complete
         plan = target.plan(...)         the Grid of every Linear, grouped into parts (llmq/calib/harness.py)
@@ -63,6 +64,10 @@ class Target(ABC):
     def search_scheme(self) -> QuantScheme | None:
         """The integer grid closest to this target's, for methods that fake-quantize many candidates (AWQ)."""
         return None
+
+    def quantizable(self, model: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
+        """The Linears this format can hold quantized (the rest stay in the model's dtype)."""
+        return linears
 
     def check_model(self, model: nn.Module, linears: dict[str, nn.Linear]) -> None:
         """Refuse, before any heavy work, a model this target cannot hold."""

@@ -12,7 +12,9 @@ needed); config.json carries the scheme under `quantization_config`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llmq.calib.harness import Part, Plan
+from llmq.calib.naming import checkpoint_names, checkpoint_state
+from llmq.core import log
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Quantized
 from llmq.core.scheme import QuantizedTensor, QuantScheme
@@ -30,6 +34,7 @@ from llmq.targets.card import model_card
 from llmq.targets.packing import pack_int32, packed_words
 
 FORMAT = "pack-quantized"
+_EXPERT = re.compile(r"\.experts\.\d+\.")  # a routed expert's Linear (llmq/calib/experts.py names them so)
 TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
@@ -129,25 +134,44 @@ def packed_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_state_dict(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
-    """Packed tensors for the quantized Linears and the model's own tensors for everything else.
+    """Packed tensors for the quantized Linears and the model's own tensors for everything else, all under the
+    names transformers writes on disk (llmq/calib/naming.py: Mixtral's experts as `block_sparse_moe.experts.<e>.w1`).
 
     A tensor tied to an earlier one (lm_head to the embeddings) is stored once, under its first name, which
     is the name transformers ties from when it loads.
     """
-    state, seen = {}, set()
+    plain, seen = {}, set()
     for key, value in model.state_dict().items():
         module_name, _, param = key.rpartition(".")
         if (module_name in quantized and param == "weight") or value.data_ptr() in seen:
             continue
         seen.add(value.data_ptr())
-        state[key] = value
+        plain[key] = value
+    state = checkpoint_state(model, plain)
+    disk = checkpoint_names(model, list(quantized))
     for name, q in quantized.items():
-        state.update(packed_tensors(name, q))
+        state.update(packed_tensors(disk[name] or name, q))
     return state
 
 
 def ignored_linears(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in quantized]
+    """The Linears left unquantized, by their on-disk names (what loaders match `ignore` against)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in quantized]
+    disk = checkpoint_names(model, names)
+    return [disk[name] or name for name in names]
+
+
+def without_fused_experts(model: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
+    """The Linears this format can hold: experts that checkpoints of this model keep fused (GPT-OSS, Llama 4) have
+    no per-expert packed layout that transformers loads, so they stay in the model's dtype, said in one line."""
+    disk = checkpoint_names(model, [name for name in linears if _EXPERT.search(name)])
+    fused = {name for name, on_disk in disk.items() if on_disk is None}
+    if fused:
+        log.info(f"llmq: {model.config.model_type} checkpoints store the {len(fused)} expert projections fused; "
+                 "compressed-tensors has no layout for that which transformers loads, so the experts stay in "
+                 f"{str(next(iter(linears.values())).weight.dtype).removeprefix('torch.')} (use --format gguf "
+                 "to quantize them)")
+    return {name: linear for name, linear in linears.items() if name not in fused}
 
 
 def write_weights(directory: Path, state: dict[str, torch.Tensor]) -> None:
@@ -198,9 +222,18 @@ class CompressedTensorsTarget(Target):
     def search_scheme(self) -> QuantScheme:
         return self.config.scheme
 
+    def quantizable(self, model, linears):
+        return without_fused_experts(model, linears)
+
     def check_model(self, model, linears) -> None:
         for name, linear in linears.items():
             check_group_divides(name, linear.in_features, self.config.scheme)
+        if not self.config.scheme.symmetric and any(_EXPERT.search(name) for name in linears):
+            # transformers (5.24) drops zero points when it merges dequantized experts, and vLLM's WNA16 MoE
+            # kernels take symmetric weights only: an asymmetric MoE checkpoint would load in neither.
+            self.config.scheme = dataclasses.replace(self.config.scheme, symmetric=True)
+            log.info("llmq: mixture-of-experts model: writing a symmetric grid (--sym), the one transformers and "
+                     "vLLM load for experts")
 
     def plan(self, model, linears, storage_dtype, calibrated) -> Plan:
         # one grid for all: a group's Linears are rounded as one stacked matrix, one pass of the method

@@ -168,7 +168,10 @@ class GGUFTarget(Target):
 
     def write(self, path, model, tokenizer, plan: GGUFPlan, quantized, report: RunReport) -> int:
         tensors = encode_tensors(model, plan.names, plan.types, quantized)
-        return write_gguf(path, model, tokenizer, tensors, self.mixture.file_type, name=report.out.stem)
+        # general.name is the model's own name: llama.cpp switches tokenizer rules on names (one containing
+        # "phi3" expects Phi-3's special tokens), so an output file's name must not leak into it
+        return write_gguf(path, model, tokenizer, tensors, self.mixture.file_type,
+                          name=report.base_model.rstrip("/").rpartition("/")[2])
 
     def describe(self) -> str:
         return f"GGUF {self.mixture.name}"

@@ -34,19 +34,28 @@ from gguf import GGMLQuantizationType as T
 
 from llmq.core.errors import LlmqError
 
-ARCHITECTURES = {
-    "llama": MODEL_ARCH.LLAMA,
+# HF model_type -> llama.cpp architecture, where the names differ; every other model_type is looked up in
+# gguf-py's MODEL_ARCH_NAMES (qwen3_moe -> qwen3moe, gpt_neox -> gptneox, ...)
+_ALIASES = {
     "mistral": MODEL_ARCH.LLAMA,
-    "qwen2": MODEL_ARCH.QWEN2,
-    "qwen3": MODEL_ARCH.QWEN3,
-    "phi3": MODEL_ARCH.PHI3,
-    "gemma2": MODEL_ARCH.GEMMA2,
+    "mixtral": MODEL_ARCH.LLAMA,
     "gemma3_text": MODEL_ARCH.GEMMA3,
+    "phi": MODEL_ARCH.PHI2,
+    "cohere": MODEL_ARCH.COMMAND_R,
     "bitnet": MODEL_ARCH.BITNET,  # transformers' BitNetForCausalLM (ternary Linears, attention/FFN sub-norms)
 }
-
+# Architectures whose files llama.cpp has loaded and run with transformers' logits (tests/test_gguf.py
+# test_llamacpp_runs_our_file_with_transformers_logits); others are refused in one line rather than written
+# with metadata nobody checked.
+VERIFIED = {MODEL_ARCH.LLAMA, MODEL_ARCH.QWEN2, MODEL_ARCH.QWEN3, MODEL_ARCH.PHI3, MODEL_ARCH.GEMMA2, MODEL_ARCH.GEMMA3,
+            MODEL_ARCH.BITNET, MODEL_ARCH.OLMO2, MODEL_ARCH.EXAONE4, MODEL_ARCH.STABLELM, MODEL_ARCH.STARCODER2,
+            MODEL_ARCH.PHI2, MODEL_ARCH.GRANITE, MODEL_ARCH.SMOLLM3, MODEL_ARCH.COMMAND_R}
+# Not yet: GPT-NeoX (llama.cpp wants its fused qkv rows regrouped from per-head [q, k, v] to [all q, all k,
+# all v]), the MoE architectures (experts as 3-D tensors with llama.cpp's expert metadata), GLM-4 (rope layout).
+# llama.cpp graphs that rotate interleaved pairs (HF rotates halves): q/k rows are permuted for them
+_INTERLEAVED_ROPE = {MODEL_ARCH.LLAMA, MODEL_ARCH.GRANITE, MODEL_ARCH.SMOLLM3}
+_BY_NAME = {name.replace("-", "").replace("_", ""): arch for arch, name in MODEL_ARCH_NAMES.items()}
 _GEMMA = (MODEL_ARCH.GEMMA2, MODEL_ARCH.GEMMA3)
-
 
 @dataclass
 class EncodedTensor:
@@ -57,11 +66,14 @@ class EncodedTensor:
 
 
 def gguf_arch(config) -> MODEL_ARCH:
-    try:
-        arch = ARCHITECTURES[config.model_type]
-    except KeyError:
-        raise LlmqError(f"GGUF export does not support architecture {config.model_type!r}; "
-                        f"supported: {', '.join(ARCHITECTURES)}") from None
+    model_type = config.model_type
+    arch = _ALIASES.get(model_type) or _BY_NAME.get(model_type.replace("_", "").replace("-", ""))
+    if arch is None:
+        raise LlmqError(f"GGUF export: llama.cpp has no architecture for {model_type!r}; use --format "
+                        "compressed-tensors")
+    if arch not in VERIFIED:
+        raise LlmqError(f"GGUF export of {model_type!r} (llama.cpp's {MODEL_ARCH_NAMES[arch]}) is not verified "
+                        "against llama.cpp yet; use --format compressed-tensors")
     if arch == MODEL_ARCH.BITNET:
         _check_bitnet(config)
     return arch
@@ -107,8 +119,8 @@ def _head_dim(config) -> int:
 
 
 def rope_row_permutation(config, gguf_name: str, rows: int) -> torch.Tensor | None:
-    """Row order llama.cpp's LLAMA graph wants for attn_q / attn_k (None: keep HF's order)."""
-    if gguf_arch(config) != MODEL_ARCH.LLAMA or not gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+    """Row order llama.cpp's interleaved-rope graphs want for attn_q / attn_k (None: keep HF's order)."""
+    if gguf_arch(config) not in _INTERLEAVED_ROPE or not gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
         return None
     head_dim = _head_dim(config)
     heads = rows // head_dim
@@ -141,20 +153,29 @@ def encode_float(values: torch.Tensor, qtype: T) -> EncodedTensor:
 # ---- metadata -------------------------------------------------------------------------------------------------
 
 
+def _first(config, *names, default=None):
+    return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
+
+
 def _add_hparams(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
+    """The hyper-parameters llama.cpp's graphs read, from whichever of transformers' config names the model uses."""
     head_dim = _head_dim(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(_first(config, "intermediate_size", default=4 * config.hidden_size))
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if getattr(config, "rms_norm_eps", None) is not None:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    else:  # LayerNorm models (StableLM, StarCoder2, GPT-NeoX, Phi, Cohere)
+        writer.add_layer_norm_eps(_first(config, "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))
     writer.add_vocab_size(config.vocab_size)
     rope_theta = getattr(config, "rope_theta", None) or _rope_parameters(config).get("rope_theta", 10000.0)
     writer.add_rope_freq_base(float(rope_theta))
-    rotary = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
-    writer.add_rope_dimension_count(rotary)
+    partial = _first(config, "partial_rotary_factor", "rotary_pct", default=None)
+    partial = partial if partial is not None else _rope_parameters(config).get("partial_rotary_factor", 1.0)
+    writer.add_rope_dimension_count(int(head_dim * partial))
     if head_dim != config.hidden_size // config.num_attention_heads or arch in _GEMMA + (MODEL_ARCH.QWEN3,):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -165,6 +186,17 @@ def _add_hparams(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
     if arch == MODEL_ARCH.GEMMA2:
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping or 0.0)
         writer.add_final_logit_softcapping(config.final_logit_softcapping or 0.0)
+    if getattr(config, "use_parallel_residual", None) is not None:  # GPT-NeoX
+        writer.add_parallel_residual(bool(config.use_parallel_residual))
+    # Granite's multipliers and Cohere's logit scale
+    for name, add in (("embedding_multiplier", writer.add_embedding_scale),
+                      ("residual_multiplier", writer.add_residual_scale),
+                      ("attention_multiplier", writer.add_attention_scale)):
+        if getattr(config, name, None) is not None:
+            add(float(getattr(config, name)))
+    logit_scale = _first(config, "logits_scaling", "logit_scale")
+    if logit_scale is not None:
+        writer.add_logit_scale(float(logit_scale))
 
 
 def _rope_parameters(config) -> dict:
@@ -283,6 +315,12 @@ def add_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int) -> None:
         special.add_to_gguf(writer, quiet=True)
         if not spm_like:
             writer.add_add_space_prefix(False)
+
+
+def model_name(model, fallback: str) -> str:
+    """The name a GGUF file shows for this model (general.name): its own, never the output file's (llama.cpp
+    switches tokenizer rules on names; a file called phi3.Q8_0.gguf made it expect Phi-3's special tokens)."""
+    return (getattr(model.config, "_name_or_path", "") or "").rstrip("/").rpartition("/")[2] or fallback
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
