@@ -25,6 +25,19 @@ def _revert(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch
     return revert_weight_conversion(model, state)
 
 
+def _marker(code: float, shape) -> torch.Tensor:
+    """A tensor of `shape` holding one code everywhere, without the memory (an expanded scalar)."""
+    return torch.tensor(code, dtype=torch.float64).expand(shape)
+
+
+def _decode(model: nn.Module, state: dict[str, torch.Tensor], code_of: dict[float, str]):
+    """Run the reverse conversion on marker tensors; yields (on-disk key, name) for every key holding one code."""
+    for key, tensor in _revert(model, state).items():
+        values = torch.unique(tensor.reshape(-1)).tolist()
+        if len(values) == 1 and values[0] in code_of:
+            yield key, code_of[values[0]]
+
+
 def _unfused_by_transformers(module: nn.Module) -> bool:
     """Experts transformers itself turns into per-expert Linears when it loads a compressed-tensors checkpoint
     (its MODULES_TO_PATCH_FOR_QUANTIZATION: Llama 4's), whose names are then ours: `experts.<e>.<proj>`."""
@@ -59,12 +72,11 @@ def checkpoint_names(model: nn.Module, linears: list[str]) -> dict[str, str | No
     for name in linears:
         if name not in experts | as_is:
             weight = model.get_submodule(name).weight
-            state[f"{name}.weight"] = torch.tensor(code(name), dtype=torch.float64).expand(weight.shape)
+            state[f"{name}.weight"] = _marker(code(name), weight.shape)
     names: dict[str, str | None] = {name: (name if name in as_is else None) for name in linears}
-    for key, tensor in _revert(model, state).items():
-        values = torch.unique(tensor.reshape(-1)).tolist()
-        if len(values) == 1 and key.endswith(".weight") and code_of.get(values[0]) in wanted:
-            names[code_of[values[0]]] = key.removesuffix(".weight")
+    for key, name in _decode(model, state, code_of):
+        if key.endswith(".weight") and name in wanted:
+            names[name] = key.removesuffix(".weight")
     return names
 
 
@@ -92,11 +104,8 @@ def model_names(model: nn.Module, packed_suffixes: tuple[str, ...]) -> dict[str,
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if name not in weights:
             code_of[float(len(code_of) + 1)] = name
-            state[name] = torch.tensor(float(len(code_of)), dtype=torch.float64).expand(tensor.shape)
-    for key, tensor in _revert(model, state).items():
-        values = torch.unique(tensor.reshape(-1)).tolist()
-        if len(values) == 1 and values[0] in code_of:
-            renamed[key] = code_of[values[0]]
+            state[name] = _marker(float(len(code_of)), tensor.shape)
+    renamed.update(_decode(model, state, code_of))
     return renamed
 
 
