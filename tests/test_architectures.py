@@ -158,6 +158,7 @@ def matrix(tmp_path_factory, smollm2_tokenizer_dir, calib_file):
     return json.loads(done.stdout.strip().splitlines()[-1]), failures, summaries
 
 
+@pytest.mark.xdist_group("architecture-matrix")  # one worker builds the matrix fixture, once
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_outputs_load_in_a_fresh_process_and_gptq_beats_rtn(model_type, matrix):
     report, failures, _ = matrix
@@ -184,6 +185,7 @@ EXPERT_TENSOR = {  # what the hub checkpoints of each MoE model call one expert'
 }
 
 
+@pytest.mark.xdist_group("architecture-matrix")  # one worker builds the matrix fixture, once
 @pytest.mark.parametrize("model_type", MOE)
 def test_moe_checkpoints_name_experts_as_the_hub_does(model_type, matrix):
     """Per-expert packed tensors under the hub's names, written symmetric (what transformers and vLLM load for

@@ -16,6 +16,7 @@ from llmq.core.scheme import QuantScheme
 from llmq.calib.models import load_embedded_default
 
 pytestmark = pytest.mark.slow
+W4G64 = ["--bits", "4", "--group-size", "64", "--asym", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -53,26 +54,32 @@ def test_gptq_layer_output_error_below_rtn_on_real_activations(real_activations,
         assert errors["gptq"] < 0.75 * errors["rtn"], (name, errors)
 
 
-def test_embedded_default_gptq_and_awq_beat_rtn_in_perplexity(tmp_path, reference, capsys):
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory, reference):
+    """The evaluation windows and the perplexity of the unquantized model and of RTN W4 g64 asym on them."""
+    out = tmp_path_factory.mktemp("rtn") / "rtn"
+    assert main(["quantize", "--method", "rtn", *W4G64, "--out", str(out)]) == 0  # the embedded default
+    model, tokenizer = reference
+    windows = evaluation_windows(tokenizer, str(TEST_TEXT), 1024, 3)
+    return windows, evaluate(model, windows).perplexity, evaluate(load(out), windows).perplexity
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_embedded_default_gptq_and_awq_beat_rtn_in_perplexity(method, baselines, tmp_path):
+    """W4 g64 asym on the real model: RTN is 1.33x the unquantized perplexity on the full protocol, GPTQ 1.10x,
+    AWQ 1.18x (README); here 3 windows x 1024 tokens, 16 x 256 calibration tokens (one method per test, so
+    parallel workers share them)."""
+    windows, base, rtn = baselines
     calib = tmp_path / "calib.txt"
     calib.write_text(read_text_file(CALIB_TEXT)[:300_000])
-    common = ["--bits", "4", "--group-size", "64", "--asym", "--device", "cpu"]
-    calibrated = ["--calib", str(calib), "--samples", "32", "--seqlen", "512"]
-    assert main(["quantize", "--method", "rtn", *common, "--out", str(tmp_path / "rtn")]) == 0
-    assert main(["quantize", "--method", "gptq", *common, *calibrated, "--out", str(tmp_path / "gptq")]) == 0
-    assert main(["quantize", "--method", "awq", *common, *calibrated, "--out", str(tmp_path / "awq")]) == 0
-
-    model, tokenizer = reference
-    windows = evaluation_windows(tokenizer, str(TEST_TEXT), 2048, 3)
-    ppl = {"base": evaluate(model, windows).perplexity}
-    for name in ("rtn", "gptq", "awq"):
-        ppl[name] = evaluate(load(tmp_path / name), windows).perplexity
-    # Loose bounds on 3 windows; the full protocol is scripts/bench_quality.py.
-    assert ppl["base"] < ppl["gptq"] < ppl["rtn"], ppl
-    assert ppl["base"] < ppl["awq"] < ppl["rtn"], ppl
-    assert max(ppl["gptq"], ppl["awq"]) < 1.2 * ppl["base"], ppl
-    card = (tmp_path / "gptq" / "README.md").read_text()
-    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "calib.txt, 32 x 512 tokens" in card
+    out = tmp_path / method
+    argv = ["quantize", "--method", method, *W4G64, "--calib", str(calib), "--samples", "16", "--seqlen", "256"]
+    assert main([*argv, "--out", str(out)]) == 0
+    ppl = evaluate(load(out), windows).perplexity
+    assert base < ppl < rtn, (base, ppl, rtn)
+    assert ppl < 1.25 * base, (base, ppl, rtn)  # loose: 3 short windows; the full protocol is bench_quality.py
+    card = (out / "README.md").read_text()
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card and "calib.txt, 16 x 256 tokens" in card
 
 
 def test_eval_of_the_embedded_default_matches_the_protocol(capsys):

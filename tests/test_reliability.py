@@ -385,3 +385,35 @@ def test_calibration_windows_longer_than_the_context_are_warned(monkeypatch, tmp
         method="rtn", format="gguf", gguf_type="Q8_0", calib=str(calib_file), samples=2, seqlen=512, device="cpu"))
     assert any("--seqlen 512 is longer than the model's context (256 positions)" in m for m in messages)
     assert (tmp_path / "o.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def test_embedded_default_is_converted_once_and_a_damaged_copy_is_converted_again(tmp_path, monkeypatch, tiny_llama_dir):
+    """The embedded default's conversion (about 90 s for the real file) is kept under $LLMQ_CACHE and read back
+    exactly; a damaged copy is noticed and replaced. A tiny GGUF stands in for the package's file here."""
+    from llmq.calib import models
+
+    package = tmp_path / "package"
+    package.mkdir()
+    llmq.quantize(str(tiny_llama_dir), package / models._EMBEDDED_GGUF,
+                  llmq.QuantizeConfig.of(format="gguf", gguf_type="Q8_0", device="cpu"))
+    monkeypatch.setattr(models, "embedded_directory", lambda: str(package))
+    monkeypatch.setenv("LLMQ_CACHE", str(tmp_path / "cache"))
+    converted, tokenizer = models.load_embedded_default(torch.float32)
+    cached = models.embedded_cache(package / models._EMBEDDED_GGUF)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [cached.name]  # no staging folder left
+
+    real_convert = models._convert_embedded
+    monkeypatch.setattr(models, "_convert_embedded", lambda *a: pytest.fail("converted although a copy is cached"))
+    again, tokenizer_again = models.load_embedded_default(torch.float32)
+    expected = converted.state_dict()
+    assert all(torch.equal(again.state_dict()[k], expected[k]) for k in expected)
+    assert again.config._name_or_path == models.EMBEDDED_BASE_ID
+    text = "The 2023 Tour de France <|im_start|>user\nHi!<|im_end|>"
+    assert tokenizer_again(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+    weights = cached / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated copy
+    monkeypatch.setattr(models, "_convert_embedded", real_convert)
+    repaired, _ = models.load_embedded_default(torch.bfloat16)
+    assert all(torch.equal(repaired.state_dict()[k], expected[k].bfloat16()) for k in expected)
+    assert models._load_cached(cached, torch.float32)[0].state_dict().keys() == expected.keys()

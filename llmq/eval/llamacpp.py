@@ -11,6 +11,12 @@ from llmq.calib.models import check_gguf
 from llmq.core.errors import LlmqError, reason
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _llama_cpp():
     try:
         import llama_cpp
@@ -25,7 +31,10 @@ def open_llama(path, n_ctx: int = 512, logits_all: bool = False, n_threads: int 
 
     Weight repacking ("extra buffer types") is turned off: llama.cpp 0.3.x's AMX matmul crashes on some
     Sapphire Rapids CPUs (this project's CI machine among them); the plain CPU kernels compute the same thing.
+    Threads: torch's count unless given, for single tokens and batches alike (llama-cpp-python's own default
+    takes every CPU for batches, and ggml's threads spin: beside other work that slows both).
     """
+    n_threads = n_threads or _threads()
     llama_cpp = _llama_cpp()
     module = llama_cpp.llama  # the high-level module reads the C defaults through its own reference
     original = module.llama_cpp.llama_model_default_params
@@ -38,7 +47,8 @@ def open_llama(path, n_ctx: int = 512, logits_all: bool = False, n_threads: int 
     check_gguf(path)
     module.llama_cpp.llama_model_default_params = defaults
     try:
-        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=n_threads)
+        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=n_threads,
+                              n_threads_batch=n_threads)
     except ValueError as error:  # llama.cpp refused the file ("Failed to load model from file")
         raise LlmqError(f"llama.cpp cannot load {path} ({reason(error)}); re-create it") from None
     finally:
@@ -104,13 +114,13 @@ def llamacpp_quantize_tensor(weight: np.ndarray, qtype, importance: np.ndarray |
     return out
 
 
-def llamacpp_quantize_file(source, target, file_type: int, threads: int = 2) -> None:
+def llamacpp_quantize_file(source, target, file_type: int, threads: int | None = None) -> None:
     """llama-quantize: re-encode a GGUF file into a mixture (file_type: gguf.LlamaFileType)."""
     import ctypes
 
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)
-    params.nthread = threads
+    params.nthread = threads or _threads()
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise LlmqError(f"llama.cpp could not quantize {source}")

@@ -1,10 +1,13 @@
 """llama.cpp's quantization mixtures (`--type Q4_K_M` ...): which GGML type each tensor gets.
 
-The rules follow llama.cpp's src/llama-quant.cpp (llama_tensor_get_type) for the dense-model cases:
-a default type per mixture, more bits for attn_v / ffn_down in chosen layers, Q6_K (or Q8_0) for the output
-matrix and for tied embeddings, and a fallback to a 32-wide type when a row length is not a multiple of
-256 (Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when not even 32 divides it).
-Not reproduced: the Falcon, MoE and "70B" special cases (llmq supports none of those models).
+The rules follow llama.cpp's src/llama-quant.cpp (llama_tensor_get_type): a default type per mixture, more
+bits for attn_v / ffn_down in chosen layers, Q6_K (or Q8_0) for the output matrix and for tied embeddings, and
+a fallback to a 32-wide type when a row length is not a multiple of 256 (Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0, Q4_K
+-> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when not even 32 divides it).
+Mixture-of-experts files: expert tensors (ffn_*_exps, 3-D) and shared experts (ffn_*_shexp) follow the rule of
+their projection by layer; routers (ffn_gate_inp) are never quantized; models with exactly 8 experts (the
+Mixtral case) get Q8_0 attn_k / attn_v and a Q5_K attn_output in the low mixtures.
+Not reproduced: the Falcon and "70B" special cases (llmq writes neither).
 """
 
 from __future__ import annotations
@@ -66,21 +69,34 @@ def _use_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def is_quantizable(name: str, ndim: int) -> bool:
-    """llama.cpp quantizes 2-D (and expert 3-D) weights, never norms or biases."""
-    return ndim >= 2 and name.endswith(".weight") and "_norm.weight" not in name
+def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """llama.cpp quantizes 2-D (and expert 3-D) weights, never norms, biases or routers. A [1, n] matrix (Qwen2-MoE's
+    shared-expert gate) counts as 1-D, as ggml counts dimensions (trailing sizes of 1 do not count)."""
+    dims = max((i + 1 for i, size in enumerate(reversed(shape)) if size > 1), default=0)
+    return (dims >= 2 and name.endswith(".weight") and "_norm.weight" not in name
+            and "ffn_gate_inp.weight" not in name)
+
+
+def _kind(name: str) -> str:
+    """attn_v, ffn_down, ... for blk.N.* tensors, counting experts and shared experts as their projection."""
+    kind = name.split(".")[-2]
+    return kind.removesuffix("_exps").removesuffix("_shexp")
 
 
 def _mixture_type(mix: str, qtype: T, name: str, n_layers: int, n_gqa: int, tied: bool, has_imatrix: bool,
-                  v_index: int) -> T:
+                  v_index: int, n_expert: int) -> T:
     layer_match = _LAYER.match(name)
     layer = int(layer_match.group(1)) if layer_match else -1
-    kind = name.split(".")[-2] if layer_match else name.removesuffix(".weight")
+    kind = _kind(name) if layer_match else name.removesuffix(".weight")
     if kind == "output" or (tied and kind == "token_embd"):
         return T.Q8_0 if qtype == T.Q8_0 else T.Q6_K  # the row-length check happens in the caller
     if kind == "token_embd" and mix in ("TQ1_0", "TQ2_0"):
         return T.Q4_K
-    if kind in ("attn_v", "attn_qkv"):
+    if n_expert == 8 and kind in ("attn_v", "attn_qkv", "attn_kv_b", "attn_k"):
+        return T.Q8_0  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+    if n_expert == 8 and kind == "attn_output":
+        return T.Q5_K if mix in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else qtype
+    if kind in ("attn_v", "attn_qkv", "attn_kv_b"):
         if mix == "Q2_K":
             return T.Q4_K if n_gqa >= 4 else T.Q3_K
         if mix == "Q3_K_M":
@@ -123,19 +139,21 @@ def fallback(qtype: T, row_length: int) -> T:
 
 
 def plan_types(mixture: Mixture, tensors: dict[str, tuple[int, ...]], n_layers: int, n_gqa: int, tied: bool,
-               has_imatrix: bool = False) -> dict[str, T]:
-    """GGUF tensor name -> type, for every tensor (shapes in GGUF order reversed, i.e. torch's [rows, cols])."""
+               has_imatrix: bool = False, n_expert: int = 0) -> dict[str, T]:
+    """GGUF tensor name -> type, for every tensor (shapes in GGUF order reversed, i.e. torch's [rows, cols] or
+    [experts, rows, cols]); n_expert: the model's routed experts per MoE layer (0: a dense model)."""
     plan: dict[str, T] = {}
     v_index = 0
     for name, shape in tensors.items():
-        if not is_quantizable(name, len(shape)) or mixture.default in (T.F32,):
+        if not is_quantizable(name, shape) or mixture.default in (T.F32,):
             plan[name] = T.F32
             continue
         if mixture.default in (T.F16, T.BF16):
             plan[name] = mixture.default
             continue
-        qtype = _mixture_type(mixture.name, mixture.default, name, n_layers, n_gqa, tied, has_imatrix, v_index)
-        if name.endswith(("attn_v.weight", "attn_qkv.weight")):
+        qtype = _mixture_type(mixture.name, mixture.default, name, n_layers, n_gqa, tied, has_imatrix, v_index,
+                              n_expert)
+        if name.endswith(("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")):
             v_index += 1
         kind = name.removesuffix(".weight")
         if (kind == "output" or (tied and kind == "token_embd")) and shape[-1] % GGML_QUANT_SIZES[qtype][0]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
@@ -28,10 +29,12 @@ from llmq.targets.gguf.mixtures import get_mixture, plan_types
 from llmq.targets.gguf.writer import (
     EncodedTensor,
     encode_float,
+    expert_slot,
     gguf_arch,
     gguf_names,
     prepare_float,
-    rope_row_permutation,
+    row_permutation,
+    stacked_shapes,
     write_gguf,
 )
 
@@ -42,7 +45,7 @@ TQ_BLOCK = 256  # weights per TQ1_0 / TQ2_0 block: one scale each
 
 def permute_rows(config, gguf_name: str, data):
     """Rows of an encoded tensor in the order llama.cpp's graph wants (rows are whole blocks, so this is exact)."""
-    perm = rope_row_permutation(config, gguf_name, data.shape[0])
+    perm = row_permutation(config, gguf_name, data.shape[0])
     return data if perm is None else data[perm.numpy()]
 
 
@@ -64,36 +67,49 @@ def tensor_plan(model, mixture, has_imatrix: bool) -> tuple[dict[str, str], dict
     """(HF parameter name -> GGUF name, GGUF name -> type) for every parameter of the model."""
     config = model.config
     names = gguf_names(model)
-    shapes = {names[n]: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes = stacked_shapes(model, names)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     tied = "lm_head.weight" not in dict(model.named_parameters())
+    n_expert = max((shape[0] for name, shape in shapes.items() if "_exps." in name), default=0)
     types = plan_types(mixture, shapes, config.num_hidden_layers, config.num_attention_heads // kv_heads, tied,
-                       has_imatrix)
+                       has_imatrix, n_expert)
     return names, types
+
+
+def _encode_one(model, hf_name: str, param, gguf_name: str, qtype: T, quantized: dict[str, Quantized]) -> EncodedTensor:
+    """One parameter as GGUF data: the harness's result where given, else encoded plainly by the plan."""
+    module = hf_name.removesuffix(".weight")
+    if module in quantized and hf_name.endswith(".weight"):
+        result = quantized[module]
+        if isinstance(result, BlockTensor):
+            encoded = EncodedTensor(result.qtype, result.to_bytes())
+        elif isinstance(result, FloatTensor):
+            encoded = encode_float(result.values, result.qtype)
+        else:
+            raise TypeError(f"GGUF cannot store {type(result).__name__} ({module})")
+        return EncodedTensor(encoded.qtype, permute_rows(model.config, gguf_name, encoded.data))
+    values = prepare_float(model.config, gguf_name, param)
+    return EncodedTensor(qtype, encode_bytes(values, qtype)) if qtype in QUANTIZED_TYPES else encode_float(values, qtype)
 
 
 def encode_tensors(model, names: dict[str, str], types: dict[str, T],
                    quantized: dict[str, Quantized]) -> dict[str, EncodedTensor]:
-    """Every parameter as a GGUF tensor: the harness's results where given, else encoded plainly by the plan."""
+    """Every parameter as a GGUF tensor; the experts of a layer stacked into one 3-D tensor per projection."""
     tensors: dict[str, EncodedTensor] = {}
+    experts: dict[str, dict[int, EncodedTensor]] = {}
     for hf_name, param in log.progress(list(model.named_parameters()), desc="encode tensors", unit="tensor"):
-        gguf_name, qtype = names[hf_name], types[names[hf_name]]
-        module = hf_name.removesuffix(".weight")
-        if module in quantized and hf_name.endswith(".weight"):
-            result = quantized[module]
-            if isinstance(result, BlockTensor):
-                encoded = EncodedTensor(result.qtype, result.to_bytes())
-            elif isinstance(result, FloatTensor):
-                encoded = encode_float(result.values, result.qtype)
-            else:
-                raise TypeError(f"GGUF cannot store {type(result).__name__} ({module})")
-            tensors[gguf_name] = EncodedTensor(encoded.qtype, permute_rows(model.config, gguf_name, encoded.data))
-            continue
-        values = prepare_float(model.config, gguf_name, param)
-        if qtype in QUANTIZED_TYPES:
-            tensors[gguf_name] = EncodedTensor(qtype, encode_bytes(values, qtype))
+        gguf_name = names[hf_name]
+        encoded = _encode_one(model, hf_name, param, gguf_name, types[gguf_name], quantized)
+        slot = expert_slot(hf_name)
+        if slot is None:
+            tensors[gguf_name] = encoded
         else:
-            tensors[gguf_name] = encode_float(values, qtype)
+            experts.setdefault(gguf_name, {})[slot[1]] = encoded
+    for gguf_name, by_index in experts.items():
+        parts = [by_index[e] for e in range(len(by_index))]  # a missing expert is a KeyError, not a shifted stack
+        if len({part.qtype for part in parts}) != 1:
+            raise ValueError(f"{gguf_name}: experts encoded in different types")
+        tensors[gguf_name] = EncodedTensor(parts[0].qtype, np.stack([part.data for part in parts]))
     return tensors
 
 

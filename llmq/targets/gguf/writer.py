@@ -4,10 +4,11 @@ What goes in: architecture metadata (sizes, rope, norm epsilon), the tokenizer (
 vocabulary, merges, token types, special tokens, chat template) and every tensor under llama.cpp's name
 (gguf-py's tensor-name map), already encoded by the caller or stored as F32/F16 here.
 
-Two conversions llama.cpp expects and HF checkpoints do not have:
-- Llama/Mistral q/k rows: HF orders each head's rotary pairs as two halves, llama.cpp's LLAMA graph as
-  interleaved pairs, so those rows are permuted (rows only, so already-quantized rows permute losslessly).
+Conversions llama.cpp expects and HF checkpoints do not have:
+- Row orders (row_permutation): Llama-style q/k rows (rotary pairs as halves in HF, interleaved in llama.cpp)
+  and GPT-NeoX's fused qkv (per head in HF, q/k/v blocks in llama.cpp); whole rows only, so lossless.
 - Gemma RMSNorm weights: HF computes x * (1 + w), llama.cpp x * w, so 1 is added.
+- Experts: one Linear per expert in llmq, one 3-D tensor per projection and layer in llama.cpp.
 
 The caller stages the file (a temporary name, renamed when complete: llmq/targets/atomic.py).
 """
@@ -15,6 +16,7 @@ The caller stages the file (a temporary name, renamed when complete: llmq/target
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +51,10 @@ _ALIASES = {
 # with metadata nobody checked.
 VERIFIED = {MODEL_ARCH.LLAMA, MODEL_ARCH.QWEN2, MODEL_ARCH.QWEN3, MODEL_ARCH.PHI3, MODEL_ARCH.GEMMA2, MODEL_ARCH.GEMMA3,
             MODEL_ARCH.BITNET, MODEL_ARCH.OLMO2, MODEL_ARCH.EXAONE4, MODEL_ARCH.STABLELM, MODEL_ARCH.STARCODER2,
-            MODEL_ARCH.PHI2, MODEL_ARCH.GRANITE, MODEL_ARCH.SMOLLM3, MODEL_ARCH.COMMAND_R}
-# Not yet: GPT-NeoX (llama.cpp wants its fused qkv rows regrouped from per-head [q, k, v] to [all q, all k,
-# all v]), the MoE architectures (experts as 3-D tensors with llama.cpp's expert metadata), GLM-4 (rope layout).
+            MODEL_ARCH.PHI2, MODEL_ARCH.GRANITE, MODEL_ARCH.SMOLLM3, MODEL_ARCH.COMMAND_R,
+            MODEL_ARCH.QWEN2MOE, MODEL_ARCH.QWEN3MOE, MODEL_ARCH.GPTNEOX}  # (Mixtral: LLAMA with experts)
+# Not yet: DeepSeek-V3 (llama.cpp splits MLA's kv_b into k_b / v_b), GPT-OSS (MXFP4 experts), Llama 4,
+# GLM-4 (rope layout).
 # llama.cpp graphs that rotate interleaved pairs (HF rotates halves): q/k rows are permuted for them
 _INTERLEAVED_ROPE = {MODEL_ARCH.LLAMA, MODEL_ARCH.GRANITE, MODEL_ARCH.SMOLLM3}
 _BY_NAME = {name.replace("-", "").replace("_", ""): arch for arch, name in MODEL_ARCH_NAMES.items()}
@@ -76,7 +79,22 @@ def gguf_arch(config) -> MODEL_ARCH:
                         "against llama.cpp yet; use --format compressed-tensors")
     if arch == MODEL_ARCH.BITNET:
         _check_bitnet(config)
+    if arch in (MODEL_ARCH.QWEN2MOE, MODEL_ARCH.QWEN3MOE):
+        _check_qwen_moe(config, arch)
     return arch
+
+
+def _check_qwen_moe(config, arch: MODEL_ARCH) -> None:
+    """llama.cpp's qwen2moe / qwen3moe graphs fix what the HF config leaves open: every layer is MoE, and the
+    top-k routing weights are renormalized by qwen3moe and not by qwen2moe."""
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise LlmqError(f"llama.cpp's {MODEL_ARCH_NAMES[arch]} graph makes every layer MoE but this model has dense "
+                        "layers (mlp_only_layers / decoder_sparse_step); its GGUF would run wrongly, so it is not written")
+    renormalizes = arch == MODEL_ARCH.QWEN3MOE
+    if bool(getattr(config, "norm_topk_prob", renormalizes)) != renormalizes:
+        raise LlmqError(f"llama.cpp's {MODEL_ARCH_NAMES[arch]} graph {'always' if renormalizes else 'never'} "
+                        f"renormalizes the top-k routing weights but this model's norm_topk_prob is "
+                        f"{config.norm_topk_prob}; its GGUF would run wrongly, so it is not written")
 
 
 def _check_bitnet(config) -> None:
@@ -108,25 +126,58 @@ def gguf_name_map(config):
     return name_of
 
 
+# One expert's parameter: `<prefix>.experts.<e>.<projection>.weight` (experts unfused by llmq.calib.experts, or a
+# checkpoint's own per-expert Linears). llama.cpp holds each projection of all a layer's experts as one 3-D tensor.
+_EXPERT_PARAM = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<index>\d+)\.(?P<name>[^.]+\.(?:weight|bias))$")
+
+
+def expert_slot(hf_name: str) -> tuple[str, int] | None:
+    """(the HF name of all experts' stacked tensor, this expert's index) for an expert's parameter, else None."""
+    match = _EXPERT_PARAM.match(hf_name)
+    return None if match is None else (f"{match['prefix']}.{match['name']}", int(match["index"]))
+
+
 def gguf_names(model) -> dict[str, str]:
-    """HF parameter name -> GGUF tensor name, for every parameter of the model (a tied lm_head is not one)."""
+    """HF parameter name -> GGUF tensor name, for every parameter of the model (a tied lm_head is not one); every
+    expert's parameter maps to its layer's stacked `ffn_*_exps` tensor (its index: expert_slot)."""
     name_of = gguf_name_map(model.config)
-    return {hf_name: name_of(hf_name) for hf_name, _ in model.named_parameters()}
+    return {hf_name: name_of((expert_slot(hf_name) or (hf_name,))[0]) for hf_name, _ in model.named_parameters()}
+
+
+def stacked_shapes(model, names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> the tensor's torch-order shape ([experts, rows, cols] for stacked experts)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    experts: dict[str, int] = {}
+    for hf_name, param in model.named_parameters():
+        slot = expert_slot(hf_name)
+        if slot is not None:
+            experts[names[hf_name]] = max(experts.get(names[hf_name], 0), slot[1] + 1)
+        shapes[names[hf_name]] = tuple(param.shape)
+    return {name: ((experts[name],) if name in experts else ()) + shape for name, shape in shapes.items()}
 
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def rope_row_permutation(config, gguf_name: str, rows: int) -> torch.Tensor | None:
-    """Row order llama.cpp's interleaved-rope graphs want for attn_q / attn_k (None: keep HF's order)."""
-    if gguf_arch(config) not in _INTERLEAVED_ROPE or not gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-        return None
+def row_permutation(config, gguf_name: str, rows: int) -> torch.Tensor | None:
+    """Row order llama.cpp's graph wants where it differs from HF's (None: keep HF's order). Rows are permuted
+    whole, so an already-quantized tensor permutes losslessly.
+
+    - attn_q / attn_k of the graphs that rotate interleaved pairs: HF keeps each head's rotary pairs as two
+      halves [x0, x1, ..., y0, y1, ...], llama.cpp as [x0, y0, x1, y1, ...].
+    - GPT-NeoX's fused attn_qkv (weight and bias): HF interleaves per head [q_h, k_h, v_h], llama.cpp's gptneox
+      graph reads [all q, all k, all v].
+    """
+    arch = gguf_arch(config)
     head_dim = _head_dim(config)
-    heads = rows // head_dim
-    # HF: per head [first halves..., second halves...]; llama.cpp: [x0, y0, x1, y1, ...]
-    index = torch.arange(rows).reshape(heads, 2, head_dim // 2)
-    return index.transpose(1, 2).reshape(rows)
+    if arch in _INTERLEAVED_ROPE and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        index = torch.arange(rows).reshape(rows // head_dim, 2, head_dim // 2)
+        return index.transpose(1, 2).reshape(rows)
+    if arch == MODEL_ARCH.GPTNEOX and gguf_name.endswith(("attn_qkv.weight", "attn_qkv.bias")):
+        index = torch.arange(rows).reshape(rows // (3 * head_dim), 3, head_dim)
+        return index.transpose(0, 1).reshape(rows)
+    return None
 
 
 def prepare_float(config, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -134,7 +185,7 @@ def prepare_float(config, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
     t = tensor.detach().to("cpu", torch.float32)
     if gguf_arch(config) in _GEMMA and gguf_name.endswith("norm.weight"):
         t = t + 1
-    perm = rope_row_permutation(config, gguf_name, t.shape[0])
+    perm = row_permutation(config, gguf_name, t.shape[0])
     return t[perm] if perm is not None else t
 
 
@@ -197,6 +248,20 @@ def _add_hparams(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
     logit_scale = _first(config, "logits_scaling", "logit_scale")
     if logit_scale is not None:
         writer.add_logit_scale(float(logit_scale))
+
+
+def _add_expert_hparams(writer: GGUFWriter, config, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Expert counts from the config; expert and shared-expert widths from the tensors themselves (a config's
+    moe_intermediate_size is not always the experts' width: Mixtral's experts use intermediate_size)."""
+    downs = [shape for name, shape in shapes.items() if name.endswith("ffn_down_exps.weight")]
+    if not downs:
+        return
+    writer.add_expert_count(downs[0][0])
+    writer.add_expert_used_count(int(config.num_experts_per_tok))
+    writer.add_expert_feed_forward_length(downs[0][-1])
+    shared = [shape for name, shape in shapes.items() if name.endswith("ffn_down_shexp.weight")]
+    if shared:
+        writer.add_expert_shared_feed_forward_length(shared[0][-1])
 
 
 def _rope_parameters(config) -> dict:
@@ -337,6 +402,7 @@ def write_gguf(path: str | Path, model, tokenizer, tensors: dict[str, EncodedTen
     writer = GGUFWriter(str(path), MODEL_ARCH_NAMES[arch])
     writer.add_name(name)
     _add_hparams(writer, config, arch)
+    _add_expert_hparams(writer, config, stacked_shapes(model, gguf_names(model)))
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(2)
     add_tokenizer(writer, tokenizer, config.vocab_size)
