@@ -29,6 +29,7 @@ from llmq.targets.gguf.mixtures import get_mixture, plan_types
 from llmq.targets.gguf.writer import (
     EncodedTensor,
     encode_float,
+    expert_count,
     expert_slot,
     gguf_arch,
     gguf_names,
@@ -70,9 +71,8 @@ def tensor_plan(model, mixture, has_imatrix: bool) -> tuple[dict[str, str], dict
     shapes = stacked_shapes(model, names)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     tied = "lm_head.weight" not in dict(model.named_parameters())
-    n_expert = max((shape[0] for name, shape in shapes.items() if "_exps." in name), default=0)
     types = plan_types(mixture, shapes, config.num_hidden_layers, config.num_attention_heads // kv_heads, tied,
-                       has_imatrix, n_expert)
+                       has_imatrix, expert_count(shapes))
     return names, types
 
 

@@ -156,6 +156,11 @@ def stacked_shapes(model, names: dict[str, str]) -> dict[str, tuple[int, ...]]:
     return {name: ((experts[name],) if name in experts else ()) + shape for name, shape in shapes.items()}
 
 
+def expert_count(shapes: dict[str, tuple[int, ...]]) -> int:
+    """Routed experts per MoE layer, from the stacked expert tensors' shapes (stacked_shapes); 0 for a dense model."""
+    return max((shape[0] for name, shape in shapes.items() if "_exps." in name), default=0)
+
+
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -251,12 +256,12 @@ def _add_hparams(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
 
 
 def _add_expert_hparams(writer: GGUFWriter, config, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Expert counts from the config; expert and shared-expert widths from the tensors themselves (a config's
-    moe_intermediate_size is not always the experts' width: Mixtral's experts use intermediate_size)."""
+    """Experts per layer and expert widths from the tensors themselves (a config's moe_intermediate_size is not
+    always the experts' width: Mixtral's experts use intermediate_size); experts used per token from the config."""
     downs = [shape for name, shape in shapes.items() if name.endswith("ffn_down_exps.weight")]
     if not downs:
         return
-    writer.add_expert_count(downs[0][0])
+    writer.add_expert_count(expert_count(shapes))
     writer.add_expert_used_count(int(config.num_experts_per_tok))
     writer.add_expert_feed_forward_length(downs[0][-1])
     shared = [shape for name, shape in shapes.items() if name.endswith("ffn_down_shexp.weight")]
