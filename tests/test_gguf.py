@@ -262,6 +262,19 @@ def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_pa
     assert LlamaFileType.MOSTLY_Q4_K_M == MIXTURES["Q4_K_M"].file_type
 
 
+@pytest.mark.parametrize(("model_type", "overrides", "message"), [
+    ("qwen3_moe", dict(norm_topk_prob=False), "qwen3moe graph always renormalizes the top-k routing weights"),
+    ("qwen2_moe", dict(norm_topk_prob=True), "qwen2moe graph never renormalizes"),
+    ("qwen2_moe", dict(mlp_only_layers=[0]), "makes every layer MoE but this model has dense layers"),
+])
+def test_moe_configs_llamacpp_would_run_differently_are_refused(model_type, overrides, message, tmp_path,
+                                                               smollm2_tokenizer_dir):
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **SHORT_VOCAB, **overrides)
+    with pytest.raises(LlmqError, match=message):
+        quantize(str(source), tmp_path / "x.gguf", QuantizeConfig.of(method="rtn", format="gguf", device="cpu"))
+    assert not (tmp_path / "x.gguf").exists()
+
+
 # ---- GPTQ on the k-quant grid --------------------------------------------------------------------------------
 
 
