@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -56,12 +57,12 @@ _OVERRIDES = {  # what a 2-layer, 64-wide model of each architecture needs besid
 }
 
 
-def tiny_config(model_type: str = "llama", vocab_size: int = 49152, **overrides):
+def tiny_config(model_type: str = "llama", vocab_size: int = 49152, text_overrides: dict | None = None, **overrides):
     """A 2-layer config of the given architecture with every Linear a multiple of 32 wide (image-text models:
-    a 1-layer vision tower beside it)."""
+    a 1-layer vision tower beside it; `text_overrides` go to their text config)."""
     from transformers import AutoConfig
 
-    text = dict(_SIZES, vocab_size=vocab_size, **_OVERRIDES.get(model_type, {}))
+    text = dict(_SIZES, vocab_size=vocab_size, **_OVERRIDES.get(model_type, {}), **(text_overrides or {}))
     if model_type == "gemma3":
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                       patch_size=8)
@@ -90,22 +91,43 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def save_tiny_model(directory: Path, tokenizer_dir: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
-    from transformers import AutoTokenizer
-
+def save_tiny_model(directory: Path, tokenizer_dir: Path, model_type: str = "llama", seed: int = 0,
+                    random_buffers: bool = False, **overrides) -> Path:
+    """`random_buffers`: persistent buffers (DeepSeek-V3's router correction bias, zeros at init) get random
+    values too, so that a test sees whether they reach the output."""
     from llmq.calib.models import causal_lm_class
 
     torch.manual_seed(seed)
     config = tiny_config(model_type, **overrides)
     model = causal_lm_class(config).from_config(config, dtype=torch.bfloat16)
+    saved = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if random_buffers and name in saved and buffer.is_floating_point():
+            buffer.copy_(torch.randn(buffer.shape) * 0.5)
     model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    _tokenizer(str(tokenizer_dir)).save_pretrained(directory)
     return directory
+
+
+@functools.cache
+def _tokenizer(directory: str):
+    """A tokenizer read once per process (SmolLM2's takes about a second to load, the tiny models tens of ms)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_short_vocab_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """The tiny Llama with SmolLM2's first 1024 tokens only, for tests that read its GGUF file many times: with
+    all 49152 tokens and their merges, each read of the file's header took seconds."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-1024"), smollm2_tokenizer_dir, vocab_size=1024,
+                           pad_token_id=None)
 
 
 @pytest.fixture(scope="session")

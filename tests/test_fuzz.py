@@ -92,9 +92,9 @@ def test_damaged_quantized_checkpoint_is_refused_or_read_exactly(tmp_path, tiny_
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
+def tiny_gguf(tmp_path_factory, tiny_llama_short_vocab_dir) -> Path:
     out = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    quantize(str(tiny_llama_dir), out, QuantizeConfig.of(format="gguf", gguf_type="Q8_0", device="cpu"))
+    quantize(str(tiny_llama_short_vocab_dir), out, QuantizeConfig.of(format="gguf", gguf_type="Q8_0", device="cpu"))
     return out
 
 

@@ -137,19 +137,30 @@ def test_mixture_types_match_llama_quantize(mixture, mixture_model, mixture_f32,
             assert _same_bits(ours_decoded, theirs_decoded), tensor.name
 
 
-@pytest.mark.parametrize("mixture", ["Q2_K", "Q3_K_M", "Q4_K_M"])
-def test_moe_mixture_types_match_llama_quantize(mixture, smollm2_tokenizer_dir, tmp_path):
-    """8 experts (llama.cpp's Mixtral rules: Q8_0 attn_k/attn_v, Q5_K attn_output), 3-D expert tensors by layer,
-    routers left in F32, shared experts like their projection."""
-    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, "qwen2_moe", num_experts=8, vocab_size=512,
-                             hidden_size=256, moe_intermediate_size=256, num_key_value_heads=1)
+_EIGHT_EXPERTS = {  # 256 wide (the k-quants' block) and 8 experts, where llama.cpp's Mixtral rules apply
+    "qwen2_moe": dict(num_experts=8, hidden_size=256, moe_intermediate_size=256, num_key_value_heads=1),
+    "deepseek_v3": dict(num_local_experts=8, hidden_size=256, moe_intermediate_size=256, intermediate_size=256,
+                        q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=32, qk_rope_head_dim=32, head_dim=32,
+                        v_head_dim=64),
+}
+
+
+@pytest.mark.parametrize(("model_type", "mixture"), [("qwen2_moe", "Q2_K"), ("qwen2_moe", "Q3_K_M"),
+                                                     ("qwen2_moe", "Q4_K_M"), ("deepseek_v3", "Q2_K"),
+                                                     ("deepseek_v3", "Q4_K_M")])
+def test_moe_mixture_types_match_llama_quantize(model_type, mixture, smollm2_tokenizer_dir, tmp_path):
+    """8 experts (llama.cpp's Mixtral rules: Q8_0 attn_k/attn_v/attn_kv_b, Q5_K attn_output), 3-D expert tensors
+    by layer, routers left in F32, shared experts like their projection, MLA's low-rank projections."""
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, vocab_size=512,
+                             **_EIGHT_EXPERTS[model_type])
     f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "llmq.gguf", tmp_path / "llamacpp.gguf"
     quantize(str(source), f32, QuantizeConfig.of(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
     quantize(str(source), ours, QuantizeConfig.of(method="rtn", format="gguf", gguf_type=mixture, device="cpu"))
     llamacpp_quantize_file(f32, theirs, MIXTURES[mixture].file_type)
     types = _types(ours)
     assert types == _types(theirs)
-    assert types["blk.0.attn_v.weight"] == T.Q8_0 and types["blk.0.ffn_gate_inp.weight"] == T.F32
+    assert types["blk.0.attn_kv_b.weight" if model_type == "deepseek_v3" else "blk.0.attn_v.weight"] == T.Q8_0
+    assert types["blk.1.ffn_gate_inp.weight"] == T.F32
 
 
 def test_mixture_uses_fallbacks_and_bumps(mixture_model, tmp_path):
@@ -166,7 +177,8 @@ def test_mixture_uses_fallbacks_and_bumps(mixture_model, tmp_path):
 
 # every architecture the GGUF target writes (llmq/targets/gguf/writer.py VERIFIED), on its tiny random model
 _ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "stablelm", "starcoder2", "olmo2",
-          "smollm3", "granite", "exaone4", "phi", "cohere", "qwen2_moe", "qwen3_moe", "mixtral", "gpt_neox"]
+          "smollm3", "granite", "exaone4", "phi", "cohere", "qwen2_moe", "qwen3_moe", "mixtral", "gpt_neox", "glm4",
+          "deepseek_v3", "llama4_text", "gpt_oss", "gemma3", "qwen2_5_vl"]
 
 
 # The architecture tests keep SmolLM2's first 1024 tokens (the GGUF holds a vocabulary of the model's size): the
@@ -174,26 +186,35 @@ _ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text",
 # whole on the real model (test_reference_model_runs_in_llamacpp).
 ARCH_VOCAB = 1024
 SHORT_VOCAB = dict(vocab_size=ARCH_VOCAB, pad_token_id=None)  # (Phi-3's default pad id is 32000)
+# Llama 4 in llama.cpp: every 4th layer global (no rope); a model of only chunked-attention layers leaves its
+# global KV cache empty and llama.cpp aborts ("tensor buffer not set"), so its GGUF tests use 4 layers
+_GGUF_SIZES = {"llama4_text": dict(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0]),
+               # llama.cpp 0.3.36's qwen2vl graph never reads the file's RMS-norm epsilon (it runs with 0): a tiny
+               # random model's small activations make that a 1% logit difference, so the test model uses ~0 too
+               "qwen2_5_vl": dict(text_overrides=dict(rms_norm_eps=1e-30))}
 
-_ROPE_SCALINGS = {
-    "llama3-rope": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 16},
-    "linear-rope": {"rope_type": "linear", "factor": 4.0},
+# variants of an architecture whose metadata or row order differ: (model_type, config overrides)
+_VARIANTS = {
+    "llama3-rope": ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                                "rope_theta": 10000.0})),
+    "linear-rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})),
+    # DeepSeek-V3 as released: YaRN with mscale, group-limited routing with a correction bias (random here:
+    # zeros at init would not show whether it is written), plus HF's rotary halves instead of pairs
+    "deepseek_v3-yarn-groups-halves": ("deepseek_v3", dict(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                      "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0},
+        n_group=2, topk_group=1, rope_interleave=False, random_buffers=True)),
 }
 
 
-@pytest.mark.parametrize("model_type", _ARCHS + list(_ROPE_SCALINGS))
+@pytest.mark.parametrize("model_type", _ARCHS + list(_VARIANTS))
 def test_llamacpp_runs_our_file_with_transformers_logits(model_type, tmp_path, smollm2_tokenizer_dir):
-    from transformers import AutoModelForCausalLM
-
-    overrides = {}
-    if model_type in _ROPE_SCALINGS:
-        overrides = {"rope_scaling": {**_ROPE_SCALINGS[model_type], "rope_theta": 10000.0}}
-        model_type = "llama"
+    model_type, overrides = _VARIANTS.get(model_type, (model_type, _GGUF_SIZES.get(model_type, {})))
     source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **SHORT_VOCAB, **overrides)
     out = tmp_path / "tiny.gguf"  # (a name containing "phi3" makes llama.cpp expect Phi-3's own special tokens)
     quantize(str(source), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = _load_float(source)
     ids = torch.randint(0, ARCH_VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids).logits[0].numpy()
@@ -203,26 +224,37 @@ def test_llamacpp_runs_our_file_with_transformers_logits(model_type, tmp_path, s
     assert np.abs(got - expected).max() / np.abs(expected).max() < 2e-3
 
 
+def _load_float(source):
+    """The input model in float32, by its own Auto class (Qwen2.5-VL is not an AutoModelForCausalLM)."""
+    from transformers import AutoConfig
+
+    from llmq.calib.models import causal_lm_class
+
+    return causal_lm_class(AutoConfig.from_pretrained(source)).from_pretrained(source, dtype=torch.float32).eval()
+
+
 def _dequantized_into(model, path) -> None:
     """Put a GGUF file's weights, decoded by gguf-py, back into the HF model (undoing llmq's q/k row order and
     Gemma's +1), so transformers computes with exactly the weights llama.cpp holds. Fused experts are unfused
     first (exactly: llmq.calib.experts), so each expert takes its slice of the file's stacked tensor."""
     from llmq.calib.experts import unfuse_experts
-    from llmq.targets.gguf.writer import _GEMMA, expert_slot, gguf_arch, gguf_names, row_permutation
+    from llmq.targets.gguf.writer import _GEMMA, expert_slot, gguf_arch, gguf_names, language_config, row_permutation
 
     unfuse_experts(model)
     decoded = {t.name: torch.from_numpy(gguf_quants.dequantize(t.data, t.tensor_type).copy()).float()
                for t in GGUFReader(path).tensors}
     names = gguf_names(model)
     for hf_name, param in model.named_parameters():
+        if hf_name not in names:  # an image-text model's vision tower: not in the file
+            continue
         gguf_name = names[hf_name]
         slot = expert_slot(hf_name)
         values = decoded[gguf_name] if slot is None else decoded[gguf_name].reshape(-1, *param.shape)[slot[1]]
         values = values.reshape(param.shape)
-        perm = row_permutation(model.config, gguf_name, values.shape[0])
+        perm = row_permutation(language_config(model.config), gguf_name, values.shape[0])
         if perm is not None:
             values = values[torch.argsort(perm)]
-        if gguf_arch(model.config) in _GEMMA and gguf_name.endswith("norm.weight"):
+        if gguf_arch(language_config(model.config)) in _GEMMA and gguf_name.endswith("norm.weight"):
             values = values - 1
         param.data = values
 
@@ -233,12 +265,11 @@ def test_quantized_files_run_in_llamacpp_with_the_logits_of_their_weights(model_
                                                                           smollm2_tokenizer_dir):
     """llama.cpp computes what transformers computes with the file's (dequantized) weights; the gap left is
     llama.cpp's own rounding of activations to 8 bits in quantized dot products."""
-    from transformers import AutoModelForCausalLM
-
-    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **SHORT_VOCAB)
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **SHORT_VOCAB,
+                             **_GGUF_SIZES.get(model_type, {}))
     out = tmp_path / f"{model_type}.{gguf_type}.gguf"  # the file's name does not reach general.name
     quantize(str(source), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type=gguf_type, device="cpu"))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    model = _load_float(source)
     ids = torch.randint(0, ARCH_VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         original = model(ids).logits[0].numpy()
@@ -266,8 +297,11 @@ def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_pa
     ("qwen3_moe", dict(norm_topk_prob=False), "qwen3moe graph always renormalizes the top-k routing weights"),
     ("qwen2_moe", dict(norm_topk_prob=True), "qwen2moe graph never renormalizes"),
     ("qwen2_moe", dict(mlp_only_layers=[0]), "makes every layer MoE but this model has dense layers"),
+    ("deepseek_v3", dict(q_lora_rank=None), "expects a low-rank query projection for 2 layers"),
+    ("llama4_text", {}, "aborts on a model without one; this model has 2 layers"),
+    ("llama4_text", dict(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 1]), "fixes no_rope_layers"),
 ])
-def test_moe_configs_llamacpp_would_run_differently_are_refused(model_type, overrides, message, tmp_path,
+def test_configs_llamacpp_would_run_differently_are_refused(model_type, overrides, message, tmp_path,
                                                                smollm2_tokenizer_dir):
     source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **SHORT_VOCAB, **overrides)
     with pytest.raises(LlmqError, match=message):

@@ -387,14 +387,15 @@ def test_calibration_windows_longer_than_the_context_are_warned(monkeypatch, tmp
     assert (tmp_path / "o.gguf").read_bytes()[:4] == b"GGUF"
 
 
-def test_embedded_default_is_converted_once_and_a_damaged_copy_is_converted_again(tmp_path, monkeypatch, tiny_llama_dir):
+def test_embedded_default_is_converted_once_and_a_damaged_copy_is_converted_again(tmp_path, monkeypatch,
+                                                                                   tiny_llama_short_vocab_dir):
     """The embedded default's conversion (about 90 s for the real file) is kept under $LLMQ_CACHE and read back
     exactly; a damaged copy is noticed and replaced. A tiny GGUF stands in for the package's file here."""
     from llmq.calib import models
 
     package = tmp_path / "package"
     package.mkdir()
-    llmq.quantize(str(tiny_llama_dir), package / models._EMBEDDED_GGUF,
+    llmq.quantize(str(tiny_llama_short_vocab_dir), package / models._EMBEDDED_GGUF,
                   llmq.QuantizeConfig.of(format="gguf", gguf_type="Q8_0", device="cpu"))
     monkeypatch.setattr(models, "embedded_directory", lambda: str(package))
     monkeypatch.setenv("LLMQ_CACHE", str(tmp_path / "cache"))

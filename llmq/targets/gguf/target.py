@@ -31,8 +31,10 @@ from llmq.targets.gguf.writer import (
     encode_float,
     expert_count,
     expert_slot,
+    exported_tensors,
     gguf_arch,
     gguf_names,
+    language_config,
     prepare_float,
     row_permutation,
     stacked_shapes,
@@ -66,7 +68,7 @@ class GGUFPlan:
 
 def tensor_plan(model, mixture, has_imatrix: bool) -> tuple[dict[str, str], dict[str, T]]:
     """(HF parameter name -> GGUF name, GGUF name -> type) for every parameter of the model."""
-    config = model.config
+    config = language_config(model.config)
     names = gguf_names(model)
     shapes = stacked_shapes(model, names)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -87,17 +89,17 @@ def _encode_one(model, hf_name: str, param, gguf_name: str, qtype: T, quantized:
             encoded = encode_float(result.values, result.qtype)
         else:
             raise TypeError(f"GGUF cannot store {type(result).__name__} ({module})")
-        return EncodedTensor(encoded.qtype, permute_rows(model.config, gguf_name, encoded.data))
-    values = prepare_float(model.config, gguf_name, param)
+        return EncodedTensor(encoded.qtype, permute_rows(language_config(model.config), gguf_name, encoded.data))
+    values = prepare_float(language_config(model.config), gguf_name, param)
     return EncodedTensor(qtype, encode_bytes(values, qtype)) if qtype in QUANTIZED_TYPES else encode_float(values, qtype)
 
 
 def encode_tensors(model, names: dict[str, str], types: dict[str, T],
                    quantized: dict[str, Quantized]) -> dict[str, EncodedTensor]:
-    """Every parameter as a GGUF tensor; the experts of a layer stacked into one 3-D tensor per projection."""
+    """Every exported tensor as a GGUF tensor; the experts of a layer stacked into one 3-D tensor per projection."""
     tensors: dict[str, EncodedTensor] = {}
     experts: dict[str, dict[int, EncodedTensor]] = {}
-    for hf_name, param in log.progress(list(model.named_parameters()), desc="encode tensors", unit="tensor"):
+    for hf_name, param in log.progress(exported_tensors(model), desc="encode tensors", unit="tensor"):
         gguf_name = names[hf_name]
         encoded = _encode_one(model, hf_name, param, gguf_name, types[gguf_name], quantized)
         slot = expert_slot(hf_name)
@@ -150,7 +152,7 @@ class GGUFTarget(Target):
         return None if bits is None else QuantScheme(bits, 32, symmetric=False)
 
     def check_model(self, model, linears) -> None:
-        gguf_arch(model.config)
+        gguf_arch(language_config(model.config))
         gguf_names(model)  # every tensor has a llama.cpp name, or a one-line error now
         if self.method.ternary:
             scheme = ternary_scheme(self.config)

@@ -44,6 +44,9 @@ _ALIASES = {
     "gemma3_text": MODEL_ARCH.GEMMA3,
     "phi": MODEL_ARCH.PHI2,
     "cohere": MODEL_ARCH.COMMAND_R,
+    "deepseek_v3": MODEL_ARCH.DEEPSEEK2,  # (DeepSeek-V2's softmax routing is not verified: deepseek_v2 is refused)
+    "llama4_text": MODEL_ARCH.LLAMA4,  # (the text model of a Llama 4 checkpoint)
+    "qwen2_5_vl_text": MODEL_ARCH.QWEN2VL,  # (Qwen2.5-VL's language model: Qwen2 with multi-axis rope)
     "bitnet": MODEL_ARCH.BITNET,  # transformers' BitNetForCausalLM (ternary Linears, attention/FFN sub-norms)
 }
 # Architectures whose files llama.cpp has loaded and run with transformers' logits (tests/test_gguf.py
@@ -52,9 +55,9 @@ _ALIASES = {
 VERIFIED = {MODEL_ARCH.LLAMA, MODEL_ARCH.QWEN2, MODEL_ARCH.QWEN3, MODEL_ARCH.PHI3, MODEL_ARCH.GEMMA2, MODEL_ARCH.GEMMA3,
             MODEL_ARCH.BITNET, MODEL_ARCH.OLMO2, MODEL_ARCH.EXAONE4, MODEL_ARCH.STABLELM, MODEL_ARCH.STARCODER2,
             MODEL_ARCH.PHI2, MODEL_ARCH.GRANITE, MODEL_ARCH.SMOLLM3, MODEL_ARCH.COMMAND_R,
-            MODEL_ARCH.QWEN2MOE, MODEL_ARCH.QWEN3MOE, MODEL_ARCH.GPTNEOX}  # (Mixtral: LLAMA with experts)
-# Not yet: DeepSeek-V3 (llama.cpp splits MLA's kv_b into k_b / v_b), GPT-OSS (MXFP4 experts), Llama 4,
-# GLM-4 (rope layout).
+            MODEL_ARCH.QWEN2MOE, MODEL_ARCH.QWEN3MOE, MODEL_ARCH.GPTNEOX, MODEL_ARCH.GLM4,
+            MODEL_ARCH.DEEPSEEK2, MODEL_ARCH.LLAMA4, MODEL_ARCH.GPT_OSS, MODEL_ARCH.QWEN2VL}
+# (Mixtral: LLAMA with experts; Gemma 3 and Qwen2.5-VL image-text checkpoints: their language model)
 # llama.cpp graphs that rotate interleaved pairs (HF rotates halves): q/k rows are permuted for them
 _INTERLEAVED_ROPE = {MODEL_ARCH.LLAMA, MODEL_ARCH.GRANITE, MODEL_ARCH.SMOLLM3}
 _BY_NAME = {name.replace("-", "").replace("_", ""): arch for arch, name in MODEL_ARCH_NAMES.items()}
@@ -81,7 +84,62 @@ def gguf_arch(config) -> MODEL_ARCH:
         _check_bitnet(config)
     if arch in (MODEL_ARCH.QWEN2MOE, MODEL_ARCH.QWEN3MOE):
         _check_qwen_moe(config, arch)
+    if arch == MODEL_ARCH.DEEPSEEK2:
+        _check_deepseek2(config)
+    if arch == MODEL_ARCH.LLAMA4:
+        _check_llama4(config)
+    if arch == MODEL_ARCH.GPT_OSS:
+        _check_gpt_oss(config)
     return arch
+
+
+def _check_gpt_oss(config) -> None:
+    """llama.cpp's gpt-oss graph alternates sliding and full attention from layer 0 and clamps its SwiGLU at 7."""
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)]
+    if list(config.layer_types) != alternating or float(config.swiglu_limit) != 7.0:
+        raise LlmqError("llama.cpp's gpt-oss graph fixes the layer types (sliding, full, sliding, ...) and the SwiGLU "
+                        "limit (7.0) and this model differs; its GGUF would run wrongly, so it is not written")
+
+
+# What llama.cpp's llama4 graph hard-codes (its chunked-attention mode, the one Llama 4 Scout/Maverick use):
+# every 4th layer global without rope and with attention temperature tuning, the others rope + chunked attention
+_LLAMA4_FIXED = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1, "attn_temperature_tuning": True}
+_LLAMA4_NO_ROPE_STEP = 4
+
+
+def _check_llama4(config) -> None:
+    rope_layers = [int((i + 1) % _LLAMA4_NO_ROPE_STEP != 0) for i in range(config.num_hidden_layers)]
+    differs = [name for name, value in _LLAMA4_FIXED.items() if getattr(config, name, value) != value]
+    if list(config.no_rope_layers) != rope_layers:
+        differs.append("no_rope_layers")
+    if bool(config.use_qk_norm) != (config.num_local_experts != 128):  # llama.cpp: qk-norm unless 128 experts
+        differs.append("use_qk_norm")
+    step = config.interleave_moe_layer_step
+    if list(config.moe_layers) != [i for i in range(config.num_hidden_layers) if (i + 1) % step == 0]:
+        differs.append("moe_layers")
+    if config.num_hidden_layers < _LLAMA4_NO_ROPE_STEP:
+        raise LlmqError(f"llama.cpp's llama4 graph makes every {_LLAMA4_NO_ROPE_STEP}th layer global and aborts on a "
+                        f"model without one; this model has {config.num_hidden_layers} layers, so it is not written")
+    if differs:
+        raise LlmqError(f"llama.cpp's llama4 graph fixes {', '.join(differs)} to Llama 4's released values and this "
+                        "model differs; its GGUF would run wrongly, so it is not written")
+
+
+# llama.cpp's deepseek2 graph picks its query path by layer count, not by the file: the "lite" layer counts
+# (DeepSeek-V2-Lite and kin) have one attn_q, every other count the low-rank attn_q_a / attn_q_b pair.
+_DEEPSEEK2_LITE_LAYERS = (26, 27)
+
+
+def _check_deepseek2(config) -> None:
+    lite = config.num_hidden_layers in _DEEPSEEK2_LITE_LAYERS
+    if bool(config.q_lora_rank) == lite:
+        raise LlmqError(f"llama.cpp's deepseek2 graph expects {'no' if lite else 'a'} low-rank query projection for "
+                        f"{config.num_hidden_layers} layers but this model's q_lora_rank is {config.q_lora_rank}; "
+                        "its GGUF would not run, so it is not written")
+    if getattr(config, "scoring_func", None) not in (None, "sigmoid") or getattr(config, "topk_method", None) not in (
+            None, "noaux_tc"):
+        raise LlmqError(f"llama.cpp's deepseek2 graph is written here for DeepSeek-V3's sigmoid routing, not "
+                        f"scoring_func={config.scoring_func!r} / topk_method={config.topk_method!r}")
 
 
 def _check_qwen_moe(config, arch: MODEL_ARCH) -> None:
@@ -107,8 +165,12 @@ def _check_bitnet(config) -> None:
                         "to its embeddings; it cannot be written as GGUF")
 
 
-# transformers' BitNet names for the sub-norms -> the names gguf-py's tensor map knows (the original 1bitLLM code's)
-_BITNET_ALIASES = {".self_attn.attn_sub_norm.": ".self_attn.inner_attn_ln.", ".mlp.ffn_sub_norm.": ".mlp.ffn_layernorm."}
+# HF names -> the names gguf-py's tensor map knows: BitNet's sub-norms (as the original 1bitLLM code named them)
+# and DeepSeek-V3's router bias (a buffer named without the dot gguf-py's map expects)
+_NAME_ALIASES = {".self_attn.attn_sub_norm.": ".self_attn.inner_attn_ln.", ".mlp.ffn_sub_norm.": ".mlp.ffn_layernorm.",
+                 ".gate.e_score_correction_bias": ".gate.e_score_correction.bias"}
+# whole-name endings gguf-py's map knows with a suffix: GPT-OSS's attention sinks are a bare parameter
+_SUFFIX_ALIASES = {".self_attn.sinks": ".self_attn.sinks.weight"}
 
 
 def gguf_name_map(config):
@@ -116,8 +178,11 @@ def gguf_name_map(config):
     name_map = get_tensor_name_map(gguf_arch(config), config.num_hidden_layers)
 
     def name_of(hf_name: str) -> str:
-        for alias, known in _BITNET_ALIASES.items():
+        for alias, known in _NAME_ALIASES.items():
             hf_name = hf_name.replace(alias, known)
+        for ending, known in _SUFFIX_ALIASES.items():
+            if hf_name.endswith(ending):
+                hf_name = hf_name.removesuffix(ending) + known
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LlmqError(f"GGUF export: no llama.cpp name for tensor {hf_name}; this model variant is not supported")
@@ -137,18 +202,51 @@ def expert_slot(hf_name: str) -> tuple[str, int] | None:
     return None if match is None else (f"{match['prefix']}.{match['name']}", int(match["index"]))
 
 
+def language_config(config):
+    """The config llama.cpp's graph is made from: an image-text model's text config, else the config itself."""
+    return config.get_text_config()
+
+
+def language_prefix(model) -> str | None:
+    """Where an image-text model's language model lives (`model.language_model`); None for a causal LM."""
+    if language_config(model.config) is model.config:
+        return None
+    decoder = model.get_decoder()
+    return next(name for name, module in model.named_modules() if module is decoder)
+
+
+def exported_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """What the GGUF file holds: the language model's parameters (a tied lm_head is not one) and persistent
+    buffers (checkpoint tensors too: DeepSeek-V3's router score-correction bias). An image-text model's vision
+    tower and projector are not among them: llama.cpp reads those from a separate mmproj file."""
+    saved = set(model.state_dict())
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in saved]
+    prefix = language_prefix(model)
+    if prefix is None:
+        return tensors
+    head = {id(p) for p in (model.get_output_embeddings() or torch.nn.Module()).parameters()}
+    return [(name, t) for name, t in tensors if name.startswith(prefix + ".") or id(t) in head]
+
+
 def gguf_names(model) -> dict[str, str]:
-    """HF parameter name -> GGUF tensor name, for every parameter of the model (a tied lm_head is not one); every
-    expert's parameter maps to its layer's stacked `ffn_*_exps` tensor (its index: expert_slot)."""
-    name_of = gguf_name_map(model.config)
-    return {hf_name: name_of((expert_slot(hf_name) or (hf_name,))[0]) for hf_name, _ in model.named_parameters()}
+    """HF tensor name -> GGUF tensor name, for every exported tensor (exported_tensors); every expert's parameter
+    maps to its layer's stacked `ffn_*_exps` tensor (its index: expert_slot). An image-text model's language
+    tensors are looked up as the text model's own (`model.language_model.` read as `model.`)."""
+    name_of = gguf_name_map(language_config(model.config))
+    prefix = f"{language_prefix(model)}."
+
+    def text_name(hf_name: str) -> str:
+        return "model." + hf_name.removeprefix(prefix) if hf_name.startswith(prefix) else hf_name
+
+    return {hf_name: name_of(text_name((expert_slot(hf_name) or (hf_name,))[0]))
+            for hf_name, _ in exported_tensors(model)}
 
 
 def stacked_shapes(model, names: dict[str, str]) -> dict[str, tuple[int, ...]]:
     """GGUF name -> the tensor's torch-order shape ([experts, rows, cols] for stacked experts)."""
     shapes: dict[str, tuple[int, ...]] = {}
     experts: dict[str, int] = {}
-    for hf_name, param in model.named_parameters():
+    for hf_name, param in exported_tensors(model):
         slot = expert_slot(hf_name)
         if slot is not None:
             experts[names[hf_name]] = max(experts.get(names[hf_name], 0), slot[1] + 1)
@@ -173,16 +271,30 @@ def row_permutation(config, gguf_name: str, rows: int) -> torch.Tensor | None:
       halves [x0, x1, ..., y0, y1, ...], llama.cpp as [x0, y0, x1, y1, ...].
     - GPT-NeoX's fused attn_qkv (weight and bias): HF interleaves per head [q_h, k_h, v_h], llama.cpp's gptneox
       graph reads [all q, all k, all v].
+    - DeepSeek-V3 with rope_interleave false: the rotary part of each head's query rows and of kv_a's key rows
+      as halves in HF; llama.cpp's deepseek2 graph rotates interleaved pairs (rope_interleave true: as stored).
     """
     arch = gguf_arch(config)
     head_dim = _head_dim(config)
     if arch in _INTERLEAVED_ROPE and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-        index = torch.arange(rows).reshape(rows // head_dim, 2, head_dim // 2)
-        return index.transpose(1, 2).reshape(rows)
+        return _halves_to_pairs(torch.arange(rows).reshape(rows // head_dim, head_dim), head_dim).reshape(rows)
+    if arch == MODEL_ARCH.DEEPSEEK2 and not getattr(config, "rope_interleave", True):
+        rope = config.qk_rope_head_dim
+        if gguf_name.endswith(("attn_q.weight", "attn_q_b.weight")):
+            index = torch.arange(rows).reshape(config.num_attention_heads, -1)
+            return torch.cat([index[:, :-rope], _halves_to_pairs(index[:, -rope:], rope)], dim=1).reshape(rows)
+        if gguf_name.endswith("attn_kv_a_mqa.weight"):
+            index = torch.arange(rows)
+            return torch.cat([index[:-rope], _halves_to_pairs(index[-rope:], rope)])
     if arch == MODEL_ARCH.GPTNEOX and gguf_name.endswith(("attn_qkv.weight", "attn_qkv.bias")):
         index = torch.arange(rows).reshape(rows // (3 * head_dim), 3, head_dim)
         return index.transpose(0, 1).reshape(rows)
     return None
+
+
+def _halves_to_pairs(index: torch.Tensor, width: int) -> torch.Tensor:
+    """The last dimension's `width` entries reordered from [x0 .. x(n-1), y0 .. y(n-1)] to [x0, y0, x1, y1, ...]."""
+    return index.reshape(*index.shape[:-1], 2, width // 2).transpose(-1, -2).reshape(index.shape)
 
 
 def prepare_float(config, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -219,9 +331,11 @@ def _add_hparams(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(_first(config, "intermediate_size", default=4 * config.hidden_size))
+    writer.add_feed_forward_length(_first(config, "intermediate_size_mlp", "intermediate_size",
+                                          default=4 * config.hidden_size))
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    if arch != MODEL_ARCH.DEEPSEEK2:  # (its heads: _add_deepseek2_hparams)
+        writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     if getattr(config, "rms_norm_eps", None) is not None:
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     else:  # LayerNorm models (StableLM, StarCoder2, GPT-NeoX, Phi, Cohere)
@@ -231,11 +345,19 @@ def _add_hparams(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
     writer.add_rope_freq_base(float(rope_theta))
     partial = _first(config, "partial_rotary_factor", "rotary_pct", default=None)
     partial = partial if partial is not None else _rope_parameters(config).get("partial_rotary_factor", 1.0)
-    writer.add_rope_dimension_count(int(head_dim * partial))
-    if head_dim != config.hidden_size // config.num_attention_heads or arch in _GEMMA + (MODEL_ARCH.QWEN3,):
+    rotary_dims = config.qk_rope_head_dim if arch == MODEL_ARCH.DEEPSEEK2 else int(head_dim * partial)
+    writer.add_rope_dimension_count(rotary_dims)
+    if arch == MODEL_ARCH.QWEN2VL:  # multi-axis rope: the rotary dims of time, height, width (text: all one position)
+        sections = list(_rope_parameters(config).get("mrope_section", []))
+        writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
+    if arch == MODEL_ARCH.LLAMA4:  # (feed_forward_length: the dense layers' width, intermediate_size_mlp)
+        writer.add_interleave_moe_layer_step(config.interleave_moe_layer_step)
+    if arch == MODEL_ARCH.DEEPSEEK2:
+        _add_deepseek2_hparams(writer, config)
+    elif head_dim != config.hidden_size // config.num_attention_heads or arch in _GEMMA + (MODEL_ARCH.QWEN3,):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    if arch in _GEMMA or arch == MODEL_ARCH.PHI3:
+    if arch in _GEMMA or arch in (MODEL_ARCH.PHI3, MODEL_ARCH.GPT_OSS):
         window = getattr(config, "sliding_window", None)
         if window:
             writer.add_sliding_window(window)
@@ -255,18 +377,44 @@ def _add_hparams(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
         writer.add_logit_scale(float(logit_scale))
 
 
-def _add_expert_hparams(writer: GGUFWriter, config, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Experts per layer and expert widths from the tensors themselves (a config's moe_intermediate_size is not
-    always the experts' width: Mixtral's experts use intermediate_size); experts used per token from the config."""
-    downs = [shape for name, shape in shapes.items() if name.endswith("ffn_down_exps.weight")]
-    if not downs:
+def _add_deepseek2_hparams(writer: GGUFWriter, config) -> None:
+    """Multi-head latent attention written whole (one attn_kv_b, llama.cpp's non-absorbed path: every head's key
+    and value are decompressed and cached, as in transformers) and DeepSeek-V3's routing: sigmoid scores plus a
+    correction bias, top-k within the best expert groups, renormalized, scaled by routed_scaling_factor."""
+    from gguf import ExpertGatingFuncType
+
+    writer.add_head_count_kv(config.num_attention_heads)
+    writer.add_key_length(config.qk_nope_head_dim + config.qk_rope_head_dim)
+    writer.add_value_length(config.v_head_dim)
+    if config.q_lora_rank:
+        writer.add_q_lora_rank(config.q_lora_rank)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    writer.add_leading_dense_block_count(config.first_k_dense_replace)
+    writer.add_expert_shared_count(config.n_shared_experts or 0)
+    writer.add_expert_weights_scale(float(config.routed_scaling_factor))
+    writer.add_expert_weights_norm(bool(config.norm_topk_prob))
+    writer.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+    if (config.n_group or 1) > 1:
+        writer.add_expert_group_count(config.n_group)
+        writer.add_expert_group_used_count(config.topk_group)
+    mscale_all_dim = _rope_parameters(config).get("mscale_all_dim")
+    if mscale_all_dim:  # (llama.cpp divides the stored value by 0.1 again: its convert script's convention)
+        writer.add_rope_scaling_yarn_log_mul(0.1 * mscale_all_dim)
+
+
+def _add_expert_hparams(writer: GGUFWriter, config, tensors: dict[str, EncodedTensor]) -> None:
+    """Experts per layer and expert widths from the tensors written (a config's moe_intermediate_size is not always
+    the experts' width: Mixtral's experts use intermediate_size); experts used per token from the config. Rows of
+    the up projections give the widths whether a tensor holds floats or block bytes."""
+    ups = [t.data.shape for name, t in tensors.items() if name.endswith("ffn_up_exps.weight")]
+    if not ups:
         return
-    writer.add_expert_count(expert_count(shapes))
+    writer.add_expert_count(expert_count({name: t.data.shape for name, t in tensors.items()}))
     writer.add_expert_used_count(int(config.num_experts_per_tok))
-    writer.add_expert_feed_forward_length(downs[0][-1])
-    shared = [shape for name, shape in shapes.items() if name.endswith("ffn_down_shexp.weight")]
+    writer.add_expert_feed_forward_length(ups[0][1])
+    shared = [t.data.shape for name, t in tensors.items() if name.endswith("ffn_up_shexp.weight")]
     if shared:
-        writer.add_expert_shared_feed_forward_length(shared[0][-1])
+        writer.add_expert_shared_feed_forward_length(shared[0][0])
 
 
 def _rope_parameters(config) -> dict:
@@ -322,7 +470,9 @@ def _pretokenizer(tokenizer_json: dict) -> str:
     return "default"
 
 
-def _add_bpe_vocab(writer: GGUFWriter, tokenizer_json: dict, vocab_size: int) -> None:
+def _add_bpe_vocab(writer: GGUFWriter, tokenizer_json: dict, vocab_size: int) -> set[str] | None:
+    """The vocabulary's first vocab_size tokens (the model's embedding rows); returns them where the tokenizer
+    has more tokens than that (None: none were cut)."""
     vocab = dict(tokenizer_json["model"]["vocab"])
     added = {t["content"]: t for t in tokenizer_json.get("added_tokens", [])}
     for text, item in added.items():
@@ -344,6 +494,7 @@ def _add_bpe_vocab(writer: GGUFWriter, tokenizer_json: dict, vocab_size: int) ->
     writer.add_tokenizer_pre(_pretokenizer(tokenizer_json))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    return set(tokens) if max(vocab.values(), default=-1) >= vocab_size else None
 
 
 def _add_spm_vocab(writer: GGUFWriter, directory: Path, vocab_size: int) -> None:
@@ -375,13 +526,16 @@ def add_tokenizer(writer: GGUFWriter, tokenizer, vocab_size: int) -> None:
         tokenizer_json = json.loads(tokenizer_file.read_text(encoding="utf-8"))
         model = tokenizer_json.get("model", {})
         spm_like = model.get("type") == "BPE" and model.get("byte_fallback", False)
+        kept = None
         if spm_like:
             _add_spm_vocab(writer, directory, vocab_size)
         elif model.get("type") == "BPE":
-            _add_bpe_vocab(writer, tokenizer_json, vocab_size)
+            kept = _add_bpe_vocab(writer, tokenizer_json, vocab_size)
         else:
             raise LlmqError(f"GGUF export: tokenizer model {model.get('type')!r} is not supported (BPE only)")
         special = SpecialVocab(directory, load_merges=not spm_like, n_vocab=vocab_size)
+        if not spm_like and kept is not None:  # fewer embedding rows than tokens: only the merges within them
+            special.merges = [m for m in special.merges if all(t in kept for t in (*m.split(" "), m.replace(" ", "")))]
         special.add_to_gguf(writer, quiet=True)
         if not spm_like:
             writer.add_add_space_prefix(False)
@@ -402,12 +556,12 @@ def write_gguf(path: str | Path, model, tokenizer, tensors: dict[str, EncodedTen
 
     `name` is the model name llama.cpp shows (general.name).
     """
-    config = model.config
+    config = language_config(model.config)
     arch = gguf_arch(config)
     writer = GGUFWriter(str(path), MODEL_ARCH_NAMES[arch])
     writer.add_name(name)
     _add_hparams(writer, config, arch)
-    _add_expert_hparams(writer, config, stacked_shapes(model, gguf_names(model)))
+    _add_expert_hparams(writer, config, tensors)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(2)
     add_tokenizer(writer, tokenizer, config.vocab_size)
