@@ -214,14 +214,18 @@ def test_llamacpp_runs_our_file_with_transformers_logits(model_type, tmp_path, s
     source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **SHORT_VOCAB, **overrides)
     out = tmp_path / "tiny.gguf"  # (a name containing "phi3" makes llama.cpp expect Phi-3's own special tokens)
     quantize(str(source), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
-    model = _load_float(source)
-    ids = torch.randint(0, ARCH_VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
+    assert _llamacpp_gap(_load_float(source), out) < 2e-3
+
+
+def _llamacpp_gap(model, path, vocab: int = ARCH_VOCAB, tokens: int = 24, seed: int = 1) -> float:
+    """Largest difference between llama.cpp's logits for `path` and `model`'s, relative to the largest logit."""
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = model(ids).logits[0].numpy()
-    with open_llama(out, n_ctx=64, logits_all=True) as llm:
+    with open_llama(path, n_ctx=64, logits_all=True) as llm:
         llm.eval(ids[0].tolist())
-        got = np.array(llm.scores[:24])
-    assert np.abs(got - expected).max() / np.abs(expected).max() < 2e-3
+        got = np.array(llm.scores[:tokens])
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
 
 
 def _load_float(source):
@@ -409,13 +413,25 @@ def test_export_gguf_carries_the_checkpoint_over(bits, group, symmetric, expect,
         assert kinds[expect] == 14, kinds
     assert max([*report.rounded.values(), 0]) < 1e-3 and max([*report.requantized.values(), 0]) < 0.1
 
-    packed = llmq.load(checkpoint, dtype=torch.float32)
-    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        expected = packed(ids).logits[0].numpy()
-    with open_llama(out, n_ctx=64, logits_all=True) as llm:
-        llm.eval(ids[0].tolist())
-        got = np.array(llm.scores[:16])
     # llama.cpp runs the same quantized weights (embeddings and lm_head as Q8_0): logits agree closely, less
     # closely when the 16-wide groups had to be re-encoded into 32-wide blocks
-    assert np.abs(got - expected).max() / np.abs(expected).max() < (0.1 if expect == "requantized" else 2e-2)
+    gap = _llamacpp_gap(llmq.load(checkpoint, dtype=torch.float32), out, vocab=49152, tokens=16, seed=2)
+    assert gap < (0.1 if expect == "requantized" else 2e-2)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_export_gguf_stacks_the_experts_of_a_moe_checkpoint(model_type, smollm2_tokenizer_dir, tmp_path):
+    """A per-expert llmq checkpoint (Mixtral's `block_sparse_moe.experts.<e>.w1/w3/w2` on disk) becomes llama.cpp's
+    stacked expert tensors, every Linear carried over exactly (symmetric W4 g32 = Q4_0), the router in F32."""
+    import llmq
+    from llmq.export import export_checkpoint
+
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **SHORT_VOCAB)
+    checkpoint = tmp_path / "ckpt"
+    quantize(str(source), checkpoint, QuantizeConfig.of(method="rtn", bits=4, group_size=32, device="cpu"))
+    out = tmp_path / "moe.gguf"
+    report = export_checkpoint(checkpoint, out)
+    assert len(report.exact) == 2 * (4 + 4 * 3) and not report.rounded and not report.requantized
+    types = _types(out)
+    assert types["blk.1.ffn_down_exps.weight"] == T.Q4_0 and types["blk.1.ffn_gate_inp.weight"] == T.F32
+    assert _llamacpp_gap(llmq.load(checkpoint, dtype=torch.float32), out) < 3e-2

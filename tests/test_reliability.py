@@ -387,6 +387,15 @@ def test_calibration_windows_longer_than_the_context_are_warned(monkeypatch, tmp
     assert (tmp_path / "o.gguf").read_bytes()[:4] == b"GGUF"
 
 
+def test_a_tokenizer_larger_than_the_embedding_is_one_line(tmp_path, tiny_llama_short_vocab_dir, calib_file):
+    """The tiny model keeps 1024 embedding rows beside SmolLM2's 49152-token tokenizer: the calibration text's
+    ids run past the embedding, which used to end in an IndexError deep inside the first forward pass."""
+    with pytest.raises(LlmqError, match=r"the model's embedding has 1024 rows: tokenizer and model do not belong"):
+        llmq.quantize(str(tiny_llama_short_vocab_dir), tmp_path / "o", llmq.QuantizeConfig.of(
+            method="gptq", group_size=32, calib=str(calib_file), samples=2, seqlen=32, device="cpu"))
+    assert not (tmp_path / "o").exists()
+
+
 def test_embedded_default_is_converted_once_and_a_damaged_copy_is_converted_again(tmp_path, monkeypatch,
                                                                                    tiny_llama_short_vocab_dir):
     """The embedded default's conversion (about 90 s for the real file) is kept under $LLMQ_CACHE and read back

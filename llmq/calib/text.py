@@ -199,4 +199,8 @@ def calibration_samples(model, tokenizer, source: str | None, samples: int, seql
         text = calibration_text(source)
         description = source if source in HUB_DATASETS else Path(source).name
     ids = tokenize_text(tokenizer, text)
+    rows = model.get_input_embeddings().num_embeddings
+    if ids.numel() and int(ids.max()) >= rows:
+        raise LlmqError(f"the tokenizer gives token id {int(ids.max())} but the model's embedding has {rows} rows: "
+                        "tokenizer and model do not belong together; give the model's own tokenizer")
     return sample_windows(ids, samples, seqlen), description

@@ -154,9 +154,18 @@ def checkpoint_state_dict(model: nn.Module, quantized: dict[str, QuantizedTensor
     return state
 
 
+def _linear_like(module: nn.Module) -> bool:
+    """An nn.Linear, or a module that holds a matrix `weight` of its own: transformers 5's MoE routers are not
+    nn.Linear, but serving engines build them as Linear layers under the checkpoint's quantization config (vLLM's
+    Qwen3-MoE gate), so they must be listed as ignored like any Linear left unquantized."""
+    weight = module._parameters.get("weight")
+    return isinstance(module, nn.Linear) or (weight is not None and weight.dim() == 2 and not isinstance(module, nn.Embedding))
+
+
 def ignored_linears(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> list[str]:
-    """The Linears left unquantized, by their on-disk names (what loaders match `ignore` against)."""
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in quantized]
+    """The Linears (and Linear-like routers) left unquantized, by their on-disk names (what loaders match `ignore`
+    against)."""
+    names = [name for name, module in model.named_modules() if _linear_like(module) and name not in quantized]
     disk = checkpoint_names(model, names)
     return [disk[name] or name for name in names]
 

@@ -37,6 +37,7 @@ from llmq.targets.gguf.writer import (
     language_config,
     prepare_float,
     row_permutation,
+    stack_experts,
     stacked_shapes,
     write_gguf,
 )
@@ -108,10 +109,7 @@ def encode_tensors(model, names: dict[str, str], types: dict[str, T],
         else:
             experts.setdefault(gguf_name, {})[slot[1]] = encoded
     for gguf_name, by_index in experts.items():
-        parts = [by_index[e] for e in range(len(by_index))]  # a missing expert is a KeyError, not a shifted stack
-        if len({part.qtype for part in parts}) != 1:
-            raise ValueError(f"{gguf_name}: experts encoded in different types")
-        tensors[gguf_name] = EncodedTensor(parts[0].qtype, np.stack([part.data for part in parts]))
+        tensors[gguf_name] = stack_experts(by_index, gguf_name)
     return tensors
 
 

@@ -228,18 +228,32 @@ def exported_tensors(model) -> list[tuple[str, torch.Tensor]]:
     return [(name, t) for name, t in tensors if name.startswith(prefix + ".") or id(t) in head]
 
 
-def gguf_names(model) -> dict[str, str]:
-    """HF tensor name -> GGUF tensor name, for every exported tensor (exported_tensors); every expert's parameter
-    maps to its layer's stacked `ffn_*_exps` tensor (its index: expert_slot). An image-text model's language
-    tensors are looked up as the text model's own (`model.language_model.` read as `model.`)."""
+def model_name_map(model):
+    """A function: the model's HF tensor name -> GGUF tensor name. Every expert's tensor maps to its layer's
+    stacked `ffn_*_exps` tensor (its index: expert_slot); an image-text model's language tensors are looked up
+    as the text model's own (`model.language_model.` read as `model.`)."""
     name_of = gguf_name_map(language_config(model.config))
     prefix = f"{language_prefix(model)}."
 
-    def text_name(hf_name: str) -> str:
-        return "model." + hf_name.removeprefix(prefix) if hf_name.startswith(prefix) else hf_name
+    def gguf_name(hf_name: str) -> str:
+        hf_name = (expert_slot(hf_name) or (hf_name,))[0]
+        return name_of("model." + hf_name.removeprefix(prefix) if hf_name.startswith(prefix) else hf_name)
 
-    return {hf_name: name_of(text_name((expert_slot(hf_name) or (hf_name,))[0]))
-            for hf_name, _ in exported_tensors(model)}
+    return gguf_name
+
+
+def gguf_names(model) -> dict[str, str]:
+    """HF tensor name -> GGUF tensor name (model_name_map), for every exported tensor (exported_tensors)."""
+    gguf_name = model_name_map(model)
+    return {hf_name: gguf_name(hf_name) for hf_name, _ in exported_tensors(model)}
+
+
+def stack_experts(by_index: dict[int, EncodedTensor], gguf_name: str) -> EncodedTensor:
+    """A layer's experts (index -> one expert's encoded projection) as llama.cpp's one 3-D tensor."""
+    parts = [by_index[e] for e in range(len(by_index))]  # a missing expert is a KeyError, not a shifted stack
+    if len({part.qtype for part in parts}) != 1:
+        raise ValueError(f"{gguf_name}: experts encoded in different types")
+    return EncodedTensor(parts[0].qtype, np.stack([part.data for part in parts]))
 
 
 def stacked_shapes(model, names: dict[str, str]) -> dict[str, tuple[int, ...]]:
