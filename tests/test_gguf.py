@@ -435,3 +435,17 @@ def test_export_gguf_stacks_the_experts_of_a_moe_checkpoint(model_type, smollm2_
     types = _types(out)
     assert types["blk.1.ffn_down_exps.weight"] == T.Q4_0 and types["blk.1.ffn_gate_inp.weight"] == T.F32
     assert _llamacpp_gap(llmq.load(checkpoint, dtype=torch.float32), out) < 3e-2
+
+
+def test_image_text_gguf_holds_the_language_model_and_says_so(monkeypatch, smollm2_tokenizer_dir, tmp_path):
+    """Gemma 3 image-text: the file has the text model's tensors only (llama.cpp wants the vision tower in a
+    separate mmproj file), and the run says how many tensors it left out."""
+    messages = []
+    monkeypatch.setattr("llmq.core.log.info", messages.append)
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, "gemma3", **SHORT_VOCAB)
+    out = tmp_path / "gemma3.gguf"
+    quantize(str(source), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type="Q8_0", device="cpu"))
+    names = set(_types(out))
+    assert "blk.1.attn_q.weight" in names
+    assert {n for n in names if not n.startswith("blk.")} == {"token_embd.weight", "output_norm.weight"}, names
+    assert any("tensors of the vision tower and projector are not written" in m for m in messages), messages

@@ -183,6 +183,11 @@ class GGUFTarget(Target):
         return GGUFPlan(names, types, grid_for_type)
 
     def write(self, path, model, tokenizer, plan: GGUFPlan, quantized, report: RunReport) -> int:
+        left_out = [name for name, _ in model.named_parameters() if name not in plan.names]
+        if left_out:  # an image-text model's vision tower and projector
+            log.info(f"llmq: the GGUF file holds the language model; {len(left_out)} tensors of the vision tower and "
+                     "projector are not written (llama.cpp reads them from a separate mmproj file, which llmq does "
+                     "not write)")
         tensors = encode_tensors(model, plan.names, plan.types, quantized)
         # general.name is the model's own name: llama.cpp switches tokenizer rules on names (one containing
         # "phi3" expects Phi-3's special tokens), so an output file's name must not leak into it
