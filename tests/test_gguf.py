@@ -449,3 +449,18 @@ def test_image_text_gguf_holds_the_language_model_and_says_so(monkeypatch, smoll
     assert "blk.1.attn_q.weight" in names
     assert {n for n in names if not n.startswith("blk.")} == {"token_embd.weight", "output_norm.weight"}, names
     assert any("tensors of the vision tower and projector are not written" in m for m in messages), messages
+
+
+def test_a_vocabulary_cut_to_the_embedding_keeps_only_its_own_merges(tiny_llama_short_vocab_dir, tmp_path):
+    """1024 embedding rows beside SmolLM2's 49152-token tokenizer: the file lists those 1024 tokens and only the
+    merges among them (a merge into a later token would give ids llama.cpp cannot embed)."""
+    out = tmp_path / "short.gguf"
+    quantize(str(tiny_llama_short_vocab_dir), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type="F32",
+                                                                    device="cpu"))
+    reader = GGUFReader(out)
+    field = lambda key: [bytes(reader.fields[key].parts[i]).decode() for i in reader.fields[key].data]
+    tokens, merges = set(field("tokenizer.ggml.tokens")), field("tokenizer.ggml.merges")
+    assert len(tokens) == ARCH_VOCAB and 0 < len(merges) < ARCH_VOCAB
+    assert all({*m.split(" "), m.replace(" ", "")} <= tokens for m in merges)
+    with open_llama(out, n_ctx=64) as llm:  # and llama.cpp tokenizes with them
+        assert max(llm.tokenize(b"The quick brown fox", add_bos=False)) < ARCH_VOCAB
