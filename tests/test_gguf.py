@@ -304,6 +304,7 @@ def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_pa
     ("deepseek_v3", dict(q_lora_rank=None), "expects a low-rank query projection for 2 layers"),
     ("llama4_text", {}, "aborts on a model without one; this model has 2 layers"),
     ("llama4_text", dict(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 1]), "fixes no_rope_layers"),
+    ("gpt_oss", dict(swiglu_limit=5.0), "fixes the layer types .* and the SwiGLU limit"),
 ])
 def test_configs_llamacpp_would_run_differently_are_refused(model_type, overrides, message, tmp_path,
                                                                smollm2_tokenizer_dir):
