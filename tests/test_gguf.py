@@ -365,7 +365,9 @@ def reference_state_dict(reference_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_M"])  # (Q8_0 and Q6_K files: the architecture tests above)
+# Q4_K_M only (CI time: each mixture costs ~55 s): Q3_K's bytes, the Q3_K_M/Q2_K mixture rules and quantized
+# files' logits are checked on tiny models above, and scripts/bench_gguf.py scores the real model's Q3_K_M
+@pytest.mark.parametrize("mixture", ["Q4_K_M"])
 def test_reference_model_runs_in_llamacpp(mixture, reference_dir, tmp_path):
     from transformers import AutoTokenizer
 
