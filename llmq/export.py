@@ -31,6 +31,7 @@ from llmq.targets.gguf.mixtures import fallback, get_mixture, is_quantizable
 from llmq.targets.gguf.target import encode_tensors, permute_rows, tensor_plan
 from llmq.targets.gguf.writer import (
     EncodedTensor,
+    assemble_tensors,
     encode_float,
     expert_slot,
     exported_tensors,
@@ -38,7 +39,6 @@ from llmq.targets.gguf.writer import (
     model_name,
     model_name_map,
     prepare_float,
-    stack_experts,
     write_gguf,
 )
 from llmq.targets.packing import unpack_int32
@@ -96,17 +96,7 @@ def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = 
     tokenizer = AutoTokenizer.from_pretrained(directory)
     config = language_config(model.config)
     gguf_name_of = model_name_map(model)
-    tensors: dict[str, EncodedTensor] = {}
-    experts: dict[str, dict[int, EncodedTensor]] = {}  # a layer's experts, stacked below as llama.cpp holds them
-
-    def place(hf_name: str, encoded: EncodedTensor) -> str:
-        gguf_name, slot = gguf_name_of(hf_name), expert_slot(hf_name)
-        if slot is None:
-            tensors[gguf_name] = encoded
-            return gguf_name
-        experts.setdefault(gguf_name, {})[slot[1]] = encoded
-        return f"{gguf_name}[{slot[1]}]"
-
+    encoded: list[tuple[str, str, EncodedTensor]] = []  # (HF name, GGUF name, tensor): assemble_tensors stacks experts
     exact, rounded, requantized = [], {}, {}
     quantized = {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
     for module_name, module in log.progress(list(quantized.items()), desc="export", unit="Linear"):
@@ -127,23 +117,26 @@ def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = 
             data = torch.from_numpy(encode_bytes(dense, qtype))
             decoded = block_type(qtype).decode(data).reshape(dense.shape)
         error = ((decoded - dense).norm() / dense.norm().clamp_min(1e-30)).item()
-        label = place(f"{module_name}.weight", EncodedTensor(qtype, permute_rows(config, gguf_name, data.numpy())))
+        encoded.append((f"{module_name}.weight", gguf_name,
+                        EncodedTensor(qtype, permute_rows(config, gguf_name, data.numpy()))))
+        slot = expert_slot(f"{module_name}.weight")
+        label = gguf_name if slot is None else f"{gguf_name}[{slot[1]}]"  # one entry per expert in the report
         if torch.equal(decoded, dense):
             exact.append(label)
         else:
             (rounded if fit is not None else requantized)[label] = error
         if module.bias is not None:
-            place(f"{module_name}.bias", encode_float(module.bias.detach().float(), T.F32))
+            bias = f"{module_name}.bias"
+            encoded.append((bias, gguf_name_of(bias), encode_float(module.bias.detach().float(), T.F32)))
     for hf_name, param in exported_tensors(model):
         if hf_name.rpartition(".")[0] in quantized:  # a QuantLinear's own tensors, written above
             continue
         gguf_name = gguf_name_of(hf_name)
         values = prepare_float(config, gguf_name, param)
         quantizable = is_quantizable(gguf_name, tuple(values.shape)) and values.shape[-1] % 32 == 0
-        place(hf_name, EncodedTensor(T.Q8_0, encode_bytes(values, T.Q8_0)) if quantizable
-              else encode_float(values, T.F32))
-    for gguf_name, by_index in experts.items():
-        tensors[gguf_name] = stack_experts(by_index, gguf_name)
+        encoded.append((hf_name, gguf_name, EncodedTensor(T.Q8_0, encode_bytes(values, T.Q8_0)) if quantizable
+                        else encode_float(values, T.F32)))
+    tensors = assemble_tensors(encoded)
     ordered = {name: tensors[name] for name in sorted(tensors, key=_gguf_order)}
     types = [t.qtype for t in ordered.values() if t.qtype in (T.Q4_0, T.Q4_1, T.Q8_0)]
     file_type = {T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_1: LlamaFileType.MOSTLY_Q4_1}.get(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
@@ -29,15 +28,14 @@ from llmq.targets.gguf.mixtures import get_mixture, plan_types
 from llmq.targets.gguf.writer import (
     EncodedTensor,
     encode_float,
+    assemble_tensors,
     expert_count,
-    expert_slot,
     exported_tensors,
     gguf_arch,
     gguf_names,
     language_config,
     prepare_float,
     row_permutation,
-    stack_experts,
     stacked_shapes,
     write_gguf,
 )
@@ -98,19 +96,9 @@ def _encode_one(model, hf_name: str, param, gguf_name: str, qtype: T, quantized:
 def encode_tensors(model, names: dict[str, str], types: dict[str, T],
                    quantized: dict[str, Quantized]) -> dict[str, EncodedTensor]:
     """Every exported tensor as a GGUF tensor; the experts of a layer stacked into one 3-D tensor per projection."""
-    tensors: dict[str, EncodedTensor] = {}
-    experts: dict[str, dict[int, EncodedTensor]] = {}
-    for hf_name, param in log.progress(exported_tensors(model), desc="encode tensors", unit="tensor"):
-        gguf_name = names[hf_name]
-        encoded = _encode_one(model, hf_name, param, gguf_name, types[gguf_name], quantized)
-        slot = expert_slot(hf_name)
-        if slot is None:
-            tensors[gguf_name] = encoded
-        else:
-            experts.setdefault(gguf_name, {})[slot[1]] = encoded
-    for gguf_name, by_index in experts.items():
-        tensors[gguf_name] = stack_experts(by_index, gguf_name)
-    return tensors
+    return assemble_tensors(
+        (hf_name, names[hf_name], _encode_one(model, hf_name, param, names[hf_name], types[names[hf_name]], quantized))
+        for hf_name, param in log.progress(exported_tensors(model), desc="encode tensors", unit="tensor"))
 
 
 class GGUFTarget(Target):

@@ -248,12 +248,23 @@ def gguf_names(model) -> dict[str, str]:
     return {hf_name: gguf_name(hf_name) for hf_name, _ in exported_tensors(model)}
 
 
-def stack_experts(by_index: dict[int, EncodedTensor], gguf_name: str) -> EncodedTensor:
-    """A layer's experts (index -> one expert's encoded projection) as llama.cpp's one 3-D tensor."""
-    parts = [by_index[e] for e in range(len(by_index))]  # a missing expert is a KeyError, not a shifted stack
-    if len({part.qtype for part in parts}) != 1:
-        raise ValueError(f"{gguf_name}: experts encoded in different types")
-    return EncodedTensor(parts[0].qtype, np.stack([part.data for part in parts]))
+def assemble_tensors(encoded) -> dict[str, EncodedTensor]:
+    """(HF name, GGUF name, encoded tensor) triples -> the file's tensors by GGUF name, each layer's experts
+    (expert_slot) stacked into llama.cpp's one 3-D tensor per projection."""
+    tensors: dict[str, EncodedTensor] = {}
+    experts: dict[str, dict[int, EncodedTensor]] = {}
+    for hf_name, gguf_name, tensor in encoded:
+        slot = expert_slot(hf_name)
+        if slot is None:
+            tensors[gguf_name] = tensor
+        else:
+            experts.setdefault(gguf_name, {})[slot[1]] = tensor
+    for gguf_name, by_index in experts.items():
+        parts = [by_index[e] for e in range(len(by_index))]  # a missing expert is a KeyError, not a shifted stack
+        if len({part.qtype for part in parts}) != 1:
+            raise ValueError(f"{gguf_name}: experts encoded in different types")
+        tensors[gguf_name] = EncodedTensor(parts[0].qtype, np.stack([part.data for part in parts]))
+    return tensors
 
 
 def stacked_shapes(model, names: dict[str, str]) -> dict[str, tuple[int, ...]]:
