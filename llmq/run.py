@@ -6,12 +6,15 @@
     stage      a temporary output beside `out`, renamed only when complete
     prepare    the method's whole-model step, if it has one (ternary-aware fine-tuning)
     calibrate  when the method needs data, or text was given and the target's grids can use it
-    quantize   layer by layer on the target's grids (llmq/calib/harness.py)
+    quantize   layer by layer on the target's grids (llmq/calib/harness.py), each finished layer checkpointed
+               beside the output so that an interrupted run resumes where it stopped (llmq/calib/resume.py)
     write      the target writes the results; one summary line
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +22,14 @@ from pathlib import Path
 from llmq.calib.arch import check_config, decoder_layout, quantizable_linears
 from llmq.calib.harness import ExpertPolicy, capture_layer_inputs, quantize_layers
 from llmq.calib.models import EMBEDDED_BASE_ID, load_model, resolve_dtype
+from llmq.calib.resume import LayerCheckpoints, run_fingerprint
 from llmq.calib.text import calibration_samples, check_calib_source
 from llmq.core import log
 from llmq.core.config import QuantizeConfig
 from llmq.core.device import human_size, resolve_device, tensor_bytes
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Method, ModelContext
+from llmq.core.timing import stage_clock
 from llmq.methods import build_method
 from llmq.targets import RunReport, Target, build_target, default_method
 
@@ -37,12 +42,23 @@ class QuantizeResult:
     seconds: float
     relative_weight_error: float
     calibration: str
+    stage_seconds: dict[str, float]  # where the time went (llmq/core/timing.py): load, statistics, column sweep, ...
 
 
-def _calibrate(model, tokenizer, layout, method: Method, config: QuantizeConfig, device):
-    """What enters the first decoder layer for every calibration window, and a description of the data."""
+def _calibrate(model, tokenizer, layout, method: Method, config: QuantizeConfig, device,
+               checkpoints: LayerCheckpoints | None):
+    """What enters the first decoder layer for every calibration window, and a description of the data.
+
+    An interrupted run's windows are used again (data-free ones are sampled, so they could not be made again).
+    """
     run = config.run
-    samples, source = calibration_samples(model, tokenizer, run.calib, run.samples, run.seqlen, device)
+    previous = checkpoints.samples() if checkpoints is not None else None
+    if previous is not None:
+        samples, source = previous
+    else:
+        samples, source = calibration_samples(model, tokenizer, run.calib, run.samples, run.seqlen, device)
+        if checkpoints is not None:
+            checkpoints.save_samples(samples, source)
     description = f"{source}, {samples.shape[0]} x {samples.shape[1]} tokens"
     if method.statistic == "hessian" and config.method.sink_weight != 1:
         description += f", first token of each window x{config.method.sink_weight:g} in GPTQ's Hessian"
@@ -81,10 +97,13 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     local = Path(model).expanduser() if model else None
     target.check_output(out, overwrite, inputs=(local,) if local is not None and local.exists() else ())
     started = time.perf_counter()
+    stage_clock.reset()
 
-    hf_model, tokenizer, model_id = load_model(model, resolve_dtype(config.run.dtype), trust_remote_code,
-                                               check_config=check_config)
-    layout = decoder_layout(hf_model, device, folds=method.searches)
+    with stage_clock("load"):
+        hf_model, tokenizer, model_id = load_model(model, resolve_dtype(config.run.dtype), trust_remote_code,
+                                                   check_config=check_config)
+    with stage_clock("discovery"):
+        layout = decoder_layout(hf_model, device, folds=method.searches)
     linears = target.quantizable(hf_model, quantizable_linears(hf_model, layout))
     layout = layout.only(linears)
     target.check_model(hf_model, linears)
@@ -93,28 +112,40 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     calibrated = method.needs_data or (config.run.calib is not None and target.weighted)
 
     with target.staging(out, overwrite) as stage:
-        notes = method.prepare_model(hf_model, ModelContext(tokenizer, device, config, list(linears), stage.artifact))
-        inputs, calibration = None, notes or "none (round-to-nearest needs no data)"
-        if calibrated:
-            inputs, calibration = _calibrate(hf_model, tokenizer, layout, method, config, device)
-            calibration = f"{notes}; {calibration}" if notes else calibration
-        plan = target.plan(hf_model, linears, storage_dtype, calibrated)
-        errors = []
-        experts = ExpertPolicy(config.run.route_all_experts, config.run.expert_min_tokens)
-        quantized = quantize_layers(hf_model, layout, method, plan, inputs, device, target.search_scheme,
-                                    on_layer=lambda report: errors.append(report.relative_weight_error),
-                                    experts=experts)
-        if experts.fell_back:
-            calibration += (f"; {experts.fell_back} of {experts.experts} expert Linear groups were routed fewer than "
-                            f"{experts.min_tokens} calibration tokens and were calibrated on every token instead")
-        error = sum(errors) / max(len(errors), 1)
-        report = RunReport(out, model_id, method.name, calibration, size_before, time.perf_counter() - started,
-                           device.type, str(storage_dtype).removeprefix("torch."), error)
-        log.info(f"llmq: writing {out} ({target.describe()})")
-        size_after = target.write(stage.path, hf_model, tokenizer, plan, quantized, report)
+        with stage_clock("whole-model step"):
+            notes = method.prepare_model(hf_model, ModelContext(tokenizer, device, config, list(linears),
+                                                                stage.artifact))
+        checkpoints = None
+        if notes is None:  # a whole-model step (ternary-aware training) is not checkpointed: such runs start over
+            fingerprint = run_fingerprint(model, dataclasses.asdict(config), config.run.calib, device)
+            checkpoints = LayerCheckpoints.open(out, fingerprint)
+        with checkpoints.guard() if checkpoints is not None else contextlib.nullcontext():
+            inputs, calibration = None, notes or "none (round-to-nearest needs no data)"
+            if calibrated:
+                with stage_clock("calibration inputs"):
+                    inputs, calibration = _calibrate(hf_model, tokenizer, layout, method, config, device, checkpoints)
+                calibration = f"{notes}; {calibration}" if notes else calibration
+            plan = target.plan(hf_model, linears, storage_dtype, calibrated)
+            errors = []
+            experts = ExpertPolicy(config.run.route_all_experts, config.run.expert_min_tokens)
+            quantized = quantize_layers(hf_model, layout, method, plan, inputs, device, target.search_scheme,
+                                        on_layer=lambda report: errors.append(report.relative_weight_error),
+                                        experts=experts, checkpoints=checkpoints)
+            if experts.fell_back:
+                calibration += (f"; {experts.fell_back} of {experts.experts} expert Linear groups were routed fewer than "
+                                f"{experts.min_tokens} calibration tokens and were calibrated on every token instead")
+            error = sum(errors) / max(len(errors), 1)
+            report = RunReport(out, model_id, method.name, calibration, size_before, time.perf_counter() - started,
+                               device.type, str(storage_dtype).removeprefix("torch."), error)
+            log.info(f"llmq: writing {out} ({target.describe()})")
+            with stage_clock("write"):
+                size_after = target.write(stage.path, hf_model, tokenizer, plan, quantized, report)
+    if checkpoints is not None:  # the output is in place: nothing left to resume
+        checkpoints.remove()
 
     seconds = time.perf_counter() - started
     log.info(f"llmq: wrote {out} ({target.describe()}, {method.name}; calibration: {calibration}): "
              f"{human_size(size_before)} -> {human_size(size_after)} ({size_before / max(size_after, 1):.2f}x smaller), "
              f"{seconds:.0f} s, mean relative weight error {error:.2e}")
-    return QuantizeResult(out, size_before, size_after, seconds, error, calibration)
+    log.info(f"llmq: time by stage: {stage_clock.summary()}")
+    return QuantizeResult(out, size_before, size_after, seconds, error, calibration, dict(stage_clock.seconds))

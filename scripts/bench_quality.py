@@ -88,6 +88,7 @@ def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
         row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         row["size_mb"] = result.size_after / 1e6
         row["what"] = result.calibration
+        row["stages"] = result.stage_seconds
         target = str(work / name)
     else:
         row["size_mb"] = (reference / "model.safetensors").stat().st_size / 1e6
@@ -101,11 +102,40 @@ def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
     return row
 
 
+# the quantize time split (llmq/core/timing.py): a threading cliff or a slow stage shows here, not only in the total
+STAGE_COLUMNS = {"statistics s": ("statistics",), "factorization s": ("factorization",),
+                 "column sweep s": ("column sweep",), "other s": None}
+
+
+def machine() -> str:
+    """The settings that decide the timings: threads (MKL's small factorizations can be 100x slower with two
+    threads on some machines, issue 14), and whether the CPU multiplies bfloat16 in hardware (AMX)."""
+    import torch
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
+    bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none"
+    env = ", ".join(f"{name}={os.environ.get(name, 'unset')}" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+    return (f"{model}, {os.cpu_count()} cores, bf16 in hardware: {bf16}; torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads (MKL: {torch.backends.mkl.is_available()}; {env}); GPTQ's "
+            "factorizations run on one thread (llmq/core/device.py)")
+
+
+def stage_cells(r: dict) -> list[str]:
+    stages = r.get("stages")
+    if not stages:
+        return ["-"] * len(STAGE_COLUMNS)
+    named = {name for names in STAGE_COLUMNS.values() if names for name in names}
+    cells = [sum(stages.get(name, 0.0) for name in names) if names else
+             sum(t for name, t in stages.items() if name not in named) for names in STAGE_COLUMNS.values()]
+    return [f"{t:.1f}" for t in cells]
+
+
 def table(rows: list[dict]) -> str:
     base = next((r["ppl"] for r in rows if r["name"] == "unquantized"), None)
-    lines = ["| row | method | bits | group | sym | act-order | perplexity | vs unquantized | size MB | quantize s "
-             "| peak RSS GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | method | bits | group | sym | act-order | perplexity | vs unquantized | size MB | quantize s | "
+             + " | ".join(STAGE_COLUMNS) + " | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(STAGE_COLUMNS) + "---|"]
     for r in rows:
         if r["name"] == "unquantized":
             spec = ("bf16", 16, "-", "-", "-")
@@ -113,13 +143,15 @@ def table(rows: list[dict]) -> str:
             method, bits, group, symmetric, act_order, _ = ROWS[r["name"]]
             spec = (method, bits, group, "sym" if symmetric else "asym", "yes" if act_order else "no")
         if "refused" in r:
-            lines.append(f"| {r['name']} | " + " | ".join(map(str, spec)) + f" | refused: {r['refused']} | | | | |")
+            lines.append(f"| {r['name']} | " + " | ".join(map(str, spec)) + f" | refused: {r['refused']} |"
+                         + " |" * (4 + len(STAGE_COLUMNS)))
             continue
         ratio = f"{r['ppl'] / base:.3f}x" if base else "-"
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
         rss = f"{r['peak_rss_gb']:.2f}" if "peak_rss_gb" in r else "-"
         lines.append(f"| {r['name']} | " + " | ".join(map(str, spec))
-                     + f" | {r['ppl']:.2f} | {ratio} | {r['size_mb']:.1f} | {seconds} | {rss} |")
+                     + f" | {r['ppl']:.2f} | {ratio} | {r['size_mb']:.1f} | {seconds} | "
+                     + " | ".join(stage_cells(r)) + f" | {rss} |")
     return "\n".join(lines)
 
 
@@ -149,7 +181,7 @@ def main() -> None:
         if args.save_cards and card.exists():
             (ROOT / "model_cards" / f"SmolLM2-135M-Instruct-{name}.md").write_text(card.read_text())
     print(f"SmolLM2-135M-Instruct, wikitext2 test, {args.windows} windows x 2048 tokens, "
-          f"calibration 128 x 512 tokens of wikitext2 valid; {os.cpu_count()} CPU cores\n")
+          f"calibration 128 x 512 tokens of wikitext2 valid\n{machine()}\n")
     print(table(rows))
     for r in rows:
         if r.get("what", "").startswith("post-training ternary"):

@@ -92,9 +92,11 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def save_tiny_model(directory: Path, tokenizer_dir: Path, model_type: str = "llama", seed: int = 0,
-                    random_buffers: bool = False, **overrides) -> Path:
+                    random_buffers: bool = False, loud_channels: float = 1.0, **overrides) -> Path:
     """`random_buffers`: persistent buffers (DeepSeek-V3's router correction bias, zeros at init) get random
-    values too, so that a test sees whether they reach the output."""
+    values too, so that a test sees whether they reach the output. `loud_channels`: 4 hidden channels of the
+    embedding scaled by this factor, so that every layer's residual stream and norm outputs carry a few loud
+    channels as trained LLMs' do (random weights have none, and AWQ then has nothing to protect)."""
     from llmq.calib.models import causal_lm_class
 
     torch.manual_seed(seed)
@@ -104,6 +106,11 @@ def save_tiny_model(directory: Path, tokenizer_dir: Path, model_type: str = "lla
     for name, buffer in model.named_buffers():
         if random_buffers and name in saved and buffer.is_floating_point():
             buffer.copy_(torch.randn(buffer.shape) * 0.5)
+    if loud_channels != 1.0:
+        embedding = model.get_input_embeddings().weight
+        loud = torch.randperm(embedding.shape[1], generator=torch.Generator().manual_seed(seed))[:4]
+        with torch.no_grad():
+            embedding[:, loud] *= loud_channels
     model.save_pretrained(directory)
     _tokenizer(str(tokenizer_dir)).save_pretrained(directory)
     return directory

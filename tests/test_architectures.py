@@ -22,6 +22,7 @@ MOE = ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "llama4_te
 IMAGE_TEXT = ["gemma3", "qwen2_5_vl"]
 ARCHITECTURES = DENSE + MOE + IMAGE_TEXT
 METHODS = ("rtn", "gptq", "awq")
+LOUD = 20.0  # the matrix models' loud embedding channels (conftest.save_tiny_model)
 
 
 def _float_model(model_type: str, seed: int = 0):
@@ -130,7 +131,10 @@ def matrix(tmp_path_factory, smollm2_tokenizer_dir, calib_file):
     root = tmp_path_factory.mktemp("architectures")
     jobs, failures, summaries = {}, {}, {}
     for model_type in ARCHITECTURES:
-        source = save_tiny_model(root / model_type, smollm2_tokenizer_dir, model_type)
+        # a few loud channels in the residual stream, as trained LLMs have: on plain random weights AWQ's scales
+        # have nothing to protect, its choices between near-equal candidates are decided by rounding noise, and
+        # it lands 5% above or below RTN from one thread count to the next
+        source = save_tiny_model(root / model_type, smollm2_tokenizer_dir, model_type, loud_channels=LOUD)
         outputs = {}
         try:
             for method in METHODS:
@@ -149,8 +153,8 @@ def matrix(tmp_path_factory, smollm2_tokenizer_dir, calib_file):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    # 4 windows of held-out text: the error of one short window is too noisy to rank methods by
-    ids = tokenizer(TEST_TEXT.read_text()[:40_000], return_tensors="pt").input_ids[:, :256].reshape(4, 64)
+    # 16 windows of held-out text: the error of a few short windows is too noisy to rank methods by
+    ids = tokenizer(TEST_TEXT.read_text()[:40_000], return_tensors="pt").input_ids[:, :1024].reshape(16, 64)
     torch.save(ids, root / "ids.pt")
     done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(jobs), str(root / "ids.pt")],
                           capture_output=True, text=True, timeout=900)
@@ -160,7 +164,7 @@ def matrix(tmp_path_factory, smollm2_tokenizer_dir, calib_file):
 
 @pytest.mark.xdist_group("architecture-matrix")  # one worker builds the matrix fixture, once
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-def test_outputs_load_in_a_fresh_process_and_gptq_beats_rtn(model_type, matrix):
+def test_outputs_load_in_a_fresh_process_and_gptq_and_awq_beat_rtn(model_type, matrix):
     report, failures, _ = matrix
     if model_type in failures:
         raise failures[model_type]
@@ -169,10 +173,7 @@ def test_outputs_load_in_a_fresh_process_and_gptq_beats_rtn(model_type, matrix):
     expected_auto = "AutoModelForImageTextToText" if model_type == "qwen2_5_vl" else "AutoModelForCausalLM"
     assert errors["auto"] == expected_auto
     assert errors["gptq"] < errors["rtn"], errors
-    # AWQ on random weights: no outlier channels for its scales to protect, and its per-group clip search
-    # measures ~2-10% above RTN here (README "Architectures"); on trained models, and on tiny ones with loud
-    # channels, it beats RTN (README table, tests/test_awq.py)
-    assert errors["awq"] < 1.15 * errors["rtn"], errors
+    assert errors["awq"] < errors["rtn"], errors
     assert max(errors[m] for m in METHODS) < 0.5  # changed, not destroyed
     # llmq's own packed loader computes what transformers does (CPU int4 kernel vs dequantized float32)
     assert max(errors[m + "_llmq_load"] for m in METHODS) < 2e-2, errors

@@ -99,3 +99,42 @@ def test_sink_weight_counts_each_windows_first_token_that_many_times():
     plain = HessianCollector(16, torch.device("cpu"))
     plain.add(x)
     assert not torch.allclose(plain.hessian(), weighted.hessian(), rtol=1e-3)
+
+
+def _reference_sweep(W, Hinv, block_size, round_column):
+    """The loop of the reference gptq.py, on W itself (columns strided in memory), for comparison."""
+    for i1 in range(0, W.shape[1], block_size):
+        i2 = min(i1 + block_size, W.shape[1])
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            err1 = (W1[:, i] - round_column(i1 + i, W1, i)) / Hinv1[i, i]
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("grid", ["integer", "q4_k"])
+def test_sweep_equals_the_reference_loop(monkeypatch, act_order, grid):
+    """llmq's sweep (lazy blocks, rank-1 updates in place, any grid) against the reference gptq.py loop: the guard
+    for any faster formulation of it (issue 14)."""
+    from gguf import GGMLQuantizationType as T
+
+    from llmq.core.config import MethodOptions
+    from llmq.methods import gptq
+    from llmq.methods.grids.integer import IntegerGrid
+    from llmq.methods.grids.kquant import KQuantGrid
+
+    x = correlated_inputs(features=512)
+    w = torch.randn(192, 512, generator=torch.Generator().manual_seed(1))
+    grid = IntegerGrid(QuantScheme(4, 64, False), torch.bfloat16) if grid == "integer" else KQuantGrid(T.Q4_K)
+
+    def run():
+        stats = HessianCollector(512, torch.device("cpu"))
+        stats.add(x)
+        return gptq.GPTQ(MethodOptions(act_order=act_order)).quantize(w, stats, grid).dequantize()
+
+    ours = run()
+    monkeypatch.setattr(gptq, "error_feedback_sweep", _reference_sweep)
+    reference = run()
+    assert torch.equal(ours, reference)  # same products, same order: bit for bit

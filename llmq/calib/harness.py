@@ -25,11 +25,13 @@ from torch import nn
 
 from llmq.calib.capture import LayerInput, StopForward, first_tensor, layer_output, run_until
 from llmq.calib.experts import set_route_all
+from llmq.calib.resume import LayerCheckpoints
 from llmq.calib.statistics import new_collector
 from llmq.core import log
 from llmq.core.interfaces import Grid, Method, Quantized
 from llmq.core.layers import DecoderLayout, LinearGroup
 from llmq.core.scheme import QuantScheme
+from llmq.core.timing import stage_clock
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,8 @@ class ExpertPolicy:
 def _collect(layer: nn.Module, first: nn.Module, inputs, stats, route_all: bool) -> None:
     set_route_all(layer, route_all)
     try:
-        run_until(layer, first, inputs, lambda args, kwargs: stats.add(first_tensor(args, kwargs)))
+        with stage_clock("statistics"):
+            run_until(layer, first, inputs, lambda args, kwargs: stats.add(first_tensor(args, kwargs)))
     finally:
         set_route_all(layer, False)
 
@@ -174,7 +177,8 @@ def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: M
         rows = sum(linears[name].out_features for name in part.linears)
         w = weight[row : row + rows]
         row += rows
-        quantized = method.quantize(w, stats, part.grid) if part.grid.rounds else part.grid.keep(w)
+        with stage_clock("rounding"):
+            quantized = method.quantize(w, stats, part.grid) if part.grid.rounds else part.grid.keep(w)
         dequantized = quantized.dequantize().to(w.device)  # block and ternary results decode on the CPU
         err_num += (dequantized - w).pow(2).sum().item()
         err_den += w.pow(2).sum().item()
@@ -199,32 +203,89 @@ def quantize_layers(
     search_scheme: QuantScheme | None = None,
     on_layer: Callable[[LayerReport], None] | None = None,
     experts: ExpertPolicy | None = None,
+    checkpoints: LayerCheckpoints | None = None,
 ) -> dict[str, Quantized]:
     """Quantize every discovered Linear in place (weights replaced by their dequantized values).
 
     Returns full module name -> the quantized weight (on CPU). `inputs` is needed when the method calibrates.
+    With `checkpoints`, layers an interrupted run finished are restored instead of quantized again, and each
+    layer is checkpointed when done (llmq/calib/resume.py).
     """
     if method.needs_data and inputs is None:
         raise ValueError(f"method {method.name} needs calibration inputs")
     experts = experts or ExpertPolicy()
     layers = model.get_submodule(layout.layers)
     results: dict[str, Quantized] = {}
-    for index in log.progress(range(len(layers)), desc=f"{method.name} layers", unit="layer"):
+    with stage_clock("checkpoints"):
+        start = _restore_finished_layers(layers, layout, inputs, checkpoints, results, experts, on_layer)
+    for index in log.progress(range(start, len(layers)), desc=f"{method.name} layers", unit="layer",
+                              initial=start, total=len(layers)):
         layer, layer_map = layers[index].to(device), layout.maps[index]
         for item in inputs or ():
             item.for_layer(index)
         if inputs is not None:
-            method.prepare_layer(layer, layer_map, inputs, search_scheme)
+            with stage_clock("layer transform"):
+                method.prepare_layer(layer, layer_map, inputs, search_scheme)
         err_num = err_den = 0.0
         prefix = f"{layout.layers}.{index}"
+        layer_results, fell_back, seen = {}, experts.fell_back, experts.experts
         for group in layer_map.groups:
             parts, num, den = _quantize_group(layer, prefix, group, method, plan, inputs, device, experts)
-            results.update(parts)
+            layer_results.update(parts)
             err_num, err_den = err_num + num, err_den + den
-        if inputs is not None and index < len(layers) - 1:
-            for item in inputs:
-                item.hidden = layer_output(layer(item.hidden, **item.kwargs))
+        results.update(layer_results)
+        next_layer = inputs is not None and index < len(layers) - 1
+        if next_layer:
+            with stage_clock("next layer's inputs"):
+                for item in inputs:
+                    item.hidden = layer_output(layer(item.hidden, **item.kwargs))
         layer.to("cpu")
+        report = LayerReport(index, err_num / max(err_den, 1e-30))
+        if checkpoints is not None:
+            with stage_clock("checkpoints"):
+                counts = {"experts": experts.experts - seen, "experts_fell_back": experts.fell_back - fell_back}
+                _save_layer(checkpoints, index, layer, prefix, layer_results, report, counts,
+                            [item.hidden for item in inputs] if next_layer else None)
         if on_layer is not None:
-            on_layer(LayerReport(index, err_num / max(err_den, 1e-30)))
+            on_layer(report)
     return results
+
+
+def _save_layer(checkpoints: LayerCheckpoints, index: int, layer: nn.Module, prefix: str,
+                layer_results: dict[str, Quantized], report: LayerReport, counts: dict, next_inputs) -> None:
+    """Checkpoint a finished layer: its quantized weights, every other tensor it holds (norms AWQ folded into),
+    its report and the next layer's inputs."""
+    quantized_weights = {f"{name.removeprefix(prefix + '.')}.weight" for name in layer_results}
+    others = {name: t for name, t in layer.state_dict().items() if name not in quantized_weights}
+    checkpoints.save_layer(index, others, layer_results,
+                           {"relative_weight_error": report.relative_weight_error, **counts}, next_inputs)
+
+
+def _restore_finished_layers(layers: nn.ModuleList, layout: DecoderLayout, inputs: list[LayerInput] | None,
+                             checkpoints: LayerCheckpoints | None, results: dict[str, Quantized],
+                             experts: ExpertPolicy, on_layer) -> int:
+    """Put back the layers an interrupted run finished, as it left them; returns the first layer left to do."""
+    start = min(checkpoints.finished(), len(layers)) if checkpoints is not None else 0
+    if not start:
+        return 0
+    log.info(f"llmq: resuming: {start} of {len(layers)} layers were finished by an interrupted run "
+             f"({checkpoints.directory.name})")
+    for index in range(start):
+        others, layer_results, report = checkpoints.load_layer(index)
+        layer, prefix = layers[index], f"{layout.layers}.{index}"
+        missing = layer.load_state_dict(others, strict=False).missing_keys
+        for name, quantized in layer_results.items():
+            linear = layer.get_submodule(name.removeprefix(prefix + "."))
+            linear.weight.data.copy_(quantized.dequantize().to(linear.weight.dtype))
+            missing.remove(f"{name.removeprefix(prefix + '.')}.weight")
+        if missing:
+            raise RuntimeError(f"checkpoint of layer {index} lacks {missing[:3]}; delete {checkpoints.directory}")
+        results.update(layer_results)
+        experts.experts += report["experts"]
+        experts.fell_back += report["experts_fell_back"]
+        if on_layer is not None:
+            on_layer(LayerReport(index, report["relative_weight_error"]))
+    if inputs is not None and start < len(layers):
+        for item, hidden in zip(inputs, checkpoints.load_inputs(start), strict=True):
+            item.hidden = hidden.to(item.hidden.device)
+    return start

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from llmq.core.errors import LlmqError
+from llmq.core.records import record
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
+@record
 @dataclass(frozen=True)
 class QuantScheme:
     """What grid a weight is rounded to. group_size=-1 means one group per output row (per-channel)."""
@@ -70,6 +72,7 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     return dequantize_values(g, scale.float().unsqueeze(-1), z).reshape(rows, cols)
 
 
+@record
 @dataclass
 class QuantizedTensor:
     """A weight on the integer grid: signed integers, one scale (and zero point) per (row, group)."""

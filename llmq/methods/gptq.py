@@ -19,6 +19,7 @@ from llmq.core import log
 from llmq.core.device import small_linear_algebra
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Grid, Method, Quantized
+from llmq.core.timing import stage_clock
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -84,7 +85,8 @@ class GPTQ(Method):
         if opts.act_order:
             order = torch.argsort(H.diagonal(), descending=True)
             W, H = W[:, order], H[order][:, order]
-        Hinv = inverse_hessian_cholesky(H, opts.damp)
+        with stage_clock("factorization"):
+            Hinv = inverse_hessian_cholesky(H, opts.damp)
         integers = torch.zeros_like(W)
 
         def round_column(position: int, block: torch.Tensor, i: int) -> torch.Tensor:
@@ -96,5 +98,6 @@ class GPTQ(Method):
             return fit.value(q, column)[:, 0]
 
         block = aligned_block(opts.block_size, fit.refit_group_size) if dynamic else opts.block_size
-        error_feedback_sweep(W, Hinv, block, round_column)
+        with stage_clock("column sweep"):
+            error_feedback_sweep(W, Hinv, block, round_column)
         return fit.result(integers)

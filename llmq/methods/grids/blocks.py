@@ -24,9 +24,12 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from llmq.core.records import record
+
 QK_K = 256
 
 
+@record
 @dataclass
 class Codes:
     """The stored numbers of n blocks (torch tensors; integers as int32, d/dmin as float32 holding fp16 values)."""

@@ -19,12 +19,17 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from llmq.core.interfaces import Grid, GridFit
+from llmq.core.records import record
 from llmq.methods.grids.blocks import Codes, block_type
 from llmq.methods.grids.kquant_search import encode, grid_of
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
 
+record(T)  # a BlockTensor's block type, in checkpoints by name
+
+
+@record
 @dataclass
 class BlockTensor:
     """A weight [rows, cols] in a GGUF block type: the codes of its blocks, row after row."""
@@ -49,6 +54,7 @@ class BlockTensor:
         return block_type(self.qtype).pack(self.codes).reshape(self.shape[0], -1).numpy()
 
 
+@record
 @dataclass
 class FloatTensor:
     """A weight a GGUF file stores as floats (F32 / F16 / BF16): the values it will read back."""

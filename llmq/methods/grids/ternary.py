@@ -19,11 +19,13 @@ import torch
 from llmq.core.config import QuantizeConfig
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Grid, GridFit, Quantized
+from llmq.core.records import record
 
 GRANULARITIES = ("tensor", "channel", "group")
 MIN_SCALE = 1e-5  # BitNet's clamp: an all-zero tensor keeps a finite scale
 
 
+@record
 @dataclass(frozen=True)
 class TernaryScheme:
     granularity: str = "tensor"  # tensor | channel | group
@@ -75,6 +77,7 @@ def ternary_codes(weight: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return (weight.detach().float() / expand_scale(gamma, weight.shape[1])).round().clamp(-1, 1).to(torch.int8)
 
 
+@record
 @dataclass
 class TernaryTensor:
     """Ternary codes and the stored scale of one weight."""

@@ -1,0 +1,160 @@
+"""Resumable runs: every finished decoder layer is checkpointed beside the output, and a run that was interrupted
+(Ctrl-C, SIGTERM, SIGKILL, a crash, a full disk) continues from the last finished layer.
+
+    .NAME.resume/                     beside --out; removed once the output is in place
+        run.json                      the run's fingerprint and how its calibration windows were made
+        samples.safetensors           the calibration token windows (data-free ones are not sampled again)
+        layer-00003.safetensors       layer 3's quantized weights and its other tensors (norms AWQ folded into)
+        layer-00003.json              their description (llmq/core/records.py) and the layer's report
+        inputs-00004.safetensors      what enters layer 4: the quantized layers' output on the calibration windows
+
+Each file is written under a temporary name and renamed. A layer counts as finished when its .json exists: it is
+written last, after the next layer's inputs, so a finished layer always has what the next one needs.
+
+The fingerprint is a SHA-256 of everything that decides the result: llmq's version, every setting, the model
+(each file's name, size and modification time, or the hub id), the calibration text's content and the
+device type. Checkpoints whose fingerprint differs are discarded, with a note, and the run starts over. Nothing
+here is pickled: tensors are safetensors, the rest JSON, and only registered record classes are rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmq.core import __version__, log
+from llmq.core.interfaces import Quantized
+from llmq.core.records import flatten, unflatten
+
+
+def resume_directory(out: Path) -> Path:
+    return out.parent / f".{out.name}.resume"
+
+
+def _source_identity(path: Path) -> list:
+    """Name, size and modification time of every file under a local model directory (or of one file)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files]
+
+
+def _text_identity(source: str | None) -> str | None:
+    """The calibration text file's SHA-256 (a dataset name stands for itself)."""
+    if source is None or not Path(source).is_file():
+        return source
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_fingerprint(model: str | None, settings: dict, calib: str | None, device: torch.device) -> str:
+    """What must be equal for a checkpoint to be reused (see the module's docstring)."""
+    local = Path(model).expanduser() if model else None
+    parts = {
+        "llmq": __version__,
+        "settings": settings,
+        "model": _source_identity(local) if local is not None and local.exists() else model,
+        "calib": _text_identity(calib),
+        "device": device.type,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _replace_file(path: Path, write) -> None:
+    """write(temporary path), then rename it to `path`: a file is whole or absent."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+class LayerCheckpoints:
+    """The checkpoints of one run (see the module's docstring). `open` starts or continues them."""
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.directory, self.fingerprint = directory, fingerprint
+
+    @classmethod
+    def open(cls, out: Path, fingerprint: str) -> LayerCheckpoints:
+        directory = resume_directory(out)
+        run_file = directory / "run.json"
+        if directory.is_dir():
+            try:
+                same = json.loads(run_file.read_text()).get("fingerprint") == fingerprint
+            except (OSError, ValueError, AttributeError):
+                same = False
+            if not same:
+                log.info(f"llmq: {directory.name} was left by a run with other settings, model or data; starting over")
+                shutil.rmtree(directory)
+        if not directory.is_dir():
+            directory.mkdir(parents=True)
+            _replace_file(run_file, lambda p: p.write_text(json.dumps({"fingerprint": fingerprint}) + "\n"))
+        return cls(directory, fingerprint)
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Around the run: a run that fails before finishing a layer leaves no checkpoints (nothing to resume)."""
+        try:
+            yield self
+        except BaseException:
+            if not self.finished():
+                self.remove()
+            raise
+
+    # calibration windows -------------------------------------------------------------------------------------
+    def samples(self) -> tuple[torch.Tensor, str] | None:
+        """The calibration windows a previous attempt used, and their description."""
+        path = self.directory / "samples.safetensors"
+        if not path.is_file():
+            return None
+        description = json.loads((self.directory / "run.json").read_text()).get("calibration", "")
+        return load_file(path)["samples"], description
+
+    def save_samples(self, samples: torch.Tensor, description: str) -> None:
+        _replace_file(self.directory / "samples.safetensors",
+                      lambda p: save_file({"samples": samples.contiguous()}, p))
+        run = {"fingerprint": self.fingerprint, "calibration": description}
+        _replace_file(self.directory / "run.json", lambda p: p.write_text(json.dumps(run) + "\n"))
+
+    # layers --------------------------------------------------------------------------------------------------
+    def finished(self) -> int:
+        """How many layers, from the first, are finished."""
+        count = 0
+        while (self.directory / f"layer-{count:05d}.json").is_file():
+            count += 1
+        return count
+
+    def save_layer(self, index: int, others: dict[str, torch.Tensor], results: dict[str, Quantized], report: dict,
+                   next_inputs: list[torch.Tensor] | None) -> None:
+        """Layer `index` is done: its non-quantized tensors, quantized weights, report, and the next layer's inputs."""
+        if next_inputs is not None:
+            _replace_file(self.directory / f"inputs-{index + 1:05d}.safetensors", lambda p: save_file(
+                {f"batch.{i}": hidden.to("cpu").contiguous() for i, hidden in enumerate(next_inputs)}, p))
+        tensors = {f"layer.{name}": value.to("cpu").contiguous().clone() for name, value in others.items()}
+        described = {name: flatten(value, f"quantized.{name}", tensors) for name, value in results.items()}
+        _replace_file(self.directory / f"layer-{index:05d}.safetensors", lambda p: save_file(tensors, p))
+        meta = {"others": sorted(others), "quantized": described, "report": report}
+        _replace_file(self.directory / f"layer-{index:05d}.json", lambda p: p.write_text(json.dumps(meta)))
+        (self.directory / f"inputs-{index:05d}.safetensors").unlink(missing_ok=True)  # no longer needed
+
+    def load_layer(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Quantized], dict]:
+        meta = json.loads((self.directory / f"layer-{index:05d}.json").read_text())
+        tensors = load_file(self.directory / f"layer-{index:05d}.safetensors")
+        others = {name: tensors[f"layer.{name}"] for name in meta["others"]}
+        results = {name: unflatten(description, tensors) for name, description in meta["quantized"].items()}
+        return others, results, meta["report"]
+
+    def load_inputs(self, index: int) -> list[torch.Tensor]:
+        tensors = load_file(self.directory / f"inputs-{index:05d}.safetensors")
+        return [tensors[f"batch.{i}"] for i in range(len(tensors))]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

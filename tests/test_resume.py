@@ -1,0 +1,133 @@
+"""Resumable runs (llmq/calib/resume.py): a run killed with SIGKILL after some layers continues from the last
+finished layer and writes exactly the bytes an uninterrupted run writes; checkpoints of other settings are not
+reused; quantized weights survive the trip through safetensors + JSON bit for bit."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import save_tiny_model
+
+from llmq import QuantizeConfig, quantize
+from llmq.calib.resume import resume_directory
+from llmq.core.records import flatten, record, unflatten
+
+KILL_AFTER_LAYER = r"""
+import os, signal, sys
+import llmq
+from llmq.calib.resume import LayerCheckpoints
+from llmq.core import log
+log.quiet = True
+save_layer = LayerCheckpoints.save_layer
+def save_then_die(self, index, *args, **kwargs):
+    save_layer(self, index, *args, **kwargs)
+    if index == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no clean-up: what a power cut or the OOM killer does
+LayerCheckpoints.save_layer = save_then_die
+config = llmq.QuantizeConfig.of(**__import__("json").loads(sys.argv[4]))
+llmq.quantize(sys.argv[1], sys.argv[2], config)
+"""
+
+
+def _weights_file(out):
+    return out if out.suffix == ".gguf" else out / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def three_layer_model(tmp_path_factory, smollm2_tokenizer_dir):
+    return save_tiny_model(tmp_path_factory.mktemp("three-layers"), smollm2_tokenizer_dir, num_hidden_layers=3)
+
+
+# AWQ into compressed-tensors (folded norms must come back from the checkpoint), GPTQ into GGUF (another target,
+# another kind of quantized record); both need the saved inputs of the next layer
+@pytest.mark.parametrize("options, name", [
+    (dict(method="awq", group_size=32), "awq"),
+    (dict(method="gptq", format="gguf", gguf_type="Q4_K_M"), "gptq.gguf"),
+])
+def test_a_killed_run_resumes_and_writes_what_an_uninterrupted_run_writes(options, name, three_layer_model, tmp_path,
+                                                                           calib_file, capsys):
+    from llmq.core import log
+
+    options = dict(options, calib=str(calib_file), samples=8, seqlen=64, device="cpu")
+    whole = tmp_path / f"whole-{name}"
+    quantize(str(three_layer_model), whole, QuantizeConfig.of(**options))
+    assert not resume_directory(whole).exists()  # removed once the output is in place
+
+    out = tmp_path / name
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER, str(three_layer_model), str(out), "1",
+                             json.dumps(options)], capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not out.exists()
+    left = resume_directory(out)
+    assert sorted(p.name for p in left.iterdir() if p.suffix == ".json") == ["layer-00000.json", "layer-00001.json",
+                                                                            "run.json"]
+    assert (left / "inputs-00002.safetensors").is_file() and not (left / "inputs-00001.safetensors").exists()
+
+    log.quiet = False
+    try:
+        result = quantize(str(three_layer_model), out, QuantizeConfig.of(**options))
+    finally:
+        log.quiet = True
+    assert "resuming: 2 of 3 layers were finished by an interrupted run" in capsys.readouterr().err
+    assert _weights_file(out).read_bytes() == _weights_file(whole).read_bytes()
+    assert not left.exists()
+    assert result.relative_weight_error > 0  # the restored layers' errors count in the summary
+
+
+def test_checkpoints_of_other_settings_are_not_reused(three_layer_model, tmp_path, calib_file, capsys):
+    from llmq.core import log
+
+    options = dict(method="gptq", calib=str(calib_file), samples=8, seqlen=64, device="cpu")
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER, str(three_layer_model), str(out), "0",
+                             json.dumps(dict(options, group_size=64))], capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    log.quiet = False
+    try:
+        quantize(str(three_layer_model), out, QuantizeConfig.of(**options, group_size=32))
+    finally:
+        log.quiet = True
+    err = capsys.readouterr().err
+    assert "left by a run with other settings, model or data; starting over" in err and "resuming" not in err
+    whole = tmp_path / "whole"
+    quantize(str(three_layer_model), whole, QuantizeConfig.of(**options, group_size=32))
+    assert _weights_file(out).read_bytes() == _weights_file(whole).read_bytes()
+
+
+def test_quantized_weights_survive_a_checkpoint_bit_for_bit():
+    from gguf import GGMLQuantizationType as T
+
+    from llmq.core.scheme import QuantScheme
+    from llmq.methods.grids.integer import IntegerGrid
+    from llmq.methods.grids.kquant import KQuantGrid
+    from llmq.methods.grids.ternary import TernaryGrid, TernaryScheme
+
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    grids = [IntegerGrid(QuantScheme(4, 32, False), torch.bfloat16), KQuantGrid(T.Q4_K),
+             TernaryGrid(TernaryScheme("channel"), torch.bfloat16)]
+    for grid in grids:
+        fit = grid.fit(w)
+        quantized = fit.result(fit.nearest())
+        tensors = {}
+        description = json.loads(json.dumps(flatten(quantized, "w", tensors)))  # what the .json file holds
+        rebuilt = unflatten(description, tensors)
+        assert type(rebuilt) is type(quantized)
+        assert torch.equal(rebuilt.dequantize(), quantized.dequantize())
+        assert max(t.element_size() for n, t in tensors.items() if not t.is_floating_point()) == 1  # a byte per code
+
+
+def test_only_registered_records_are_rebuilt():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Unregistered:
+        x: int
+
+    with pytest.raises(TypeError, match="not a checkpointable record"):
+        flatten(Unregistered(1), "u", {})
+    with pytest.raises(ValueError, match="not a checkpointable record"):
+        unflatten({"record": "Popen", "fields": {}}, {})
+    assert record  # the decorator the grids' result classes use
