@@ -21,6 +21,7 @@ from pathlib import Path
 
 from llmq.calib.arch import check_config, decoder_layout, quantizable_linears
 from llmq.calib.harness import ExpertPolicy, capture_layer_inputs, quantize_layers
+from llmq.calib.lazy import lazy_weights
 from llmq.calib.models import EMBEDDED_BASE_ID, load_model, resolve_dtype
 from llmq.calib.resume import LayerCheckpoints, run_fingerprint
 from llmq.calib.text import calibration_samples, check_calib_source
@@ -53,10 +54,17 @@ def _calibrate(model, tokenizer, layout, method: Method, config: QuantizeConfig,
     """
     run = config.run
     previous = checkpoints.samples() if checkpoints is not None else None
+    weights = lazy_weights(model)
     if previous is not None:
         samples, source = previous
     else:
+        if weights is not None and run.calib is None:  # text may have to be sampled from the whole model
+            log.info("llmq: no --calib text: reading the whole model, in case calibration text must be sampled from it")
+            weights.load_all()
         samples, source = calibration_samples(model, tokenizer, run.calib, run.samples, run.seqlen, device)
+        if weights is not None and run.calib is None:
+            for index in range(weights.layer_count):
+                weights.release_layer(index)
         if checkpoints is not None:
             checkpoints.save_samples(samples, source)
     description = f"{source}, {samples.shape[0]} x {samples.shape[1]} tokens"
@@ -101,7 +109,11 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
 
     with stage_clock("load"):
         hf_model, tokenizer, model_id = load_model(model, resolve_dtype(config.run.dtype), trust_remote_code,
-                                                   check_config=check_config)
+                                                   check_config=check_config,
+                                                   lazy=target.lazy_layers and not method.whole_model)
+        weights = lazy_weights(hf_model)
+        if weights is not None:
+            weights.load_globals()
     with stage_clock("discovery"):
         layout = decoder_layout(hf_model, device, folds=method.searches)
     linears = target.quantizable(hf_model, quantizable_linears(hf_model, layout))
@@ -125,6 +137,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
                 with stage_clock("calibration inputs"):
                     inputs, calibration = _calibrate(hf_model, tokenizer, layout, method, config, device, checkpoints)
                 calibration = f"{notes}; {calibration}" if notes else calibration
+            if weights is not None:  # the layers need none of them; the writer reads them from disk
+                weights.release_globals()
             plan = target.plan(hf_model, linears, storage_dtype, calibrated)
             errors = []
             experts = ExpertPolicy(config.run.route_all_experts, config.run.expert_min_tokens)

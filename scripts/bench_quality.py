@@ -112,13 +112,15 @@ def machine() -> str:
     threads on some machines, issue 14), and whether the CPU multiplies bfloat16 in hardware (AMX)."""
     import torch
 
+    from llmq.core.device import SMALL_MATRIX
+
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
     bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "none"
     env = ", ".join(f"{name}={os.environ.get(name, 'unset')}" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
     return (f"{model}, {os.cpu_count()} cores, bf16 in hardware: {bf16}; torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads (MKL: {torch.backends.mkl.is_available()}; {env}); GPTQ's "
-            "factorizations run on one thread (llmq/core/device.py)")
+            f"factorizations run on one thread below {SMALL_MATRIX} rows (llmq/core/device.py)")
 
 
 def stage_cells(r: dict) -> list[str]:

@@ -31,3 +31,15 @@ def test_known_4bit_word():
     # v0..v7 = -8..-1 -> unsigned 0..7, v0 in the low nibble: 0x76543210
     values = torch.arange(-8, 0, dtype=torch.int8).reshape(1, 8)
     assert pack_int32(values, 4).item() == 0x76543210
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_a_few_rows_at_a_time_gives_the_same_words(bits, monkeypatch):
+    import llmq.targets.packing as packing
+
+    torch.manual_seed(bits)
+    values = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (37, 96), dtype=torch.int8)
+    whole, down_columns = packing.pack_int32(values, bits), packing.pack_int32(values, bits, dim=0)
+    monkeypatch.setattr(packing, "_CHUNK_VALUES", 5 * 96)  # 5 rows at a time, the last chunk 2 rows
+    assert torch.equal(packing.pack_int32(values, bits), whole)
+    assert torch.equal(packing.pack_int32(values, bits, dim=0), down_columns)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llmq.calib.discover import discover, find_decoder_layers
-from llmq.calib.experts import unfuse_experts
+from llmq.calib.discover import discover, find_decoder_layers, layers_to_probe
+from llmq.calib.experts import experts_modules, unfuse_experts
 from llmq.calib.harness import probe_layer_inputs
 from llmq.core import log
 from llmq.core.errors import LlmqError
@@ -33,13 +33,14 @@ def check_config(config) -> None:
 
 def decoder_layout(model: nn.Module, device: torch.device, folds: bool) -> DecoderLayout:
     """The loaded model's decoder layers and each layer's groups (with exact folds when `folds`, for AWQ)."""
-    experts = unfuse_experts(model)
+    unfuse_experts(model)  # a lazy model's skeleton was unfused when it was built
+    experts = sum(module.llmq_num_experts for module in experts_modules(model))
     if experts:
         log.info(f"llmq: {experts} experts made per-expert Linears (each calibrated on the tokens routed to it)")
     _, layers = find_decoder_layers(model)
     vocab = model.get_input_embeddings().num_embeddings
     tokens = (torch.arange(PROBE_TOKENS) * 7919 + 100).remainder(vocab).unsqueeze(0)
-    layout = discover(model, probe_layer_inputs(model, layers, tokens, device), folds)
+    layout = discover(model, probe_layer_inputs(model, layers, tokens, device, layers_to_probe(layers)), folds)
     override = OVERRIDES.get(model.config.model_type)
     if override is not None:
         layout = override(layout)

@@ -19,6 +19,7 @@ Layers with the same structure share one discovery. Routers and gates (Linears n
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -272,17 +273,25 @@ def discover_layer(layer: nn.Module, probe: LayerInput, folds: bool, index: int 
     return layer_map, notes
 
 
+def layers_to_probe(layers: nn.ModuleList) -> int:
+    """How many layers, from the first, discovery runs: up to the last one whose structure is new."""
+    signatures = [_signature(layer) for layer in layers]
+    return max(signatures.index(signature) for signature in set(signatures)) + 1
+
+
 @torch.no_grad()
-def discover(model: nn.Module, probes: list[LayerInput], folds: bool) -> DecoderLayout:
-    """Every decoder layer's groups. probes[i]: layer i's input on a few tokens (llmq/calib/harness.py)."""
+def discover(model: nn.Module, probes: Iterable[LayerInput], folds: bool) -> DecoderLayout:
+    """Every decoder layer's groups. probes: the inputs of the first layers_to_probe(layers) layers on a few
+    tokens, in order (llmq/calib/harness.py), each while its layer is in memory."""
     path, layers = find_decoder_layers(model)
-    maps, notes, known = [], [], {}
-    for index, layer in enumerate(layers):
+    notes, known = [], {}
+    for index, probe in enumerate(probes):
+        layer = layers[index]
         signature = _signature(layer)
         if signature not in known:
-            known[signature] = discover_layer(layer, probes[index], folds, index)
+            known[signature] = discover_layer(layer, probe, folds, index)
             notes.extend(f"layer {index}: {note}" for note in known[signature][1])
-        maps.append(known[signature][0])
+    maps = [known[_signature(layer)][0] for layer in layers]
     if not any(m.groups for m in maps):
         raise LlmqError(f"{type(model).__name__}: discovery found no Linear to quantize in its decoder layers")
     return DecoderLayout(path, maps, notes)

@@ -17,7 +17,8 @@ Peak device memory is one layer, its statistics, and the calibration activations
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from llmq.calib.capture import LayerInput, StopForward, first_tensor, layer_output, run_until
 from llmq.calib.experts import set_route_all
+from llmq.calib.lazy import lazy_weights
 from llmq.calib.resume import LayerCheckpoints
 from llmq.calib.statistics import new_collector
 from llmq.core import log
@@ -83,9 +85,12 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch
             return (hidden,) if returns_tuple[0] else hidden
         return forward
 
+    weights = lazy_weights(model)
     _move_non_layer_modules(model, layers, device)
     for index, layer in enumerate(layers):
         layer.forward = recorder(index)
+    if weights is not None:
+        weights.load_layer(0)
     layers[0].to(device)  # runs once, to learn what a layer returns
     batches = samples.split(batch_size)
     try:
@@ -98,23 +103,27 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch
         for layer in layers:
             del layer.forward
         layers[0].to("cpu")
+        if weights is not None:
+            weights.release_layer(0)
         _move_non_layer_modules(model, layers, "cpu")
     return captured
 
 
 @torch.no_grad()
-def probe_layer_inputs(model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor, device) -> list[LayerInput]:
-    """Each decoder layer's input for a few probe tokens [1, n] (what discovery runs the layers on)."""
+def probe_layer_inputs(model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor, device,
+                       count: int) -> Iterator[LayerInput]:
+    """The inputs of the first `count` decoder layers for a few probe tokens [1, n] (what discovery runs the
+    layers on). Each is yielded while its layer is in memory (a lazy model reads it for the time being)."""
     first = capture_layer_inputs(model, layers, tokens, device, tokens.shape[0], progress=False)[0]
-    probes, hidden = [], first.hidden
-    for index, layer in enumerate(layers):
-        kwargs = first.layer_kwargs[index]
-        probes.append(LayerInput(hidden, kwargs))
-        if index < len(layers) - 1:
-            layer.to(device)
-            hidden = layer_output(layer(hidden, **kwargs))
-            layer.to("cpu")
-    return probes
+    hidden, weights = first.hidden, lazy_weights(model)
+    for index in range(count):
+        layer, kwargs = layers[index], first.layer_kwargs[index]
+        with weights.layer(index) if weights is not None else contextlib.nullcontext():
+            yield LayerInput(hidden, kwargs)
+            if index < count - 1:
+                layer.to(device)
+                hidden = layer_output(layer(hidden, **kwargs))
+                layer.to("cpu")
 
 
 @dataclass
@@ -209,17 +218,26 @@ def quantize_layers(
 
     Returns full module name -> the quantized weight (on CPU). `inputs` is needed when the method calibrates.
     With `checkpoints`, layers an interrupted run finished are restored instead of quantized again, and each
-    layer is checkpointed when done (llmq/calib/resume.py).
+    layer is checkpointed when done (llmq/calib/resume.py). A lazy model (llmq/calib/lazy.py) reads each layer
+    when it is reached and lets go of its quantized weights once checkpointed: the results are then read back
+    from the checkpoints, a layer at a time, when the target writes them.
     """
     if method.needs_data and inputs is None:
         raise ValueError(f"method {method.name} needs calibration inputs")
+    weights = lazy_weights(model)
+    if weights is not None and checkpoints is None:
+        raise ValueError("a lazy model's results are kept in its layer checkpoints; pass them")
     experts = experts or ExpertPolicy()
     layers = model.get_submodule(layout.layers)
     results: dict[str, Quantized] = {}
     with stage_clock("checkpoints"):
-        start = _restore_finished_layers(layers, layout, inputs, checkpoints, results, experts, on_layer)
+        start = _restore_finished_layers(layers, layout, inputs, checkpoints, results, experts, on_layer,
+                                         keep_results=weights is None)
     for index in log.progress(range(start, len(layers)), desc=f"{method.name} layers", unit="layer",
                               initial=start, total=len(layers)):
+        if weights is not None:
+            with stage_clock("load"):
+                weights.load_layer(index)
         layer, layer_map = layers[index].to(device), layout.maps[index]
         for item in inputs or ():
             item.for_layer(index)
@@ -233,7 +251,6 @@ def quantize_layers(
             parts, num, den = _quantize_group(layer, prefix, group, method, plan, inputs, device, experts)
             layer_results.update(parts)
             err_num, err_den = err_num + num, err_den + den
-        results.update(layer_results)
         next_layer = inputs is not None and index < len(layers) - 1
         if next_layer:
             with stage_clock("next layer's inputs"):
@@ -246,9 +263,43 @@ def quantize_layers(
                 counts = {"experts": experts.experts - seen, "experts_fell_back": experts.fell_back - fell_back}
                 _save_layer(checkpoints, index, layer, prefix, layer_results, report, counts,
                             [item.hidden for item in inputs] if next_layer else None)
+        if weights is None:
+            results.update(layer_results)
+        else:  # only the small tensors stay (norms AWQ folded into): the writer reads them from the model
+            weights.release_layer(index, keep={name for name in weights.layer_tensors(index)
+                                               if name.removesuffix(".weight") not in layer_results})
         if on_layer is not None:
             on_layer(report)
-    return results
+    return results if weights is None else CheckpointedResults(checkpoints, layout.layers, len(layers))
+
+
+class CheckpointedResults(Mapping):
+    """Full Linear name -> its quantized weight, read from the layer checkpoints one layer at a time (the last
+    layer read is kept): what a lazy run hands its target, which writes in layer order."""
+
+    def __init__(self, checkpoints: LayerCheckpoints, layers_path: str, layer_count: int):
+        self.checkpoints, self.prefix = checkpoints, layers_path + "."
+        self.names = [name for index in range(layer_count) for name in checkpoints.quantized_names(index)]
+        self._known = set(self.names)
+        self._layer, self._results = -1, {}
+
+    def __getitem__(self, name: str) -> Quantized:
+        if name not in self._known:
+            raise KeyError(name)
+        index = int(name.removeprefix(self.prefix).split(".", 1)[0])
+        if index != self._layer:
+            self._layer, self._results = index, {}  # let go of the previous layer before reading the next
+            self._results = self.checkpoints.load_layer(index)[1]
+        return self._results[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._known
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _save_layer(checkpoints: LayerCheckpoints, index: int, layer: nn.Module, prefix: str,
@@ -263,8 +314,9 @@ def _save_layer(checkpoints: LayerCheckpoints, index: int, layer: nn.Module, pre
 
 def _restore_finished_layers(layers: nn.ModuleList, layout: DecoderLayout, inputs: list[LayerInput] | None,
                              checkpoints: LayerCheckpoints | None, results: dict[str, Quantized],
-                             experts: ExpertPolicy, on_layer) -> int:
-    """Put back the layers an interrupted run finished, as it left them; returns the first layer left to do."""
+                             experts: ExpertPolicy, on_layer, keep_results: bool) -> int:
+    """Put back the layers an interrupted run finished, as it left them; returns the first layer left to do.
+    Without `keep_results` (a lazy model) only their small tensors are put back, and their results stay on disk."""
     start = min(checkpoints.finished(), len(layers)) if checkpoints is not None else 0
     if not start:
         return 0
@@ -273,14 +325,16 @@ def _restore_finished_layers(layers: nn.ModuleList, layout: DecoderLayout, input
     for index in range(start):
         others, layer_results, report = checkpoints.load_layer(index)
         layer, prefix = layers[index], f"{layout.layers}.{index}"
-        missing = layer.load_state_dict(others, strict=False).missing_keys
+        missing = layer.load_state_dict(others, strict=False, assign=not keep_results).missing_keys
         for name, quantized in layer_results.items():
-            linear = layer.get_submodule(name.removeprefix(prefix + "."))
-            linear.weight.data.copy_(quantized.dequantize().to(linear.weight.dtype))
             missing.remove(f"{name.removeprefix(prefix + '.')}.weight")
+            if keep_results:
+                linear = layer.get_submodule(name.removeprefix(prefix + "."))
+                linear.weight.data.copy_(quantized.dequantize().to(linear.weight.dtype))
         if missing:
             raise RuntimeError(f"checkpoint of layer {index} lacks {missing[:3]}; delete {checkpoints.directory}")
-        results.update(layer_results)
+        if keep_results:
+            results.update(layer_results)
         experts.experts += report["experts"]
         experts.fell_back += report["experts_fell_back"]
         if on_layer is not None:

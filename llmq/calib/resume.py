@@ -157,6 +157,10 @@ class LayerCheckpoints:
         results = {name: unflatten(description, tensors) for name, description in meta["quantized"].items()}
         return others, results, meta["report"]
 
+    def quantized_names(self, index: int) -> list[str]:
+        """The Linears layer `index` quantized (full names), without reading its tensors."""
+        return list(json.loads((self.directory / f"layer-{index:05d}.json").read_text())["quantized"])
+
     def load_inputs(self, index: int) -> list[torch.Tensor]:
         tensors = load_file(self.directory / f"inputs-{index:05d}.safetensors")
         return [tensors[f"batch.{i}"] for i in range(len(tensors))]

@@ -64,6 +64,8 @@ class HessianCollector:
         self.sum_xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0.0
         self.sink_weight = sink_weight
+        self._hessian: torch.Tensor | None = None  # the sum, scaled in place once it is asked for
+        self._diagonal: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         if x.dim() == 3 and self.sink_weight != 1:
@@ -78,11 +80,19 @@ class HessianCollector:
             self.sum_xxt.addmm_(xf.T, xf)
 
     def hessian(self) -> torch.Tensor:
-        return self.sum_xxt * (2.0 / max(self.tokens, 1))
+        """2 E[x x^T]: the sum scaled in place when first asked for (no second matrix of its size: Llama-3-8B's
+        down_proj Hessian is 822 MB), then shared by every reader, which must not change it. Nothing may be
+        added afterwards."""
+        if self._hessian is None:
+            self._diagonal = self.sum_xxt.diagonal().clone()
+            self._hessian = self.sum_xxt.mul_(2.0 / max(self.tokens, 1))
+            self.sum_xxt = None
+        return self._hessian
 
     def importance(self) -> torch.Tensor:
         """Mean x^2 per channel: the Hessian's diagonal (sink-weighted like the Hessian), without the factor 2."""
-        return self.sum_xxt.diagonal() / max(self.tokens, 1)
+        diagonal = self._diagonal if self._diagonal is not None else self.sum_xxt.diagonal()
+        return diagonal / max(self.tokens, 1)
 
 
 def new_collector(statistic: str | None, in_features: int, device: torch.device, sink_weight: float):

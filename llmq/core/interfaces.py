@@ -128,6 +128,7 @@ class Method:
     ternary: bool = False  # rounds onto ternary values only: picks the ternary targets and mixtures
     searches: bool = False  # fake-quantizes candidates on the target's nearest integer grid (its search_scheme)
     side_files: tuple[str, ...] = ()  # files prepare_model writes beside the output (ModelContext.artifact names)
+    whole_model: bool = False  # has a whole-model step (prepare_model): the model is loaded whole, not a layer at a time
 
     def __init__(self, options: MethodOptions | None = None):
         self.options = options or MethodOptions()

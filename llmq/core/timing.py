@@ -22,21 +22,25 @@ class StageClock:
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self._nested: list[float] = []  # per open stage: seconds spent in stages opened inside it
+        self.open: list[str] = []  # the stages open now, outermost first (what a memory sampler tags with)
 
     def reset(self) -> None:
         self.seconds.clear()
         self._nested.clear()
+        self.open.clear()
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
         _synchronize()
         started = time.perf_counter()
         self._nested.append(0.0)
+        self.open.append(stage)
         try:
             yield
         finally:
             _synchronize()
             elapsed = time.perf_counter() - started
+            self.open.pop()
             nested = self._nested.pop()
             self.seconds[stage] += elapsed - nested
             if self._nested:

@@ -160,6 +160,7 @@ class BitNet(RTN):
 
     name = "bitnet"
     ternary = True
+    whole_model = True
 
     @property
     def side_files(self) -> tuple[str, ...]:

@@ -53,6 +53,7 @@ class Target(ABC):
     name: str = ""
     default_method: str = "gptq"  # what --method means when it is not given
     weighted: bool = False  # its grids weigh their fit by an input importance: --calib then helps round-to-nearest
+    lazy_layers: bool = False  # writes from a lazy model (llmq/calib/lazy.py): it reads tensors left on disk itself
 
     def __init__(self, config: QuantizeConfig, method: Method):
         self.config, self.method = config, method

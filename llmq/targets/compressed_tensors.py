@@ -15,14 +15,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
+from llmq.calib.discover import find_decoder_layers
 from llmq.calib.harness import Part, Plan
+from llmq.calib.lazy import tensor_of
 from llmq.calib.naming import checkpoint_names, checkpoint_state
 from llmq.core import log
 from llmq.core.errors import LlmqError
@@ -32,6 +34,7 @@ from llmq.methods.grids.integer import IntegerGrid
 from llmq.targets.base import RunReport, Target
 from llmq.targets.card import model_card
 from llmq.targets.packing import pack_int32, packed_words
+from llmq.targets.shards import ShardWriter
 
 FORMAT = "pack-quantized"
 _EXPERT = re.compile(r"\.experts\.\d+\.")  # a routed expert's Linear (llmq/calib/experts.py names them so)
@@ -133,25 +136,40 @@ def packed_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def checkpoint_state_dict(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model: nn.Module, quantized: Mapping[str, QuantizedTensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Packed tensors for the quantized Linears and the model's own tensors for everything else, all under the
-    names transformers writes on disk (llmq/calib/naming.py: Mixtral's experts as `block_sparse_moe.experts.<e>.w1`).
+    names transformers writes on disk (llmq/calib/naming.py: Mixtral's experts as `block_sparse_moe.experts.<e>.w1`),
+    made a decoder layer at a time: the tensors outside the layers first, then each layer's. A lazy model's
+    tensors left on disk are read as they come (llmq/calib/lazy.py), and so are its results.
 
     A tensor tied to an earlier one (lm_head to the embeddings) is stored once, under its first name, which
     is the name transformers ties from when it loads.
     """
-    plain, seen = {}, set()
-    for key, value in model.state_dict().items():
+    layers_path, layers = find_decoder_layers(model)
+    in_layer = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.")
+    chunk_of = lambda name: int(match.group(1)) if (match := in_layer.match(name)) else -1
+    plain: dict[int, list[tuple[str, torch.Tensor]]] = {index: [] for index in range(-1, len(layers))}
+    seen = set()
+    for key, value in model.state_dict(keep_vars=True).items():
         module_name, _, param = key.rpartition(".")
-        if (module_name in quantized and param == "weight") or value.data_ptr() in seen:
+        identity = ("object", id(value)) if value.is_meta else ("storage", value.data_ptr())
+        if (module_name in quantized and param == "weight") or identity in seen:
             continue
-        seen.add(value.data_ptr())
-        plain[key] = value
-    state = checkpoint_state(model, plain)
+        seen.add(identity)
+        plain[chunk_of(key)].append((key, value))
+    linears: dict[int, list[str]] = {index: [] for index in plain}
+    for name in quantized:
+        linears[chunk_of(name + ".")].append(name)
     disk = checkpoint_names(model, list(quantized))
-    for name, q in quantized.items():
-        state.update(packed_tensors(disk[name] or name, q))
-    return state
+    for index, tensors in plain.items():
+        if index == -1:  # embeddings and head, one at a time: Llama-3-8B's are 2.1 GB each in float32
+            for key, value in sorted(tensors, key=lambda item: item[0]):
+                yield from checkpoint_state(model, {key: tensor_of(model, key, value).detach()}).items()
+            continue
+        state = checkpoint_state(model, {key: tensor_of(model, key, value).detach() for key, value in tensors})
+        yield from sorted(state.items())  # one order, however the model came to hold its tensors
+        for name in linears[index]:
+            yield from packed_tensors(disk[name] or name, quantized[name]).items()
 
 
 def _linear_like(module: nn.Module) -> bool:
@@ -183,9 +201,14 @@ def without_fused_experts(model: nn.Module, linears: dict[str, nn.Linear]) -> di
     return {name: linear for name, linear in linears.items() if name not in fused}
 
 
-def write_weights(directory: Path, state: dict[str, torch.Tensor]) -> None:
-    """Safetensors shards (5 GB each) with an index when sharded; tied tensors stored once."""
-    save_torch_state_dict(state, directory, max_shard_size="5GB")
+def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Safetensors shards (5 GB each) with an index when sharded, written a tensor at a time; returns the bytes of
+    tensor data. Tied tensors must come once (the callers skip them)."""
+    shards = ShardWriter(directory)
+    for name, tensor in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        shards.add(name, tensor)
+        del tensor  # else the loop would hold it while the next one is made (two 2.1 GB embeddings at once)
+    return shards.close()
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
@@ -219,6 +242,7 @@ class CompressedTensorsTarget(Target):
     """A Hugging Face model directory: packed integer weights, config with `quantization_config`, tokenizer, card."""
 
     name = "compressed-tensors"
+    lazy_layers = True
 
     def check(self) -> None:
         if self.method.ternary:
@@ -255,7 +279,7 @@ class CompressedTensorsTarget(Target):
 
     def write(self, path, model, tokenizer, plan, quantized: dict[str, Quantized], report: RunReport) -> int:
         scheme, mse = self.config.scheme, self.config.method.mse
-        write_weights(path, checkpoint_state_dict(model, quantized))
+        write_weights(path, checkpoint_tensors(model, quantized))
         model.config.quantization_config = quantization_config(
             scheme, self.act_order, ignored_linears(model, quantized), "mse" if mse else "minmax")
         model.config.save_pretrained(path)

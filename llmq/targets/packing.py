@@ -20,11 +20,31 @@ def packed_words(n: int, bits: int) -> int:
     return math.ceil(n * bits / 32)
 
 
+_CHUNK_VALUES = 1 << 22  # values packed at once: the bit spelling takes 8 * bits bytes per value
+
+
 def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
-    """Pack a 2-D signed int8 tensor along `dim` (1: along rows, 0: down columns) into int32 words."""
+    """Pack a 2-D signed int8 tensor along `dim` (1: along rows, 0: down columns) into int32 words.
+
+    Rows are packed a few million values at a time: spelling out a Llama-3-8B gate_proj's 58.7M values at once
+    took 1.9 GB per intermediate."""
     if dim == 0:
         return pack_int32(values.T, bits, dim=1).T.contiguous()
     rows, n = values.shape
+    step = max(1, _CHUNK_VALUES // max(n, 1))
+    if rows > step:
+        return torch.cat([_pack_rows(values[start : start + step], bits) for start in range(0, rows, step)])
+    return _pack_rows(values, bits)
+
+
+def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    rows, n = values.shape
+    if 32 % bits == 0:  # whole values per word: shift each into place (8x less work than spelling out bits)
+        per_word = 32 // bits
+        unsigned = values.to(torch.int64) + (1 << (bits - 1))
+        unsigned = torch.nn.functional.pad(unsigned, (0, -n % per_word)).reshape(rows, -1, per_word)
+        word_values = (unsigned << (torch.arange(per_word, device=values.device) * bits)).sum(dim=-1)
+        return (word_values - ((word_values >> 31) << 32)).to(torch.int32)
     unsigned = values.to(torch.int64) + (1 << (bits - 1))
     padded = math.ceil(n / 32) * 32
     unsigned = torch.nn.functional.pad(unsigned, (0, padded - n))

@@ -9,12 +9,15 @@ by its planned type, metadata and tokenizer (llmq/targets/gguf/writer.py).
 from __future__ import annotations
 
 import contextlib
+import itertools
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from gguf import GGMLQuantizationType as T
 
 from llmq.calib.harness import Part
+from llmq.calib.lazy import tensor_of
 from llmq.core import log
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Grid, Quantized
@@ -27,6 +30,7 @@ from llmq.targets.base import RunReport, Stage, Target
 from llmq.targets.gguf.mixtures import get_mixture, plan_types
 from llmq.targets.gguf.writer import (
     EncodedTensor,
+    SpilledTensors,
     encode_float,
     assemble_tensors,
     expert_count,
@@ -89,21 +93,40 @@ def _encode_one(model, hf_name: str, param, gguf_name: str, qtype: T, quantized:
         else:
             raise TypeError(f"GGUF cannot store {type(result).__name__} ({module})")
         return EncodedTensor(encoded.qtype, permute_rows(language_config(model.config), gguf_name, encoded.data))
-    values = prepare_float(language_config(model.config), gguf_name, param)
+    values = prepare_float(language_config(model.config), gguf_name, tensor_of(model, hf_name, param))
     return EncodedTensor(qtype, encode_bytes(values, qtype)) if qtype in QUANTIZED_TYPES else encode_float(values, qtype)
 
 
-def encode_tensors(model, names: dict[str, str], types: dict[str, T],
-                   quantized: dict[str, Quantized]) -> dict[str, EncodedTensor]:
-    """Every exported tensor as a GGUF tensor; the experts of a layer stacked into one 3-D tensor per projection."""
-    return assemble_tensors(
-        (hf_name, names[hf_name], _encode_one(model, hf_name, param, names[hf_name], types[names[hf_name]], quantized))
-        for hf_name, param in log.progress(exported_tensors(model), desc="encode tensors", unit="tensor"))
+def encode_tensors(model, names: dict[str, str], types: dict[str, T], quantized: Mapping[str, Quantized],
+                   spill: SpilledTensors | None = None) -> Mapping[str, EncodedTensor]:
+    """Every exported tensor as a GGUF tensor; the experts of a layer stacked into one 3-D tensor per projection.
+
+    Made a decoder layer at a time (`blk.<n>.` tensors in a run): with `spill`, each layer's tensors go to its
+    scratch file before the next layer's are made, and `spill` is returned."""
+    tensors = spill if spill is not None else {}
+    in_order = log.progress(exported_tensors(model), desc="encode tensors", unit="tensor")
+    for _, run in itertools.groupby(in_order, key=lambda item: _block_of(names[item[0]])):
+        encoded = assemble_tensors(
+            (hf_name, names[hf_name], _encode_one(model, hf_name, param, names[hf_name], types[names[hf_name]],
+                                                  quantized))
+            for hf_name, param in run)
+        for name, tensor in encoded.items():
+            if spill is not None:
+                spill.add(name, tensor)
+            else:
+                tensors[name] = tensor
+    return tensors
+
+
+def _block_of(gguf_name: str) -> str | None:
+    """The decoder layer a GGUF tensor belongs to (`blk.<n>.`), None outside the layers."""
+    return gguf_name.split(".", 2)[1] if gguf_name.startswith("blk.") else None
 
 
 class GGUFTarget(Target):
     name = "gguf"
     default_method = "rtn"  # plain k-quant search, as llama-quantize (imatrix-weighted with --calib)
+    lazy_layers = True
 
     def __init__(self, config, method):
         super().__init__(config, method)
@@ -176,11 +199,15 @@ class GGUFTarget(Target):
             log.info(f"llmq: the GGUF file holds the language model; {len(left_out)} tensors of the vision tower and "
                      "projector are not written (llama.cpp reads them from a separate mmproj file, which llmq does "
                      "not write)")
-        tensors = encode_tensors(model, plan.names, plan.types, quantized)
-        # general.name is the model's own name: llama.cpp switches tokenizer rules on names (one containing
-        # "phi3" expects Phi-3's special tokens), so an output file's name must not leak into it
-        return write_gguf(path, model, tokenizer, tensors, self.mixture.file_type,
-                          name=report.base_model.rstrip("/").rpartition("/")[2])
+        spill = SpilledTensors(Path(f"{path}.tensors"))  # beside the staged file, removed either way
+        try:
+            tensors = encode_tensors(model, plan.names, plan.types, quantized, spill)
+            # general.name is the model's own name: llama.cpp switches tokenizer rules on names (one containing
+            # "phi3" expects Phi-3's special tokens), so an output file's name must not leak into it
+            return write_gguf(path, model, tokenizer, tensors, self.mixture.file_type,
+                              name=report.base_model.rstrip("/").rpartition("/")[2])
+        finally:
+            spill.remove()
 
     def describe(self) -> str:
         return f"GGUF {self.mixture.name}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,42 @@ class EncodedTensor:
 
     qtype: T
     data: np.ndarray
+
+
+class SpilledTensors(Mapping):
+    """GGUF name -> EncodedTensor, kept in a scratch file as they are made and read back memory-mapped when
+    written: gguf-py's writer needs every tensor's shape and type before the first byte of data, and a
+    Llama-3-8B's Q4_K_M tensors alone are 4.9 GB. Each read maps its own bytes, let go once written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "wb")
+        self._entries: dict[str, tuple[T, np.dtype, tuple[int, ...], int]] = {}
+
+    def add(self, name: str, tensor: EncodedTensor) -> None:
+        data = np.ascontiguousarray(tensor.data)
+        self._entries[name] = (tensor.qtype, data.dtype, data.shape, self._file.tell())
+        data.tofile(self._file)
+
+    def __getitem__(self, name: str) -> EncodedTensor:
+        qtype, dtype, shape, offset = self._entries[name]
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if not np.prod(shape):
+            return EncodedTensor(qtype, np.empty(shape, dtype))
+        return EncodedTensor(qtype, np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape))
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def remove(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def gguf_arch(config) -> MODEL_ARCH:
@@ -575,7 +612,7 @@ def model_name(model, fallback: str) -> str:
 # ---- writing --------------------------------------------------------------------------------------------------
 
 
-def write_gguf(path: str | Path, model, tokenizer, tensors: dict[str, EncodedTensor], file_type: int,
+def write_gguf(path: str | Path, model, tokenizer, tensors: Mapping[str, EncodedTensor], file_type: int,
                name: str) -> int:
     """Write `tensors` (GGUF name -> encoded) with the model's metadata to `path`; returns the file size in bytes.
 
@@ -597,6 +634,8 @@ def write_gguf(path: str | Path, model, tokenizer, tensors: dict[str, EncodedTen
             writer.add_tensor(tensor_name, np.ascontiguousarray(data))
         else:
             writer.add_tensor(tensor_name, np.ascontiguousarray(data), raw_dtype=tensor.qtype)
+    # the writer alone holds the data now, and lets go of each tensor once written (spilled ones are mapped)
+    tensors = tensor = data = None
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
