@@ -63,8 +63,7 @@ def _calibrate(model, tokenizer, layout, method: Method, config: QuantizeConfig,
             weights.load_all()
         samples, source = calibration_samples(model, tokenizer, run.calib, run.samples, run.seqlen, device)
         if weights is not None and run.calib is None:
-            for index in range(weights.layer_count):
-                weights.release_layer(index)
+            weights.release_layers()
         if checkpoints is not None:
             checkpoints.save_samples(samples, source)
     description = f"{source}, {samples.shape[0]} x {samples.shape[1]} tokens"

@@ -178,6 +178,11 @@ class LazyWeights:
         for index in range(self.layer_count):
             self.load_layer(index)
 
+    def release_layers(self) -> None:
+        """Every decoder layer back to the meta device (after load_all)."""
+        for index in range(self.layer_count):
+            self.release_layer(index)
+
     def tensor(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """`value` (the model's tensor `name`), read from disk when it is not in memory."""
         return self.read([name])[name] if value.is_meta else value
