@@ -89,6 +89,10 @@ def _quantize_parser(sub) -> None:
     run.add_argument("--expert-min-tokens", type=int, default=RunOptions.expert_min_tokens,
                      help="MoE: an expert routed fewer calibration tokens is calibrated on every token instead "
                           f"(default {RunOptions.expert_min_tokens})")
+    run.add_argument("--nproc", type=int, default=1,
+                     help="processes (torch.distributed, one node): calibration windows shared out, statistics summed, "
+                          "solves dealt out by cost, rank 0 writes; the same as `torchrun --nproc-per-node N -m llmq "
+                          "quantize ...`, which also takes torchrun's multi-node flags (default 1)")
 
 
 def _eval_parser(sub) -> None:
@@ -118,13 +122,51 @@ def _group(args, kind) -> dict:
     return {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(kind)}
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def _launch_ranks(argv: list[str], nproc: int) -> None:
+    """`--nproc N`: the same command in N processes started by torchrun (one node, its own rendezvous), each
+    with its share of the cores unless OMP_NUM_THREADS says otherwise."""
+    import os
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", "llmq", *_without_nproc(argv)])
+    except ChildFailedError as error:
+        raise LlmqError(f"{len(error.failures)} of {nproc} processes failed (their messages are above); "
+                        "no output was written") from None
+
+
 def _run_quantize(args) -> None:
-    from llmq.run import default_out, quantize
+    from llmq.core.ranks import launched_by_torchrun, leave
+    from llmq.run import check_ranks, default_out, method_and_target, quantize
 
     config = QuantizeConfig(QuantScheme(**_group(args, QuantScheme)), MethodOptions(**_group(args, MethodOptions)),
                             TargetOptions(**_group(args, TargetOptions)), RunOptions(**_group(args, RunOptions)))
-    quantize(args.model, args.out or default_out(args.model, config), config, overwrite=args.overwrite,
-             trust_remote_code=args.trust_remote_code)
+    if args.nproc < 1:
+        raise LlmqError(f"--nproc must be 1 or more, not {args.nproc}")
+    if args.nproc > 1 and not launched_by_torchrun():
+        check_ranks(method_and_target(config)[0], args.nproc)  # a bad flag is one line here, not one per process
+        _launch_ranks(args.argv, args.nproc)
+        return
+    try:
+        quantize(args.model, args.out or default_out(args.model, config), config, overwrite=args.overwrite,
+                 trust_remote_code=args.trust_remote_code)
+    finally:
+        leave()
 
 
 def _run_export(args) -> None:
@@ -181,13 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     _export_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     # Only the main thread may set handlers; main() called from another thread keeps the process's own.
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         {"quantize": _run_quantize, "eval": _run_eval, "export-gguf": _run_export}[args.command](args)
     except LlmqError as error:
-        print(f"llmq: error: {error}", file=sys.stderr)
+        from llmq.core.ranks import world
+
+        rank = world()[0]
+        print(f"llmq{f' (rank {rank})' if rank else ''}: error: {error}", file=sys.stderr)
         return 2
     except Terminated:
         print("llmq: stopped by SIGTERM; no output was written", file=sys.stderr)

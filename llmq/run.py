@@ -25,7 +25,7 @@ from llmq.calib.lazy import lazy_weights
 from llmq.calib.models import EMBEDDED_BASE_ID, load_model, resolve_dtype
 from llmq.calib.resume import LayerCheckpoints, run_fingerprint
 from llmq.calib.text import calibration_samples, check_calib_source
-from llmq.core import log
+from llmq.core import log, ranks
 from llmq.core.config import QuantizeConfig
 from llmq.core.device import human_size, resolve_device, tensor_bytes
 from llmq.core.errors import LlmqError
@@ -61,7 +61,10 @@ def _calibrate(model, tokenizer, layout, method: Method, config: QuantizeConfig,
         if weights is not None and run.calib is None:  # text may have to be sampled from the whole model
             log.info("llmq: no --calib text: reading the whole model, in case calibration text must be sampled from it")
             weights.load_all()
-        samples, source = calibration_samples(model, tokenizer, run.calib, run.samples, run.seqlen, device)
+        made = None
+        if ranks.is_main():  # data-free windows are sampled: made once, so that every rank has the same
+            made = calibration_samples(model, tokenizer, run.calib, run.samples, run.seqlen, device)
+        samples, source = ranks.share(made, 0)
         if weights is not None and run.calib is None:
             weights.release_layers()
         if checkpoints is not None:
@@ -71,7 +74,14 @@ def _calibrate(model, tokenizer, layout, method: Method, config: QuantizeConfig,
         description += f", first token of each window x{config.method.sink_weight:g} in GPTQ's Hessian"
     batch = max(1, run.calib_batch_tokens // samples.shape[1])
     layers = model.get_submodule(layout.layers)
-    return capture_layer_inputs(model, layers, samples, device, batch), description
+    return capture_layer_inputs(model, layers, ranks.shard(samples), device, batch), description
+
+
+def check_ranks(method: Method, size: int) -> None:
+    """What cannot be spread across several processes (torchrun) is refused before anything is read."""
+    if size > 1 and (method.searches or method.whole_model):
+        raise LlmqError(f"--method {method.name} searches or trains on the calibration windows as a whole, which is not "
+                        "shared across processes yet; run it in one process (without --nproc or torchrun)")
 
 
 def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
@@ -99,7 +109,11 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     method, target = method_and_target(config)
     if config.run.calib is not None:
         check_calib_source(config.run.calib)
-    device = resolve_device(config.run.device)
+    device = ranks.join(resolve_device(config.run.device))
+    check_ranks(method, ranks.world()[1])
+    if not ranks.is_main():
+        log.quiet = True  # rank 0 reports for all
+    ranks.check_threads()
     out = Path(out)
     local = Path(model).expanduser() if model else None
     target.check_output(out, overwrite, inputs=(local,) if local is not None and local.exists() else ())
@@ -122,13 +136,17 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     storage_dtype = hf_model.dtype  # scales are stored in it, whatever a whole-model step computes in
     calibrated = method.needs_data or (config.run.calib is not None and target.weighted)
 
-    with target.staging(out, overwrite) as stage:
+    # with several ranks, rank 0 alone stages and writes the output; every rank checkpoints its own layers' inputs
+    with target.staging(out, overwrite) if ranks.is_main() else contextlib.nullcontext() as stage:
         with stage_clock("whole-model step"):
             notes = method.prepare_model(hf_model, ModelContext(tokenizer, device, config, list(linears),
-                                                                stage.artifact))
+                                                                stage.artifact if stage else None))
         checkpoints = None
         if notes is None:  # a whole-model step (ternary-aware training) is not checkpointed: such runs start over
-            fingerprint = run_fingerprint(model, dataclasses.asdict(config), config.run.calib, device)
+            settings = dataclasses.asdict(config)
+            if ranks.world()[1] > 1:  # each rank's checkpointed inputs are its share of the windows
+                settings["ranks"] = ranks.world()[1]
+            fingerprint = run_fingerprint(model, settings, config.run.calib, device)
             checkpoints = LayerCheckpoints.open(out, fingerprint)
         with checkpoints.guard() if checkpoints is not None else contextlib.nullcontext():
             inputs, calibration = None, notes or "none (round-to-nearest needs no data)"
@@ -150,9 +168,12 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             error = sum(errors) / max(len(errors), 1)
             report = RunReport(out, model_id, method.name, calibration, size_before, time.perf_counter() - started,
                                device.type, str(storage_dtype).removeprefix("torch."), error)
-            log.info(f"llmq: writing {out} ({target.describe()})")
-            with stage_clock("write"):
-                size_after = target.write(stage.path, hf_model, tokenizer, plan, quantized, report)
+            size_after = 0
+            if ranks.is_main():
+                log.info(f"llmq: writing {out} ({target.describe()})")
+                with stage_clock("write"):
+                    size_after = target.write(stage.path, hf_model, tokenizer, plan, quantized, report)
+    ranks.barrier()  # every rank keeps its checkpoints until rank 0's output is in place
     if checkpoints is not None:  # the output is in place: nothing left to resume
         checkpoints.remove()
 

@@ -10,11 +10,13 @@ bf16 at 32 layers); `--layers K` cuts the depth for quick runs (per-layer number
     python scripts/bench_scale.py --layers 2                      # compressed-tensors GPTQ W4 g128, 2 layers
     python scripts/bench_scale.py --format gguf --type Q4_K_M     # the same into a GGUF file
     python scripts/bench_scale.py --device cuda --samples 128 --seqlen 2048
+    python scripts/bench_scale.py --layers 2 --nproc 2                # 2 ranks (torchrun, gloo on the CPU)
 
 Columns: per-layer seconds split into statistics (the forward passes that collect each group's Hessian),
 solve (GPTQ's factorization, column sweep and rounding), next inputs (the quantized layer run on every
 window) and load (reading the layer from the shards); end-to-end seconds; peak RSS of the quantizing process
-(ru_maxrss); peak GPU memory where a GPU ran it.
+(ru_maxrss, in KiB, as decimal GB like the sizes; with --nproc, rank 0's: each rank holds its own layer); peak GPU
+memory where a GPU ran it.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def run_child(args) -> dict:
     with sampler:
         result = quantize(args.model, args.out, QuantizeConfig.of(**options), overwrite=True)
     row = {"seconds": time.perf_counter() - started, "stages": result.stage_seconds, "rss_by_stage": sampler.peaks,
-           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
            "size_before_gb": result.size_before / 1e9, "size_after_gb": result.size_after / 1e9}
     if torch.cuda.is_available() and args.device != "cpu":
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -137,7 +139,8 @@ def table_row(args, layers: int, r: dict) -> str:
     what = (f"{args.method} W4 g{args.group_size} sym" if args.format == "compressed-tensors"
             else f"{args.method} GGUF {args.type}")
     gpu = f"{r['peak_gpu_gb']:.1f}" if "peak_gpu_gb" in r else "-"
-    return (f"| {args.shape} x {layers} layers | {what} | {args.samples} x {args.seqlen} | {args.device} {args.dtype} | "
+    ranks = f", {args.nproc} ranks" if args.nproc > 1 else ""
+    return (f"| {args.shape} x {layers} layers | {what} | {args.samples} x {args.seqlen} | {args.device} {args.dtype}{ranks} | "
             + " | ".join(f"{t:.1f}" for t in per_layer)
             + f" | {r['seconds']:.0f} | {r['size_before_gb']:.1f} -> {r['size_after_gb']:.1f} | {r['peak_rss_gb']:.2f} | {gpu} |")
 
@@ -156,26 +159,35 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32",
                         help="what the layers compute in (float32 on CPUs without bf16 hardware: 4-5x faster)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="ranks (torch.distributed under torchrun; gloo on the CPU), each with cores/N threads")
     parser.add_argument("--keep", action="store_true", help="keep the quantized output")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_child(args)), flush=True)
+        row = run_child(args)
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 reports (its own peak RSS: each rank holds a layer)
+            print("RESULT " + json.dumps(row), flush=True)
         return
 
     layers = args.layers or FULL_DEPTH[args.shape]
     model = write_checkpoint(args.work / f"llama-{args.shape}-{layers}l", args.shape, layers)
     out = args.work / (f"out-{args.shape}-{layers}l" + (f"-{args.type}.gguf" if args.format == "gguf" else ""))
-    command = [sys.executable, __file__, "--child", "--model", str(model), "--out", str(out),
-               *sys.argv[1:]]
+    # the child does not take --nproc: under torchrun, its argparse would read it as its own --nproc-per-node
+    passed = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc") and sys.argv[i] != "--nproc"]
+    command = [sys.executable, __file__, "--child", "--model", str(model), "--out", str(out), *passed]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.nproc > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     started = time.perf_counter()
-    process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     if process.returncode:
         sys.exit(f"the quantizing process failed ({process.returncode})")
     result = json.loads(next(line for line in process.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    result["peak_rss_gb"] = max(result["peak_rss_gb"], resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6)
+    result["peak_rss_gb"] = max(result["peak_rss_gb"], resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9)
     if not args.keep:
         subprocess.run(["rm", "-rf", str(out)], check=False)
     sys.path.insert(0, str(ROOT / "scripts"))

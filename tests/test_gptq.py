@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import quantize_matrix
 
 from llmq.calib.statistics import HessianCollector
@@ -101,23 +100,13 @@ def test_sink_weight_counts_each_windows_first_token_that_many_times():
     assert not torch.allclose(plain.hessian(), weighted.hessian(), rtol=1e-3)
 
 
-def _reference_sweep(W, Hinv, block_size, round_column):
-    """The loop of the reference gptq.py, on W itself (columns strided in memory), for comparison."""
-    for i1 in range(0, W.shape[1], block_size):
-        i2 = min(i1 + block_size, W.shape[1])
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            err1 = (W1[:, i] - round_column(i1 + i, W1, i)) / Hinv1[i, i]
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-
-
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("grid", ["integer", "q4_k"])
 def test_sweep_equals_the_reference_loop(monkeypatch, act_order, grid):
-    """llmq's sweep (lazy blocks, rank-1 updates in place, any grid) against the reference gptq.py loop: the guard
-    for any faster formulation of it (issue 14)."""
+    """llmq's sweep (sub-blocks, transposed blocks, any grid) against the reference gptq.py loop: the same sums in
+    another order, so equal to float rounding: a rounding decision may flip where a value sits on a midpoint
+    (then the errors pushed on differ slightly), so the integers agree but for a few and the output error is
+    the same to 1e-3 relative."""
     from gguf import GGMLQuantizationType as T
 
     from llmq.core.config import MethodOptions
@@ -135,6 +124,59 @@ def test_sweep_equals_the_reference_loop(monkeypatch, act_order, grid):
         return gptq.GPTQ(MethodOptions(act_order=act_order)).quantize(w, stats, grid).dequantize()
 
     ours = run()
-    monkeypatch.setattr(gptq, "error_feedback_sweep", _reference_sweep)
+    monkeypatch.setattr(gptq, "error_feedback_sweep", lambda W, Hinv, block, round_column, sub_block:
+                        gptq.reference_sweep(W, Hinv, block, round_column))
     reference = run()
-    assert torch.equal(ours, reference)  # same products, same order: bit for bit
+    assert (ours != reference).float().mean() < 1e-3
+    assert output_error(w, ours, x) == pytest.approx(output_error(w, reference, x), rel=1e-3)
+    rtn = output_error(w, quantize("rtn", w, x, QuantScheme(4, 64, False)).dequantize(), x)
+    assert output_error(w, reference, x) < 0.8 * rtn  # the comparison is between two working GPTQs
+
+
+@pytest.mark.parametrize("rows", [40, 700, 1100])  # one leaf; split in halves; split on leaf boundaries
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(rows):
+    from llmq.methods.gptq import inverse_hessian_cholesky
+
+    x = torch.randn(2 * rows, rows, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
+    H = x.T @ x
+    U = inverse_hessian_cholesky(H, 0.01)
+    damped = H + 0.01 * H.diagonal().mean() * torch.eye(rows, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)  # the reference gptq.py's route
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    assert torch.allclose(U, reference, rtol=1e-8, atol=1e-12 * reference.abs().max())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 64])
+def test_flip_in_place_reverses_both_axes_of_either_layout(rows):
+    from llmq.methods.gptq import flip_in_place_
+
+    m = torch.randn(rows, rows)
+    assert torch.equal(flip_in_place_(m.clone(), chunk=3), m.flip(0, 1))
+    column_major = m.T.contiguous().T
+    assert torch.equal(flip_in_place_(column_major, chunk=3), m.flip(0, 1))
+
+
+def test_parts_sharing_a_hessian_share_one_factorization(monkeypatch):
+    """q, k and v (gate and up) read one collector: its factor is made once, and each part comes out as it would
+    alone."""
+    from llmq.core.config import MethodOptions
+    from llmq.methods import gptq
+    from llmq.methods.grids.integer import IntegerGrid
+
+    x = correlated_inputs(features=128)
+    parts = [torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)) for rows in (64, 16, 16)]
+    grid = IntegerGrid(QuantScheme(4, 32, True), torch.float32)
+
+    def collector():
+        stats = HessianCollector(128, torch.device("cpu"))
+        stats.add(x)
+        return stats
+
+    alone = [gptq.GPTQ(MethodOptions()).quantize(w, collector(), grid).dequantize() for w in parts]
+    calls = []
+    factor = gptq.inverse_hessian_cholesky
+    monkeypatch.setattr(gptq, "inverse_hessian_cholesky", lambda *args: calls.append(1) or factor(*args))
+    shared = collector()
+    together = [gptq.GPTQ(MethodOptions()).quantize(w, shared, grid).dequantize() for w in parts]
+    assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))

@@ -3,6 +3,7 @@ quantized a layer at a time and written a tensor at a time, and the output is th
 the whole model writes."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -108,3 +109,26 @@ def test_a_sharded_output_loads_in_transformers_as_the_single_file_does(tmp_path
     logits = [AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)(tokens).logits
               for name in ("one", "many")]
     assert torch.equal(logits[0], logits[1])
+
+
+def test_a_hub_id_is_fetched_into_the_cache_and_read_a_layer_at_a_time(tmp_path, smollm2_tokenizer_dir):
+    """The hub code path, offline: a checkpoint already in the Hugging Face cache (as `huggingface-cli download`
+    leaves it) is found by its id and opened lazily from there; its card names the id."""
+    import shutil
+    import subprocess
+    import sys
+
+    model = save_tiny_model(tmp_path / "m", smollm2_tokenizer_dir, num_hidden_layers=2)
+    repo = tmp_path / "hub" / "models--llmq-test--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "o"
+    run = subprocess.run([sys.executable, "-m", "llmq", "quantize", "llmq-test/tiny", "--method", "rtn", "--group-size", "32",
+                          "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "opened llmq-test/tiny: 2 decoder layers, each read from its safetensors" in run.stderr
+    assert "base_model: llmq-test/tiny" in (out / "README.md").read_text()

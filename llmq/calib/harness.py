@@ -32,6 +32,7 @@ from llmq.calib.statistics import new_collector
 from llmq.core import log
 from llmq.core.interfaces import Grid, Method, Quantized
 from llmq.core.layers import DecoderLayout, LinearGroup
+from llmq.core.ranks import deal_by_cost, share, world
 from llmq.core.scheme import QuantScheme
 from llmq.core.timing import stage_clock
 
@@ -158,8 +159,31 @@ def _collect(layer: nn.Module, first: nn.Module, inputs, stats, route_all: bool)
     try:
         with stage_clock("statistics"):
             run_until(layer, first, inputs, lambda args, kwargs: stats.add(first_tensor(args, kwargs)))
+            stats.sum_across_ranks()
     finally:
         set_route_all(layer, False)
+
+
+def _solve_cost(rows: int, cols: int) -> float:
+    """Relative cost of one solve on a [rows, cols] weight: a factorization (cols^3 / 3) and a sweep (rows cols^2)."""
+    return (rows + cols / 3) * cols * cols
+
+
+def _solve_parts(method: Method, parts: list[Part], weights: list[torch.Tensor], stats) -> list[Quantized]:
+    """Every part's quantized weight. With several ranks (llmq/core/ranks.py) each rank solves the parts dealt to it
+    by cost, all of them before sending any, so that no rank waits on a result while it has work of its own."""
+    owners = deal_by_cost([_solve_cost(*w.shape) for w in weights])
+    rank = world()[0]
+    mine = {}
+    for index, (part, w) in enumerate(zip(parts, weights)):
+        if owners[index] == rank:
+            with stage_clock("rounding"):
+                quantized = method.quantize(w, stats, part.grid) if part.grid.rounds else part.grid.keep(w)
+            mine[index] = quantized if world()[1] == 1 else quantized.rows(slice(None))  # sent from the CPU
+    if world()[1] == 1:
+        return [mine[index] for index in range(len(parts))]
+    with stage_clock("share results"):
+        return [share(mine.get(index), owner) for index, owner in enumerate(owners)]
 
 
 def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: Method, plan: Plan, inputs,
@@ -181,13 +205,11 @@ def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: M
                 stats = new_collector(statistic, first.in_features, device, method.options.sink_weight)
                 _collect(layer, first, inputs, stats, True)
     weight = torch.cat([linear.weight for linear in linears.values()]).float()
-    results, err_num, err_den, row = {}, 0.0, 0.0, 0
-    for part in parts:
-        rows = sum(linears[name].out_features for name in part.linears)
-        w = weight[row : row + rows]
-        row += rows
-        with stage_clock("rounding"):
-            quantized = method.quantize(w, stats, part.grid) if part.grid.rounds else part.grid.keep(w)
+    part_rows = [sum(linears[name].out_features for name in part.linears) for part in parts]
+    bounds = [sum(part_rows[:index]) for index in range(len(parts) + 1)]
+    weights = [weight[bounds[index] : bounds[index + 1]] for index in range(len(parts))]
+    results, err_num, err_den = {}, 0.0, 0.0
+    for part, w, quantized in zip(parts, weights, _solve_parts(method, parts, weights, stats)):
         dequantized = quantized.dequantize().to(w.device)  # block and ternary results decode on the CPU
         err_num += (dequantized - w).pow(2).sum().item()
         err_den += w.pow(2).sum().item()

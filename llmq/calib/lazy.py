@@ -39,14 +39,21 @@ from llmq.core.errors import LlmqError
 _STACKING_OPERATIONS = {"MergeModulelist", "Concatenate"}
 
 
+def index_weight_map(directory: Path) -> dict[str, str] | None:
+    """A sharded checkpoint's weight map (on-disk tensor name -> shard file name), None when it has no index."""
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        return dict(json.loads(index.read_text())["weight_map"])
+    except (ValueError, KeyError, TypeError):
+        raise LlmqError(f"{index} is not a valid safetensors index; re-download or re-export the checkpoint") from None
+
+
 def checkpoint_index(directory: Path) -> dict[str, Path] | None:
     """On-disk tensor name -> the safetensors file holding it; None when the checkpoint has no safetensors."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError):
-            raise LlmqError(f"{index} is not a valid safetensors index; re-download or re-export the checkpoint") from None
+    weight_map = index_weight_map(directory)
+    if weight_map is not None:
         return {key: directory / file for key, file in weight_map.items()}
     single = directory / "model.safetensors"
     if not single.is_file():

@@ -234,10 +234,11 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
     if check_config is not None:
         check_config(config)
     causal_lm_class(config)
-    if lazy and path.exists():
-        model = _open_lazy(name, path, config, dtype, trust_remote_code)
+    if lazy:
+        local = path if path.exists() else _hub_snapshot(name)
+        model = None if local is None else _open_lazy(name, local, config, dtype, trust_remote_code)
         if model is not None:
-            return model, _tokenizer(name, source, trust_remote_code), path.resolve().name
+            return model, _tokenizer(name, str(local), trust_remote_code), path.resolve().name if path.exists() else name
     log.info(f"llmq: loading {name}")
     try:
         # mismatched sizes are recorded rather than raised, so that check_loading_info can name them
@@ -251,6 +252,25 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
     tokenizer = _tokenizer(name, source, trust_remote_code)
     # The card names a hub id as is, a local checkpoint by its directory name (never a path from this machine).
     return model.eval(), tokenizer, path.resolve().name if path.exists() else name
+
+
+# what a lazy run needs of a hub checkpoint: config, safetensors (never pickles), tokenizer and generation files
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    """A hub checkpoint's files (HUB_FILES) in the Hugging Face cache, downloaded once or found there (offline with
+    HF_HUB_OFFLINE=1), so that its layers can be read one at a time like a local checkpoint's; None when it has
+    no safetensors (transformers then loads it whole)."""
+    from huggingface_hub import snapshot_download
+
+    log.info(f"llmq: fetching {name} (config, safetensors, tokenizer) into the Hugging Face cache")
+    try:
+        local = Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as error:  # network, authentication, an unknown id: huggingface_hub's many error types
+        raise LlmqError(f"cannot download {name!r} ({reason(error)}); check the id, your network and your token, "
+                        "or download it first (huggingface-cli download) and pass the directory") from None
+    return local if any(local.glob("*.safetensors")) else None
 
 
 def _tokenizer(name: str, source: str, trust_remote_code: bool):

@@ -1,7 +1,8 @@
 """Resumable runs: every finished decoder layer is checkpointed beside the output, and a run that was interrupted
 (Ctrl-C, SIGTERM, SIGKILL, a crash, a full disk) continues from the last finished layer.
 
-    .NAME.resume/                     beside --out; removed once the output is in place
+    .NAME.resume/                     beside --out; removed once the output is in place (rank R > 0 of a
+                                      torch.distributed run: .NAME.resume-rankR, its share of the inputs)
         run.json                      the run's fingerprint and how its calibration windows were made
         samples.safetensors           the calibration token windows (data-free ones are not sampled again)
         layer-00003.safetensors       layer 3's quantized weights and its other tensors (norms AWQ folded into)
@@ -33,11 +34,15 @@ from safetensors.torch import load_file, save_file
 from llmq.calib.models import EMBEDDED_DEFAULT, embedded_gguf
 from llmq.core import __version__, log
 from llmq.core.interfaces import Quantized
+from llmq.core.ranks import world
 from llmq.core.records import flatten, unflatten
 
 
 def resume_directory(out: Path) -> Path:
-    return out.parent / f".{out.name}.resume"
+    """Where a run into `out` keeps its layer checkpoints; rank r > 0 of a torch.distributed run keeps its own
+    (its share of each layer's inputs) in `.NAME.resume-rankR`."""
+    rank = world()[0]
+    return out.parent / (f".{out.name}.resume" if rank == 0 else f".{out.name}.resume-rank{rank}")
 
 
 def _source_identity(path: Path) -> list:

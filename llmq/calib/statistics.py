@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from llmq.core.ranks import sum_across
+
 
 @contextlib.contextmanager
 def _exact_bf16_products():
@@ -43,6 +45,11 @@ class ImportanceCollector:
         self.sum_x2 += x.pow(2).sum(0)
         self.tokens += x.shape[0]
 
+    def sum_across_ranks(self) -> None:
+        """Each rank saw its share of the windows: the sums over all of them (torch.distributed runs)."""
+        (tokens,) = sum_across([self.sum_x2], self.tokens)
+        self.tokens = int(tokens)
+
     def importance(self) -> torch.Tensor:
         return self.sum_x2 / max(self.tokens, 1)
 
@@ -66,6 +73,7 @@ class HessianCollector:
         self.sink_weight = sink_weight
         self._hessian: torch.Tensor | None = None  # the sum, scaled in place once it is asked for
         self._diagonal: torch.Tensor | None = None
+        self.derived: dict = {}  # what a method derives from the Hessian once for all of the group's parts
 
     def add(self, x: torch.Tensor) -> None:
         if x.dim() == 3 and self.sink_weight != 1:
@@ -78,6 +86,11 @@ class HessianCollector:
         with _exact_bf16_products() if exact_bf16 else contextlib.nullcontext():
             xf = x.float()
             self.sum_xxt.addmm_(xf.T, xf)
+
+    def sum_across_ranks(self) -> None:
+        """Each rank saw its share of the windows: the sums over all of them (torch.distributed runs). Float sums
+        in another order than one process's: equal to float rounding."""
+        (self.tokens,) = sum_across([self.sum_xxt], self.tokens)
 
     def hessian(self) -> torch.Tensor:
         """2 E[x x^T]: the sum scaled in place when first asked for (no second matrix of its size: Llama-3-8B's

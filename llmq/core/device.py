@@ -59,8 +59,10 @@ def small_linear_algebra(device: torch.device, rows: int = 0):
     On some machines torch's MKL runs a 576x576 Cholesky + inverse 100x slower with two threads than with one
     (0.69 s vs 0.0066 s, issue 14), and the cost of one thread where threading helps is small at these sizes
     (1536x1536: 0.21 s vs 0.16 s on a machine without the cliff). Large ones keep every thread: there the work
-    dominates (Cholesky, inverse, Cholesky on a 2-core machine without the cliff: 4096 rows 3.6 s on one thread
-    vs 2.1 s on two, 8192 rows 22.3 s vs 11.7 s; Llama-3-8B's down_proj has 14336). GPUs are left alone.
+    dominates (the reference GPTQ's Cholesky, inverse, Cholesky on a 2-core machine without the cliff: 4096 rows
+    3.6 s on one thread vs 2.1 s on two, 8192 rows 22.3 s vs 11.7 s; Llama-3-8B's down_proj has 14336).
+    `python scripts/bench_gptq_sweep.py --threads` measures llmq's own factorization both ways. GPUs are left
+    alone.
     """
     if device.type != "cpu" or torch.get_num_threads() == 1 or rows >= SMALL_MATRIX:
         yield

@@ -13,7 +13,6 @@ needed); config.json carries the scheme under `quantization_config`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 
 from llmq.calib.discover import find_decoder_layers
 from llmq.calib.harness import Part, Plan
-from llmq.calib.lazy import tensor_of
+from llmq.calib.lazy import index_weight_map, tensor_of
 from llmq.calib.naming import checkpoint_names, checkpoint_state
 from llmq.core import log
 from llmq.core.errors import LlmqError
@@ -212,13 +211,9 @@ def write_weights(directory: Path, tensors: Mapping[str, torch.Tensor] | Iterabl
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError):
-            raise LlmqError(f"{index} is not a valid safetensors index; re-create the checkpoint") from None
-        return [directory / shard for shard in shards]
+    weight_map = index_weight_map(directory)
+    if weight_map is not None:
+        return [directory / shard for shard in sorted(set(weight_map.values()))]
     single = directory / "model.safetensors"
     if not single.exists():
         raise LlmqError(f"{directory} has no model.safetensors; point at a checkpoint directory llmq or transformers wrote")

@@ -358,10 +358,20 @@ def _cat_codes(parts: list[Codes]) -> Codes:
 
 
 def encode_bytes(weight: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> np.ndarray:
-    """uint8 [rows, row_bytes] in llama.cpp's layout."""
+    """uint8 [rows, row_bytes] in llama.cpp's layout, encoded and packed a few million values at a time.
+
+    Blocks never span rows, so rows encode on their own: the bytes are the same as in one piece, and a
+    Llama-3-8B output head (525M values) no longer holds every block's codes at once (17 GB at peak before).
+    """
     cls = block_type(qtype)
-    data = cls.pack(encode(weight, qtype, importance))
-    return data.reshape(weight.shape[0], -1).numpy()
+    rows, cols = weight.shape
+    row_bytes = cols // cls.block_size * cls.type_size
+    out = np.empty((rows, row_bytes), dtype=np.uint8)
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        codes = encode(weight[start : start + step], qtype, importance)
+        out[start : start + step] = cls.pack(codes).reshape(-1, row_bytes).numpy()
+    return out
 
 
 def grid_of(codes: Codes, qtype: T, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,120 @@
+"""The processes of one run (torch.distributed): which one this is, and the few collective steps a run takes.
+
+A run started by torchrun (`torchrun --nproc-per-node N -m llmq quantize ...`, or `llmq quantize --nproc N`,
+which starts torchrun) has one process per rank. Every rank loads the model and walks the same layers; each
+takes its share of the calibration windows, the statistics of a group's input are summed over all ranks
+(`sum_across`), the group's independent solves are dealt out by cost (`deal_by_cost`) and each result is sent
+to every rank (`share`), and rank 0 alone writes. Without torchrun (no WORLD_SIZE) there is one rank and every
+function here is the identity.
+
+The backend follows the device: NCCL for CUDA, gloo for the CPU. Multi-node runs use torchrun's rendezvous
+flags as they are.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from llmq.core import log
+from llmq.core.errors import LlmqError
+
+
+def world() -> tuple[int, int]:
+    """(this rank, number of ranks); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """The rank that writes files and reports progress."""
+    return world()[0] == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(device: torch.device) -> torch.device:
+    """Join the process group torchrun set up (once), on the backend the device needs; returns this rank's device
+    (cuda:LOCAL_RANK when the run is on GPUs). Outside torchrun: the device as given."""
+    if not launched_by_torchrun():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_threads() -> None:
+    """torchrun sets OMP_NUM_THREADS=1 per rank when it is unset; so be it. A CPU run that asks for more threads
+    than the machine has cores per rank would only slow itself down: say so once, on rank 0."""
+    rank, size = world()
+    cores = os.cpu_count() or 1
+    if size > 1 and rank == 0 and torch.get_num_threads() * size > cores:
+        log.info(f"llmq: {size} ranks x {torch.get_num_threads()} threads on {cores} cores; set OMP_NUM_THREADS="
+                 f"{max(1, cores // size)} for the best speed")
+
+
+def shard(samples: torch.Tensor) -> torch.Tensor:
+    """This rank's calibration windows: every size-th one, starting at its rank (whole windows, so that each
+    window's first token stays its first token)."""
+    rank, size = world()
+    if size == 1:
+        return samples
+    if samples.shape[0] < size:
+        raise LlmqError(f"{samples.shape[0]} calibration windows cannot be shared by {size} processes; use --samples "
+                        f"{size} or more, or fewer processes")
+    return samples[rank::size]
+
+
+def sum_across(tensors: list[torch.Tensor], *numbers: float) -> tuple[float, ...]:
+    """Sum each tensor over the ranks, in place, and return the numbers summed over the ranks."""
+    if world()[1] == 1:
+        return numbers
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if not numbers:
+        return ()
+    device = tensors[0].device if tensors else torch.device("cpu")
+    totals = torch.tensor(numbers, dtype=torch.float64, device=device)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return tuple(totals.tolist())
+
+
+def deal_by_cost(costs: list[float]) -> list[int]:
+    """The rank that does each job: the costliest first, each to the rank with the least work so far (the
+    longest-processing-time rule); the same answer on every rank."""
+    size = world()[1]
+    owners, load = [0] * len(costs), [0.0] * size
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        rank = min(range(size), key=lambda r: (load[r], r))
+        owners[job] = rank
+        load[rank] += costs[job]
+    return owners
+
+
+def share(value, owner: int):
+    """`value` as the owner rank made it, on every rank (the other ranks pass None). Objects go through
+    torch.distributed's object broadcast (pickle between the processes of this run; no file is read)."""
+    rank, size = world()
+    if size == 1:
+        return value
+    box = [value if rank == owner else None]
+    dist.broadcast_object_list(box, src=owner)
+    return box[0]
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()

@@ -1,0 +1,72 @@
+"""torch.distributed (llmq/core/ranks.py): `llmq quantize --nproc 2` runs two gloo ranks on the CPU (torchrun), which
+share out the calibration windows, sum the statistics and deal out the solves, and writes what one process writes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import save_tiny_model
+from safetensors.torch import load_file
+
+from llmq.cli import main
+from llmq.core import ranks
+
+
+def _tensors(out):
+    tensors = {}
+    for path in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def test_two_ranks_write_what_one_process_writes(tmp_path, smollm2_tokenizer_dir, calib_file):
+    """A MoE model (8 experts a layer, dealt out by cost) with GPTQ. The statistics are sums over each rank's windows
+    added together, one process's over all windows in turn: the same sums in another order, so equal to float
+    rounding; here (and usually) the files come out identical, and at most 1 in 1000 integers may differ."""
+    model = save_tiny_model(tmp_path / "moe", smollm2_tokenizer_dir, "qwen3_moe")
+    argv = ["quantize", str(model), "--method", "gptq", "--group-size", "32", "--calib", str(calib_file),
+            "--samples", "6", "--seqlen", "64"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "llmq", *argv, "--out", str(tmp_path / "two"), "--nproc", "2"],
+                         capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("llmq: wrote ") == 1  # rank 0 reports, rank 1 stays quiet
+    assert not list(tmp_path.glob(".two.resume*"))  # every rank's checkpoints removed once the output is in place
+
+    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert one.keys() == two.keys()
+    differing = total = 0
+    for name, tensor in one.items():
+        if tensor.dtype in (torch.int32, torch.int8, torch.uint8):
+            differing += (tensor != two[name]).sum().item()
+            total += tensor.numel()
+        else:
+            assert torch.allclose(tensor.float(), two[name].float(), rtol=1e-2, atol=1e-6), name
+    assert differing <= 1e-3 * total, (differing, total)
+    config = lambda out: json.loads((out / "config.json").read_text())
+    assert config(tmp_path / "one") == config(tmp_path / "two")
+
+
+def test_a_method_that_searches_the_windows_as_a_whole_is_refused_before_any_process_starts(capsys):
+    assert main(["quantize", "--method", "awq", "--nproc", "2", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "awq" in err and "one process" in err
+
+
+def test_solves_are_dealt_costliest_first_to_the_least_loaded_rank(monkeypatch):
+    monkeypatch.setattr(ranks, "world", lambda: (0, 2))
+    assert ranks.deal_by_cost([1.0, 8.0, 3.0, 3.0, 2.0]) == [0, 0, 1, 1, 1]  # loads: rank 0 8+1, rank 1 3+3+2
+    assert ranks.deal_by_cost([5.0]) == [0]
+
+
+def test_windows_are_shared_out_whole_and_too_few_are_refused(monkeypatch):
+    samples = torch.arange(5 * 3).reshape(5, 3)
+    monkeypatch.setattr(ranks, "world", lambda: (1, 2))
+    assert torch.equal(ranks.shard(samples), samples[[1, 3]])
+    monkeypatch.setattr(ranks, "world", lambda: (0, 8))
+    with pytest.raises(Exception, match="5 calibration windows cannot be shared by 8 processes"):
+        ranks.shard(samples)
