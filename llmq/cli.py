@@ -142,7 +142,9 @@ def _launch_ranks(argv: list[str], nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    from llmq.core.ranks import threads_per_rank
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
     try:
         torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", "llmq", *_without_nproc(argv)])
     except ChildFailedError as error:

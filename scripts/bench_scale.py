@@ -181,7 +181,9 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.nproc > 1:
         command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+        from llmq.core.ranks import threads_per_rank
+
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(args.nproc)))
     started = time.perf_counter()
     process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     if process.returncode:

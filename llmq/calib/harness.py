@@ -206,8 +206,7 @@ def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: M
                 _collect(layer, first, inputs, stats, True)
     weight = torch.cat([linear.weight for linear in linears.values()]).float()
     part_rows = [sum(linears[name].out_features for name in part.linears) for part in parts]
-    bounds = [sum(part_rows[:index]) for index in range(len(parts) + 1)]
-    weights = [weight[bounds[index] : bounds[index + 1]] for index in range(len(parts))]
+    weights = list(weight.split(part_rows))  # views: each part's rows
     results, err_num, err_den = {}, 0.0, 0.0
     for part, w, quantized in zip(parts, weights, _solve_parts(method, parts, weights, stats)):
         dequantized = quantized.dequantize().to(w.device)  # block and ternary results decode on the CPU

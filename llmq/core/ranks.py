@@ -56,6 +56,11 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+def threads_per_rank(size: int) -> int:
+    """The torch threads each of `size` ranks on this machine should use: its share of the cores."""
+    return max(1, (os.cpu_count() or 1) // size)
+
+
 def check_threads() -> None:
     """torchrun sets OMP_NUM_THREADS=1 per rank when it is unset; so be it. A CPU run that asks for more threads
     than the machine has cores per rank would only slow itself down: say so once, on rank 0."""
@@ -63,7 +68,7 @@ def check_threads() -> None:
     cores = os.cpu_count() or 1
     if size > 1 and rank == 0 and torch.get_num_threads() * size > cores:
         log.info(f"llmq: {size} ranks x {torch.get_num_threads()} threads on {cores} cores; set OMP_NUM_THREADS="
-                 f"{max(1, cores // size)} for the best speed")
+                 f"{threads_per_rank(size)} for the best speed")
 
 
 def shard(samples: torch.Tensor) -> torch.Tensor:
