@@ -82,6 +82,7 @@ def _random_w4(n: int, k: int, group: int = 128):
 
 def gpu_table() -> list[dict]:
     from llmq.runtime.kernels.build import load_extension
+    from llmq.runtime.kernels import fragments
     from llmq.runtime.kernels.cuda import choose_path, w4_linear_cuda
 
     extension = load_extension()
@@ -92,6 +93,7 @@ def gpu_table() -> list[dict]:
     rows = []
     for name, (k, n) in SHAPES.items():
         packed = _random_w4(n, k)
+        fragment = fragments.from_packed(packed)
         dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         tinygemm = torch.ops.aten._convert_weight_to_int4pack(
             torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8), 8)
@@ -102,9 +104,11 @@ def gpu_table() -> list[dict]:
             cublas = _time_cuda(lambda: torch.matmul(x, dense.T))
             int4 = _time_cuda(lambda: torch.ops.aten._weight_int4pack_mm(x, tinygemm, 128, scales_zeros))
             ours = _time_cuda(lambda: w4_linear_cuda(extension, x, packed, None, out=None if choose_path(m) == "cublas" else out))
-            # the other llmq kernel that can take this M, for comparison with the default choice
-            others = {path: _time_cuda(lambda path=path: w4_linear_cuda(extension, x, packed, None, out=out, path=path))
-                      for path, top in (("gemv", 8), ("mma", 128)) if m <= top and path != choose_path(m)}
+            # the other llmq kernels that can take this M, for comparison with the default choice; "tc" (the
+            # fragment-ordered tensor-core kernel) takes every M
+            others = {path: _time_cuda(lambda path=path: w4_linear_cuda(extension, x, packed, None, out=out, path=path,
+                                                                        fragment=fragment))
+                      for path, top in (("gemv", 8), ("mma", 128), ("tc", 1 << 30)) if m <= top and path != choose_path(m)}
             weight_bytes = n * k // 2 + packed.scales.numel() * 3
             floor = (weight_bytes + 2 * m * (k + n)) / bandwidth * 1e6
             rows.append({"shape": name, "M": m, "cublas_us": cublas, "torch_int4_us": int4, "llmq_us": ours,
@@ -127,8 +131,46 @@ def print_gpu_table(rows: list[dict]) -> None:
               f"{r['cublas_us'] / r['llmq_us']:.2f} | {r['torch_int4_us'] / r['llmq_us']:.2f} | {others} |")
 
 
+def graphed_decode(model, ids: torch.Tensor, tokens: int) -> float:
+    """Greedy decode tokens/s with each one-token step replayed as a CUDA graph (static KV cache, static input
+    buffers): what the kernels cost without Python's per-launch overhead, which dominates eager decode at batch 1."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + tokens + 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                       cache_position=torch.arange(ids.shape[1], device="cuda")).logits
+        token = logits[:, -1:].argmax(-1)
+        position = torch.tensor([ids.shape[1]], device="cuda")
+
+        def step():
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position,
+                        position_ids=position[None])
+            token.copy_(out.logits[:, -1:].argmax(-1))
+
+        side = torch.cuda.Stream()  # warm-up off the default stream, as graph capture requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+                position += 1
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(tokens - 3):
+            position += 1
+            graph.replay()
+        torch.cuda.synchronize()
+    return (tokens - 3) / (time.perf_counter() - started)
+
+
 def decode_speed(tokens: int = 128) -> dict:
-    """Greedy decode tokens/s of an 8B-shaped Llama (random weights), bf16 vs every Linear packed 4-bit."""
+    """Greedy decode tokens/s of an 8B-shaped Llama (random weights), bf16 vs every Linear packed 4-bit: eager
+    transformers `generate`, and one-token steps replayed as CUDA graphs (graphed_decode); int4 with the kernels
+    chosen by M and with the "tc" kernel alone (LLMQ_W4_KERNEL=tc)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmq.core.scheme import QuantScheme
@@ -140,15 +182,21 @@ def decode_speed(tokens: int = 128) -> dict:
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     ids = torch.randint(0, config.vocab_size, (1, 16), device="cuda")
 
-    def run() -> float:
+    def eager() -> float:
         torch.cuda.synchronize()
         started = time.perf_counter()
         model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         torch.cuda.synchronize()
         return tokens / (time.perf_counter() - started)
 
-    run()
-    result = {"bf16_tokens_per_s": run()}
+    def graphed() -> float | str:
+        try:
+            return graphed_decode(model, ids, tokens)
+        except Exception as error:  # one failed capture must not lose the rest of the device run
+            return f"graph capture failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+    eager()
+    result = {"bf16_tokens_per_s": eager(), "bf16_graphed_tokens_per_s": graphed()}
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             n, k = module.out_features, module.in_features
@@ -159,8 +207,14 @@ def decode_speed(tokens: int = 128) -> dict:
             parent, _, child = name.rpartition(".")
             model.get_submodule(parent).register_module(child, layer)
     torch.cuda.empty_cache()
-    run()
-    result["int4_tokens_per_s"] = run()
+    eager()
+    result.update(int4_tokens_per_s=eager(), int4_graphed_tokens_per_s=graphed())
+    os.environ["LLMQ_W4_KERNEL"] = "tc"
+    try:
+        eager()
+        result.update(int4_tc_tokens_per_s=eager(), int4_tc_graphed_tokens_per_s=graphed())
+    finally:
+        del os.environ["LLMQ_W4_KERNEL"]
     return result
 
 

@@ -36,6 +36,6 @@ for m in (1, 16):
     w4_linear_cuda(extension, torch.randn(m, 8192, device="cuda", dtype=torch.bfloat16), packed, None)
 torch.cuda.synchronize()
 PY
-[ -z "${LLMQ_SKIP_PROFILE:-}" ] && command -v ncu >/dev/null && timeout 90 ncu --kernel-name regex:"gemv|mma" --section SpeedOfLight --section Occupancy \
+[ -z "${LLMQ_SKIP_PROFILE:-}" ] && command -v ncu >/dev/null && timeout 90 ncu --kernel-name regex:"gemv|mma|tc_w4" --section SpeedOfLight --section Occupancy \
   python3 /tmp/one_call.py 2>&1 | grep -E "w4_kernel|Throughput|Duration|Achieved Occupancy|Registers" | tee "$OUT/ncu.txt"
 stamp done

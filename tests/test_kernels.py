@@ -13,11 +13,12 @@ import torch
 
 from llmq.targets.packing import pack_int32
 from llmq.runtime.kernels import cuda as cuda_kernels
+from llmq.runtime.kernels import fragments
 from llmq.runtime.kernels.cpu import INT4_MAX_ROWS
 from llmq.core.scheme import QuantScheme
 from llmq.runtime.modeling import QuantLinear, kernel_path
 
-CUDA_SOURCE = Path(__file__).resolve().parents[1] / "llmq" / "runtime" / "kernels" / "cuda" / "w4a16.cu"
+CUDA_DIR = Path(__file__).resolve().parents[1] / "llmq" / "runtime" / "kernels" / "cuda"
 
 
 def random_quant_linear(n: int, k: int, group: int, symmetric: bool, seed: int = 0, bias: bool = True) -> QuantLinear:
@@ -100,16 +101,22 @@ def test_path_and_split_choice():
     assert cuda_kernels.choose_splits("gemv", 57344, 8192, 132) == 1
     assert cuda_kernels.choose_splits("mma", 1024, 4096, 132) == 8
     assert cuda_kernels.choose_splits("mma", 1024, 1024, 132) == 2  # at least 512 columns per split
+    # tc: one block (128 columns) per SM; 8B o (N 4096: 32 blocks) splits 5 ways, 8B down (K 14336) too
+    assert cuda_kernels.choose_splits("tc", 4096, 4096, 132) == 5
+    assert cuda_kernels.choose_splits("tc", 57344, 8192, 132) == 1
+    assert cuda_kernels.choose_splits("tc", 1024, 512, 132) == 2  # at least one 256-k stage per split
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CI has it)")
-def test_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
+@pytest.mark.parametrize("source", ["w4a16.cu", "w4a16_tc.cu"])
+def test_cuda_source_compiles_for_sm80_and_sm90(source, tmp_path):
     done = subprocess.run(
-        ["nvcc", "-std=c++17", "-O3", "-c", str(CUDA_SOURCE), "-o", str(tmp_path / "w4a16.o"),
+        ["nvcc", "-std=c++17", "-O3", "-c", str(CUDA_DIR / source), "-o", str(tmp_path / "kernel.o"),
          "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v"],
         capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "spill stores" in done.stderr and " 0 bytes spill stores" in done.stderr
+    spills = [line for line in done.stderr.splitlines() if "spill" in line]
+    assert spills and all(" 0 bytes spill stores, 0 bytes spill loads" in line for line in spills), spills
     assert "error" not in done.stderr.lower()
 
 
@@ -131,7 +138,7 @@ def test_torch_binding_compiles_against_torch_headers(tmp_path):
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [str(tmp_path), *cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(_cuda_include())]
     done = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=llmq_w4a16",
-                           *(f"-I{i}" for i in includes), str(CUDA_SOURCE.with_name("binding.cpp"))],
+                           *(f"-I{i}" for i in includes), str(CUDA_DIR / "binding.cpp")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -145,7 +152,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_cuda_kernels_match_reference(dtype, symmetric):
-    from llmq.kernels.build import load_extension
+    from llmq.runtime.kernels.build import load_extension
 
     extension = load_extension()
     assert extension is not None, "the CUDA kernel did not build"
@@ -156,23 +163,87 @@ def test_cuda_kernels_match_reference(dtype, symmetric):
                                           (8192, 1024, 128), (130, 2048, 64)]):
         layer = random_quant_linear(n, k, group, symmetric, seed=case).to("cuda")
         packed = cuda_kernels.repack(layer.weight_packed, layer.weight_scale, layer.weight_zero_point, k, 4)
+        fragment = fragments.from_packed(packed)  # made on the GPU, as QuantLinear makes it
         for m in (1, 2, 5, 8, 9, 16, 33, 64, 65, 128, 129, 200):
             x = torch.randn(m, k, generator=g).to("cuda", dtype)
             expected = cuda_kernels.reference_w4(x, packed, layer.bias)
-            for path in [p for p, top in (("gemv", 8), ("mma", 128)) if m <= top] or ["cublas"]:
+            for path in ([p for p, top in (("gemv", 8), ("mma", 128)) if m <= top] or ["cublas"]) + ["tc"]:
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # poisoned: all must be written
-                y = cuda_kernels.w4_linear_cuda(extension, x, packed, layer.bias, out=out, path=path)
+                y = cuda_kernels.w4_linear_cuda(extension, x, packed, layer.bias, out=out, path=path, fragment=fragment)
                 torch.cuda.synchronize()
                 assert torch.isfinite(y).all(), (n, k, group, m, path)
                 assert _rel(y, expected) < tolerance, (n, k, group, m, path, _rel(y, expected))
 
 
 @gpu
-def test_quant_linear_on_gpu_uses_the_kernel_and_matches_cpu():
+def test_fragment_layout_made_on_the_gpu_equals_the_cpu_one():
+    layer, packed = _packed_w4(200, 512, 64, False)
+    on_cpu = fragments.from_packed(packed)
+    on_gpu = fragments.from_packed(cuda_kernels.repack(*_parts(layer.to("cuda")), 512, 4))
+    for name in ("tiles", "scales", "zeros"):
+        assert torch.equal(getattr(on_gpu, name).cpu(), getattr(on_cpu, name)), name
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["by M", "tc"])
+def test_quant_linear_on_gpu_uses_the_kernel_and_matches_cpu(kernel, monkeypatch):
+    if kernel == "tc":
+        monkeypatch.setenv("LLMQ_W4_KERNEL", "tc")
     layer = random_quant_linear(512, 1024, 128, False)
     x = torch.randn(3, 7, 1024)
     expected = layer(x)
     layer = layer.to("cuda")
     y = layer(x.to("cuda", torch.float16))
     assert layer._repacked.get("w4a16") is not None
+    assert (layer._repacked.get("w4a16-tc") is not None) == (kernel == "tc")
     assert _rel(y.cpu(), expected) < 2e-3
+
+
+# ---- the fragment-ordered tensor-core kernel (cuda/w4a16_tc.cu): its layout and index maths, on the CPU ------------
+
+
+def _packed_w4(n: int, k: int, group: int, symmetric: bool, seed: int = 0):
+    layer = random_quant_linear(n, k, group, symmetric, seed=seed)
+    return layer, cuda_kernels.repack(layer.weight_packed, layer.weight_scale, layer.weight_zero_point, k, 4)
+
+
+@pytest.mark.parametrize("n", [64, 130, 200])
+def test_fragment_layout_round_trips_the_checkpoint_integers(n):
+    """Each lane's registers, read at the PTX ISA's B-fragment positions, give back every checkpoint integer."""
+    layer, packed = _packed_w4(n, 256, 64, False, seed=n)
+    frag = fragments.from_packed(packed)
+    assert frag.tiles.shape == (-(-n // 64), 256 // 16, 32, 4) and frag.tiles.dtype == torch.int32
+    u = ((packed.qweight.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int32)) & 0xF).reshape(n, 256)
+    assert torch.equal(fragments.unpack_fragments(frag), u.to(torch.uint8))
+    # scales and zeros: lane group g, slot j is column 64c + 8j + g
+    q, c, g, j = 2, frag.scales.shape[1] - 1, 5, 3
+    column = 64 * c + 8 * j + g
+    if column < n:
+        assert frag.scales[q, c, g, j] == packed.scales[column, q] and frag.zeros[q, c, g, j] == packed.zeros[column, q]
+
+
+def test_fragment_word_bits_match_the_drawing():
+    """Lane 5 (g 1, t 1), word 1: nibble 0 is B[k 2, n 16+1], nibble 4 is k 3, nibble 1 k 10, nibble 3 n 24+1, k 10."""
+    position = lambda i: tuple(int(v) for v in fragments.nibble_position(torch.tensor(5), torch.tensor(1), torch.tensor(i)))
+    assert [position(i) for i in (0, 4, 1, 5, 2, 3, 7)] == [(2, 17), (3, 17), (10, 17), (11, 17), (2, 25), (10, 25), (11, 25)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("n, k, group, symmetric, m, splits", [
+    (128, 256, 64, False, 1, 1),
+    (130, 576, 576, True, 5, 1),    # ragged N (a block's second warp past N), per channel, K not a stage multiple
+    (128, 512, 32, False, 17, 3),   # two 16-row tiles, groups of 32 (two per chunk), K split 3 ways (3, 3, 2 chunks)
+    (64, 512, 128, True, 70, 2),    # two row passes (64 + 6 rows), one warp column of two
+])
+def test_emulated_tensor_core_kernel_matches_the_reference(dtype, n, k, group, symmetric, m, splits):
+    """The kernel's partition, fragment loads, register dequantization, mma maps and reductions, emulated lane by
+    lane, against float32 maths on the dequantized weights; the tolerance is the one rounding of each weight to the
+    activation dtype (as the kernel's half2 multiply does) and of the output."""
+    layer, packed = _packed_w4(n, k, group, symmetric, seed=k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    y = fragments.emulate(x, fragments.from_packed(packed), layer.bias, splits=splits, dtype=dtype)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel(y, cuda_kernels.reference_w4(x, packed, layer.bias)) < (2e-3 if dtype == torch.float16 else 2e-2)
+    # and exactly what it should be with each weight rounded to the activation dtype first
+    rounded = cuda_kernels.dequantize_w4(packed).to(dtype).float()
+    assert _rel(y, (x.float() @ rounded.T + layer.bias).to(dtype)) < (1e-3 if dtype == torch.float16 else 8e-3)

@@ -17,6 +17,7 @@ from llmq.core.errors import LlmqError, reason
 from llmq.core.layers import linear_at
 from llmq.core.scheme import QuantScheme
 from llmq.runtime.kernels import cuda as cuda_kernels
+from llmq.runtime.kernels import fragments
 from llmq.runtime.kernels.build import load_extension
 from llmq.runtime.kernels.cpu import (
     INT4_MAX_ROWS,
@@ -75,7 +76,9 @@ class QuantLinear(nn.Module):
             packed = extension and self._layout("w4a16", lambda: cuda_kernels.repack(
                 self.weight_packed, self.weight_scale, self.weight_zero_point, self.in_features, self.scheme.bits))
             if packed:
-                return cuda_kernels.w4_linear_cuda(extension, x, packed, self.bias)
+                path = cuda_kernels.choose_path(rows)
+                fragment = path == "tc" and self._layout("w4a16-tc", lambda: fragments.from_packed(packed))
+                return cuda_kernels.w4_linear_cuda(extension, x, packed, self.bias, path=path, fragment=fragment or None)
         if x.device.type == "cpu" and self.scheme.bits == 4:
             group = self.in_features // self.weight_scale.shape[1]
             if rows <= INT4_MAX_ROWS.get(x.dtype, 0) and int4_supported(4, self.in_features, group):
@@ -96,6 +99,8 @@ def kernel_path(device: torch.device | str, bits: int = 4) -> str:
     device_type = torch.device(device).type
     if device_type == "cuda":
         if bits == 4 and load_extension() is not None:
+            if cuda_kernels.choose_path(1) == "tc":
+                return "llmq W4A16 CUDA kernel tc (fragment-ordered tensor cores, every M; LLMQ_W4_KERNEL=tc)"
             return "llmq W4A16 CUDA kernels (gemv M<=8, tensor cores M<=128, dequantize + cuBLAS above)"
         return "dequantize + cuBLAS (no llmq kernel for this model or machine)"
     if bits == 4:

@@ -1,6 +1,6 @@
 """Just-in-time build of llmq's CUDA kernels (torch's C++ extension tooling, ninja), cached per machine.
 
-The first CUDA forward of a packed model builds llmq/runtime/kernels/cuda/{w4a16.cu, binding.cpp} for the GPU in use
+The first CUDA forward of a packed model builds llmq/runtime/kernels/cuda/{w4a16.cu, w4a16_tc.cu, binding.cpp} for the GPU in use
 (about a minute) into ~/.cache/llmq/runtime/kernels/<source hash>; later runs load the cached library. If anything is
 missing (no CUDA torch, no nvcc, no ninja) or the build fails, one line says why and the portable path
 (dequantize + dense GEMM) is used instead.
@@ -14,19 +14,20 @@ from pathlib import Path
 
 from llmq.core import log
 
-SOURCES = [Path(__file__).parent / "cuda" / name for name in ("w4a16.cu", "binding.cpp")]
+SOURCES = [Path(__file__).parent / "cuda" / name for name in ("w4a16.cu", "w4a16_tc.cu", "binding.cpp")]
+HEADERS = [Path(__file__).parent / "cuda" / "w4_numbers.cuh"]
 _extension = None
 _failure: str | None = None
 
 
 def cache_directory() -> Path:
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
     root = Path(os.environ.get("LLMQ_CACHE", Path.home() / ".cache" / "llmq"))
     return root / "kernels" / digest
 
 
 def load_extension():
-    """The compiled module (w4_linear, w4_dequant), or None with the reason logged once."""
+    """The compiled module (w4_linear, w4_linear_tc, w4_dequant), or None with the reason logged once."""
     global _extension, _failure
     if _extension is not None or _failure is not None:
         return _extension

@@ -7,15 +7,22 @@ and unsigned zero points uint8, [N, K/g] each (3 bytes per group): W = u * s - (
 Paths by the number of rows M of the activation matrix: M <= 8 gemv (memory-bound), M <= 128 tensor cores
 (WMMA on dequantized tiles), larger M dequantize once + cuBLAS. Split-K when the output alone gives fewer
 than two blocks per SM.
+
+A second tensor-core kernel, "tc" (cuda/w4a16_tc.cu, any M), reads its own fragment-ordered copy of the weights
+(fragments.py), made once at first use. It is not chosen by M yet: that needs its speed measured on a GPU
+against the others (scripts/bench_kernel.py), so it runs only when asked: `path="tc"`, or LLMQ_W4_KERNEL=tc
+for every packed Linear.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
+from llmq.runtime.kernels.fragments import BLOCK_N, STAGE_K, FragmentW4
 from llmq.targets.packing import unpack_int32
 
 GEMV_MAX_M = 8
@@ -68,11 +75,17 @@ def reference_w4(x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None) -
 
 
 def choose_path(m: int) -> str:
+    if os.environ.get("LLMQ_W4_KERNEL") == "tc":
+        return "tc"
     return "gemv" if m <= GEMV_MAX_M else "mma" if m <= MMA_MAX_M else "cublas"
 
 
 def choose_splits(path: str, n: int, k: int, sm_count: int) -> int:
-    """Split K until there are about two blocks per SM (each split keeps at least 512 columns of K)."""
+    """Split K until there are about two blocks per SM (each split keeps at least 512 columns of K); for "tc", whose
+    shared-memory ring allows one block per SM, until there is one block per SM (at least one 256-k stage each)."""
+    if path == "tc":
+        blocks = -(-n // BLOCK_N)
+        return 1 if blocks >= sm_count else max(1, min(-(-sm_count // blocks), k // STAGE_K))
     # gemv blocks hold 8 rows (16 at M <= 2, where this count is then twice too high: split-K only gets rarer)
     blocks = -(-n // (_MMA_N_TILE if path == "mma" else 8))
     if blocks >= 2 * sm_count:
@@ -86,8 +99,10 @@ def _sm_count(device_index: int) -> int:  # asked once per device: the query cos
 
 
 def w4_linear_cuda(extension, x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None,
-                   out: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
-    """y = x W^T + b on the GPU; x [..., K] float16/bfloat16. `path` overrides the choice by M (tests, benchmarks)."""
+                   out: torch.Tensor | None = None, path: str | None = None,
+                   fragment: FragmentW4 | None = None) -> torch.Tensor:
+    """y = x W^T + b on the GPU; x [..., K] float16/bfloat16. `path` overrides the choice by M (tests, benchmarks);
+    the "tc" path needs `fragment`, the fragment-ordered layout (fragments.from_packed(packed))."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     if x2.data_ptr() % 16:  # a view at an odd offset: the kernels read activations 16 bytes at a time
@@ -97,12 +112,14 @@ def w4_linear_cuda(extension, x: torch.Tensor, packed: PackedW4, bias: torch.Ten
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     if path == "cublas":
         weight = extension.w4_dequant(packed.qweight, packed.scales, packed.zeros, packed.group, x2)
-        y = torch.nn.functional.linear(x2, weight, bias)
+        return torch.nn.functional.linear(x2, weight, bias).reshape(*shape[:-1], packed.out_features)
+    if out is None:
+        out = torch.empty(m, packed.out_features, device=x.device, dtype=x.dtype)
+    sm_count = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    splits = choose_splits(path, packed.out_features, packed.in_features, sm_count)
+    if path == "tc":
+        y = extension.w4_linear_tc(x2, fragment.tiles, fragment.scales, fragment.zeros, bias, packed.group, splits, out)
     else:
-        if out is None:
-            out = torch.empty(m, packed.out_features, device=x.device, dtype=x.dtype)
-        sm_count = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        splits = choose_splits(path, packed.out_features, packed.in_features, sm_count)
         y = extension.w4_linear(x2, packed.qweight, packed.scales, packed.zeros, bias, packed.group,
                                 0 if path == "gemv" else 1, splits, out)
     return y.reshape(*shape[:-1], packed.out_features)

@@ -1,4 +1,4 @@
-// torch binding of the W4A16 kernels in w4a16.cu: argument checks, workspace, stream; no maths here.
+// torch binding of the W4A16 kernels in w4a16.cu and w4a16_tc.cu: argument checks, workspace, stream; no maths here.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +12,8 @@ void llmq_w4_gemv(int dtype, int M, const void* x, const uint32_t* qw, const __h
                   const void* bias, void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream);
 void llmq_w4_mma(int dtype, int M, const void* x, const uint32_t* qw, const __half* s, const uint8_t* zeros,
                  const void* bias, void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream);
+void llmq_w4_tc(int dtype, int M, const void* x, const int32_t* tiles, const __half* s, const uint8_t* zeros,
+                const void* bias, void* y, float* workspace, int N, int K, int group, int splits, cudaStream_t stream);
 void llmq_w4_dequant(int dtype, const uint32_t* qw, const __half* s, const uint8_t* zeros, void* w, int N, int K, int group,
                      cudaStream_t stream);
 
@@ -78,6 +80,47 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   return out;
 }
 
+// out = x @ W^T (+ bias) by the fragment-ordered tensor-core kernel (w4a16_tc.cu; layout: fragments.py), any M.
+torch::Tensor w4_linear_tc(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, torch::Tensor zeros,
+                           std::optional<torch::Tensor> bias, int64_t group, int64_t splits, torch::Tensor out) {
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), column_blocks = (N + 63) / 64;
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x must be a contiguous, 16-byte aligned CUDA [M, K] tensor");
+  TORCH_CHECK(K % 64 == 0 && group % 16 == 0 && K % group == 0,
+              "K must be a multiple of 64 and of the group size, the group size a multiple of 16");
+  TORCH_CHECK(tiles.is_cuda() && tiles.scalar_type() == torch::kInt32 && tiles.is_contiguous() && tiles.dim() == 4 &&
+                  tiles.size(0) == column_blocks && tiles.size(1) == K / 16 && tiles.size(2) == 32 && tiles.size(3) == 4,
+              "tiles must be a contiguous CUDA int32 [ceil(N/64), K/16, 32, 4] tensor");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && zeros.scalar_type() == torch::kByte,
+              "scales must be float16 and zeros uint8");
+  for (const auto* t : {&scales, &zeros})
+    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->dim() == 4 && t->size(0) == K / group &&
+                    t->size(1) == column_blocks && t->size(2) == 8 && t->size(3) == 8,
+                "scales / zeros must be contiguous CUDA [K/group, ceil(N/64), 8, 8] tensors");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type() && out.size(0) == M,
+              "out must be a contiguous [M, N] tensor of x's dtype");
+  TORCH_CHECK(splits >= 1, "splits must be >= 1");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const void* bias_ptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N,
+                "bias must be [N] in x's dtype");
+    bias_ptr = bias->data_ptr();
+  }
+  torch::Tensor workspace;
+  if (splits > 1) workspace = torch::zeros({M, N}, x.options().dtype(torch::kFloat));
+  llmq_w4_tc(dtype_code(x), (int)M, x.data_ptr(), tiles.data_ptr<int32_t>(),
+             reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), bias_ptr,
+             out.data_ptr(), splits > 1 ? workspace.data_ptr<float>() : nullptr, (int)N, (int)K, (int)group,
+             (int)splits, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    if (bias_ptr != nullptr) workspace.add_(bias->to(torch::kFloat));
+    out.copy_(workspace);
+  }
+  return out;
+}
+
 // The dense [N, K] weight in `dtype` (float16 / bfloat16), for cuBLAS at large M.
 torch::Tensor w4_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t group,
                          torch::Tensor like) {
@@ -94,5 +137,6 @@ torch::Tensor w4_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4_linear", &w4_linear, "llmq W4A16 linear (gemv or tensor-core path)");
+  m.def("w4_linear_tc", &w4_linear_tc, "llmq W4A16 linear, fragment-ordered tensor-core kernel");
   m.def("w4_dequant", &w4_dequant, "llmq W4 dequantize to float16/bfloat16");
 }

@@ -32,15 +32,9 @@
 #include <mma.h>
 #include <stdint.h>
 
+#include "w4_numbers.cuh"
+
 namespace llmq {
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // ---- 4-bit fields to numbers without int->float conversions ----------------------------------------------------
 // An int->float conversion is a quarter-rate instruction; with one per weight the first version of these kernels
@@ -61,29 +55,7 @@ __device__ __forceinline__ void nibbles_minus_zero(uint32_t word, const float* m
   }
 }
 
-// The same two at a time for 16-bit types: (word >> 4i) & 0x000F000F puts nibbles i and i+4 in the low bits of
-// two halves; OR-ed into 1024.0 (fp16) or 128.0 (bf16), whose last mantissa bit is worth 1, they read as
-// (base + u_i, base + u_{i+4}). Subtracting base + z is exact; one multiply by the scale then rounds (u - z) * s
-// once, i.e. the weight rounded to T.
-__device__ __forceinline__ __half low_of(__half2 v) { return __low2half(v); }
-__device__ __forceinline__ __half high_of(__half2 v) { return __high2half(v); }
-__device__ __forceinline__ __nv_bfloat16 low_of(__nv_bfloat162 v) { return __low2bfloat16(v); }
-__device__ __forceinline__ __nv_bfloat16 high_of(__nv_bfloat162 v) { return __high2bfloat16(v); }
-
-template <typename T> struct Pair;
-template <> struct Pair<__half> {
-  using type = __half2;
-  static constexpr uint32_t magic = 0x64006400u;  // (1024.0, 1024.0)
-  static constexpr float base = 1024.f;
-  static __device__ __forceinline__ type splat(float v) { return __float2half2_rn(v); }
-};
-template <> struct Pair<__nv_bfloat16> {
-  using type = __nv_bfloat162;
-  static constexpr uint32_t magic = 0x43004300u;  // (128.0, 128.0)
-  static constexpr float base = 128.f;
-  static __device__ __forceinline__ type splat(float v) { return __float2bfloat162_rn(v); }
-};
-
+// The same two at a time for 16-bit types: Pair<T> (w4_numbers.cuh).
 // The eight weights of one word, in column order: out[b] = (u_b - z) * s.
 template <typename T>
 __device__ __forceinline__ void dequant_word(uint32_t word, typename Pair<T>::type base_plus_zero,
