@@ -17,7 +17,7 @@ from pathlib import Path
 from llmq.calib.models import EMBEDDED_DEFAULT
 from llmq.core.config import MethodOptions, QuantizeConfig, RunOptions, TargetOptions
 from llmq.core.errors import LlmqError
-from llmq.core.scheme import QuantScheme
+from llmq.core.scheme import PRESETS, QuantScheme, scheme_with_preset
 from llmq.methods import method_names
 from llmq.methods.grids.ternary import GRANULARITIES
 from llmq.targets import TARGETS
@@ -56,7 +56,13 @@ def _quantize_parser(sub) -> None:
     method.add_argument("--qat-seqlen", type=int, default=MethodOptions.qat_seqlen,
                         help=f"bitnet fine-tuning tokens per window (default {MethodOptions.qat_seqlen})")
 
-    scheme = p.add_argument_group("scheme (compressed-tensors' integer grid)")
+    scheme = p.add_argument_group("scheme (compressed-tensors' grid)")
+    scheme.add_argument("--scheme", dest="preset", default=None, choices=sorted(PRESETS),
+                        help="w8a8: int8 weights per channel and int8 inputs per token at run time; fp8: the same "
+                             "in FP8 E4M3 (what vLLM runs natively on Hopper)")
+    scheme.add_argument("--act-bits", type=int, default=QuantScheme.act_bits,
+                        help="8: also quantize each Linear's input, per token at run time (W8A8; with --bits 8 "
+                             "--group-size -1 --sym)")
     scheme.add_argument("--bits", type=int, default=QuantScheme.bits, help=f"2, 3, 4 or 8 (default {QuantScheme.bits})")
     scheme.add_argument("--group-size", type=int, default=QuantScheme.group_size,
                         help=f"input columns per scale; -1 per channel (default {QuantScheme.group_size})")
@@ -156,7 +162,7 @@ def _run_quantize(args) -> None:
     from llmq.core.ranks import launched_by_torchrun, leave
     from llmq.run import check_ranks, default_out, method_and_target, quantize
 
-    config = QuantizeConfig(QuantScheme(**_group(args, QuantScheme)), MethodOptions(**_group(args, MethodOptions)),
+    config = QuantizeConfig(scheme_with_preset(args.preset, _group(args, QuantScheme)), MethodOptions(**_group(args, MethodOptions)),
                             TargetOptions(**_group(args, TargetOptions)), RunOptions(**_group(args, RunOptions)))
     if args.nproc < 1:
         raise LlmqError(f"--nproc must be 1 or more, not {args.nproc}")

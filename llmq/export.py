@@ -9,6 +9,7 @@ It reads checkpoints through the runtime (llmq.load) and writes through the GGUF
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from llmq.methods.grids.kquant_search import encode_bytes
 from llmq.runtime.modeling import QuantLinear, load
 from llmq.targets.atomic import OutputKind, atomic_output_file, check_output
 from llmq.targets.bitnet import load_bitnet
+from llmq.targets.compressed_tensors import UNPACKED_FORMATS
 from llmq.targets.gguf.mixtures import fallback, get_mixture, is_quantizable
 from llmq.targets.gguf.target import encode_tensors, permute_rows, tensor_plan
 from llmq.targets.gguf.writer import (
@@ -92,6 +94,12 @@ def check_gguf_output(directory: str | Path, out: str | Path, overwrite: bool) -
 def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = False) -> ExportReport:
     """Re-express an llmq GPTQ/AWQ checkpoint (compressed-tensors, packed) as one GGUF file."""
     check_gguf_output(directory, out, overwrite)
+    config_file = Path(directory) / "config.json"
+    quant_format = (json.loads(config_file.read_text()).get("quantization_config") or {}).get("format") \
+        if config_file.exists() else None
+    if quant_format in UNPACKED_FORMATS.values():  # before the weights are read
+        raise LlmqError(f"{directory} is {quant_format} (8-bit weights with quantized activations, or FP8), which GGUF "
+                        "does not hold; quantize the original model with --format gguf --type Q8_0 instead")
     model = load(directory, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     config = language_config(model.config)

@@ -42,7 +42,13 @@ ROWS = {
     "bitnet-ptq": ("bitnet", 1.58, "tensor", True, False, False),
     "bitnet-qat300": ("bitnet", 1.58, "tensor", True, False, False),
     "bitnet-qat450": ("bitnet", 1.58, "tensor", True, False, False),
+    # 8-bit per channel with each Linear's input quantized per token at run time (issue 15): --scheme w8a8 / fp8
+    "rtn-w8a8": ("rtn", 8, -1, True, False, False),
+    "gptq-w8a8": ("gptq", 8, -1, True, True, False),
+    "rtn-fp8": ("rtn", 8, -1, True, False, False),
+    "gptq-fp8": ("gptq", 8, -1, True, True, False),
 }
+PRESET_OF = {"rtn-w8a8": "w8a8", "gptq-w8a8": "w8a8", "rtn-fp8": "fp8", "gptq-fp8": "fp8"}
 # ternary-aware fine-tuning steps per bitnet row (batch 4 x 256 tokens of the calibration text, lr 5e-4)
 QAT_STEPS = {"bitnet-ptq": 0, "bitnet-qat300": 300, "bitnet-qat450": 450}
 
@@ -78,7 +84,8 @@ def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
         config = QuantizeConfig.of(method=method, bits=4 if method == "bitnet" else bits,
                                    group_size=128 if method == "bitnet" else group, symmetric=symmetric,
                                    act_order=act_order, mse=mse, calib=str(DATA / "wikitext2_valid_calib.txt"),
-                                   samples=128, seqlen=512, device="cpu", qat_steps=QAT_STEPS.get(name, 0))
+                                   samples=128, seqlen=512, device="cpu", qat_steps=QAT_STEPS.get(name, 0),
+                                   scheme=PRESET_OF.get(name))
         started = time.perf_counter()
         try:
             result = quantize(str(reference), work / name, config, overwrite=True)
@@ -143,6 +150,7 @@ def table(rows: list[dict]) -> str:
             spec = ("bf16", 16, "-", "-", "-")
         else:
             method, bits, group, symmetric, act_order, _ = ROWS[r["name"]]
+            bits = f"{bits} ({PRESET_OF[r['name']]})" if r["name"] in PRESET_OF else bits
             spec = (method, bits, group, "sym" if symmetric else "asym", "yes" if act_order else "no")
         if "refused" in r:
             lines.append(f"| {r['name']} | " + " | ".join(map(str, spec)) + f" | refused: {r['refused']} |"

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from llmq.core.errors import LlmqError
-from llmq.core.scheme import QuantScheme
+from llmq.core.scheme import QuantScheme, scheme_with_preset
 
 
 @dataclass
@@ -71,6 +71,7 @@ class QuantizeConfig:
     @classmethod
     def of(cls, **options) -> QuantizeConfig:
         """A config from flat names (`bits`, `method`, `calib`, ...), each going to the group that has it."""
+        preset = options.pop("scheme", None)  # a named scheme (llmq/core/scheme.py PRESETS)
         groups = {"scheme": {}, "method": {}, "target": {}, "run": {}}
         fields = {group: {f.name for f in dataclasses.fields(kind)}
                   for group, kind in (("scheme", QuantScheme), ("method", MethodOptions), ("target", TargetOptions),
@@ -80,10 +81,11 @@ class QuantizeConfig:
             if group is None:
                 raise LlmqError(f"unknown option {key!r}; see `llmq quantize --help` for the options")
             groups[group][name] = value
-        return cls(QuantScheme(**groups["scheme"]), MethodOptions(**groups["method"]),
+        scheme = scheme_with_preset(preset, {**dataclasses.asdict(QuantScheme()), **groups["scheme"]})
+        return cls(scheme, MethodOptions(**groups["method"]),
                    TargetOptions(**groups["target"]), RunOptions(**groups["run"]))
 
-    _FLAGS = {"symmetric": "--sym", "name": "--method", "gguf_type": "--type"}
+    _FLAGS = {"symmetric": "--sym", "name": "--method", "gguf_type": "--type", "weight_type": "--scheme"}
 
     def changed(self, group: str, *names: str) -> list[str]:
         """The flags of a group (or of those fields of it) set away from their defaults, as the CLI spells them."""

@@ -22,20 +22,49 @@ from llmq.core.records import record
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
+WEIGHT_TYPES = ("int", "float")
+FP8_MAX = 448.0  # the largest E4M3 value (torch.float8_e4m3fn)
+
+
 @record
 @dataclass(frozen=True)
 class QuantScheme:
-    """What grid a weight is rounded to. group_size=-1 means one group per output row (per-channel)."""
+    """What grid a weight is rounded to. group_size=-1 means one group per output row (per-channel).
+
+    weight_type "float" is FP8 E4M3 (8 bits, one scale per row: w_hat = e4m3(w / s) * s). act_bits 8 quantizes
+    each Linear's input too, per token at run time (W8A8, in the weights' type): what serving engines run on
+    int8 / FP8 tensor cores."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False  # asymmetric (zero points) by default: 0.7% larger, and clearly better
+    weight_type: str = "int"
+    act_bits: int | None = None
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise LlmqError(f"--bits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size != -1 and (self.group_size < 1 or self.group_size % 8):
             raise LlmqError(f"--group-size {self.group_size} is not supported; use a multiple of 8 (32, 64, 128) or -1")
+        if self.weight_type not in WEIGHT_TYPES:
+            raise LlmqError(f"weight type {self.weight_type!r} is not supported; use int or float (FP8)")
+        per_channel_8bit = self.bits == 8 and self.group_size == -1 and self.symmetric
+        if self.weight_type == "float" and not per_channel_8bit:
+            raise LlmqError("FP8 weights are 8 bits, symmetric, one scale per channel: use --scheme fp8 alone, "
+                            "without --bits, --group-size or --asym")
+        if self.act_bits is not None and (self.act_bits != 8 or not per_channel_8bit):
+            raise LlmqError("quantized activations need 8-bit symmetric per-channel weights (W8A8): use --scheme "
+                            "w8a8 or fp8 alone, or --bits 8 --group-size -1 --sym --act-bits 8")
+
+    @property
+    def name(self) -> str:
+        """W4A16 g128 asym, W8A8 int8, W8A8 FP8: what the summary, the card and the output's name say."""
+        if self.act_bits is not None:
+            return f"W8A8 {'FP8' if self.weight_type == 'float' else 'int8'}"
+        if self.weight_type == "float":
+            return "W8A16 FP8"
+        group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"W{self.bits}A16 {group} {'sym' if self.symmetric else 'asym'}"
 
     @property
     def qmin(self) -> int:
@@ -47,6 +76,29 @@ class QuantScheme:
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
+
+
+# Named schemes (`--scheme NAME`): what serving engines run on int8 / FP8 tensor cores, the fields each one fixes.
+PRESETS = {
+    "w8a8": {"bits": 8, "group_size": -1, "symmetric": True, "weight_type": "int", "act_bits": 8},
+    "fp8": {"bits": 8, "group_size": -1, "symmetric": True, "weight_type": "float", "act_bits": 8},
+}
+_FLAG_OF = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--sym/--asym", "act_bits": "--act-bits"}
+
+
+def scheme_with_preset(name: str | None, fields: dict) -> QuantScheme:
+    """The scheme of these fields, or of the named preset; a field set away from its default that the preset
+    sets otherwise is refused (`--scheme fp8 --bits 4` means nothing)."""
+    if name is None:
+        return QuantScheme(**fields)
+    if name not in PRESETS:
+        raise LlmqError(f"--scheme {name} is unknown; use one of {', '.join(PRESETS)}")
+    defaults = QuantScheme()
+    clash = [_FLAG_OF.get(key, key) for key, value in fields.items()
+             if value != getattr(defaults, key) and value != PRESETS[name].get(key, value)]
+    if clash:
+        raise LlmqError(f"--scheme {name} fixes {', '.join(clash)}; drop them")
+    return QuantScheme(**{**fields, **PRESETS[name]})
 
 
 def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
@@ -77,7 +129,7 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 class QuantizedTensor:
     """A weight on the integer grid: signed integers, one scale (and zero point) per (row, group)."""
 
-    qweight: torch.Tensor  # int8 [out, in]
+    qweight: torch.Tensor  # int8 [out, in]; float8_e4m3fn for FP8 weights (the E4M3 values themselves)
     scale: torch.Tensor  # [out, n_groups], storage dtype
     zero_point: torch.Tensor | None  # int8 [out, n_groups]; None when symmetric
     scheme: QuantScheme

@@ -28,9 +28,12 @@ from llmq.runtime.kernels.cpu import (
 )
 from llmq.runtime.kernels.reference import dequantize_packed
 from llmq.targets.bitnet import load_bitnet
+from llmq.runtime.w8 import W8Linear
 from llmq.targets.compressed_tensors import (
+    FORMAT,
     TENSOR_SUFFIXES,
     check_packed_tensors,
+    checkpoint_format,
     read_weights,
     scheme_from_config,
 )
@@ -133,6 +136,22 @@ def _quant_linear_from_state(model: nn.Module, name: str, state: dict, scheme: Q
     return QuantLinear(linear.in_features, linear.out_features, scheme, packed, scale, zero, bias)
 
 
+def _w8_linear_from_state(model: nn.Module, name: str, state: dict, scheme: QuantScheme,
+                          bias: torch.Tensor | None) -> W8Linear:
+    """The W8Linear for `name` from its int8 / FP8 weight and row scales (popped from `state`), checked."""
+    try:
+        weight, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")
+    except KeyError as missing:
+        raise LlmqError(f"checkpoint lacks {missing.args[0]}; the file is incomplete, re-create it") from None
+    linear = linear_at(model, name)
+    if linear is None:
+        raise LlmqError(f"checkpoint quantizes {name}, which this model's config has no Linear for; the config and "
+                        "the weights do not belong together")
+    check_packed_tensors(name, {"weight": weight, "weight_scale": scale}, scheme, linear.out_features,
+                         linear.in_features)
+    return W8Linear(linear.in_features, linear.out_features, scheme, weight, scale, bias)
+
+
 def _skeleton(config, dtype: torch.dtype) -> nn.Module:
     """The model without weights; routed experts as per-expert Linears where its checkpoints store them so."""
     with init_empty_weights(include_buffers=False):
@@ -170,13 +189,17 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     model = _skeleton(config, dtype)
     names = model_names(model, TENSOR_SUFFIXES)  # on-disk names (Mixtral's block_sparse_moe...) -> the model's
     state = {names.get(key, key): value for key, value in state.items()}
-    packed_names = [key[: -len(".weight_packed")] for key in state if key.endswith(".weight_packed")]
+    unpacked = checkpoint_format(scheme) != FORMAT
+    marker = ".weight_scale" if unpacked else ".weight_packed"
+    packed_names = [key[: -len(marker)] for key in state if key.endswith(marker)]
     for name in packed_names:
         bias = state.pop(f"{name}.bias", None)
-        model.set_submodule(name, _quant_linear_from_state(model, name, state, scheme, bias))
+        build = _w8_linear_from_state if unpacked else _quant_linear_from_state
+        model.set_submodule(name, build(model, name, state, scheme, bias))
 
     fill_remaining_weights(model, state, dtype)
     model.to(device).eval()
-    log.info(f"llmq: {len(packed_names)} packed Linears on {torch.device(device).type}: "
-             f"{kernel_path(device, scheme.bits)}")
+    path = ("int8 x int8 GEMM (torch._int_mm) where available" if scheme.weight_type == "int" else
+            "FP8 codes multiplied in float32") if unpacked else kernel_path(device, scheme.bits)
+    log.info(f"llmq: {len(packed_names)} {scheme.name} Linears on {torch.device(device).type}: {path}")
     return model

@@ -8,6 +8,13 @@ Per quantized Linear `name`, the safetensors hold:
     name.weight_shape       int64 [2]                            (out, in)
 Groups are contiguous runs of `group_size` input columns (act-order uses static groups, so no group index is
 needed); config.json carries the scheme under `quantization_config`.
+
+8-bit per-channel schemes whose inputs are quantized too (W8A8), and FP8 weights, use the unpacked formats
+llm-compressor writes for them, which serving engines run on int8 / FP8 tensor cores:
+    name.weight             int8 (`int-quantized`) or float8_e4m3fn (`float-quantized`) [out, in]
+    name.weight_scale       [out, 1]                             the model's dtype
+with `input_activations` {8 bits, the weights' type, symmetric, strategy token, dynamic: true}: each token's
+input row is quantized at run time with its own scale max|x| / (range / 2).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from llmq.core import log
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Quantized
 from llmq.core.scheme import QuantizedTensor, QuantScheme
+from llmq.methods.grids.fp8 import Fp8Grid
 from llmq.methods.grids.integer import IntegerGrid
 from llmq.targets.base import RunReport, Target
 from llmq.targets.card import model_card
@@ -36,27 +44,39 @@ from llmq.targets.packing import pack_int32, packed_words
 from llmq.targets.shards import ShardWriter
 
 FORMAT = "pack-quantized"
+UNPACKED_FORMATS = {"int": "int-quantized", "float": "float-quantized"}
 _EXPERT = re.compile(r"\.experts\.\d+\.")  # a routed expert's Linear (llmq/calib/experts.py names them so)
 TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def checkpoint_format(scheme: QuantScheme) -> str:
+    """pack-quantized for weight-only integer grids; the unpacked int/float format for W8A8 and FP8."""
+    if scheme.act_bits is None and scheme.weight_type == "int":
+        return FORMAT
+    return UNPACKED_FORMATS[scheme.weight_type]
 
 
 def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str], observer: str) -> dict:
     weights = {
         "num_bits": scheme.bits,
-        "type": "int",
+        "type": scheme.weight_type,
         "symmetric": scheme.symmetric,
         "strategy": "channel" if scheme.group_size == -1 else "group",
         "group_size": None if scheme.group_size == -1 else scheme.group_size,
         "dynamic": False,
-        "actorder": "weight" if act_order else None,
+        "actorder": "weight" if act_order and scheme.group_size != -1 else None,
         "observer": observer,
     }
+    inputs = None
+    if scheme.act_bits is not None:
+        inputs = {"num_bits": scheme.act_bits, "type": scheme.weight_type, "symmetric": True, "strategy": "token",
+                  "group_size": None, "dynamic": True, "actorder": None, "observer": None}
     config = {
         "quant_method": "compressed-tensors",
-        "format": FORMAT,
+        "format": checkpoint_format(scheme),
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                      "input_activations": None, "output_activations": None}},
+                                      "input_activations": inputs, "output_activations": None}},
         "ignore": ignore,
         "kv_cache_scheme": None,
     }
@@ -69,16 +89,25 @@ def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str],
 
 
 def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, list[str]]:
-    """The llmq scheme of a pack-quantized config (one config group of int weights), and its ignore list."""
-    if quant_config.get("quant_method") != "compressed-tensors" or quant_config.get("format") != FORMAT:
-        raise LlmqError("checkpoint is not a compressed-tensors pack-quantized model; llmq.load reads only that layout")
+    """The llmq scheme of a compressed-tensors config (one config group: int or FP8 weights, inputs quantized per
+    token at run time or not), and its ignore list."""
+    formats = (FORMAT, *UNPACKED_FORMATS.values())
+    if quant_config.get("quant_method") != "compressed-tensors" or quant_config.get("format") not in formats:
+        raise LlmqError(f"checkpoint is not a compressed-tensors model in one of the formats llmq.load reads "
+                        f"({', '.join(formats)})")
     groups = list(quant_config.get("config_groups", {}).values())
-    if len(groups) != 1 or groups[0].get("weights", {}).get("type") != "int":
-        raise LlmqError("checkpoint mixes several quantization schemes; llmq.load reads one int weight scheme")
-    weights = groups[0]["weights"]
+    if len(groups) != 1 or groups[0].get("weights", {}).get("type") not in ("int", "float"):
+        raise LlmqError("checkpoint mixes several quantization schemes; llmq.load reads one weight scheme")
+    weights, inputs = groups[0]["weights"], groups[0].get("input_activations")
     try:
         group_size = -1 if weights.get("strategy") == "channel" else int(weights["group_size"])
-        scheme = QuantScheme(int(weights["num_bits"]), group_size, bool(weights["symmetric"]))
+        if inputs is not None and (inputs.get("strategy") != "token" or not inputs.get("dynamic")
+                                   or inputs.get("type") != weights["type"] or not inputs.get("symmetric", True)):
+            raise LlmqError("only symmetric per-token dynamic input quantization in the weights' type is read")
+        scheme = QuantScheme(int(weights["num_bits"]), group_size, bool(weights["symmetric"]), weights["type"],
+                             None if inputs is None else int(inputs["num_bits"]))
+        if checkpoint_format(scheme) != quant_config["format"]:
+            raise LlmqError(f"format {quant_config['format']} does not hold {scheme.name}")
     except (KeyError, TypeError, ValueError, LlmqError) as error:
         reason = error.args[0] if error.args else type(error).__name__
         raise LlmqError(f"the checkpoint's quantization_config is not one llmq reads ({reason}); re-create it") from None
@@ -89,6 +118,9 @@ def check_packed_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: Qu
                          in_features: int) -> None:
     """Refuse packed tensors that disagree with the config (bits, groups, zero points) or the model's shapes:
     read with the wrong scheme they would decode to garbage without a word."""
+    if checkpoint_format(scheme) != FORMAT:
+        _check_unpacked_tensors(name, tensors, scheme, out_features, in_features)
+        return
     group = scheme.group_size_for(in_features)
     if in_features % group:
         raise LlmqError(f"{name}: group size {group} does not divide its {in_features} inputs; the config and the "
@@ -112,6 +144,19 @@ def check_packed_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: Qu
                         "re-create it")
 
 
+def _check_unpacked_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int,
+                            in_features: int) -> None:
+    dtype = torch.int8 if scheme.weight_type == "int" else torch.float8_e4m3fn
+    weight, scale = tensors["weight"], tensors["weight_scale"]
+    if weight.dtype != dtype or tuple(weight.shape) != (out_features, in_features) or tuple(scale.shape) != (out_features, 1):
+        raise LlmqError(f"{name} holds {weight.dtype} {tuple(weight.shape)} weights with {tuple(scale.shape)} scales but "
+                        f"the config ({scheme.name}) and the layer need {dtype} ({out_features}, {in_features}) with "
+                        f"({out_features}, 1); the config and the weights do not belong together")
+    if not scale.is_floating_point() or not torch.isfinite(scale).all():
+        raise LlmqError(f"{name}.weight_scale holds non-finite or non-float values; the checkpoint is damaged: "
+                        "re-create it")
+
+
 def check_group_divides(name: str, in_features: int, scheme: QuantScheme) -> None:
     """Refuse up front a group size that no loader of the format can read (compressed-tensors needs equal groups)."""
     if scheme.group_size == -1 or in_features % scheme.group_size == 0:
@@ -124,6 +169,8 @@ def check_group_divides(name: str, in_features: int, scheme: QuantScheme) -> Non
 
 
 def packed_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+    if checkpoint_format(q.scheme) != FORMAT:  # int8 / FP8 as they are, one scale per row
+        return {f"{name}.weight": q.qweight, f"{name}.weight_scale": q.scale}
     bits = q.scheme.bits
     tensors = {
         f"{name}.weight_packed": pack_int32(q.qweight, bits),
@@ -245,6 +292,9 @@ class CompressedTensorsTarget(Target):
                             "use --format bitnet (its default) or --format gguf")
         if self.config.target.gguf_type is not None:
             raise LlmqError("--type picks a GGUF mixture; it applies to --format gguf only")
+        if self.method.searches and self.config.scheme.weight_type != "int":
+            raise LlmqError(f"--method {self.method.name} searches on an integer grid; FP8 weights take --method "
+                            "gptq or rtn")
 
     @property
     def search_scheme(self) -> QuantScheme:
@@ -265,7 +315,11 @@ class CompressedTensorsTarget(Target):
 
     def plan(self, model, linears, storage_dtype, calibrated) -> Plan:
         # one grid for all: a group's Linears are rounded as one stacked matrix, one pass of the method
-        grid = IntegerGrid(self.config.scheme, storage_dtype, mse=self.config.method.mse)
+        scheme = self.config.scheme
+        if scheme.weight_type == "float":
+            grid = Fp8Grid(scheme, storage_dtype)
+        else:
+            grid = IntegerGrid(scheme, storage_dtype, mse=self.config.method.mse)
         return lambda names: [Part(tuple(names), grid)]
 
     @property
@@ -282,18 +336,21 @@ class CompressedTensorsTarget(Target):
             model.generation_config.save_pretrained(path)
         tokenizer.save_pretrained(path)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        what = (f"{scheme.bits}-bit weight-only quantization" if scheme.act_bits is None else
+                f"{scheme.name} quantization (weights, and each Linear's input per token at run time)")
         (path / "README.md").write_text(model_card(
             report, size, bits=scheme.bits, group_size="per-channel" if scheme.group_size == -1 else scheme.group_size,
             symmetric=scheme.symmetric, act_order=self.act_order, mse=mse, format_tag="compressed-tensors",
-            summary=f"{scheme.bits}-bit weight-only quantization of `{report.base_model}`, made with llmq.",
-            layout="compressed-tensors `pack-quantized`", loader_note="needs the compressed-tensors package"))
+            summary=f"{what} of `{report.base_model}`, made with llmq.",
+            layout=f"compressed-tensors `{checkpoint_format(scheme)}`", loader_note="needs the compressed-tensors package"))
         return size
 
     def describe(self) -> str:
-        s = self.config.scheme
-        group = "per-channel" if s.group_size == -1 else f"g{s.group_size}"
-        return f"compressed-tensors, W{s.bits} {group} {'sym' if s.symmetric else 'asym'}"
+        return f"compressed-tensors, {self.config.scheme.name}"
 
     def default_out(self, base: str) -> str:
-        group = "c" if self.config.scheme.group_size == -1 else self.config.scheme.group_size
-        return f"{base}-{self.method.name}-w{self.config.scheme.bits}g{group}"
+        scheme = self.config.scheme
+        if scheme.act_bits is not None or scheme.weight_type == "float":
+            return f"{base}-{self.method.name}-{scheme.name.lower().replace(' ', '-')}"
+        group = "c" if scheme.group_size == -1 else scheme.group_size
+        return f"{base}-{self.method.name}-w{scheme.bits}g{group}"

@@ -178,8 +178,9 @@ def _mma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def emulate(x: torch.Tensor, frag: FragmentW4, bias: torch.Tensor | None, splits: int = 1,
             dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """y = x W^T + b the way cuda/w4a16_tc.cu computes it, lane by lane: the same grid, stages, chunk ownership,
-    fragment loads, register dequantization, mma maps, in-block and split-K reductions and edge rules. Slow
-    (Python loops over warps and steps); for small shapes in tests. x [M, K] -> [M, N] in `dtype`."""
+    fragment loads, register dequantization, mma maps, in-block and split-K reductions and edge rules. Rows go
+    in passes of 64 (the kernel picks 16, 32 or 64 rows per pass by M; rows never meet, so the sums are the same).
+    Slow (Python loops over warps and steps); for small shapes in tests. x [M, K] -> [M, N] in `dtype`."""
     m_rows, k_dim = x.shape
     n_dim = frag.out_features
     xs = _round(x.float(), dtype)

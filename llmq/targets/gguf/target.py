@@ -145,6 +145,10 @@ class GGUFTarget(Target):
             raise LlmqError(f"GGUF TQ blocks hold one scale per {TQ_BLOCK} weights, so --group-size "
                             f"{self.config.scheme.group_size} would not survive the export; use --group-size "
                             f"{TQ_BLOCK} (or a multiple) or --ternary-scale channel")
+        scheme = self.config.scheme
+        if scheme.act_bits is not None or scheme.weight_type != "int":
+            raise LlmqError(f"GGUF holds neither FP8 weights nor quantized activations ({scheme.name}); its 8-bit "
+                            "type is weight-only --type Q8_0, or use --format compressed-tensors")
         unused = self.config.changed("scheme") + self.config.changed("method", "mse")
         if method.ternary and options.ternary_scale == "group":
             unused = [flag for flag in unused if flag != "--group-size"]  # the ternary group's width

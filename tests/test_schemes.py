@@ -1,0 +1,128 @@
+"""8-bit schemes with quantized activations (W8A8 int8, FP8): the FP8 grid, per-token input quantization as
+compressed-tensors specifies it, checkpoints that transformers loads with llmq.load's logits, bad combinations."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmq
+from llmq import QuantizeConfig, quantize
+from llmq.cli import main
+from llmq.core.errors import LlmqError
+from llmq.core.scheme import PRESETS, QuantScheme
+from llmq.methods.grids.fp8 import Fp8Grid, fp8_round
+from llmq.runtime.w8 import W8Linear, quantize_rows
+
+FRESH_FLOAT32_LOGITS = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+def test_fp8_grid_codes_are_e4m3_values_and_the_error_is_half_a_step():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 0, 64)[:, None]
+    fit = Fp8Grid(QuantScheme(**PRESETS["fp8"]), torch.bfloat16).fit(w)
+    codes = fit.nearest()
+    assert torch.equal(codes, codes.to(torch.float8_e4m3fn).float())  # representable: the cast is lossless
+    assert codes.abs().amax() <= 448 and (codes.abs().amax(1) >= 416).all()  # each row reaches the top binade
+    result = fit.result(codes)
+    assert result.qweight.dtype == torch.float8_e4m3fn and result.scale.shape == (64, 1)
+    assert torch.equal(result.dequantize(), codes * result.scale.float())
+    # round to nearest on a 3-bit mantissa: |w/s - code| <= 2^-4 |code| above the subnormals (2^-6)
+    position = w / fit.scale
+    normal = position.abs() >= 2 ** -6
+    assert ((position - codes).abs()[normal] <= 2 ** -4 * position.abs()[normal] + 1e-6).all()
+
+
+def test_per_token_input_quantization_is_compressed_tensors_own():
+    """The run-time input quantization equals compressed-tensors' fake quantization of the same rows, bit for bit."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(1)) * 3
+    x[2] = 0  # an all-zero row stays zero
+    for kind in ("int", "float"):
+        args = QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="token", dynamic=True)
+        scale, zero = calculate_qparams(x.amin(1, keepdim=True), x.amax(1, keepdim=True), args)
+        theirs = fake_quantize(x, scale, zero, args)
+        codes, ours_scale = quantize_rows(x, kind)
+        assert torch.equal(torch.nan_to_num(theirs), codes * ours_scale), kind
+
+
+def test_integer_gemm_equals_the_float_product_of_the_codes():
+    g = torch.Generator().manual_seed(2)
+    scheme = QuantScheme(**PRESETS["w8a8"])
+    weight = torch.randint(-128, 128, (48, 64), generator=g, dtype=torch.int8)
+    layer = W8Linear(64, 48, scheme, weight, torch.rand(48, 1, generator=g) * 0.01, torch.randn(48, generator=g))
+    x = torch.randn(3, 5, 64, generator=g)
+    codes, scale = quantize_rows(x.reshape(-1, 64), "int")
+    expected = (codes.double() @ weight.double().T * scale.double() * layer.weight_scale.double().T + layer.bias.double())
+    assert torch.allclose(layer(x).reshape(-1, 48).double(), expected, rtol=1e-6, atol=1e-6)
+    layer._int_mm = False  # the float route (a device without the integer GEMM) gives the same numbers
+    assert torch.allclose(layer(x).reshape(-1, 48).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset, method, fmt, dtype", [("fp8", "gptq", "float-quantized", torch.float8_e4m3fn),
+                                                        ("w8a8", "rtn", "int-quantized", torch.int8)])
+def test_checkpoint_loads_in_transformers_with_llmq_logits(preset, method, fmt, dtype, tmp_path, tiny_llama_dir,
+                                                           calib_file):
+    out = tmp_path / preset
+    quantize(str(tiny_llama_dir), out, QuantizeConfig.of(scheme=preset, method=method, calib=str(calib_file),
+                                                         samples=4, seqlen=64, device="cpu"))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == fmt
+    group = config["config_groups"]["group_0"]
+    assert group["input_activations"] == {**group["input_activations"], "num_bits": 8, "strategy": "token",
+                                          "dynamic": True, "symmetric": True, "type": group["weights"]["type"]}
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == dtype
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight_scale").get_shape()[1] == 1
+    ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", FRESH_FLOAT32_LOGITS, str(out), str(tmp_path / "ids.pt"),
+                    str(tmp_path / "logits.pt")], check=True, capture_output=True)
+    theirs = torch.load(tmp_path / "logits.pt")
+    model = llmq.load(out, dtype=torch.float32)
+    assert isinstance(model.model.layers[1].mlp.up_proj, W8Linear)
+    with torch.no_grad():
+        ours = model(ids).logits
+    # the same maths in float32; an input landing on a rounding tie may flip one code in one of the two
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--scheme", "fp8", "--format", "gguf"], "GGUF holds neither FP8 weights nor quantized activations"),
+    (["--scheme", "fp8", "--group-size", "64"], "--scheme fp8 fixes --group-size; drop them"),
+    (["--scheme", "fp8", "--method", "awq"], "--method awq searches on an integer grid"),
+    (["--act-bits", "8"], "quantized activations need 8-bit symmetric per-channel weights"),
+    (["--scheme", "w8a8", "--bits", "3"], "--scheme w8a8 fixes --bits; drop them"),
+])
+def test_bad_combinations_are_one_line(argv, expect, capsys, tmp_path, tiny_llama_dir):
+    code = main(["quantize", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and expect in lines[-1], lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_preset_through_the_python_api():
+    assert QuantizeConfig.of(scheme="w8a8").scheme == QuantScheme(8, -1, True, "int", 8)
+    with pytest.raises(LlmqError, match="unknown"):
+        QuantizeConfig.of(scheme="nf3")
+    assert fp8_round(torch.tensor([1000.0, -0.3])).tolist() == [448.0, -0.3125]
+
+
+def test_export_to_gguf_refuses_an_8bit_activation_checkpoint_before_reading_it(tmp_path, capsys):
+    (tmp_path / "w8").mkdir()
+    (tmp_path / "w8" / "config.json").write_text(json.dumps({"quantization_config": {"format": "int-quantized"}}))
+    code = main(["export-gguf", str(tmp_path / "w8"), "--out", str(tmp_path / "w8.gguf")])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "int-quantized" in line and "--type Q8_0" in line
