@@ -43,6 +43,7 @@ ROWS = {
     "bitnet-qat300": ("bitnet", 1.58, "tensor", True, False, False),
     "bitnet-qat450": ("bitnet", 1.58, "tensor", True, False, False),
     # 8-bit per channel with each Linear's input quantized per token at run time (issue 15): --scheme w8a8 / fp8
+    "rtn-w8c-sym": ("rtn", 8, -1, True, False, False),  # the same int8 weights without input quantization (W8A16)
     "rtn-w8a8": ("rtn", 8, -1, True, False, False),
     "gptq-w8a8": ("gptq", 8, -1, True, True, False),
     "rtn-fp8": ("rtn", 8, -1, True, False, False),
