@@ -9,8 +9,8 @@ Per quantized Linear `name`, the safetensors hold:
 Groups are contiguous runs of `group_size` input columns (act-order uses static groups, so no group index is
 needed); config.json carries the scheme under `quantization_config`.
 
-8-bit per-channel schemes whose inputs are quantized too (W8A8), and FP8 weights, use the unpacked formats
-llm-compressor writes for them, which serving engines run on int8 / FP8 tensor cores:
+8-bit per-channel schemes whose inputs are quantized too (W8A8), and FP8 weights, use the unpacked formats that
+compressed-tensors defines for them (llm-compressor's), which serving engines run on int8 / FP8 tensor cores:
     name.weight             int8 (`int-quantized`) or float8_e4m3fn (`float-quantized`) [out, in]
     name.weight_scale       [out, 1]                             the model's dtype
 with `input_activations` {8 bits, the weights' type, symmetric, strategy token, dynamic: true}: each token's
