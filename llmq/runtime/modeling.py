@@ -27,8 +27,8 @@ from llmq.runtime.kernels.cpu import (
     repack_int4_cpu,
 )
 from llmq.runtime.kernels.reference import dequantize_packed
-from llmq.targets.bitnet import load_bitnet
 from llmq.runtime.w8 import W8Linear
+from llmq.targets.bitnet import load_bitnet
 from llmq.targets.compressed_tensors import (
     FORMAT,
     TENSOR_SUFFIXES,

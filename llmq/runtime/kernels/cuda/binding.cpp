@@ -39,6 +39,32 @@ void check_weights(const torch::Tensor& qweight, const torch::Tensor& scales, co
                 "scales / zeros must be contiguous CUDA [N, K/group] tensors");
 }
 
+void check_activations(const torch::Tensor& x) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x must be a contiguous, 16-byte aligned CUDA [M, K] tensor");
+}
+
+// The bias pointer (nullptr without one), checked against x's dtype and N.
+const void* bias_pointer(const std::optional<torch::Tensor>& bias, const torch::Tensor& x, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N,
+              "bias must be [N] in x's dtype");
+  return bias->data_ptr();
+}
+
+// Split-K partial sums go into a zeroed float32 [M, N] workspace (undefined when splits == 1) ...
+torch::Tensor split_workspace(int64_t splits, int64_t M, int64_t N, const torch::Tensor& x) {
+  TORCH_CHECK(splits >= 1, "splits must be >= 1");
+  return splits > 1 ? torch::zeros({M, N}, x.options().dtype(torch::kFloat)) : torch::Tensor();
+}
+
+// ... and reach `out` (with the bias) once every split has added its part.
+void finish_splits(const torch::Tensor& workspace, const std::optional<torch::Tensor>& bias, torch::Tensor& out) {
+  if (!workspace.defined()) return;
+  if (bias.has_value() && bias->defined()) workspace.add_(bias->to(torch::kFloat));
+  out.copy_(workspace);
+}
+
 }  // namespace
 
 // out = x @ W^T (+ bias) into the preallocated `out` [M, N]; path 0: gemv (M <= 8), 1: tensor cores (M <= 128).
@@ -46,24 +72,16 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
                         std::optional<torch::Tensor> bias, int64_t group, int64_t path, int64_t splits,
                         torch::Tensor out) {
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-              "x must be a contiguous, 16-byte aligned CUDA [M, K] tensor");
+  check_activations(x);
   check_weights(qweight, scales, zeros, K, group);
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type() && out.size(0) == M && out.size(1) == N,
               "out must be a contiguous [M, N] tensor of x's dtype");
   TORCH_CHECK((path == 0 && M <= 8) || (path == 1 && M <= 128), "path 0 takes M <= 8, path 1 M <= 128");
-  TORCH_CHECK(splits >= 1, "splits must be >= 1");
   const c10::cuda::CUDAGuard guard(x.device());
   const int code = dtype_code(x);
-  const void* bias_ptr = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N,
-                "bias must be [N] in x's dtype");
-    bias_ptr = bias->data_ptr();
-  }
-  torch::Tensor workspace;
-  if (splits > 1) workspace = torch::zeros({M, N}, x.options().dtype(torch::kFloat));
-  float* ws = splits > 1 ? workspace.data_ptr<float>() : nullptr;
+  const void* bias_ptr = bias_pointer(bias, x, N);
+  torch::Tensor workspace = split_workspace(splits, M, N, x);
+  float* ws = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   auto qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
   if (path == 0)
@@ -73,10 +91,7 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
     llmq_w4_mma(code, (int)M, x.data_ptr(), qw, reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), bias_ptr,
                 out.data_ptr(), ws, (int)N, (int)K, (int)group, (int)splits, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
-    if (bias_ptr != nullptr) workspace.add_(bias->to(torch::kFloat));
-    out.copy_(workspace);
-  }
+  finish_splits(workspace, bias, out);
   return out;
 }
 
@@ -84,8 +99,7 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
 torch::Tensor w4_linear_tc(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, torch::Tensor zeros,
                            std::optional<torch::Tensor> bias, int64_t group, int64_t splits, torch::Tensor out) {
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1), column_blocks = (N + 63) / 64;
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-              "x must be a contiguous, 16-byte aligned CUDA [M, K] tensor");
+  check_activations(x);
   TORCH_CHECK(K % 64 == 0 && group % 16 == 0 && K % group == 0,
               "K must be a multiple of 64 and of the group size, the group size a multiple of 16");
   TORCH_CHECK(tiles.is_cuda() && tiles.scalar_type() == torch::kInt32 && tiles.is_contiguous() && tiles.dim() == 4 &&
@@ -99,25 +113,15 @@ torch::Tensor w4_linear_tc(torch::Tensor x, torch::Tensor tiles, torch::Tensor s
                 "scales / zeros must be contiguous CUDA [K/group, ceil(N/64), 8, 8] tensors");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type() && out.size(0) == M,
               "out must be a contiguous [M, N] tensor of x's dtype");
-  TORCH_CHECK(splits >= 1, "splits must be >= 1");
   const c10::cuda::CUDAGuard guard(x.device());
-  const void* bias_ptr = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == N,
-                "bias must be [N] in x's dtype");
-    bias_ptr = bias->data_ptr();
-  }
-  torch::Tensor workspace;
-  if (splits > 1) workspace = torch::zeros({M, N}, x.options().dtype(torch::kFloat));
+  const void* bias_ptr = bias_pointer(bias, x, N);
+  torch::Tensor workspace = split_workspace(splits, M, N, x);
   llmq_w4_tc(dtype_code(x), (int)M, x.data_ptr(), tiles.data_ptr<int32_t>(),
              reinterpret_cast<const __half*>(scales.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), bias_ptr,
-             out.data_ptr(), splits > 1 ? workspace.data_ptr<float>() : nullptr, (int)N, (int)K, (int)group,
-             (int)splits, c10::cuda::getCurrentCUDAStream().stream());
+             out.data_ptr(), workspace.defined() ? workspace.data_ptr<float>() : nullptr, (int)N, (int)K,
+             (int)group, (int)splits, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
-    if (bias_ptr != nullptr) workspace.add_(bias->to(torch::kFloat));
-    out.copy_(workspace);
-  }
+  finish_splits(workspace, bias, out);
   return out;
 }
 
