@@ -207,8 +207,10 @@ def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: M
     weight = torch.cat([linear.weight for linear in linears.values()]).float()
     part_rows = [sum(linears[name].out_features for name in part.linears) for part in parts]
     weights = list(weight.split(part_rows))  # views: each part's rows
+    solved = _solve_parts(method, parts, weights, stats)
+    del stats  # the group's Hessian and its factor (822 MB each for Llama-3-8B's down_proj): not needed to decode
     results, err_num, err_den = {}, 0.0, 0.0
-    for part, w, quantized in zip(parts, weights, _solve_parts(method, parts, weights, stats)):
+    for part, w, quantized in zip(parts, weights, solved):
         dequantized = quantized.dequantize().to(w.device)  # block and ternary results decode on the CPU
         err_num += (dequantized - w).pow(2).sum().item()
         err_den += w.pow(2).sum().item()
@@ -289,6 +291,7 @@ def quantize_layers(
         else:  # only the small tensors stay (norms AWQ folded into): the writer reads them from the model
             weights.release_layer(index, keep={name for name in weights.layer_tensors(index)
                                                if name.removesuffix(".weight") not in layer_results})
+            layer_results = parts = None  # on disk now: not held while the next layer is read and solved
         if on_layer is not None:
             on_layer(report)
     return results if weights is None else CheckpointedResults(checkpoints, layout.layers, len(layers))

@@ -64,25 +64,26 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, order: torch.Te
     One Cholesky factorization of H' with its rows and columns reversed, J H' J = L L^T (J the reversal): then
     H' = (J L J)(J L J)^T with J L J upper triangular, so H'^-1 = U^T U with U = J L^-1 J. A Cholesky and a
     triangular inverse: half the work of the reference's Cholesky, inverse, Cholesky (Llama-3-8B's down_proj,
-    14336 rows, on 2 cores: 30 s instead of 62 s). The reordered copy is made in one indexing step and damped
-    in place, so two matrices the size of H are alive at once besides H (822 MB each there), not three.
+    14336 rows, on 2 cores: 30 s instead of 62 s). One matrix the size of H is alive besides H (822 MB each
+    there): the reordered copy is made in one indexing step, damped, factorized and inverted in place. LAPACK
+    factorizes in place only a column-major matrix (a row-major one is copied first), so the symmetric copy is
+    handed over transposed: the same matrix, in the storage LAPACK wants.
     """
     n = hessian.shape[0]
     order = torch.arange(n, device=hessian.device) if order is None else order
     reverse = order.flip(0)
-    damped = hessian[reverse[:, None], reverse[None, :]]  # J H' J, the one copy
-    diagonal = damped.diagonal()
-    diagonal[diagonal == 0] = 1  # dead inputs: their weights are zeroed, their row of H' made harmless
-    mean_diag, added = diagonal.mean(), 0.0
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
     while damp <= 10:
-        diagonal.add_(damp * mean_diag - added)  # damping raised in place on a retry
-        added = damp * mean_diag
+        damped = hessian[reverse[:, None], reverse[None, :]].mT  # J H' J, the one copy, column-major
+        diagonal = damped.diagonal()
+        diagonal[diagonal == 0] = 1  # dead inputs: their weights are zeroed, their row of H' made harmless
+        diagonal.add_(damp * diagonal.mean())
+        del diagonal
         with small_linear_algebra(hessian.device, n):
-            lower, info = torch.linalg.cholesky_ex(damped)
+            torch.linalg.cholesky_ex(damped, out=(damped, info))  # damped now holds L (its upper half untouched)
             if info == 0:
-                del damped, diagonal
-                return flip_in_place_(invert_lower_triangular_(lower))
-        del lower
+                return flip_in_place_(invert_lower_triangular_(damped.tril_()))
+        del damped  # overwritten by the failed factorization: made again with more damping
         log.info(f"GPTQ: Hessian not positive definite with damping {damp:g}; retrying with {damp * 10:g}")
         damp *= 10
     raise LlmqError("GPTQ: the Hessian stays singular even with heavy damping; check the calibration data for NaN/Inf")
@@ -158,12 +159,9 @@ class GPTQ(Method):
         dead = H.diagonal() == 0
         W[:, dead] = 0
 
-        fit = grid.fit(W, stats.importance())  # parameters from the (dead-zeroed) original weights
-        dynamic = not opts.act_order and fit.refit_group_size is not None
         order = torch.arange(W.shape[1], device=W.device)  # visiting position -> column of the weight
         if opts.act_order:  # decreasing H_ii, a dead input's counted as 1
             order = torch.argsort(torch.where(dead, 1.0, H.diagonal()), descending=True)
-            W = W[:, order]
         # q, k and v (gate and up) share one Hessian, so one factor: the order, too, comes from the Hessian alone
         derived = getattr(stats, "derived", {})
         key = ("gptq inverse Hessian factor", opts.damp, opts.act_order)
@@ -171,6 +169,11 @@ class GPTQ(Method):
             with stage_clock("factorization"):
                 derived[key] = inverse_hessian_cholesky(H, opts.damp, order)
         Hinv = derived[key]
+        # fitted after the factorization, whose copy of H is the run's largest allocation, so as not to add to it
+        fit = grid.fit(W, stats.importance())  # parameters from the (dead-zeroed) original weights
+        dynamic = not opts.act_order and fit.refit_group_size is not None
+        if opts.act_order:
+            W = W[:, order]
         integers = torch.zeros_like(W)
 
         def round_column(position: int, block: torch.Tensor, i: int) -> torch.Tensor:
