@@ -47,6 +47,10 @@ def _quantize_parser(sub) -> None:
     method.add_argument("--ternary-scale", default=MethodOptions.ternary_scale, choices=GRANULARITIES,
                         help="bitnet: one absmean scale per tensor (default; transformers' layout), per output channel "
                              "or per --group-size columns (GGUF only)")
+    method.add_argument("--smoothquant", type=float, default=MethodOptions.smoothquant, metavar="ALPHA",
+                        help="W8A8: migrate activation outliers into the weights first (SmoothQuant), by per-channel "
+                             "scales max|x|^ALPHA / max|w|^(1-ALPHA) folded into the norms before q/k/v and gate/up; "
+                             "0.5 is the paper's")
     method.add_argument("--qat-steps", type=int, default=MethodOptions.qat_steps,
                         help="bitnet: steps of ternary-aware fine-tuning (distillation from the original on --calib)")
     method.add_argument("--qat-lr", type=float, default=MethodOptions.qat_lr,
@@ -58,11 +62,18 @@ def _quantize_parser(sub) -> None:
 
     scheme = p.add_argument_group("scheme (compressed-tensors' grid)")
     scheme.add_argument("--scheme", dest="preset", default=None, choices=sorted(PRESETS),
-                        help="w8a8: int8 weights per channel and int8 inputs per token at run time; fp8: the same "
-                             "in FP8 E4M3 (what vLLM runs natively on Hopper)")
+                        help="w8a8: int8 weights per channel and int8 inputs (per token at run time, or static "
+                             "with --act-static); fp8: the same in FP8 E4M3 (what vLLM runs natively on Hopper); "
+                             "nf4: QLoRA's NormalFloat-4 in bitsandbytes' layout; fp16 / bf16: the model cast")
     scheme.add_argument("--act-bits", type=int, default=QuantScheme.act_bits,
-                        help="8: also quantize each Linear's input, per token at run time (W8A8; with --bits 8 "
-                             "--group-size -1 --sym)")
+                        help="8: also quantize each Linear's input (W8A8; with --bits 8 --group-size -1 --sym); 16: "
+                             "int16 inputs with int8 weights (TFLite's 16x8, simulated: an evaluation scheme)")
+    timing = scheme.add_mutually_exclusive_group()
+    timing.add_argument("--act-dynamic", dest="act_dynamic", action="store_true", default=QuantScheme.act_dynamic,
+                        help="quantized inputs get each token's own scale at run time (the default)")
+    timing.add_argument("--act-static", dest="act_dynamic", action="store_false",
+                        help="quantized inputs get one scale per Linear, fixed from the calibration data (never "
+                             "clipping its maximum)")
     scheme.add_argument("--bits", type=int, default=QuantScheme.bits, help=f"2, 3, 4 or 8 (default {QuantScheme.bits})")
     scheme.add_argument("--group-size", type=int, default=QuantScheme.group_size,
                         help=f"input columns per scale; -1 per channel (default {QuantScheme.group_size})")

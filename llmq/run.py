@@ -30,6 +30,7 @@ from llmq.core.config import QuantizeConfig
 from llmq.core.device import human_size, resolve_device, tensor_bytes
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Method, ModelContext
+from llmq.core.scheme import CAST_TYPES
 from llmq.core.timing import stage_clock
 from llmq.methods import build_method
 from llmq.targets import RunReport, Target, build_target, default_method
@@ -87,7 +88,10 @@ def check_ranks(method: Method, size: int) -> None:
 def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
     """The run's method and target, checked against each other and the flags (nothing is loaded)."""
     config.check()
-    method = build_method(config.method.name or default_method(config), config.method)
+    name = config.method.name or default_method(config)
+    if config.method.smoothquant is not None and "smoothquant" not in name.split("+"):
+        name = f"smoothquant+{name}"  # --smoothquant ALPHA: the transform, then the run's method
+    method = build_method(name, config.method)
     method.check(config)
     if not method.ternary:
         unused = config.changed("method", "ternary_scale", "qat_steps", "qat_lr", "qat_batch", "qat_seqlen")
@@ -121,20 +125,22 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     stage_clock.reset()
 
     with stage_clock("load"):
-        hf_model, tokenizer, model_id = load_model(model, resolve_dtype(config.run.dtype), trust_remote_code,
+        dtype = CAST_TYPES[config.scheme.weight_type] if config.scheme.is_cast else resolve_dtype(config.run.dtype)
+        hf_model, tokenizer, model_id = load_model(model, dtype, trust_remote_code,
                                                    check_config=check_config,
                                                    lazy=target.lazy_layers and not method.whole_model)
         weights = lazy_weights(hf_model)
         if weights is not None:
             weights.load_globals()
     with stage_clock("discovery"):
-        layout = decoder_layout(hf_model, device, folds=method.searches)
+        layout = decoder_layout(hf_model, device, folds=method.folds)
     linears = target.quantizable(hf_model, quantizable_linears(hf_model, layout))
     layout = layout.only(linears)
     target.check_model(hf_model, linears)
     size_before = tensor_bytes(hf_model)
     storage_dtype = hf_model.dtype  # scales are stored in it, whatever a whole-model step computes in
-    calibrated = method.needs_data or (config.run.calib is not None and target.weighted)
+    static_inputs = config.scheme.act_bits is not None and not config.scheme.act_dynamic  # input scales need data
+    calibrated = method.needs_data or static_inputs or (config.run.calib is not None and target.weighted)
 
     # with several ranks, rank 0 alone stages and writes the output; every rank checkpoints its own layers' inputs
     with target.staging(out, overwrite) if ranks.is_main() else contextlib.nullcontext() as stage:

@@ -48,8 +48,32 @@ ROWS = {
     "gptq-w8a8": ("gptq", 8, -1, True, True, False),
     "rtn-fp8": ("rtn", 8, -1, True, False, False),
     "gptq-fp8": ("gptq", 8, -1, True, True, False),
+    # the same with one input scale per Linear from calibration (--act-static), SmoothQuant (--smoothquant 0.5),
+    # int16 inputs (TFLite's 16x8, simulated), and the 16-bit casts
+    "rtn-w8a8-static": ("rtn", 8, -1, True, False, False),
+    "sq-w8a8-static": ("rtn", 8, -1, True, False, False),
+    "sq+gptq-w8a8-static": ("gptq", 8, -1, True, True, False),
+    "sq+gptq-w8a8": ("gptq", 8, -1, True, True, False),
+    "rtn-fp8-static": ("rtn", 8, -1, True, False, False),
+    "gptq-fp8-static": ("gptq", 8, -1, True, True, False),
+    "rtn-w8a16int16-static": ("rtn", 8, -1, True, False, False),
+    "cast-fp16": ("rtn", 16, -1, True, False, False),
+    "cast-bf16": ("rtn", 16, -1, True, False, False),
+    # NF4 in bitsandbytes' layout; bnb-nf4 is bitsandbytes' own quantize_4bit of every Linear (the peer)
+    "rtn-nf4": ("rtn", 4, 64, True, False, False),
+    "gptq-nf4": ("gptq", 4, 64, True, True, False),
+    "bnb-nf4": ("bitsandbytes", 4, 64, True, False, False),
 }
-PRESET_OF = {"rtn-w8a8": "w8a8", "gptq-w8a8": "w8a8", "rtn-fp8": "fp8", "gptq-fp8": "fp8"}
+PRESET_OF = {"rtn-w8a8": "w8a8", "gptq-w8a8": "w8a8", "rtn-fp8": "fp8", "gptq-fp8": "fp8",
+             "rtn-w8a8-static": "w8a8", "sq-w8a8-static": "w8a8", "sq+gptq-w8a8-static": "w8a8", "sq+gptq-w8a8": "w8a8",
+             "rtn-fp8-static": "fp8", "gptq-fp8-static": "fp8", "cast-fp16": "fp16", "cast-bf16": "bf16",
+             "rtn-nf4": "nf4", "gptq-nf4": "nf4", "bnb-nf4": "nf4"}
+STATIC = {"act_dynamic": False}
+# further QuantizeConfig options of a row
+OPTIONS_OF = {"rtn-w8a8-static": STATIC, "sq-w8a8-static": {**STATIC, "smoothquant": 0.5},
+              "sq+gptq-w8a8-static": {**STATIC, "smoothquant": 0.5}, "sq+gptq-w8a8": {"smoothquant": 0.5},
+              "rtn-fp8-static": STATIC, "gptq-fp8-static": STATIC,
+              "rtn-w8a16int16-static": {**STATIC, "act_bits": 16}}
 # ternary-aware fine-tuning steps per bitnet row (batch 4 x 256 tokens of the calibration text, lr 5e-4)
 QAT_STEPS = {"bitnet-ptq": 0, "bitnet-qat300": 300, "bitnet-qat450": 450}
 
@@ -80,13 +104,16 @@ def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
     torch.manual_seed(0)
     row = {"name": name}
     target = str(reference)
-    if name != "unquantized":
+    if name == "bnb-nf4":
+        target = str(bitsandbytes_nf4(reference, work / name))
+        row["size_mb"] = sum(f.stat().st_size for f in (work / name).glob("*.safetensors")) / 1e6
+    elif name != "unquantized":
         method, bits, group, symmetric, act_order, mse = ROWS[name]
         config = QuantizeConfig.of(method=method, bits=4 if method == "bitnet" else bits,
                                    group_size=128 if method == "bitnet" else group, symmetric=symmetric,
                                    act_order=act_order, mse=mse, calib=str(DATA / "wikitext2_valid_calib.txt"),
                                    samples=128, seqlen=512, device="cpu", qat_steps=QAT_STEPS.get(name, 0),
-                                   scheme=PRESET_OF.get(name))
+                                   scheme=PRESET_OF.get(name), **OPTIONS_OF.get(name, {}))
         started = time.perf_counter()
         try:
             result = quantize(str(reference), work / name, config, overwrite=True)
@@ -108,6 +135,21 @@ def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
     append_evaluation(target, f"wikitext2_test.txt, {eval_windows.shape[0]} windows x 2048 tokens: "
                               f"perplexity {row['ppl']:.4f} (scripts/bench_quality.py)")
     return row
+
+
+def bitsandbytes_nf4(reference: Path, out: Path) -> Path:
+    """The reference model as transformers + bitsandbytes quantize it to NF4 on load (double quantization,
+    blocks of 64, lm_head kept), saved: its checkpoint is then evaluated like llmq's."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    AutoModelForCausalLM.from_pretrained(reference, quantization_config=config, device_map="cpu").save_pretrained(out)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(reference).save_pretrained(out)
+    return out
 
 
 # the quantize time split (llmq/core/timing.py): a threading cliff or a slow stage shows here, not only in the total
@@ -152,6 +194,10 @@ def table(rows: list[dict]) -> str:
         else:
             method, bits, group, symmetric, act_order, _ = ROWS[r["name"]]
             bits = f"{bits} ({PRESET_OF[r['name']]})" if r["name"] in PRESET_OF else bits
+            extra = OPTIONS_OF.get(r["name"], {})
+            if extra:
+                bits = f"{bits} " + " ".join("static" if k == "act_dynamic" else f"{k.replace('_', '-')} {v}"
+                                             for k, v in extra.items())
             spec = (method, bits, group, "sym" if symmetric else "asym", "yes" if act_order else "no")
         if "refused" in r:
             lines.append(f"| {r['name']} | " + " | ".join(map(str, spec)) + f" | refused: {r['refused']} |"

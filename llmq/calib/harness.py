@@ -139,7 +139,9 @@ def _statistic(method: Method, parts: list[Part], calibrated: bool) -> str | Non
         return None
     if method.statistic is not None:
         return method.statistic
-    return "importance" if calibrated and any(part.grid.weighted for part in parts) else None
+    if calibrated and any(part.grid.weighted for part in parts):
+        return "importance"
+    return "range" if any(part.grid.static_inputs for part in parts) else None  # every collector keeps the range
 
 
 @dataclass
@@ -208,6 +210,9 @@ def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: M
     part_rows = [sum(linears[name].out_features for name in part.linears) for part in parts]
     weights = list(weight.split(part_rows))  # views: each part's rows
     solved = _solve_parts(method, parts, weights, stats)
+    if any(part.grid.static_inputs for part in parts):  # one input scale for the group: its Linears share the input
+        solved = [part.grid.with_input_range(quantized, stats.absmax) if part.grid.static_inputs else quantized
+                  for part, quantized in zip(parts, solved)]
     del stats  # the group's Hessian and its factor (822 MB each for Llama-3-8B's down_proj): not needed to decode
     results, err_num, err_den = {}, 0.0, 0.0
     for part, w, quantized in zip(parts, weights, solved):

@@ -1,7 +1,8 @@
 """Statistics of a group's input that the harness collects over the calibration tokens, for the methods to read.
 
 - "importance": mean x^2 per input channel (llama.cpp's imatrix), for grids whose fit weights its error;
-- "hessian": 2 E[x x^T], what GPTQ's error compensation needs (its diagonal doubles as the importance).
+- "hessian": 2 E[x x^T], what GPTQ's error compensation needs (its diagonal doubles as the importance);
+- "range": only the largest |x| per input channel, which every collector also keeps (static input scales).
 
 A method names the one it needs (`Method.statistic`); nothing here knows which method reads it.
 """
@@ -12,7 +13,7 @@ import contextlib
 
 import torch
 
-from llmq.core.ranks import sum_across
+from llmq.core.ranks import max_across, sum_across
 
 
 @contextlib.contextmanager
@@ -33,20 +34,45 @@ def _exact_bf16_products():
         mkldnn_matmul.fp32_precision = previous
 
 
-class ImportanceCollector:
-    """Mean of x^2 per input channel (llama.cpp's imatrix entry for a Linear)."""
+class RangeCollector:
+    """The largest |x| per input channel over the calibration tokens (what a static input scale is made of)."""
 
     def __init__(self, in_features: int, device: torch.device):
-        self.sum_x2 = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sum_x2 += x.pow(2).sum(0)
-        self.tokens += x.shape[0]
+        self._track(x)
+
+    def _track(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        torch.maximum(self.absmax, flat.abs().amax(0).float(), out=self.absmax)
+        self.tokens += flat.shape[0]
+
+    def sum_across_ranks(self) -> None:
+        max_across([self.absmax])
+        count = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.absmax.device)
+        sum_across([count])
+        self.tokens = int(count.item())
+
+    def importance(self) -> torch.Tensor | None:
+        return None  # a range alone weighs no channel above another
+
+
+class ImportanceCollector(RangeCollector):
+    """Mean of x^2 per input channel (llama.cpp's imatrix entry for a Linear)."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        super().__init__(in_features, device)
+        self.sum_x2 = torch.zeros(in_features, dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        self._track(x)
+        self.sum_x2 += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
 
     def sum_across_ranks(self) -> None:
         """Each rank saw its share of the windows: the sums over all of them (torch.distributed runs)."""
+        max_across([self.absmax])
         (tokens,) = sum_across([self.sum_x2], self.tokens)
         self.tokens = int(tokens)
 
@@ -68,6 +94,7 @@ class HessianCollector:
     """
 
     def __init__(self, in_features: int, device: torch.device, sink_weight: float = 1.0):
+        self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)  # as RangeCollector's
         self.sum_xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0.0
         self.sink_weight = sink_weight
@@ -76,6 +103,7 @@ class HessianCollector:
         self.derived: dict = {}  # what a method derives from the Hessian once for all of the group's parts
 
     def add(self, x: torch.Tensor) -> None:
+        torch.maximum(self.absmax, x.reshape(-1, x.shape[-1]).abs().amax(0).float(), out=self.absmax)
         if x.dim() == 3 and self.sink_weight != 1:
             x = x.clone()
             x[:, 0] *= self.sink_weight**0.5
@@ -90,6 +118,7 @@ class HessianCollector:
     def sum_across_ranks(self) -> None:
         """Each rank saw its share of the windows: the sums over all of them (torch.distributed runs). Float sums
         in another order than one process's: equal to float rounding."""
+        max_across([self.absmax])
         (self.tokens,) = sum_across([self.sum_xxt], self.tokens)
 
     def hessian(self) -> torch.Tensor:
@@ -114,6 +143,8 @@ def new_collector(statistic: str | None, in_features: int, device: torch.device,
         return HessianCollector(in_features, device, sink_weight)
     if statistic == "importance":
         return ImportanceCollector(in_features, device)
+    if statistic == "range":
+        return RangeCollector(in_features, device)
     if statistic is None:
         return None
     raise ValueError(f"unknown statistic {statistic!r}")

@@ -28,6 +28,7 @@ class MethodOptions:
     damp: float = 0.01  # GPTQ: damping as a fraction of the mean Hessian diagonal
     sink_weight: float = 16.0  # GPTQ: weight of each calibration window's first token (llmq/calib/statistics.py)
     block_size: int = 128  # GPTQ: columns per lazy-update block
+    smoothquant: float | None = None  # SmoothQuant's migration strength alpha; set: smoothquant before the method
     ternary_scale: str = "tensor"  # bitnet: absmean scale per tensor | channel | group
     qat_steps: int = 0  # bitnet: steps of ternary-aware fine-tuning (0: none)
     qat_lr: float = 5e-4
@@ -101,6 +102,9 @@ class QuantizeConfig:
             raise LlmqError("--samples must be at least 1 and --seqlen at least 2")
         if run.expert_min_tokens < 0:
             raise LlmqError("--expert-min-tokens must be 0 or more")
+        cast = {"float16": ("float16", "fp16"), "bfloat16": ("bfloat16", "bf16")}.get(self.scheme.weight_type)
+        if cast and run.dtype not in ("auto", *cast):
+            raise LlmqError(f"--scheme {cast[1]} casts the model to {cast[0]}; drop --dtype {run.dtype}")
         if not 0 < method.damp < 1:
             raise LlmqError(f"--damp {method.damp} is out of range; use a fraction such as 0.01")
         if not 1 <= method.sink_weight <= 1e4:

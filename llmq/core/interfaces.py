@@ -92,6 +92,7 @@ class Grid(ABC):
 
     rounds: bool = True  # False: values are stored as floats (F16 parts of a GGUF file); `keep` does it
     weighted: bool = False  # its fit takes an importance per input channel (then the harness collects one)
+    static_inputs: bool = False  # its weights' inputs get one scale fixed from calibration (the harness measures them)
 
     @abstractmethod
     def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> GridFit:
@@ -99,6 +100,10 @@ class Grid(ABC):
 
     def keep(self, weight: torch.Tensor) -> Quantized:
         raise NotImplementedError(f"{type(self).__name__} rounds; use fit()")
+
+    def with_input_range(self, quantized: Quantized, absmax: torch.Tensor) -> Quantized:
+        """`quantized` with the static input scale that the largest calibration |x| per input channel gives."""
+        raise NotImplementedError(f"{type(self).__name__} quantizes no inputs")
 
 
 @dataclass
@@ -127,6 +132,7 @@ class Method:
     orders_columns: bool = False  # honours MethodOptions.act_order
     ternary: bool = False  # rounds onto ternary values only: picks the ternary targets and mixtures
     searches: bool = False  # fake-quantizes candidates on the target's nearest integer grid (its search_scheme)
+    folds: bool = False  # scales inputs by folding into the norm / Linear before (discovery finds the exact folds)
     side_files: tuple[str, ...] = ()  # files prepare_model writes beside the output (ModelContext.artifact names)
     whole_model: bool = False  # has a whole-model step (prepare_model): the model is loaded whole, not a layer at a time
 

@@ -97,6 +97,14 @@ def sum_across(tensors: list[torch.Tensor], *numbers: float) -> tuple[float, ...
     return tuple(totals.tolist())
 
 
+def max_across(tensors: list[torch.Tensor]) -> None:
+    """Each tensor's elementwise maximum over the ranks, in place."""
+    if world()[1] == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+
+
 def deal_by_cost(costs: list[float]) -> list[int]:
     """The rank that does each job: the costliest first, each to the rank with the least work so far (the
     longest-processing-time rule); the same answer on every rank."""

@@ -19,10 +19,12 @@ import torch
 from llmq.core.errors import LlmqError
 from llmq.core.records import record
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8, 16)
 
 
-WEIGHT_TYPES = ("int", "float")
+WEIGHT_TYPES = ("int", "float", "float16", "bfloat16", "nf4")
+CAST_TYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # 16-bit casts: nothing rounded to a grid
+ACT_BITS = (8, 16)
 FP8_MAX = 448.0  # the largest E4M3 value (torch.float8_e4m3fn)
 
 
@@ -31,15 +33,18 @@ FP8_MAX = 448.0  # the largest E4M3 value (torch.float8_e4m3fn)
 class QuantScheme:
     """What grid a weight is rounded to. group_size=-1 means one group per output row (per-channel).
 
+    weight_type "float16" / "bfloat16" (16 bits) is a plain cast of the whole model, no grid and no calibration.
     weight_type "float" is FP8 E4M3 (8 bits, one scale per row: w_hat = e4m3(w / s) * s). act_bits 8 quantizes
-    each Linear's input too, per token at run time (W8A8, in the weights' type): what serving engines run on
-    int8 / FP8 tensor cores."""
+    each Linear's input too (W8A8, in the weights' type): what serving engines run on int8 / FP8 tensor cores;
+    act_bits 16 is int16 inputs with int8 weights (TFLite's "16x8", an evaluation scheme). Inputs are quantized
+    per token at run time (act_dynamic), or with one scale per Linear fixed from the calibration data (static)."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False  # asymmetric (zero points) by default: 0.7% larger, and clearly better
     weight_type: str = "int"
     act_bits: int | None = None
+    act_dynamic: bool = True
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -48,23 +53,43 @@ class QuantScheme:
             raise LlmqError(f"--group-size {self.group_size} is not supported; use a multiple of 8 (32, 64, 128) or -1")
         if self.weight_type not in WEIGHT_TYPES:
             raise LlmqError(f"weight type {self.weight_type!r} is not supported; use int or float (FP8)")
+        if (self.bits == 16) != (self.weight_type in CAST_TYPES):
+            raise LlmqError("16 bits is a cast: use --scheme fp16 or bf16 alone, without --bits")
+        if self.weight_type == "nf4" and (self.bits, self.group_size, self.symmetric, self.act_bits) != (4, 64, True, None):
+            raise LlmqError("NF4 is 4 bits with one absmax per 64 weights: use --scheme nf4 alone")
+        if self.weight_type in CAST_TYPES and self.act_bits is not None:
+            raise LlmqError("a 16-bit cast quantizes no inputs; drop --act-bits")
         per_channel_8bit = self.bits == 8 and self.group_size == -1 and self.symmetric
         if self.weight_type == "float" and not per_channel_8bit:
             raise LlmqError("FP8 weights are 8 bits, symmetric, one scale per channel: use --scheme fp8 alone, "
                             "without --bits, --group-size or --asym")
-        if self.act_bits is not None and (self.act_bits != 8 or not per_channel_8bit):
-            raise LlmqError("quantized activations need 8-bit symmetric per-channel weights (W8A8): use --scheme "
-                            "w8a8 or fp8 alone, or --bits 8 --group-size -1 --sym --act-bits 8")
+        if self.act_bits is not None and (self.act_bits not in ACT_BITS or not per_channel_8bit):
+            raise LlmqError("quantized activations need 8-bit symmetric per-channel weights and --act-bits 8 or 16: "
+                            "use --scheme w8a8 or fp8 alone, or --bits 8 --group-size -1 --sym --act-bits 8")
+        if self.act_bits == 16 and self.weight_type != "int":
+            raise LlmqError("--act-bits 16 is int16 inputs with int8 weights; FP8 inputs are 8 bits: drop --act-bits")
+        if not self.act_dynamic and self.act_bits is None:
+            raise LlmqError("--act-static fixes the scale of quantized inputs; it needs --scheme w8a8 or fp8 (or --act-bits)")
 
     @property
     def name(self) -> str:
         """W4A16 g128 asym, W8A8 int8, W8A8 FP8: what the summary, the card and the output's name say."""
         if self.act_bits is not None:
-            return f"W8A8 {'FP8' if self.weight_type == 'float' else 'int8'}"
+            inputs = "A8" if self.act_bits == 8 else f"A{self.act_bits}-int{self.act_bits}"
+            timing = "" if self.act_dynamic else " static"
+            return f"W8{inputs} {'FP8' if self.weight_type == 'float' else 'int8'}{timing}"
         if self.weight_type == "float":
             return "W8A16 FP8"
+        if self.is_cast:
+            return "FP16" if self.weight_type == "float16" else "BF16"
+        if self.weight_type == "nf4":
+            return "NF4"
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         return f"W{self.bits}A16 {group} {'sym' if self.symmetric else 'asym'}"
+
+    @property
+    def is_cast(self) -> bool:
+        return self.weight_type in CAST_TYPES
 
     @property
     def qmin(self) -> int:
@@ -77,13 +102,36 @@ class QuantScheme:
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
+    @property
+    def act_half_range(self) -> float:
+        """What an input's scale divides its largest |x| by. Per token at run time, compressed-tensors' own:
+        (qmax - qmin) / 2 (127.5 for int8: the largest value rounds to 128 and is clipped half a step). A static
+        scale is fixed once for inputs it has not seen, so it keeps the whole range: qmax (127), so the
+        calibration maximum is never clipped. FP8 either way: 448, E4M3's largest value."""
+        if self.weight_type == "float":
+            return FP8_MAX
+        qmax = (1 << (self.act_bits - 1)) - 1
+        return qmax + 0.5 if self.act_dynamic else float(qmax)
 
-# Named schemes (`--scheme NAME`): what serving engines run on int8 / FP8 tensor cores, the fields each one fixes.
+    @property
+    def act_limits(self) -> tuple[float, float]:
+        """The input codes' range: [-128, 127] for int8, [-448, 448] for FP8."""
+        if self.weight_type == "float":
+            return -FP8_MAX, FP8_MAX
+        return -float(1 << (self.act_bits - 1)), float((1 << (self.act_bits - 1)) - 1)
+
+
+# Named schemes (`--scheme NAME`), the fields each one fixes: W8A8 int8 / FP8 (what serving engines run on int8 / FP8
+# tensor cores), the 16-bit casts, and NF4 (QLoRA's, in bitsandbytes' layout).
 PRESETS = {
     "w8a8": {"bits": 8, "group_size": -1, "symmetric": True, "weight_type": "int", "act_bits": 8},
     "fp8": {"bits": 8, "group_size": -1, "symmetric": True, "weight_type": "float", "act_bits": 8},
+    "fp16": {"bits": 16, "group_size": -1, "symmetric": True, "weight_type": "float16"},
+    "bf16": {"bits": 16, "group_size": -1, "symmetric": True, "weight_type": "bfloat16"},
+    "nf4": {"bits": 4, "group_size": 64, "symmetric": True, "weight_type": "nf4"},
 }
-_FLAG_OF = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--sym/--asym", "act_bits": "--act-bits"}
+_FLAG_OF = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--sym/--asym", "act_bits": "--act-bits",
+            "act_dynamic": "--act-static"}
 
 
 def scheme_with_preset(name: str | None, fields: dict) -> QuantScheme:
@@ -124,6 +172,17 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     return dequantize_values(g, scale.float().unsqueeze(-1), z).reshape(rows, cols)
 
 
+def static_input_scale(absmax: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> torch.Tensor:
+    """The one input scale [1] of a Linear, in its storage dtype, from the largest |x| it saw in calibration: the
+    smallest value of `dtype` at which max|x| / scale stays within the half range in float32, as inputs are
+    divided at run time (so the calibration maximum is never clipped, however the cast to `dtype` rounds)."""
+    top = absmax.float().max().reshape(1)
+    scale = (top / scheme.act_half_range).clamp(min=torch.finfo(dtype).tiny).to(dtype)
+    while bool((top / scale.float() > scheme.act_half_range).any()):  # rounded down by the cast: one step up
+        scale = (scale.float() * (1 + torch.finfo(dtype).eps)).to(dtype)
+    return scale
+
+
 @record
 @dataclass
 class QuantizedTensor:
@@ -133,11 +192,14 @@ class QuantizedTensor:
     scale: torch.Tensor  # [out, n_groups], storage dtype
     zero_point: torch.Tensor | None  # int8 [out, n_groups]; None when symmetric
     scheme: QuantScheme
+    input_scale: torch.Tensor | None = None  # [1], storage dtype: static input quantization (act_dynamic False)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.qweight, self.scale, self.zero_point, self.scheme.group_size_for(self.qweight.shape[1]))
 
     def rows(self, rows: slice) -> QuantizedTensor:
-        """Some rows as an independent QuantizedTensor on the CPU (no storage shared with the others)."""
+        """Some rows as an independent QuantizedTensor on the CPU (no storage shared with the others); the input
+        scale is the whole Linear's (the rows share their input)."""
         own = lambda t: None if t is None else t[rows].to("cpu", copy=True)
-        return QuantizedTensor(own(self.qweight), own(self.scale), own(self.zero_point), self.scheme)
+        scale = None if self.input_scale is None else self.input_scale.to("cpu", copy=True)
+        return QuantizedTensor(own(self.qweight), own(self.scale), own(self.zero_point), self.scheme, scale)

@@ -14,12 +14,14 @@ from llmq.methods.bitnet import BitNet
 from llmq.methods.compose import Composed
 from llmq.methods.gptq import GPTQ
 from llmq.methods.rtn import RTN
+from llmq.methods.smoothquant import SmoothQuant
 
 METHODS: dict[str, type[Method]] = {
     RTN.name: RTN,
     GPTQ.name: GPTQ,
     AWQ.name: AWQ,
     BitNet.name: BitNet,
+    SmoothQuant.name: SmoothQuant,
 }
 
 

@@ -145,6 +145,7 @@ class AWQ(Method):
     rounds = False
     needs_data = True
     searches = True
+    folds = True
 
     @torch.no_grad()
     def prepare_layer(self, layer: nn.Module, layer_map: LayerMap, inputs, search_scheme: QuantScheme | None) -> None:

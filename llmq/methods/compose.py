@@ -14,6 +14,7 @@ class Composed(Method):
         self.orders_columns = self.rounding.orders_columns
         self.ternary = self.rounding.ternary
         self.searches = any(step.searches for step in steps)
+        self.folds = any(step.folds for step in steps)
         self.side_files = tuple(name for step in steps for name in step.side_files)
         self.whole_model = any(step.whole_model for step in steps)
 

@@ -29,6 +29,7 @@ from llmq.runtime.kernels.cpu import (
 from llmq.runtime.kernels.reference import dequantize_packed
 from llmq.runtime.w8 import W8Linear
 from llmq.targets.bitnet import load_bitnet
+from llmq.targets.bnb import load_nf4
 from llmq.targets.compressed_tensors import (
     FORMAT,
     TENSOR_SUFFIXES,
@@ -147,9 +148,11 @@ def _w8_linear_from_state(model: nn.Module, name: str, state: dict, scheme: Quan
     if linear is None:
         raise LlmqError(f"checkpoint quantizes {name}, which this model's config has no Linear for; the config and "
                         "the weights do not belong together")
-    check_packed_tensors(name, {"weight": weight, "weight_scale": scale}, scheme, linear.out_features,
-                         linear.in_features)
-    return W8Linear(linear.in_features, linear.out_features, scheme, weight, scale, bias)
+    tensors = {"weight": weight, "weight_scale": scale}
+    if f"{name}.input_scale" in state:
+        tensors["input_scale"] = state.pop(f"{name}.input_scale")
+    check_packed_tensors(name, tensors, scheme, linear.out_features, linear.in_features)
+    return W8Linear(linear.in_features, linear.out_features, scheme, weight, scale, bias, tensors.get("input_scale"))
 
 
 def _skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -179,6 +182,14 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         raise LlmqError(f"{directory} is not quantized (no quantization_config); load it with transformers")
     if not isinstance(quant_config, dict):
         quant_config = quant_config.to_dict()
+    if quant_config.get("quant_method") == "bitsandbytes":
+        if not quant_config.get("load_in_4bit") or quant_config.get("bnb_4bit_quant_type") != "nf4":
+            raise LlmqError(f"{directory} is a bitsandbytes checkpoint but not NF4; llmq.load reads NF4 (load it "
+                            "with transformers)")
+        model = _skeleton(config, dtype)
+        count = load_nf4(directory, model, dtype)
+        log.info(f"llmq: {count} NF4 Linears decoded to {str(dtype).removeprefix('torch.')} once, at load")
+        return model.to(device).eval()
     if quant_config.get("quant_method") == "bitnet":
         model = load_bitnet(directory, dtype).to(device)
         log.info(f"llmq: ternary BitNet checkpoint on {torch.device(device).type}: int8 codes, dequantized per call")

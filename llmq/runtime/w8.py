@@ -1,13 +1,15 @@
 """8-bit per-channel Linears read from compressed-tensors' `int-quantized` / `float-quantized` checkpoints: int8 or
-FP8 E4M3 weights with one scale per output row, and (W8A8) each input row quantized at run time with its own
-scale, as the format's dynamic per-token input quantization specifies (compressed-tensors' reference maths):
+FP8 E4M3 weights with one scale per output row, and (W8A8) each input row quantized as the format specifies
+(compressed-tensors' reference maths): per token at run time with its own scale, or (static) with the Linear's
+one `input_scale` from calibration:
 
-    s_x = max|x_row| / (range / 2)             range: 255 for int8 (s_x = max / 127.5), 896 for FP8 (max / 448)
-    x_q = clamp(round(x / s_x), -128, 127)      int8;   FP8: e4m3(clamp(x / s_x, +-448))
+    s_x = max|x_row| / (range / 2)             dynamic; range: 255 for int8 (s_x = max / 127.5), 896 for FP8
+    x_q = clamp(round(x / s_x), -128, 127)      int8;   FP8: e4m3(clamp(x / s_x, +-448));   int16: +-32768
     y   = (x_q @ W_q^T) * s_x * s_w^T + b
 
 int8 x int8 runs as one integer GEMM (torch._int_mm: exact int32 sums) where torch has it, else in float32 on the
-codes; FP8 products of codes are exact in float32 (4-bit significands), their sums round there.
+codes; FP8 products of codes are exact in float32 (4-bit significands), their sums round there. int16 inputs
+(TFLite's 16x8, an evaluation scheme) are simulated: their products with int8 codes are summed in float32.
 """
 
 from __future__ import annotations
@@ -15,20 +17,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmq.core.scheme import FP8_MAX, QuantScheme
-
-INT8_HALF_RANGE = 127.5  # (127 - (-128)) / 2
+from llmq.core.scheme import QuantScheme
 
 
-def quantize_rows(x: torch.Tensor, weight_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (float32 holding int8 or E4M3 values) and the per-row scale [rows, 1] of a [rows, K] input."""
+def quantize_rows(x: torch.Tensor, scheme: QuantScheme,
+                  static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (float32 holding integer or E4M3 values) of a [rows, K] input and their scale: each row's own [rows, 1],
+    or the static one."""
     x = x.float()
-    half_range = INT8_HALF_RANGE if weight_type == "int" else FP8_MAX
-    scale = x.abs().amax(dim=-1, keepdim=True) / half_range
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: codes 0 under any scale
-    if weight_type == "int":
-        return torch.round(x / scale).clamp(-128, 127), scale
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float(), scale
+    if static_scale is not None:
+        scale = static_scale.float().reshape(1, 1)
+    else:
+        scale = x.abs().amax(dim=-1, keepdim=True) / scheme.act_half_range
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: codes 0 under any scale
+    low, high = scheme.act_limits
+    if scheme.weight_type == "int":
+        return torch.round(x / scale).clamp_(low, high), scale
+    return (x / scale).clamp_(low, high).to(torch.float8_e4m3fn).float(), scale
 
 
 def _int_mm_works(device: torch.device) -> bool:
@@ -44,11 +49,12 @@ class W8Linear(nn.Module):
     """y = x W^T + b for int8 / FP8 per-channel weights, inputs quantized per token when the scheme says so."""
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, weight: torch.Tensor,
-                 weight_scale: torch.Tensor, bias: torch.Tensor | None):
+                 weight_scale: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.register_buffer("weight", weight)  # int8 or float8_e4m3fn [out, in]
         self.register_buffer("weight_scale", weight_scale)  # [out, 1]
+        self.register_buffer("input_scale", input_scale)  # [1] with static inputs, else None
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._int_mm: bool | None = None
 
@@ -65,7 +71,7 @@ class W8Linear(nn.Module):
         if self.scheme.act_bits is None:
             y = rows.float() @ self.dequantized_weight().T
         else:
-            codes, scale = quantize_rows(rows, self.scheme.weight_type)
+            codes, scale = quantize_rows(rows, self.scheme, self.input_scale)
             y = self._code_product(codes) * scale * self.weight_scale.float().T
         if self.bias is not None:
             y = y + self.bias.float()
@@ -73,7 +79,7 @@ class W8Linear(nn.Module):
 
     def _code_product(self, codes: torch.Tensor) -> torch.Tensor:
         """x_q @ W_q^T in float32: exact for int8 through the integer GEMM."""
-        if self.scheme.weight_type == "int":
+        if self.scheme.weight_type == "int" and self.scheme.act_bits == 8:
             if self._int_mm is None:
                 self._int_mm = _int_mm_works(codes.device)
             if self._int_mm:

@@ -6,6 +6,7 @@ from llmq.core.config import QuantizeConfig
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Method
 from llmq.targets.base import RunReport, Target
+from llmq.targets.bnb import BitsAndBytesTarget
 from llmq.targets.bitnet import BitNetTarget
 from llmq.targets.compressed_tensors import CompressedTensorsTarget
 from llmq.targets.gguf.target import GGUFTarget
@@ -14,6 +15,7 @@ TARGETS: dict[str, type[Target]] = {
     CompressedTensorsTarget.name: CompressedTensorsTarget,
     GGUFTarget.name: GGUFTarget,
     BitNetTarget.name: BitNetTarget,
+    BitsAndBytesTarget.name: BitsAndBytesTarget,
 }
 
 
@@ -24,7 +26,10 @@ def _target_class(name: str) -> type[Target]:
 
 
 def default_method(config: QuantizeConfig) -> str:
-    """The method a run uses when none is named: the target's default (gptq; rtn for gguf, as llama-quantize)."""
+    """The method a run uses when none is named: the target's default (gptq; rtn for gguf, as llama-quantize; rtn
+    for a 16-bit cast, which rounds nothing and needs no data)."""
+    if config.scheme.is_cast:
+        return "rtn"
     name = config.target.format
     return _target_class(CompressedTensorsTarget.name if name == "auto" else name).default_method
 
@@ -34,6 +39,8 @@ def build_target(config: QuantizeConfig, method: Method) -> Target:
     name = config.target.format
     if name == "auto":
         name = BitNetTarget.name if method.ternary else CompressedTensorsTarget.name
+        if config.scheme.weight_type == "nf4":
+            name = BitsAndBytesTarget.name
     target = _target_class(name)(config, method)
     target.check()
     return target

@@ -14,7 +14,9 @@ compressed-tensors defines for them (llm-compressor's), which serving engines ru
     name.weight             int8 (`int-quantized`) or float8_e4m3fn (`float-quantized`) [out, in]
     name.weight_scale       [out, 1]                             the model's dtype
 with `input_activations` {8 bits, the weights' type, symmetric, strategy token, dynamic: true}: each token's
-input row is quantized at run time with its own scale max|x| / (range / 2).
+input row is quantized at run time with its own scale max|x| / (range / 2). With static inputs (`--act-static`)
+the config says {strategy tensor, dynamic: false} and each Linear holds its one input scale:
+    name.input_scale        [1]                                  the model's dtype
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from llmq.calib.naming import checkpoint_names, checkpoint_state
 from llmq.core import log
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Quantized
-from llmq.core.scheme import QuantizedTensor, QuantScheme
+from llmq.core.scheme import CAST_TYPES, QuantizedTensor, QuantScheme
 from llmq.methods.grids.fp8 import Fp8Grid
 from llmq.methods.grids.integer import IntegerGrid
 from llmq.targets.base import RunReport, Target
@@ -46,7 +48,7 @@ from llmq.targets.shards import ShardWriter
 FORMAT = "pack-quantized"
 UNPACKED_FORMATS = {"int": "int-quantized", "float": "float-quantized"}
 _EXPERT = re.compile(r"\.experts\.\d+\.")  # a routed expert's Linear (llmq/calib/experts.py names them so)
-TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale")
 
 
 def checkpoint_format(scheme: QuantScheme) -> str:
@@ -69,8 +71,9 @@ def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str],
     }
     inputs = None
     if scheme.act_bits is not None:
-        inputs = {"num_bits": scheme.act_bits, "type": scheme.weight_type, "symmetric": True, "strategy": "token",
-                  "group_size": None, "dynamic": True, "actorder": None, "observer": None}
+        inputs = {"num_bits": scheme.act_bits, "type": scheme.weight_type, "symmetric": True,
+                  "strategy": "token" if scheme.act_dynamic else "tensor", "group_size": None,
+                  "dynamic": scheme.act_dynamic, "actorder": None, "observer": None if scheme.act_dynamic else "minmax"}
     config = {
         "quant_method": "compressed-tensors",
         "format": checkpoint_format(scheme),
@@ -101,11 +104,13 @@ def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, list[str]]:
     weights, inputs = groups[0]["weights"], groups[0].get("input_activations")
     try:
         group_size = -1 if weights.get("strategy") == "channel" else int(weights["group_size"])
-        if inputs is not None and (inputs.get("strategy") != "token" or not inputs.get("dynamic")
+        timing = None if inputs is None else (inputs.get("strategy"), inputs.get("dynamic"))
+        if inputs is not None and (timing not in (("token", True), ("tensor", False))
                                    or inputs.get("type") != weights["type"] or not inputs.get("symmetric", True)):
-            raise LlmqError("only symmetric per-token dynamic input quantization in the weights' type is read")
+            raise LlmqError("only symmetric input quantization in the weights' type, per token at run time or static "
+                            "per tensor, is read")
         scheme = QuantScheme(int(weights["num_bits"]), group_size, bool(weights["symmetric"]), weights["type"],
-                             None if inputs is None else int(inputs["num_bits"]))
+                             None if inputs is None else int(inputs["num_bits"]), timing != ("tensor", False))
         if checkpoint_format(scheme) != quant_config["format"]:
             raise LlmqError(f"format {quant_config['format']} does not hold {scheme.name}")
     except (KeyError, TypeError, ValueError, LlmqError) as error:
@@ -155,6 +160,16 @@ def _check_unpacked_tensors(name: str, tensors: dict[str, torch.Tensor], scheme:
     if not scale.is_floating_point() or not torch.isfinite(scale).all():
         raise LlmqError(f"{name}.weight_scale holds non-finite or non-float values; the checkpoint is damaged: "
                         "re-create it")
+    static = scheme.act_bits is not None and not scheme.act_dynamic
+    input_scale = tensors.get("input_scale")
+    if static != (input_scale is not None):
+        raise LlmqError(f"{name} {'lacks' if static else 'has'} an input_scale but the config says "
+                        f"{'static' if static else 'no static'} input quantization; the config and the weights do not "
+                        "belong together")
+    if input_scale is not None and (input_scale.numel() != 1 or not input_scale.is_floating_point()
+                                    or not bool(torch.isfinite(input_scale).all() and (input_scale > 0).all())):
+        raise LlmqError(f"{name}.input_scale must be one positive finite float, not {input_scale.dtype} "
+                        f"{tuple(input_scale.shape)}; the checkpoint is damaged: re-create it")
 
 
 def check_group_divides(name: str, in_features: int, scheme: QuantScheme) -> None:
@@ -170,7 +185,10 @@ def check_group_divides(name: str, in_features: int, scheme: QuantScheme) -> Non
 
 def packed_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
     if checkpoint_format(q.scheme) != FORMAT:  # int8 / FP8 as they are, one scale per row
-        return {f"{name}.weight": q.qweight, f"{name}.weight_scale": q.scale}
+        tensors = {f"{name}.weight": q.qweight, f"{name}.weight_scale": q.scale}
+        if q.input_scale is not None:
+            tensors[f"{name}.input_scale"] = q.input_scale
+        return tensors
     bits = q.scheme.bits
     tensors = {
         f"{name}.weight_packed": pack_int32(q.qweight, bits),
@@ -182,15 +200,18 @@ def packed_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def checkpoint_tensors(model: nn.Module, quantized: Mapping[str, QuantizedTensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_tensors(model: nn.Module, quantized: Mapping[str, Quantized],
+                       pack=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Packed tensors for the quantized Linears and the model's own tensors for everything else, all under the
     names transformers writes on disk (llmq/calib/naming.py: Mixtral's experts as `block_sparse_moe.experts.<e>.w1`),
     made a decoder layer at a time: the tensors outside the layers first, then each layer's. A lazy model's
     tensors left on disk are read as they come (llmq/calib/lazy.py), and so are its results.
 
     A tensor tied to an earlier one (lm_head to the embeddings) is stored once, under its first name, which
-    is the name transformers ties from when it loads.
+    is the name transformers ties from when it loads. `pack(name, result)` makes a quantized Linear's tensors
+    (default: this format's, `packed_tensors`).
     """
+    pack = pack or packed_tensors
     layers_path, layers = find_decoder_layers(model)
     in_layer = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.")
     chunk_of = lambda name: int(match.group(1)) if (match := in_layer.match(name)) else -1
@@ -215,7 +236,7 @@ def checkpoint_tensors(model: nn.Module, quantized: Mapping[str, QuantizedTensor
         state = checkpoint_state(model, {key: tensor_of(model, key, value).detach() for key, value in tensors})
         yield from sorted(state.items())  # one order, however the model came to hold its tensors
         for name in linears[index]:
-            yield from packed_tensors(disk[name] or name, quantized[name]).items()
+            yield from pack(disk[name] or name, quantized[name]).items()
 
 
 def _linear_like(module: nn.Module) -> bool:
@@ -292,6 +313,11 @@ class CompressedTensorsTarget(Target):
                             "use --format bitnet (its default) or --format gguf")
         if self.config.target.gguf_type is not None:
             raise LlmqError("--type picks a GGUF mixture; it applies to --format gguf only")
+        if self.config.scheme.weight_type == "nf4":
+            raise LlmqError("NF4 is written in bitsandbytes' layout: --format bitsandbytes (or leave --format out)")
+        if self.config.scheme.is_cast and (self.method.name != "rtn" or self.method.folds):
+            raise LlmqError(f"--scheme {self.config.scheme.name.lower()} casts the model and rounds nothing; drop "
+                            f"--method {self.method.name}")
         if self.method.searches and self.config.scheme.weight_type != "int":
             raise LlmqError(f"--method {self.method.name} searches on an integer grid; FP8 weights take --method "
                             "gptq or rtn")
@@ -301,6 +327,8 @@ class CompressedTensorsTarget(Target):
         return self.config.scheme
 
     def quantizable(self, model, linears):
+        if self.config.scheme.is_cast:  # the model was loaded in the cast's dtype: written as it is
+            return {}
         return without_fused_experts(model, linears)
 
     def check_model(self, model, linears) -> None:
@@ -329,15 +357,28 @@ class CompressedTensorsTarget(Target):
     def write(self, path, model, tokenizer, plan, quantized: dict[str, Quantized], report: RunReport) -> int:
         scheme, mse = self.config.scheme, self.config.method.mse
         write_weights(path, checkpoint_tensors(model, quantized))
-        model.config.quantization_config = quantization_config(
-            scheme, self.act_order, ignored_linears(model, quantized), "mse" if mse else "minmax")
+        if scheme.is_cast:  # a plain checkpoint in the cast's dtype: no quantization_config
+            model.config.dtype = CAST_TYPES[scheme.weight_type]
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        else:
+            model.config.quantization_config = quantization_config(
+                scheme, self.act_order, ignored_linears(model, quantized), "mse" if mse else "minmax")
         model.config.save_pretrained(path)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(path)
         tokenizer.save_pretrained(path)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        if scheme.is_cast:
+            (path / "README.md").write_text(model_card(
+                report, size, bits=16, group_size="-", symmetric=True, act_order=False, mse=False, format_tag="safetensors",
+                summary=f"`{report.base_model}` cast to {scheme.name} (every tensor; nothing rounded to a grid), made "
+                        "with llmq.", layout=f"plain safetensors in {CAST_TYPES[scheme.weight_type]}".replace("torch.", ""),
+                loader_note="loads with transformers as is"))
+            return size
+        timing = "per token at run time" if scheme.act_dynamic else "with one scale per Linear from calibration"
         what = (f"{scheme.bits}-bit weight-only quantization" if scheme.act_bits is None else
-                f"{scheme.name} quantization (weights, and each Linear's input per token at run time)")
+                f"{scheme.name} quantization (weights, and each Linear's input {timing})")
         (path / "README.md").write_text(model_card(
             report, size, bits=scheme.bits, group_size="per-channel" if scheme.group_size == -1 else scheme.group_size,
             symmetric=scheme.symmetric, act_order=self.act_order, mse=mse, format_tag="compressed-tensors",
@@ -350,6 +391,8 @@ class CompressedTensorsTarget(Target):
 
     def default_out(self, base: str) -> str:
         scheme = self.config.scheme
+        if scheme.is_cast:
+            return f"{base}-{scheme.name.lower()}"
         if scheme.act_bits is not None or scheme.weight_type == "float":
             return f"{base}-{self.method.name}-{scheme.name.lower().replace(' ', '-')}"
         group = "c" if scheme.group_size == -1 else scheme.group_size

@@ -14,6 +14,7 @@ import torch
 
 from llmq.core.interfaces import Grid, GridFit
 from llmq.core.scheme import FP8_MAX, QuantizedTensor, QuantScheme
+from llmq.methods.grids.inputs import StaticInputScale
 
 
 def fp8_round(v: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def fp8_row_scale(weight: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tenso
     return scale.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).float()
 
 
-class Fp8Grid(Grid):
+class Fp8Grid(StaticInputScale, Grid):
     """E4M3 codes, one scale per row stored in `scale_dtype` (the model's dtype)."""
 
     def __init__(self, scheme: QuantScheme, scale_dtype: torch.dtype):

@@ -14,6 +14,7 @@ import torch
 
 from llmq.core.interfaces import Grid, GridFit
 from llmq.core.scheme import QuantizedTensor, QuantScheme, dequantize_values, quantize_values
+from llmq.methods.grids.inputs import StaticInputScale
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -91,7 +92,7 @@ def to_quantized_tensor(
     )
 
 
-class IntegerGrid(Grid):
+class IntegerGrid(StaticInputScale, Grid):
     """compressed-tensors' integer group grid; scales stored in `scale_dtype` (the model's dtype)."""
 
     def __init__(self, scheme: QuantScheme, scale_dtype: torch.dtype, mse: bool = False):

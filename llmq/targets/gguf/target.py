@@ -146,6 +146,9 @@ class GGUFTarget(Target):
                             f"{self.config.scheme.group_size} would not survive the export; use --group-size "
                             f"{TQ_BLOCK} (or a multiple) or --ternary-scale channel")
         scheme = self.config.scheme
+        if scheme.is_cast:
+            raise LlmqError(f"GGUF's 16-bit files are --type {'F16' if scheme.weight_type == 'float16' else 'BF16'}; "
+                            "drop --scheme")
         if scheme.act_bits is not None or scheme.weight_type != "int":
             raise LlmqError(f"GGUF holds neither FP8 weights nor quantized activations ({scheme.name}); its 8-bit "
                             "type is weight-only --type Q8_0, or use --format compressed-tensors")

@@ -1,0 +1,23 @@
+"""Static input scales for the 8-bit grids whose scheme quantizes each Linear's input with one scale fixed from
+the calibration data (W8A8 `--act-static`): the harness measures the largest |x| that reached the Linear on the
+calibration windows (on the outputs of the layers already quantized), and the scale follows from it
+(llmq/core/scheme.py `static_input_scale`: the calibration maximum is never clipped)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from llmq.core.scheme import QuantizedTensor, static_input_scale
+
+
+class StaticInputScale:
+    """Mixed into a Grid that has `scheme` and `scale_dtype`."""
+
+    @property
+    def static_inputs(self) -> bool:
+        return self.scheme.act_bits is not None and not self.scheme.act_dynamic
+
+    def with_input_range(self, quantized: QuantizedTensor, absmax: torch.Tensor) -> QuantizedTensor:
+        return dataclasses.replace(quantized, input_scale=static_input_scale(absmax, self.scheme, self.scale_dtype))
