@@ -139,8 +139,7 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     target.check_model(hf_model, linears)
     size_before = tensor_bytes(hf_model)
     storage_dtype = hf_model.dtype  # scales are stored in it, whatever a whole-model step computes in
-    static_inputs = config.scheme.act_bits is not None and not config.scheme.act_dynamic  # input scales need data
-    calibrated = method.needs_data or static_inputs or (config.run.calib is not None and target.weighted)
+    calibrated = method.needs_data or config.scheme.static_inputs or (config.run.calib is not None and target.weighted)
 
     # with several ranks, rank 0 alone stages and writes the output; every rank checkpoints its own layers' inputs
     with target.staging(out, overwrite) if ranks.is_main() else contextlib.nullcontext() as stage:

@@ -88,6 +88,11 @@ class QuantScheme:
         return f"W{self.bits}A16 {group} {'sym' if self.symmetric else 'asym'}"
 
     @property
+    def static_inputs(self) -> bool:
+        """Inputs quantized with one scale per Linear fixed from calibration (which then needs data)."""
+        return self.act_bits is not None and not self.act_dynamic
+
+    @property
     def is_cast(self) -> bool:
         return self.weight_type in CAST_TYPES
 

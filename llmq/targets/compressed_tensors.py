@@ -160,7 +160,7 @@ def _check_unpacked_tensors(name: str, tensors: dict[str, torch.Tensor], scheme:
     if not scale.is_floating_point() or not torch.isfinite(scale).all():
         raise LlmqError(f"{name}.weight_scale holds non-finite or non-float values; the checkpoint is damaged: "
                         "re-create it")
-    static = scheme.act_bits is not None and not scheme.act_dynamic
+    static = scheme.static_inputs
     input_scale = tensors.get("input_scale")
     if static != (input_scale is not None):
         raise LlmqError(f"{name} {'lacks' if static else 'has'} an input_scale but the config says "

@@ -17,7 +17,7 @@ class StaticInputScale:
 
     @property
     def static_inputs(self) -> bool:
-        return self.scheme.act_bits is not None and not self.scheme.act_dynamic
+        return self.scheme.static_inputs
 
     def with_input_range(self, quantized: QuantizedTensor, absmax: torch.Tensor) -> QuantizedTensor:
         return dataclasses.replace(quantized, input_scale=static_input_scale(absmax, self.scheme, self.scale_dtype))
