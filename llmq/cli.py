@@ -17,7 +17,7 @@ from pathlib import Path
 from llmq.calib.models import EMBEDDED_DEFAULT
 from llmq.core.config import MethodOptions, QuantizeConfig, RunOptions, TargetOptions
 from llmq.core.errors import LlmqError
-from llmq.core.scheme import PRESETS, QuantScheme, scheme_with_preset
+from llmq.core.scheme import ACT_RANGES, PRESETS, QuantScheme, scheme_with_preset
 from llmq.methods import method_names
 from llmq.methods.grids.ternary import GRANULARITIES
 from llmq.targets import TARGETS
@@ -72,8 +72,10 @@ def _quantize_parser(sub) -> None:
     timing.add_argument("--act-dynamic", dest="act_dynamic", action="store_true", default=QuantScheme.act_dynamic,
                         help="quantized inputs get each token's own scale at run time (the default)")
     timing.add_argument("--act-static", dest="act_dynamic", action="store_false",
-                        help="quantized inputs get one scale per Linear, fixed from the calibration data (never "
-                             "clipping its maximum)")
+                        help="quantized inputs get one scale per Linear, fixed from the calibration data")
+    scheme.add_argument("--act-range", default=QuantScheme.act_range, choices=ACT_RANGES,
+                        help="how --act-static chooses that scale: max (the calibration maximum, never clipped; the "
+                             "default) or mse (least squared error over every calibration value: clips rare outliers)")
     scheme.add_argument("--bits", type=int, default=QuantScheme.bits, help=f"2, 3, 4 or 8 (default {QuantScheme.bits})")
     scheme.add_argument("--group-size", type=int, default=QuantScheme.group_size,
                         help=f"input columns per scale; -1 per channel (default {QuantScheme.group_size})")

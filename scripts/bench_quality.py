@@ -57,6 +57,11 @@ ROWS = {
     "rtn-fp8-static": ("rtn", 8, -1, True, False, False),
     "gptq-fp8-static": ("gptq", 8, -1, True, True, False),
     "rtn-w8a16int16-static": ("rtn", 8, -1, True, False, False),
+    # the static scale at the least error over the calibration values (--act-range mse) instead of their maximum
+    "rtn-w8a8-static-mse": ("rtn", 8, -1, True, False, False),
+    "sq-w8a8-static-mse": ("rtn", 8, -1, True, False, False),
+    "sq+gptq-w8a8-static-mse": ("gptq", 8, -1, True, True, False),
+    "rtn-fp8-static-mse": ("rtn", 8, -1, True, False, False),
     "cast-fp16": ("rtn", 16, -1, True, False, False),
     "cast-bf16": ("rtn", 16, -1, True, False, False),
     # NF4 in bitsandbytes' layout; bnb-nf4 is bitsandbytes' own quantize_4bit of every Linear (the peer)
@@ -64,16 +69,25 @@ ROWS = {
     "gptq-nf4": ("gptq", 4, 64, True, True, False),
     "bnb-nf4": ("bitsandbytes", 4, 64, True, False, False),
 }
+# the same schemes made by llm-compressor (scripts/peer_llmcompressor.py, in its own venv: --llmc-python) on the
+# same calibration windows; each is evaluated here like llmq's rows
+LLMC_ROWS = ["llmc-rtn-w8a8", "llmc-gptq-w8a8", "llmc-rtn-w8a8-static", "llmc-sq-w8a8-static",
+             "llmc-sq+gptq-w8a8-static", "llmc-sq+gptq-w8a8", "llmc-rtn-fp8", "llmc-gptq-fp8", "llmc-rtn-fp8-static",
+             "llmc-gptq-fp8-static", "llmc-rtn-w8a16int16-static"]
 PRESET_OF = {"rtn-w8a8": "w8a8", "gptq-w8a8": "w8a8", "rtn-fp8": "fp8", "gptq-fp8": "fp8",
              "rtn-w8a8-static": "w8a8", "sq-w8a8-static": "w8a8", "sq+gptq-w8a8-static": "w8a8", "sq+gptq-w8a8": "w8a8",
-             "rtn-fp8-static": "fp8", "gptq-fp8-static": "fp8", "cast-fp16": "fp16", "cast-bf16": "bf16",
+             "rtn-fp8-static": "fp8", "gptq-fp8-static": "fp8", "rtn-w8a8-static-mse": "w8a8", "sq-w8a8-static-mse": "w8a8",
+             "sq+gptq-w8a8-static-mse": "w8a8", "rtn-fp8-static-mse": "fp8", "cast-fp16": "fp16", "cast-bf16": "bf16",
              "rtn-nf4": "nf4", "gptq-nf4": "nf4", "bnb-nf4": "nf4"}
 STATIC = {"act_dynamic": False}
+MSE = {**STATIC, "act_range": "mse"}
 # further QuantizeConfig options of a row
 OPTIONS_OF = {"rtn-w8a8-static": STATIC, "sq-w8a8-static": {**STATIC, "smoothquant": 0.5},
               "sq+gptq-w8a8-static": {**STATIC, "smoothquant": 0.5}, "sq+gptq-w8a8": {"smoothquant": 0.5},
               "rtn-fp8-static": STATIC, "gptq-fp8-static": STATIC,
-              "rtn-w8a16int16-static": {**STATIC, "act_bits": 16}}
+              "rtn-w8a16int16-static": {**STATIC, "act_bits": 16}, "rtn-w8a8-static-mse": MSE,
+              "sq-w8a8-static-mse": {**MSE, "smoothquant": 0.5}, "sq+gptq-w8a8-static-mse": {**MSE, "smoothquant": 0.5},
+              "rtn-fp8-static-mse": MSE}
 # ternary-aware fine-tuning steps per bitnet row (batch 4 x 256 tokens of the calibration text, lr 5e-4)
 QAT_STEPS = {"bitnet-ptq": 0, "bitnet-qat300": 300, "bitnet-qat450": 450}
 
@@ -90,7 +104,34 @@ def reference_model(work: Path) -> Path:
     return directory
 
 
-def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
+def calibration_windows_json(reference: Path, work: Path) -> Path:
+    """llmq's calibration windows for the reference model as JSON token-id lists, for the peer's process."""
+    from transformers import AutoTokenizer
+
+    from llmq.calib.text import calibration_text, sample_windows, tokenize_text
+
+    path = work / "calibration_windows.json"
+    if not path.exists():
+        ids = tokenize_text(AutoTokenizer.from_pretrained(reference), calibration_text(str(DATA / "wikitext2_valid_calib.txt")))
+        path.write_text(json.dumps(sample_windows(ids, 128, 512).tolist()))
+    return path
+
+
+def llm_compressor_row(name: str, reference: Path, work: Path, python: str | None) -> dict:
+    """Make row `name` with llm-compressor in its own interpreter; its time, size and version."""
+    if not python:
+        raise SystemExit(f"row {name} needs llm-compressor's interpreter: pass --llmc-python /path/to/venv/bin/python")
+    done = subprocess.run([python, str(ROOT / "scripts" / "peer_llmcompressor.py"), name, str(reference),
+                           str(calibration_windows_json(reference, work)), str(work / name)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"llm-compressor failed on {name}:\n{done.stderr[-3000:]}")
+    made = json.loads(done.stdout.strip().splitlines()[-1])
+    size = sum(f.stat().st_size for f in (work / name).glob("*.safetensors")) / 1e6
+    return {"seconds": made["seconds"], "what": made["version"], "size_mb": size}
+
+
+def run_row(name: str, reference: Path, work: Path, windows: int, llmc_python: str | None = None) -> dict:
     """Quantize (unless unquantized) and evaluate one row; runs inside its own process."""
     import torch
 
@@ -104,7 +145,10 @@ def run_row(name: str, reference: Path, work: Path, windows: int) -> dict:
     torch.manual_seed(0)
     row = {"name": name}
     target = str(reference)
-    if name == "bnb-nf4":
+    if name.startswith("llmc-"):
+        row.update(llm_compressor_row(name, reference, work, llmc_python))
+        target = str(work / name)
+    elif name == "bnb-nf4":
         target = str(bitsandbytes_nf4(reference, work / name))
         row["size_mb"] = sum(f.stat().st_size for f in (work / name).glob("*.safetensors")) / 1e6
     elif name != "unquantized":
@@ -189,18 +233,21 @@ def table(rows: list[dict]) -> str:
              + " | ".join(STAGE_COLUMNS) + " | peak RSS GB |",
              "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(STAGE_COLUMNS) + "---|"]
     for r in rows:
+        own = r["name"].removeprefix("llmc-")  # a peer row is described by llmq's row of the same scheme
         if r["name"] == "unquantized":
             spec = ("bf16", 16, "-", "-", "-")
         else:
-            method, bits, group, symmetric, act_order, _ = ROWS[r["name"]]
-            bits = f"{bits} ({PRESET_OF[r['name']]})" if r["name"] in PRESET_OF else bits
-            extra = OPTIONS_OF.get(r["name"], {})
+            method, bits, group, symmetric, act_order, _ = ROWS[own]
+            method = f"{r.get('what', 'llm-compressor')}: {method}" if own != r["name"] else method
+            bits = f"{bits} ({PRESET_OF[own]})" if own in PRESET_OF else bits
+            extra = OPTIONS_OF.get(own, {})
             if extra:
                 bits = f"{bits} " + " ".join("static" if k == "act_dynamic" else f"{k.replace('_', '-')} {v}"
                                              for k, v in extra.items())
             spec = (method, bits, group, "sym" if symmetric else "asym", "yes" if act_order else "no")
-        if "refused" in r:
-            lines.append(f"| {r['name']} | " + " | ".join(map(str, spec)) + f" | refused: {r['refused']} |"
+        if "refused" in r or "failed" in r:
+            why = f"refused: {r['refused']}" if "refused" in r else f"failed: {r['failed']}"
+            lines.append(f"| {r['name']} | " + " | ".join(map(str, spec)) + f" | {why} |"
                          + " |" * (4 + len(STAGE_COLUMNS)))
             continue
         ratio = f"{r['ppl'] / base:.3f}x" if base else "-"
@@ -214,7 +261,9 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", default=["unquantized", *ROWS], help="rows to run (default: all)")
+    parser.add_argument("--rows", nargs="*", default=["unquantized", *ROWS],
+                        help=f"rows to run (default: llmq's; the peer's: {' '.join(LLMC_ROWS)})")
+    parser.add_argument("--llmc-python", help="the python of a venv with llmcompressor, for the llmc-* rows")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--work", type=Path, default=ROOT / "bench_out")
     parser.add_argument("--save-cards", action="store_true", help="copy each model card into model_cards/")
@@ -223,15 +272,18 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     reference = reference_model(args.work)
     if args.one:
-        print(json.dumps(run_row(args.one, reference, args.work, args.windows)))
+        print(json.dumps(run_row(args.one, reference, args.work, args.windows, args.llmc_python)))
         return
     rows = []
     for name in args.rows:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        peer = ["--llmc-python", args.llmc_python] if args.llmc_python else []
         done = subprocess.run([sys.executable, __file__, "--one", name, "--windows", str(args.windows),
-                               "--work", str(args.work)], capture_output=True, text=True, env=os.environ)
-        if done.returncode != 0:
-            raise SystemExit(f"row {name} failed:\n{done.stderr[-3000:]}")
+                               "--work", str(args.work), *peer], capture_output=True, text=True, env=os.environ)
+        if done.returncode != 0:  # the other rows still run; the table says which failed
+            print(f"row {name} failed:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
+            rows.append({"name": name, "failed": (done.stderr.strip().splitlines() or ["?"])[-1][:200]})
+            continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"[bench] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         card = args.work / name / "README.md"

@@ -47,6 +47,8 @@ def test_folding_leaves_the_float_model_unchanged():
     model = _loud_float_model()
     ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(2))
     norms_before = [layer.input_layernorm.weight.clone() for layer in model.model.layers]
+    mlp_before = [{name: getattr(layer.mlp, name).weight.clone() for name in ("gate_proj", "up_proj", "down_proj")}
+                  for layer in model.model.layers]
     with torch.no_grad():
         before = model(ids).logits
     _smooth(model, 0.5)
@@ -57,6 +59,13 @@ def test_folding_leaves_the_float_model_unchanged():
     moved = [(layer.input_layernorm.weight - before).abs().max().item()
              for layer, before in zip(model.model.layers, norms_before)]
     assert min(moved) > 1.0
+    # down_proj's input was smoothed too, through up_proj's rows: gate and up share the norm's column scales, so
+    # up's rows alone were divided by s (down's channel scales), and down's columns multiplied by the same s
+    for layer, before in zip(model.model.layers, mlp_before):
+        s = (layer.mlp.gate_proj.weight / before["gate_proj"]) / (layer.mlp.up_proj.weight / before["up_proj"])
+        assert torch.allclose(s, s[:, :1].expand_as(s), rtol=1e-4)
+        assert torch.allclose(layer.mlp.down_proj.weight / before["down_proj"], s[:, 0][None, :], rtol=1e-4)
+        assert (s[:, 0].log().std() > 0.1).item()
 
 
 def test_scales_are_the_papers_formula():

@@ -196,7 +196,8 @@ def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: M
     first = next(iter(linears.values()))
     parts = plan(list(linears))
     statistic = _statistic(method, parts, inputs is not None)
-    stats = new_collector(statistic, first.in_features, device, method.options.sink_weight)
+    histogram = any(part.grid.input_histogram for part in parts)
+    stats = new_collector(statistic, first.in_features, device, method.options.sink_weight, histogram)
     if stats is not None:
         route_all = group.expert and experts.route_all
         _collect(layer, first, inputs, stats, route_all)
@@ -204,14 +205,14 @@ def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: M
             experts.experts += 1
             if stats.tokens < experts.min_tokens:  # too few routed tokens to calibrate on: use every token
                 experts.fell_back += 1
-                stats = new_collector(statistic, first.in_features, device, method.options.sink_weight)
+                stats = new_collector(statistic, first.in_features, device, method.options.sink_weight, histogram)
                 _collect(layer, first, inputs, stats, True)
     weight = torch.cat([linear.weight for linear in linears.values()]).float()
     part_rows = [sum(linears[name].out_features for name in part.linears) for part in parts]
     weights = list(weight.split(part_rows))  # views: each part's rows
     solved = _solve_parts(method, parts, weights, stats)
     if any(part.grid.static_inputs for part in parts):  # one input scale for the group: its Linears share the input
-        solved = [part.grid.with_input_range(quantized, stats.absmax) if part.grid.static_inputs else quantized
+        solved = [part.grid.with_input_range(quantized, stats.absmax, stats.histogram) if part.grid.static_inputs else quantized
                   for part, quantized in zip(parts, solved)]
     del stats  # the group's Hessian and its factor (822 MB each for Llama-3-8B's down_proj): not needed to decode
     results, err_num, err_den = {}, 0.0, 0.0

@@ -2,7 +2,8 @@
 
 - "importance": mean x^2 per input channel (llama.cpp's imatrix), for grids whose fit weights its error;
 - "hessian": 2 E[x x^T], what GPTQ's error compensation needs (its diagonal doubles as the importance);
-- "range": only the largest |x| per input channel, which every collector also keeps (static input scales).
+- "range": only the largest |x| per input channel, which every collector also keeps (static input scales), and
+  when asked (`--act-range mse`) a histogram of every |x| (llmq/core/ranges.py).
 
 A method names the one it needs (`Method.statistic`); nothing here knows which method reads it.
 """
@@ -13,6 +14,7 @@ import contextlib
 
 import torch
 
+from llmq.core.ranges import AbsHistogram
 from llmq.core.ranks import max_across, sum_across
 
 
@@ -35,22 +37,30 @@ def _exact_bf16_products():
 
 
 class RangeCollector:
-    """The largest |x| per input channel over the calibration tokens (what a static input scale is made of)."""
+    """The largest |x| per input channel over the calibration tokens (what a static input scale is made of), and
+    with `histogram` the counts of every |x| (for a scale of least error)."""
 
-    def __init__(self, in_features: int, device: torch.device):
+    def __init__(self, in_features: int, device: torch.device, histogram: bool = False):
         self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.histogram = AbsHistogram(device) if histogram else None
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         self._track(x)
+        self.tokens += x.reshape(-1, x.shape[-1]).shape[0]
 
     def _track(self, x: torch.Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1])
-        torch.maximum(self.absmax, flat.abs().amax(0).float(), out=self.absmax)
-        self.tokens += flat.shape[0]
+        torch.maximum(self.absmax, x.reshape(-1, x.shape[-1]).abs().amax(0).float(), out=self.absmax)
+        if self.histogram is not None:
+            self.histogram.add(x)
+
+    def _ranges_across_ranks(self) -> None:
+        max_across([self.absmax])
+        if self.histogram is not None:
+            sum_across([self.histogram.counts])
 
     def sum_across_ranks(self) -> None:
-        max_across([self.absmax])
+        self._ranges_across_ranks()
         count = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.absmax.device)
         sum_across([count])
         self.tokens = int(count.item())
@@ -62,17 +72,17 @@ class RangeCollector:
 class ImportanceCollector(RangeCollector):
     """Mean of x^2 per input channel (llama.cpp's imatrix entry for a Linear)."""
 
-    def __init__(self, in_features: int, device: torch.device):
-        super().__init__(in_features, device)
+    def __init__(self, in_features: int, device: torch.device, histogram: bool = False):
+        super().__init__(in_features, device, histogram)
         self.sum_x2 = torch.zeros(in_features, dtype=torch.float32, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        self._track(x)
+        super().add(x)
         self.sum_x2 += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
 
     def sum_across_ranks(self) -> None:
         """Each rank saw its share of the windows: the sums over all of them (torch.distributed runs)."""
-        max_across([self.absmax])
+        self._ranges_across_ranks()
         (tokens,) = sum_across([self.sum_x2], self.tokens)
         self.tokens = int(tokens)
 
@@ -83,7 +93,7 @@ class ImportanceCollector(RangeCollector):
         raise TypeError("an importance collector holds no Hessian; the method must declare statistic = 'hessian'")
 
 
-class HessianCollector:
+class HessianCollector(RangeCollector):
     """Sum of x x^T over every calibration token, in float32.
 
     The first token of each calibration sequence ([batch, seq, features] inputs) counts `sink_weight` times. In
@@ -93,8 +103,8 @@ class HessianCollector:
     rose 2-4x in layers 12-28 while every other token's fell, and perplexity rose with it (issue 4).
     """
 
-    def __init__(self, in_features: int, device: torch.device, sink_weight: float = 1.0):
-        self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)  # as RangeCollector's
+    def __init__(self, in_features: int, device: torch.device, sink_weight: float = 1.0, histogram: bool = False):
+        super().__init__(in_features, device, histogram)
         self.sum_xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0.0
         self.sink_weight = sink_weight
@@ -103,7 +113,7 @@ class HessianCollector:
         self.derived: dict = {}  # what a method derives from the Hessian once for all of the group's parts
 
     def add(self, x: torch.Tensor) -> None:
-        torch.maximum(self.absmax, x.reshape(-1, x.shape[-1]).abs().amax(0).float(), out=self.absmax)
+        self._track(x)
         if x.dim() == 3 and self.sink_weight != 1:
             x = x.clone()
             x[:, 0] *= self.sink_weight**0.5
@@ -137,14 +147,16 @@ class HessianCollector:
         return diagonal / max(self.tokens, 1)
 
 
-def new_collector(statistic: str | None, in_features: int, device: torch.device, sink_weight: float):
-    """The collector for a statistic name ("hessian", "importance"), or None."""
+def new_collector(statistic: str | None, in_features: int, device: torch.device, sink_weight: float,
+                  histogram: bool = False):
+    """The collector for a statistic name ("hessian", "importance", "range"), or None; `histogram`: also count
+    every |x| (a static input scale of least error)."""
     if statistic == "hessian":
-        return HessianCollector(in_features, device, sink_weight)
+        return HessianCollector(in_features, device, sink_weight, histogram)
     if statistic == "importance":
-        return ImportanceCollector(in_features, device)
+        return ImportanceCollector(in_features, device, histogram)
     if statistic == "range":
-        return RangeCollector(in_features, device)
+        return RangeCollector(in_features, device, histogram)
     if statistic is None:
         return None
     raise ValueError(f"unknown statistic {statistic!r}")

@@ -93,6 +93,7 @@ class Grid(ABC):
     rounds: bool = True  # False: values are stored as floats (F16 parts of a GGUF file); `keep` does it
     weighted: bool = False  # its fit takes an importance per input channel (then the harness collects one)
     static_inputs: bool = False  # its weights' inputs get one scale fixed from calibration (the harness measures them)
+    input_histogram: bool = False  # that scale is chosen from a histogram of every calibration |x| (--act-range mse)
 
     @abstractmethod
     def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> GridFit:
@@ -101,8 +102,9 @@ class Grid(ABC):
     def keep(self, weight: torch.Tensor) -> Quantized:
         raise NotImplementedError(f"{type(self).__name__} rounds; use fit()")
 
-    def with_input_range(self, quantized: Quantized, absmax: torch.Tensor) -> Quantized:
-        """`quantized` with the static input scale that the largest calibration |x| per input channel gives."""
+    def with_input_range(self, quantized: Quantized, absmax: torch.Tensor, histogram=None) -> Quantized:
+        """`quantized` with the static input scale that the calibration inputs give: their largest |x| per input
+        channel, and (when `input_histogram`) the AbsHistogram of every |x| (llmq/core/ranges.py)."""
         raise NotImplementedError(f"{type(self).__name__} quantizes no inputs")
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from llmq.core.errors import LlmqError
+from llmq.core.ranges import AbsHistogram
 from llmq.core.records import record
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
@@ -25,6 +26,7 @@ SUPPORTED_BITS = (2, 3, 4, 8, 16)
 WEIGHT_TYPES = ("int", "float", "float16", "bfloat16", "nf4")
 CAST_TYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # 16-bit casts: nothing rounded to a grid
 ACT_BITS = (8, 16)
+ACT_RANGES = ("max", "mse")  # how a static input scale is chosen (llmq/core/ranges.py)
 FP8_MAX = 448.0  # the largest E4M3 value (torch.float8_e4m3fn)
 
 
@@ -37,7 +39,9 @@ class QuantScheme:
     weight_type "float" is FP8 E4M3 (8 bits, one scale per row: w_hat = e4m3(w / s) * s). act_bits 8 quantizes
     each Linear's input too (W8A8, in the weights' type): what serving engines run on int8 / FP8 tensor cores;
     act_bits 16 is int16 inputs with int8 weights (TFLite's "16x8", an evaluation scheme). Inputs are quantized
-    per token at run time (act_dynamic), or with one scale per Linear fixed from the calibration data (static)."""
+    per token at run time (act_dynamic), or with one scale per Linear fixed from the calibration data (static):
+    from the largest |x| (act_range "max", never clipped) or at the least squared error over every calibration
+    value (act_range "mse", which clips the rare largest values)."""
 
     bits: int = 4
     group_size: int = 128
@@ -45,6 +49,7 @@ class QuantScheme:
     weight_type: str = "int"
     act_bits: int | None = None
     act_dynamic: bool = True
+    act_range: str = "max"
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -70,13 +75,18 @@ class QuantScheme:
             raise LlmqError("--act-bits 16 is int16 inputs with int8 weights; FP8 inputs are 8 bits: drop --act-bits")
         if not self.act_dynamic and self.act_bits is None:
             raise LlmqError("--act-static fixes the scale of quantized inputs; it needs --scheme w8a8 or fp8 (or --act-bits)")
+        if self.act_range not in ACT_RANGES:
+            raise LlmqError(f"--act-range {self.act_range} is unknown; use one of {', '.join(ACT_RANGES)}")
+        if self.act_range != "max" and not self.static_inputs:
+            raise LlmqError(f"--act-range {self.act_range} chooses a static input scale; add --act-static "
+                            "(with --scheme w8a8 or fp8)")
 
     @property
     def name(self) -> str:
         """W4A16 g128 asym, W8A8 int8, W8A8 FP8: what the summary, the card and the output's name say."""
         if self.act_bits is not None:
             inputs = "A8" if self.act_bits == 8 else f"A{self.act_bits}-int{self.act_bits}"
-            timing = "" if self.act_dynamic else " static"
+            timing = "" if self.act_dynamic else " static" + ("" if self.act_range == "max" else f" {self.act_range}")
             return f"W8{inputs} {'FP8' if self.weight_type == 'float' else 'int8'}{timing}"
         if self.weight_type == "float":
             return "W8A16 FP8"
@@ -136,7 +146,7 @@ PRESETS = {
     "nf4": {"bits": 4, "group_size": 64, "symmetric": True, "weight_type": "nf4"},
 }
 _FLAG_OF = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--sym/--asym", "act_bits": "--act-bits",
-            "act_dynamic": "--act-static"}
+            "act_dynamic": "--act-static", "act_range": "--act-range"}
 
 
 def scheme_with_preset(name: str | None, fields: dict) -> QuantScheme:
@@ -177,11 +187,28 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     return dequantize_values(g, scale.float().unsqueeze(-1), z).reshape(rows, cols)
 
 
-def static_input_scale(absmax: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> torch.Tensor:
-    """The one input scale [1] of a Linear, in its storage dtype, from the largest |x| it saw in calibration: the
-    smallest value of `dtype` at which max|x| / scale stays within the half range in float32, as inputs are
-    divided at run time (so the calibration maximum is never clipped, however the cast to `dtype` rounds)."""
+def round_input_codes(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """x / scale (float32) to the input codes, as W8A8 inputs are rounded at run time: int8/int16 integers, or E4M3
+    values, clamped to the scheme's range."""
+    low, high = scheme.act_limits
+    if scheme.weight_type == "int":
+        return torch.round(x).clamp_(low, high)
+    return x.clamp(low, high).to(torch.float8_e4m3fn).float()
+
+
+def static_input_scale(absmax: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype,
+                       histogram: AbsHistogram | None = None) -> torch.Tensor:
+    """The one input scale [1] of a Linear, in its storage dtype. With act_range "max", from the largest |x| it saw
+    in calibration: the smallest value of `dtype` at which max|x| / scale stays within the half range in float32,
+    as inputs are divided at run time (so the calibration maximum is never clipped, however the cast to `dtype`
+    rounds). With "mse", the clip point of least error over the calibration values' `histogram`."""
     top = absmax.float().max().reshape(1)
+    if scheme.act_range == "mse":
+        if histogram is None:
+            raise ValueError("act_range mse needs the histogram of the calibration inputs")
+        clip = histogram.least_error_maximum(float(top), lambda x: round_input_codes(x, scheme), scheme.act_half_range)
+        scale = torch.tensor([clip / scheme.act_half_range], device=absmax.device)
+        return scale.clamp(min=torch.finfo(dtype).tiny).to(dtype)
     scale = (top / scheme.act_half_range).clamp(min=torch.finfo(dtype).tiny).to(dtype)
     while bool((top / scale.float() > scheme.act_half_range).any()):  # rounded down by the cast: one step up
         scale = (scale.float() * (1 + torch.finfo(dtype).eps)).to(dtype)

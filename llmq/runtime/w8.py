@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmq.core.scheme import QuantScheme
+from llmq.core.scheme import QuantScheme, round_input_codes
 
 
 def quantize_rows(x: torch.Tensor, scheme: QuantScheme,
@@ -30,10 +30,7 @@ def quantize_rows(x: torch.Tensor, scheme: QuantScheme,
     else:
         scale = x.abs().amax(dim=-1, keepdim=True) / scheme.act_half_range
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: codes 0 under any scale
-    low, high = scheme.act_limits
-    if scheme.weight_type == "int":
-        return torch.round(x / scale).clamp_(low, high), scale
-    return (x / scale).clamp_(low, high).to(torch.float8_e4m3fn).float(), scale
+    return round_input_codes(x / scale, scheme), scale
 
 
 def _int_mm_works(device: torch.device) -> bool:

@@ -51,6 +51,13 @@ _EXPERT = re.compile(r"\.experts\.\d+\.")  # a routed expert's Linear (llmq/cali
 TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale")
 
 
+def _input_observer(scheme: QuantScheme) -> str | None:
+    """The name llm-compressor gives the way the static input scale was chosen (informational for loaders)."""
+    if scheme.act_dynamic:
+        return None
+    return "mse" if scheme.act_range == "mse" else "minmax"
+
+
 def checkpoint_format(scheme: QuantScheme) -> str:
     """pack-quantized for weight-only integer grids; the unpacked int/float format for W8A8 and FP8."""
     if scheme.act_bits is None and scheme.weight_type == "int":
@@ -73,7 +80,7 @@ def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str],
     if scheme.act_bits is not None:
         inputs = {"num_bits": scheme.act_bits, "type": scheme.weight_type, "symmetric": True,
                   "strategy": "token" if scheme.act_dynamic else "tensor", "group_size": None,
-                  "dynamic": scheme.act_dynamic, "actorder": None, "observer": None if scheme.act_dynamic else "minmax"}
+                  "dynamic": scheme.act_dynamic, "actorder": None, "observer": _input_observer(scheme)}
     config = {
         "quant_method": "compressed-tensors",
         "format": checkpoint_format(scheme),

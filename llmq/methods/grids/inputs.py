@@ -1,7 +1,8 @@
 """Static input scales for the 8-bit grids whose scheme quantizes each Linear's input with one scale fixed from
 the calibration data (W8A8 `--act-static`): the harness measures the largest |x| that reached the Linear on the
 calibration windows (on the outputs of the layers already quantized), and the scale follows from it
-(llmq/core/scheme.py `static_input_scale`: the calibration maximum is never clipped)."""
+(llmq/core/scheme.py `static_input_scale`: the calibration maximum is never clipped), or with `--act-range mse` from
+the histogram of every |x| it also counts (the scale of least error, llmq/core/ranges.py)."""
 
 from __future__ import annotations
 
@@ -19,5 +20,10 @@ class StaticInputScale:
     def static_inputs(self) -> bool:
         return self.scheme.static_inputs
 
-    def with_input_range(self, quantized: QuantizedTensor, absmax: torch.Tensor) -> QuantizedTensor:
-        return dataclasses.replace(quantized, input_scale=static_input_scale(absmax, self.scheme, self.scale_dtype))
+    @property
+    def input_histogram(self) -> bool:
+        return self.scheme.static_inputs and self.scheme.act_range == "mse"
+
+    def with_input_range(self, quantized: QuantizedTensor, absmax: torch.Tensor, histogram=None) -> QuantizedTensor:
+        scale = static_input_scale(absmax, self.scheme, self.scale_dtype, histogram)
+        return dataclasses.replace(quantized, input_scale=scale)
