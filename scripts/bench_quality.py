@@ -113,7 +113,9 @@ def calibration_windows_json(reference: Path, work: Path) -> Path:
     path = work / "calibration_windows.json"
     if not path.exists():
         ids = tokenize_text(AutoTokenizer.from_pretrained(reference), calibration_text(str(DATA / "wikitext2_valid_calib.txt")))
-        path.write_text(json.dumps(sample_windows(ids, 128, 512).tolist()))
+        partial = path.with_suffix(".partial")  # an interrupted write must not be read back as the windows
+        partial.write_text(json.dumps(sample_windows(ids, 128, 512).tolist()))
+        partial.replace(path)
     return path
 
 
