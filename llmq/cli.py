@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from llmq.calib.models import EMBEDDED_DEFAULT
-from llmq.core.config import MethodOptions, QuantizeConfig, RunOptions, TargetOptions
+from llmq.core.config import GROUP_FITS, MethodOptions, QuantizeConfig, RunOptions, TargetOptions
 from llmq.core.errors import LlmqError
 from llmq.core.scheme import ACT_RANGES, PRESETS, QuantScheme, scheme_with_preset
 from llmq.methods import method_names
@@ -37,6 +37,10 @@ def _quantize_parser(sub) -> None:
                              "BitNet b1.58); with --format gguf the default is rtn (plain, or imatrix-weighted with --calib)")
     method.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=MethodOptions.act_order,
                         help="GPTQ: round columns by decreasing activation energy, scales in static groups (default on)")
+    method.add_argument("--group-fit", default=MethodOptions.group_fit, choices=GROUP_FITS,
+                        help="GPTQ: fit each group's scale when the sweep first reaches the group, from the weights as "
+                             "GPTQ has updated them (sweep, default), or before the sweep from the original weights "
+                             "(upfront, the reference's static groups)")
     method.add_argument("--mse", action="store_true", default=MethodOptions.mse,
                         help="search each group's clipping range for least error")
     method.add_argument("--damp", type=float, default=MethodOptions.damp,
@@ -117,7 +121,12 @@ def _quantize_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity / KL divergence of a model or llmq checkpoint")
     p.add_argument("model", help="llmq output directory, model directory, hub id, or 'embedded'")
-    p.add_argument("--ppl", required=True, help="evaluation text: a .txt/.jsonl file or 'wikitext2' (test split)")
+    p.add_argument("--ppl", default=None, help="evaluation text: a .txt/.jsonl file or 'wikitext2' (test split)")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="downstream tasks through lm-eval (pip install lm-eval), e.g. hellaswag,arc_easy: zero-shot "
+                        "accuracy of the model as llmq runs it")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: documents per task (default all)")
+    p.add_argument("--task-dir", default=None, help="--tasks: a folder of lm-eval task YAML files (local data, offline)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--kl", default=None, metavar="BASE", help="also report mean KL divergence against BASE")
@@ -209,12 +218,26 @@ def _run_export(args) -> None:
 def _run_eval(args) -> None:
     from llmq.core.device import resolve_device
     from llmq.eval import evaluate, evaluation_windows, load_for_eval
+    from llmq.eval.tasks import require_lm_eval, run_tasks
     from llmq.targets.card import append_evaluation
 
     if args.seqlen < 2 or (args.windows is not None and args.windows < 1):
         raise LlmqError("--seqlen must be at least 2 and --windows at least 1")
+    if args.ppl is None and args.tasks is None:
+        raise LlmqError("nothing to evaluate: pass --ppl FILE|wikitext2, --tasks T1,T2 (lm-eval), or both")
+    if args.tasks is not None:
+        require_lm_eval()  # installed? said before the model loads
     resolve_device(args.device)
     model, tokenizer = load_for_eval(args.model, args.device)
+    if args.tasks is not None:
+        tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+        for task, metrics in run_tasks(model, tokenizer, tasks, args.limit, args.task_dir, args.device).items():
+            shown = ", ".join(f"{name} {value:.4f}" + (f" ± {metrics[name + '_stderr']:.4f}"
+                                                       if name + "_stderr" in metrics else "")
+                              for name, value in metrics.items() if not name.endswith("_stderr"))
+            print(f"{task}: {shown} (lm-eval, zero-shot{'' if args.limit is None else f', first {args.limit}'})")
+        if args.ppl is None:
+            return
     windows = evaluation_windows(tokenizer, args.ppl, args.seqlen, args.windows)
     base = load_for_eval(args.kl, args.device)[0] if args.kl else None
     result = evaluate(model, windows, base, args.device)

@@ -7,6 +7,11 @@ run packed, through llmq.load). Each row quantizes in its own process, so peak R
 
     python scripts/bench_quality.py                 # every row, a Markdown table on stdout
     python scripts/bench_quality.py --rows gptq-w4g64-asym-ao --windows 4
+    python scripts/bench_quality.py --rows unquantized gptq-w4g64-sym-ao --client vllm --vllm-python VENV/bin/python
+
+Beside perplexity each row gets its KL divergence from the unquantized model (mean per token, first --kl-windows
+windows). With --client vllm each compressed-tensors row is also scored as vLLM serves it, on the first 10 windows
+(scripts/vllm_perplexity.py in vLLM's own venv), beside llmq's perplexity on the same windows.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -33,6 +39,15 @@ ROWS = {
     "rtn-w3g64-asym": ("rtn", 3, 64, False, False, False),
     "gptq-w3g64-asym-ao": ("gptq", 3, 64, False, True, False),
     "gptq-w4g128-sym": ("gptq", 4, 128, True, False, False),
+    # issue 18: symmetric group sizes, and each group's scale fitted before the sweep ("upfront", the reference's
+    # static groups; the default until this issue) against fitted when the sweep reaches it (the default now)
+    "gptq-w4g32-sym-ao": ("gptq", 4, 32, True, True, False),
+    "gptq-w4g128-sym-ao": ("gptq", 4, 128, True, True, False),
+    "gptq-w4g64-sym-ao-upfront": ("gptq", 4, 64, True, True, False),
+    "gptq-w4g64-asym-ao-upfront": ("gptq", 4, 64, False, True, False),
+    "gptq-w3g64-asym-ao-upfront": ("gptq", 3, 64, False, True, False),
+    "gptq-w2g64-asym-ao": ("gptq", 2, 64, False, True, False),
+    "gptq-w2g32-asym-ao": ("gptq", 2, 32, False, True, False),
     "awq-w4g64-asym": ("awq", 4, 64, False, False, False),
     "awq+gptq-w4g64-asym-ao": ("awq+gptq", 4, 64, False, True, False),
     "awq-w3g64-asym": ("awq", 3, 64, False, False, False),
@@ -71,7 +86,7 @@ ROWS = {
 }
 # the same schemes made by llm-compressor (scripts/peer_llmcompressor.py, in its own venv: --llmc-python) on the
 # same calibration windows; each is evaluated here like llmq's rows
-LLMC_ROWS = ["llmc-rtn-w8a8", "llmc-gptq-w8a8", "llmc-rtn-w8a8-static", "llmc-sq-w8a8-static",
+LLMC_ROWS = ["llmc-gptq-w4g64-sym-ao", "llmc-gptq-w4g64-asym-ao", "llmc-rtn-w8a8", "llmc-gptq-w8a8", "llmc-rtn-w8a8-static", "llmc-sq-w8a8-static",
              "llmc-sq+gptq-w8a8-static", "llmc-sq+gptq-w8a8", "llmc-rtn-fp8", "llmc-gptq-fp8", "llmc-rtn-fp8-static",
              "llmc-gptq-fp8-static", "llmc-rtn-w8a16int16-static"]
 PRESET_OF = {"rtn-w8a8": "w8a8", "gptq-w8a8": "w8a8", "rtn-fp8": "fp8", "gptq-fp8": "fp8",
@@ -87,7 +102,8 @@ OPTIONS_OF = {"rtn-w8a8-static": STATIC, "sq-w8a8-static": {**STATIC, "smoothqua
               "rtn-fp8-static": STATIC, "gptq-fp8-static": STATIC,
               "rtn-w8a16int16-static": {**STATIC, "act_bits": 16}, "rtn-w8a8-static-mse": MSE,
               "sq-w8a8-static-mse": {**MSE, "smoothquant": 0.5}, "sq+gptq-w8a8-static-mse": {**MSE, "smoothquant": 0.5},
-              "rtn-fp8-static-mse": MSE}
+              "rtn-fp8-static-mse": MSE, "gptq-w4g64-sym-ao-upfront": {"group_fit": "upfront"},
+              "gptq-w4g64-asym-ao-upfront": {"group_fit": "upfront"}, "gptq-w3g64-asym-ao-upfront": {"group_fit": "upfront"}}
 # ternary-aware fine-tuning steps per bitnet row (batch 4 x 256 tokens of the calibration text, lr 5e-4)
 QAT_STEPS = {"bitnet-ptq": 0, "bitnet-qat300": 300, "bitnet-qat450": 450}
 
@@ -133,7 +149,8 @@ def llm_compressor_row(name: str, reference: Path, work: Path, python: str | Non
     return {"seconds": made["seconds"], "what": made["version"], "size_mb": size}
 
 
-def run_row(name: str, reference: Path, work: Path, windows: int, llmc_python: str | None = None) -> dict:
+def run_row(name: str, reference: Path, work: Path, windows: int, llmc_python: str | None = None,
+            kl_windows: int = 10) -> dict:
     """Quantize (unless unquantized) and evaluate one row; runs inside its own process."""
     import torch
 
@@ -175,12 +192,43 @@ def run_row(name: str, reference: Path, work: Path, windows: int, llmc_python: s
         row["size_mb"] = (reference / "model.safetensors").stat().st_size / 1e6
     model, tokenizer = load_for_eval(target, "cpu", torch.float32)
     eval_windows = evaluation_windows(tokenizer, str(DATA / "wikitext2_test.txt"), 2048, windows)
+    # KL(unquantized || row) per token, the llama.cpp community's quant metric, on the first kl_windows windows
+    base = load_for_eval(str(reference), "cpu", torch.float32)[0] if kl_windows and name != "unquantized" else None
     started = time.perf_counter()
-    row["ppl"] = evaluate(model, eval_windows).perplexity
+    result = evaluate(model, eval_windows, base, kl_windows=kl_windows)
     row["eval_seconds"] = time.perf_counter() - started
+    row["ppl"], row["kl"] = result.perplexity, result.kl_divergence
+    row["ppl_first"] = result.perplexity_of_first(min(FIRST_WINDOWS, eval_windows.shape[0]))
+    kl = f", KL vs the unquantized model {row['kl']:.5f} (first {kl_windows} windows)" if base is not None else ""
     append_evaluation(target, f"wikitext2_test.txt, {eval_windows.shape[0]} windows x 2048 tokens: "
-                              f"perplexity {row['ppl']:.4f} (scripts/bench_quality.py)")
+                              f"perplexity {row['ppl']:.4f}{kl} (scripts/bench_quality.py)")
     return row
+
+
+FIRST_WINDOWS = 10  # the windows a served-quality client scores (vLLM's prompt log-probabilities are slow on a CPU)
+
+
+def served_by_vllm(name: str) -> bool:
+    """Rows vLLM's CPU build can run: the unquantized model and 4-bit integer weights (its WNA16 kernel takes uint4
+    only, and no float32); the W8A8 and FP8 rows were checked by hand (README, Schemes)."""
+    own = name.removeprefix("llmc-")
+    return name == "unquantized" or (own in ROWS and ROWS[own][1] == 4 and own not in PRESET_OF)
+
+
+def vllm_perplexity(name: str, work: Path, python: str, dtype: str) -> float | str:
+    """Row `name`'s checkpoint as vLLM serves it: perplexity on the first FIRST_WINDOWS windows (the reason when
+    vLLM cannot run it), from scripts/vllm_perplexity.py in vLLM's own interpreter."""
+    target = work / ("SmolLM2-135M-Instruct-bf16" if name == "unquantized" else name)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run([python, str(ROOT / "scripts" / "vllm_perplexity.py"), str(target),
+                           str(DATA / "wikitext2_test.txt"), "--windows", str(FIRST_WINDOWS), "--dtype", dtype],
+                          capture_output=True, text=True, env=env)
+    kernels = sorted(set(re.findall(r"(?:Selected|Using) (\w+Kernel) for (\w+)", done.stdout + done.stderr)))
+    if done.returncode != 0:
+        return f"vLLM failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:160]}"
+    print(f"[bench] vLLM {name}: kernels {kernels}", file=sys.stderr, flush=True)
+    result = [line for line in done.stdout.splitlines() if line.startswith('{"ppl"')]
+    return json.loads(result[-1])["ppl"] if result else "vLLM printed no result"
 
 
 def bitsandbytes_nf4(reference: Path, out: Path) -> Path:
@@ -229,11 +277,30 @@ def stage_cells(r: dict) -> list[str]:
     return [f"{t:.1f}" for t in cells]
 
 
+def served_cells(r: dict, base_first: float | None, base_vllm) -> str:
+    """llmq's and vLLM's perplexity on the same first windows, each with its ratio to its own unquantized score,
+    and how much worse vLLM serves the row than llmq evaluates it (the ratio of the two ratios)."""
+    own = f"{r['ppl_first']:.2f}" + (f" ({r['ppl_first'] / base_first:.3f}x)" if base_first else "")
+    served = r.get("vllm")
+    if served is None:
+        return f"{own} | - | -"
+    if isinstance(served, str):
+        return f"{own} | {served} | -"
+    relative = (f"{(served / base_vllm) / (r['ppl_first'] / base_first):.3f}"
+                if isinstance(base_vllm, float) and base_first else "-")
+    return f"{own} | {served:.2f}" + (f" ({served / base_vllm:.3f}x)" if isinstance(base_vllm, float) else "") + f" | {relative}"
+
+
 def table(rows: list[dict]) -> str:
     base = next((r["ppl"] for r in rows if r["name"] == "unquantized"), None)
-    lines = ["| row | method | bits | group | sym | act-order | perplexity | vs unquantized | size MB | quantize s | "
-             + " | ".join(STAGE_COLUMNS) + " | peak RSS GB |",
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(STAGE_COLUMNS) + "---|"]
+    served = any("vllm" in r for r in rows)
+    base_first = next((r["ppl_first"] for r in rows if r["name"] == "unquantized"), None)
+    base_vllm = next((r.get("vllm") for r in rows if r["name"] == "unquantized"), None)
+    vllm_head = f" first {FIRST_WINDOWS} windows: llmq | vLLM | vLLM / llmq |" if served else ""
+    lines = ["| row | method | bits | group | sym | act-order | perplexity | vs unquantized | KL | size MB | quantize s | "
+             + " | ".join(STAGE_COLUMNS) + " | peak RSS GB |" + vllm_head,
+             "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(STAGE_COLUMNS) + "---|"
+             + ("---|---|---|" if served else "")]
     for r in rows:
         own = r["name"].removeprefix("llmc-")  # a peer row is described by llmq's row of the same scheme
         if r["name"] == "unquantized":
@@ -250,14 +317,17 @@ def table(rows: list[dict]) -> str:
         if "refused" in r or "failed" in r:
             why = f"refused: {r['refused']}" if "refused" in r else f"failed: {r['failed']}"
             lines.append(f"| {r['name']} | " + " | ".join(map(str, spec)) + f" | {why} |"
-                         + " |" * (4 + len(STAGE_COLUMNS)))
+                         + " |" * (5 + len(STAGE_COLUMNS) + (3 if served else 0)))
             continue
         ratio = f"{r['ppl'] / base:.3f}x" if base else "-"
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
         rss = f"{r['peak_rss_gb']:.2f}" if "peak_rss_gb" in r else "-"
-        lines.append(f"| {r['name']} | " + " | ".join(map(str, spec))
-                     + f" | {r['ppl']:.2f} | {ratio} | {r['size_mb']:.1f} | {seconds} | "
-                     + " | ".join(stage_cells(r)) + f" | {rss} |")
+        kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "-"
+        line = (f"| {r['name']} | " + " | ".join(map(str, spec)) + f" | {r['ppl']:.2f} | {ratio} | {kl} | "
+                f"{r['size_mb']:.1f} | {seconds} | " + " | ".join(stage_cells(r)) + f" | {rss} |")
+        if served:
+            line += f" {served_cells(r, base_first, base_vllm)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -266,33 +336,46 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=["unquantized", *ROWS],
                         help=f"rows to run (default: llmq's; the peer's: {' '.join(LLMC_ROWS)})")
     parser.add_argument("--llmc-python", help="the python of a venv with llmcompressor, for the llmc-* rows")
+    parser.add_argument("--client", choices=["llmq", "vllm"], default="llmq",
+                        help="vllm: also score each compressed-tensors row as vLLM serves it (first 10 windows)")
+    parser.add_argument("--vllm-python", help="the python of a venv with vLLM, for --client vllm")
+    parser.add_argument("--vllm-dtype", default="bfloat16", help="the dtype vLLM serves in (default bfloat16)")
+    parser.add_argument("--kl-windows", type=int, default=10,
+                        help="windows the KL divergence against the unquantized model is taken over (0: none)")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--work", type=Path, default=ROOT / "bench_out")
     parser.add_argument("--save-cards", action="store_true", help="copy each model card into model_cards/")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client == "vllm" and not args.vllm_python:
+        raise SystemExit("--client vllm needs vLLM's interpreter: pass --vllm-python /path/to/venv/bin/python")
     args.work.mkdir(parents=True, exist_ok=True)
     reference = reference_model(args.work)
     if args.one:
-        print(json.dumps(run_row(args.one, reference, args.work, args.windows, args.llmc_python)))
+        print(json.dumps(run_row(args.one, reference, args.work, args.windows, args.llmc_python, args.kl_windows)))
         return
     rows = []
     for name in args.rows:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         peer = ["--llmc-python", args.llmc_python] if args.llmc_python else []
         done = subprocess.run([sys.executable, __file__, "--one", name, "--windows", str(args.windows),
-                               "--work", str(args.work), *peer], capture_output=True, text=True, env=os.environ)
+                               "--kl-windows", str(args.kl_windows), "--work", str(args.work), *peer],
+                              capture_output=True, text=True, env=os.environ)
         if done.returncode != 0:  # the other rows still run; the table says which failed
             print(f"row {name} failed:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
             rows.append({"name": name, "failed": (done.stderr.strip().splitlines() or ["?"])[-1][:200]})
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if args.client == "vllm" and "refused" not in rows[-1] and served_by_vllm(name):
+            rows[-1]["vllm"] = vllm_perplexity(name, args.work, args.vllm_python, args.vllm_dtype)
         print(f"[bench] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         card = args.work / name / "README.md"
         if args.save_cards and card.exists():
             (ROOT / "model_cards" / f"SmolLM2-135M-Instruct-{name}.md").write_text(card.read_text())
-    print(f"SmolLM2-135M-Instruct, wikitext2 test, {args.windows} windows x 2048 tokens, "
-          f"calibration 128 x 512 tokens of wikitext2 valid\n{machine()}\n")
+    served = (f"; vLLM ({args.vllm_dtype}, prompt log-probabilities) on the first {FIRST_WINDOWS}"
+              if args.client == "vllm" else "")
+    print(f"SmolLM2-135M-Instruct, wikitext2 test, {args.windows} windows x 2048 tokens (KL against the unquantized "
+          f"model on the first {args.kl_windows}{served}), calibration 128 x 512 tokens of wikitext2 valid\n{machine()}\n")
     print(table(rows))
     for r in rows:
         if r.get("what", "").startswith("post-training ternary"):

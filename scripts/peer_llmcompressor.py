@@ -12,6 +12,7 @@ llm-compressor's default observers; lm_head is left in 16 bits as llmq leaves it
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -24,8 +25,20 @@ def static_inputs(kind: str, bits: int = 8) -> dict:
     return {"num_bits": bits, "type": kind, "symmetric": True, "strategy": "tensor", "dynamic": False}
 
 
+def weight_only(row: str) -> dict | None:
+    """A W4A16-style row (`gptq-w4g64-sym-ao`): integer weights in groups, inputs left alone; else None."""
+    found = re.fullmatch(r"(?:rtn|gptq)-w(\d)g(\d+)-(sym|asym)(?:-ao)?", row)
+    if not found:
+        return None
+    bits, group, symmetric = int(found[1]), int(found[2]), found[3] == "sym"
+    return {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": group}}}
+
+
 def scheme_of(row: str):
     """The `scheme` argument of llm-compressor's modifiers for a row: a preset name or config groups."""
+    if weight_only(row):
+        return weight_only(row)
     kind = "float" if "fp8" in row else "int"
     if row.endswith("-static"):
         bits = 16 if "a16int16" in row else 8
@@ -42,8 +55,12 @@ def recipe_of(row: str) -> list:
     steps = [SmoothQuantModifier(smoothing_strength=0.5)] if name.startswith("sq") else []
     scheme = scheme_of(name)
     arguments = {"config_groups": scheme} if isinstance(scheme, dict) else {"targets": "Linear", "scheme": scheme}
-    modifier = GPTQModifier if "gptq" in name else QuantizationModifier
-    return steps + [modifier(ignore=["lm_head"], **arguments)]
+    if "gptq" not in name:
+        return steps + [QuantizationModifier(ignore=["lm_head"], **arguments)]
+    # GPTQ's act-order: llm-compressor's default is "static" (llmq's kind: the column order changes, the groups
+    # do not); rows without `-ao` switch it off
+    actorder = {} if name.endswith("-ao") or weight_only(name) is None else {"actorder": None}
+    return steps + [GPTQModifier(ignore=["lm_head"], **arguments, **actorder)]
 
 
 def main() -> None:

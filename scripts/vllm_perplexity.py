@@ -51,8 +51,13 @@ def main() -> None:
         for token, candidates in zip(window[1:], output.prompt_logprobs[1:]):
             nll -= candidates[token].logprob
             scored += 1
-    print(json.dumps({"ppl": math.exp(nll / scored), "windows": count, "tokens_scored": scored,
-                      "seconds": time.perf_counter() - started, "vllm": vllm.__version__}))
+    result = {"ppl": math.exp(nll / scored), "windows": count, "tokens_scored": scored,
+              "seconds": time.perf_counter() - started, "vllm": vllm.__version__}
+    # vLLM logs to stdout too, also while it shuts down: its engine processes are stopped first, and the process
+    # ends right after the JSON line, so that it stays the last line
+    llm.llm_engine.engine_core.shutdown()
+    print(json.dumps(result), flush=True)
+    os._exit(0)
 
 
 if __name__ == "__main__":

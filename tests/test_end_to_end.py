@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,63 @@ def test_eval_cli_reports_perplexity_and_kl(gptq_dir, tiny_llama_dir, calib_file
     out = capsys.readouterr().out
     assert "3 windows x 64 tokens: perplexity" in out and "KL vs" in out
     assert "perplexity" in (gptq_dir / "README.md").read_text().split("## Evaluation")[1]
+
+
+def test_kl_over_the_first_windows_and_perplexity_of_the_first(gptq_dir, tiny_llama_dir):
+    """bench_quality.py's KL column (the first --kl-windows windows, against the unquantized model) and the
+    perplexity of the first windows it sets beside a served client's score: each equals the same number measured
+    on those windows alone."""
+    from llmq.eval import evaluate, load_for_eval
+
+    model, base = llmq.load(gptq_dir), load_for_eval(str(tiny_llama_dir))[0]
+    windows = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    whole = evaluate(model, windows, base, kl_windows=2)
+    first = evaluate(model, windows[:2], base)
+    assert whole.kl_windows == 2 and whole.kl_divergence == pytest.approx(first.kl_divergence, rel=1e-6)
+    assert whole.kl_divergence > 0 and evaluate(base, windows, base).kl_divergence == pytest.approx(0, abs=1e-6)
+    assert whole.perplexity_of_first(2) == pytest.approx(first.perplexity, rel=1e-6)
+    assert whole.perplexity_of_first(4) == pytest.approx(whole.perplexity, rel=1e-9)
+
+
+def toy_choice_task(directory: Path, name: str, docs: list[dict]) -> None:
+    """An lm-eval multiple-choice task over a local JSONL file (lm-eval's own task format, readable offline)."""
+    (directory / f"{name}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    (directory / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / name}.jsonl\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{context}}'\n"
+        "doc_to_target: '{{label}}'\ndoc_to_choice: '{{choices}}'\nmetric_list:\n  - metric: acc\n")
+
+
+def test_eval_tasks_scores_the_packed_model_through_lm_eval(gptq_dir, tmp_path, capsys):
+    """`llmq eval --tasks` hands lm-eval the packed model itself: on choices built from that model's own next-token
+    log-probabilities (its likeliest word against its least likely one), accuracy is exactly 1 when the likeliest
+    is the answer and 0 when the least likely is."""
+    pytest.importorskip("lm_eval")
+    from transformers import AutoTokenizer
+
+    model, tokenizer = llmq.load(gptq_dir), AutoTokenizer.from_pretrained(gptq_dir)
+    words = [w for w in ["the", "of", "and", "river", "music", "war", "king", "city", "game", "film", "year", "team"]
+             if len(tokenizer(" " + w, add_special_tokens=False).input_ids) == 1]
+    ids = torch.tensor([tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in words])
+    likeliest, least = [], []
+    for context in ["The history of the", "In the early years", "She walked into", "After the season ended",
+                    "The album was released"]:
+        with torch.no_grad():
+            logp = model(torch.tensor([tokenizer(context, add_special_tokens=False).input_ids])).logits[0, -1]
+        ranked = [words[i] for i in torch.argsort(logp.log_softmax(-1)[ids], descending=True)]
+        likeliest.append({"context": context, "choices": [ranked[-1], ranked[0]], "label": 1})
+        least.append({"context": context, "choices": [ranked[-1], ranked[0]], "label": 0})
+    toy_choice_task(tmp_path, "llmq_toy_likeliest", likeliest)
+    toy_choice_task(tmp_path, "llmq_toy_least", least)
+    assert main(["eval", str(gptq_dir), "--tasks", "llmq_toy_likeliest,llmq_toy_least", "--task-dir",
+                 str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "llmq_toy_likeliest: acc 1.0000" in out and "llmq_toy_least: acc 0.0000" in out
+
+
+def test_eval_needs_something_to_measure(gptq_dir, capsys):
+    assert main(["eval", str(gptq_dir)]) == 2
+    assert "nothing to evaluate: pass --ppl" in capsys.readouterr().err
 
 
 def test_rtn_needs_no_calibration_and_writes_symmetric_layout(tmp_path, tiny_llama_dir):

@@ -58,6 +58,11 @@ def test_sink_weight_out_of_range(capsys, tmp_path, tiny_llama_dir):
     assert not (tmp_path / "o").exists()
 
 
+def test_unknown_group_fit_in_the_python_api():
+    with pytest.raises(LlmqError, match="--group-fit late is unknown; use one of sweep, upfront"):
+        QuantizeConfig.of(group_fit="late").check()
+
+
 def test_nan_weights(capsys, tmp_path, smollm2_tokenizer_dir):
     from safetensors.torch import load_file, save_file
 

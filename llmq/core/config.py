@@ -18,12 +18,16 @@ from llmq.core.errors import LlmqError
 from llmq.core.scheme import QuantScheme, scheme_with_preset
 
 
+GROUP_FITS = ("sweep", "upfront")  # when GPTQ fits a group's scale: as its sweep reaches it, or before the sweep
+
+
 @dataclass
 class MethodOptions:
     """The method (a registry name of llmq/methods, `a+b` composes) and the knobs each method reads."""
 
     name: str | None = None  # None: the target's default (gptq; rtn for gguf, as llama-quantize; bitnet for bitnet)
     act_order: bool = True  # GPTQ: static-group act-order; free for loaders, much better on outlier channels
+    group_fit: str = "sweep"  # GPTQ: each group's scale fitted when the sweep reaches it | "upfront" (original weights)
     mse: bool = False  # search each group's clipping range (integer grid)
     damp: float = 0.01  # GPTQ: damping as a fraction of the mean Hessian diagonal
     sink_weight: float = 16.0  # GPTQ: weight of each calibration window's first token (llmq/calib/statistics.py)
@@ -107,5 +111,7 @@ class QuantizeConfig:
             raise LlmqError(f"--scheme {cast[1]} casts the model to {cast[0]}; drop --dtype {run.dtype}")
         if not 0 < method.damp < 1:
             raise LlmqError(f"--damp {method.damp} is out of range; use a fraction such as 0.01")
+        if method.group_fit not in GROUP_FITS:
+            raise LlmqError(f"--group-fit {method.group_fit} is unknown; use one of {', '.join(GROUP_FITS)}")
         if not 1 <= method.sink_weight <= 1e4:
             raise LlmqError(f"--sink-weight {method.sink_weight} is out of range; use 1 (off) to a few hundred, e.g. 16")

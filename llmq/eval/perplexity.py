@@ -55,26 +55,38 @@ class EvalResult:
     kl_divergence: float | None
     windows: int
     tokens: int
+    window_nll: list[float] | None = None  # each window's summed negative log-likelihood
+    kl_windows: int | None = None  # the first windows the KL divergence is over
+
+    def perplexity_of_first(self, windows: int) -> float:
+        """Perplexity over the first `windows` windows alone (to set beside a client that scored only those)."""
+        assert self.window_nll is not None and windows <= len(self.window_nll)
+        return math.exp(sum(self.window_nll[:windows]) / (windows * (self.tokens // self.windows - 1)))
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, base=None, device: str = "cpu") -> EvalResult:
-    """Perplexity of `model` over `windows` [n, seqlen]; with `base`, also mean KL(base || model) per token."""
-    nll, kl, predicted = 0.0, 0.0, 0
-    for window in log.progress(windows, desc="eval windows", unit="window"):
+def evaluate(model, windows: torch.Tensor, base=None, device: str = "cpu", kl_windows: int | None = None) -> EvalResult:
+    """Perplexity of `model` over `windows` [n, seqlen]; with `base`, also mean KL(base || model) per token, over
+    the first `kl_windows` windows (default: all; the base model's forward pass costs as much as the model's)."""
+    window_nll, kl, kl_predicted = [], 0.0, 0
+    kl_windows = windows.shape[0] if kl_windows is None else min(kl_windows, windows.shape[0])
+    for index, window in enumerate(log.progress(windows, desc="eval windows", unit="window")):
         x = window.unsqueeze(0).to(device)
         logits = model(x).logits[0, :-1].float()
-        nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
-        if base is not None:
+        window_nll.append(F.cross_entropy(logits, x[0, 1:], reduction="sum").item())
+        if base is not None and index < kl_windows:
             base_logp = F.log_softmax(base(x).logits[0, :-1].float(), dim=-1)
             kl += F.kl_div(F.log_softmax(logits, dim=-1), base_logp, log_target=True, reduction="sum").item()
-        predicted += x.shape[1] - 1
+            kl_predicted += x.shape[1] - 1
+    nll, predicted = sum(window_nll), windows.shape[0] * (windows.shape[1] - 1)
     if not math.isfinite(nll) or (base is not None and not math.isfinite(kl)):
         raise LlmqError("the model's outputs are not finite numbers (NaN or Inf), so there is no perplexity to report; "
                         "the checkpoint is damaged")
     return EvalResult(
         perplexity=math.exp(nll / predicted),
-        kl_divergence=None if base is None else kl / predicted,
+        kl_divergence=None if base is None else kl / kl_predicted,
         windows=windows.shape[0],
         tokens=windows.numel(),
+        window_nll=window_nll,
+        kl_windows=None if base is None else kl_windows,
     )

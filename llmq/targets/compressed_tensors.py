@@ -361,6 +361,14 @@ class CompressedTensorsTarget(Target):
     def act_order(self) -> bool:
         return self.config.method.act_order and self.method.orders_columns
 
+    def act_order_in_card(self) -> str:
+        """The model card's act-order cell: with act-order, also when its static groups were fitted (GPTQ's
+        --group-fit), which changes the result as much as act-order itself does."""
+        scheme = self.config.scheme
+        if not self.act_order or scheme.weight_type == "float" or scheme.group_size == -1:
+            return str(self.act_order)  # no groups to fit: FP8 and per-channel scales are fixed before the sweep
+        return f"True (groups fitted {'in the sweep' if self.config.method.group_fit == 'sweep' else 'upfront'})"
+
     def write(self, path, model, tokenizer, plan, quantized: dict[str, Quantized], report: RunReport) -> int:
         scheme, mse = self.config.scheme, self.config.method.mse
         write_weights(path, checkpoint_tensors(model, quantized))
@@ -388,7 +396,7 @@ class CompressedTensorsTarget(Target):
                 f"{scheme.name} quantization (weights, and each Linear's input {timing})")
         (path / "README.md").write_text(model_card(
             report, size, bits=scheme.bits, group_size="per-channel" if scheme.group_size == -1 else scheme.group_size,
-            symmetric=scheme.symmetric, act_order=self.act_order, mse=mse, format_tag="compressed-tensors",
+            symmetric=scheme.symmetric, act_order=self.act_order_in_card(), mse=mse, format_tag="compressed-tensors",
             summary=f"{what} of `{report.base_model}`, made with llmq.",
             layout=f"compressed-tensors `{checkpoint_format(scheme)}`", loader_note="needs the compressed-tensors package"))
         return size
