@@ -224,8 +224,10 @@ def vllm_perplexity(name: str, work: Path, python: str, dtype: str) -> float | s
                            str(DATA / "wikitext2_test.txt"), "--windows", str(FIRST_WINDOWS), "--dtype", dtype],
                           capture_output=True, text=True, env=env)
     kernels = sorted(set(re.findall(r"(?:Selected|Using) (\w+Kernel) for (\w+)", done.stdout + done.stderr)))
-    if done.returncode != 0:
-        return f"vLLM failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:160]}"
+    if done.returncode != 0:  # vLLM logs to stdout and draws progress bars on stderr: the last error line says why
+        lines = (done.stdout + done.stderr).splitlines()
+        errors = [line for line in lines if "Error" in line] or lines or ["?"]
+        return f"vLLM failed: {errors[-1].strip()[-160:]}"
     print(f"[bench] vLLM {name}: kernels {kernels}", file=sys.stderr, flush=True)
     result = [line for line in done.stdout.splitlines() if line.startswith('{"ppl"')]
     return json.loads(result[-1])["ppl"] if result else "vLLM printed no result"
