@@ -183,7 +183,7 @@ class GPTQ(Method):
             W = W[:, order]
         integers = torch.zeros_like(W)
         if size is not None and opts.act_order:
-            original, errors = W.clone(), torch.zeros_like(W)  # each visited column's error, by visiting position
+            errors = torch.zeros_like(W)  # each visited column's error, by visiting position
             position_of = torch.argsort(order)  # column of the weight -> visiting position
             group_at = (order // size).tolist()  # visiting position -> group (a list: no device sync per column)
             fitted = set()  # groups met so far
@@ -196,8 +196,9 @@ class GPTQ(Method):
                 # the group's columns are scattered over the sweep, some not yet updated in place (lazy blocks):
                 # as GPTQ has made them so far, each is its original minus every visited column's error times Hinv
                 fitted.add(group)
-                members = position_of[group * size : (group + 1) * size]
-                fit.refit(group * size, original[:, members] - errors[:, :position] @ Hinv[:position, members])
+                columns = slice(group * size, (group + 1) * size)
+                original = weight[:, columns].float().masked_fill(dead[columns], 0)
+                fit.refit(group * size, original - errors[:, :position] @ Hinv[:position, position_of[columns]])
             q = fit.round(block[:, i : i + 1], column)
             integers[:, column] = q
             value = fit.value(q, column)[:, 0]
