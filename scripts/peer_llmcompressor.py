@@ -37,8 +37,8 @@ def weight_only(row: str) -> dict | None:
 
 def scheme_of(row: str):
     """The `scheme` argument of llm-compressor's modifiers for a row: a preset name or config groups."""
-    if weight_only(row):
-        return weight_only(row)
+    if groups := weight_only(row):
+        return groups
     kind = "float" if "fp8" in row else "int"
     if row.endswith("-static"):
         bits = 16 if "a16int16" in row else 8

@@ -179,10 +179,12 @@ class GPTQ(Method):
         # fitted after the factorization, whose copy of H is the run's largest allocation, so as not to add to it
         fit = grid.fit(W, stats.importance())  # parameters from the (dead-zeroed) original weights
         size = fit.refit_group_size if opts.group_fit == "sweep" else None
+        in_order = size is not None and not opts.act_order  # each group met whole, at its first column
+        scattered = size is not None and opts.act_order  # a group's columns met anywhere in the sweep
         if opts.act_order:
             W = W[:, order]
         integers = torch.zeros_like(W)
-        if size is not None and opts.act_order:
+        if scattered:
             errors = torch.zeros_like(W)  # each visited column's error, by visiting position
             position_of = torch.argsort(order)  # column of the weight -> visiting position
             group_at = (order // size).tolist()  # visiting position -> group (a list: no device sync per column)
@@ -190,9 +192,9 @@ class GPTQ(Method):
 
         def round_column(position: int, block: torch.Tensor, i: int) -> torch.Tensor:
             column = order[position : position + 1]
-            if size is not None and not opts.act_order and position % size == 0:
+            if in_order and position % size == 0:
                 fit.refit(position, block[:, i : i + size])  # the group's columns, all in this block and up to date
-            elif size is not None and opts.act_order and (group := group_at[position]) not in fitted:
+            elif scattered and (group := group_at[position]) not in fitted:
                 # the group's columns are scattered over the sweep, some not yet updated in place (lazy blocks):
                 # as GPTQ has made them so far, each is its original minus every visited column's error times Hinv
                 fitted.add(group)
@@ -202,12 +204,12 @@ class GPTQ(Method):
             q = fit.round(block[:, i : i + 1], column)
             integers[:, column] = q
             value = fit.value(q, column)[:, 0]
-            if size is not None and opts.act_order:
+            if scattered:  # the sweep's own error for this column, kept for the groups not met yet
                 errors[:, position] = (block[:, i] - value) / Hinv[position, position]
             return value
 
         block, sub_block = opts.block_size, SUB_BLOCK
-        if size is not None and not opts.act_order:  # a group starts a block's sub-block: the reference's dynamic groups
+        if in_order:  # a group starts a block's sub-block: the reference's dynamic groups
             block, sub_block = aligned_block(block, size), math.gcd(SUB_BLOCK, size)
         with stage_clock("column sweep"):
             error_feedback_sweep(W, Hinv, block, round_column, sub_block)
