@@ -33,8 +33,10 @@ def _quantize_parser(sub) -> None:
 
     method = p.add_argument_group("method")
     method.add_argument("--method", dest="name", default=MethodOptions.name, choices=method_names(),
-                        help="gptq (default), rtn, awq (activation-aware scaling + rounding), awq+gptq, bitnet (ternary, "
-                             "BitNet b1.58); with --format gguf the default is rtn (plain, or imatrix-weighted with --calib)")
+                        help="gptq (default), rtn, awq (activation-aware scaling + rounding), awq+gptq, rotate+gptq "
+                             "(the residual stream rotated by a random orthogonal matrix first, fused into the weights), "
+                             "bitnet (ternary, BitNet b1.58); with --format gguf the default is rtn (plain, or "
+                             "imatrix-weighted with --calib)")
     method.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=MethodOptions.act_order,
                         help="GPTQ: round columns by decreasing activation energy, scales in static groups (default on)")
     method.add_argument("--group-fit", default=MethodOptions.group_fit, choices=GROUP_FITS,
@@ -55,6 +57,14 @@ def _quantize_parser(sub) -> None:
                         help="W8A8: migrate activation outliers into the weights first (SmoothQuant), by per-channel "
                              "scales max|x|^ALPHA / max|w|^(1-ALPHA) folded into the norms before q/k/v and gate/up; "
                              "0.5 is the paper's")
+    method.add_argument("--tune-steps", type=int, default=MethodOptions.tune_steps,
+                        help="after rounding, train each group's scale for this many steps so that the quantized "
+                             "model's next-token distributions match the original's on the calibration windows "
+                             "(integer codes fixed; integer grids; the model is loaded whole; default 0: off)")
+    method.add_argument("--tune-lr", type=float, default=MethodOptions.tune_lr,
+                        help=f"scale tuning's peak learning rate (default {MethodOptions.tune_lr:g})")
+    method.add_argument("--tune-batch", type=int, default=MethodOptions.tune_batch,
+                        help=f"calibration windows per scale-tuning step (default {MethodOptions.tune_batch})")
     method.add_argument("--qat-steps", type=int, default=MethodOptions.qat_steps,
                         help="bitnet: steps of ternary-aware fine-tuning (distillation from the original on --calib)")
     method.add_argument("--qat-lr", type=float, default=MethodOptions.qat_lr,
@@ -129,7 +139,10 @@ def _eval_parser(sub) -> None:
     p.add_argument("--task-dir", default=None, help="--tasks: a folder of lm-eval task YAML files (local data, offline)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--kl", default=None, metavar="BASE", help="also report mean KL divergence against BASE")
+    p.add_argument("--kl", default="auto", metavar="BASE",
+                   help="also report mean KL divergence per token against BASE (the llama.cpp community's quant "
+                        "metric); default auto: the base model the checkpoint's llmq card names, when it is found "
+                        "(a directory of that name beside the checkpoint, or a hub id in the local cache); none: off")
     p.add_argument("--device", default="cpu")
     p.add_argument("--card", action="store_true",
                    help="append the result to the checkpoint's llmq model card (README.md); off: nothing is written")
@@ -215,6 +228,30 @@ def _run_export(args) -> None:
         print(f"re-encoded {name} as a k-quant: relative error {error:.2e}")
 
 
+def _kl_base(model: str, kl: str) -> str | None:
+    """The model `llmq eval` measures KL divergence against: --kl BASE as given; `auto`, the base model named by
+    the checkpoint's llmq card when it can be found here (a directory of that name beside the checkpoint, or a hub
+    id already in the local cache: evaluation never downloads a second model unasked); `none`: no KL."""
+    from llmq.targets.card import recorded_base_model
+
+    if kl not in ("auto", "none"):
+        return kl
+    named = recorded_base_model(model) if kl == "auto" and Path(model).is_dir() else None
+    if named is None:
+        return None
+    beside = Path(model).resolve().parent / named
+    if beside.is_dir():
+        return str(beside)
+    if "/" in named:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(named, "config.json"), str):
+            return named
+    print(f"llmq eval: no KL divergence: the card's base model {named!r} is not found here; pass --kl BASE",
+          file=sys.stderr)
+    return None
+
+
 def _run_eval(args) -> None:
     from llmq.core.device import resolve_device
     from llmq.eval import evaluate, evaluation_windows, load_for_eval
@@ -239,12 +276,13 @@ def _run_eval(args) -> None:
         if args.ppl is None:
             return
     windows = evaluation_windows(tokenizer, args.ppl, args.seqlen, args.windows)
-    base = load_for_eval(args.kl, args.device)[0] if args.kl else None
+    kl_base = _kl_base(args.model, args.kl)
+    base = load_for_eval(kl_base, args.device)[0] if kl_base else None
     result = evaluate(model, windows, base, args.device)
     line = (f"{Path(args.ppl).name}, {result.windows} windows x {args.seqlen} tokens: "
             f"perplexity {result.perplexity:.4f}")
     if result.kl_divergence is not None:
-        line += f", KL vs {args.kl} {result.kl_divergence:.5f}"
+        line += f", KL vs {kl_base} {result.kl_divergence:.5f}"
     print(line)
     if args.card:
         if not append_evaluation(args.model, f"{line} (llmq eval, {datetime.date.today()})"):

@@ -33,6 +33,7 @@ from llmq.core.interfaces import Method, ModelContext
 from llmq.core.scheme import CAST_TYPES
 from llmq.core.timing import stage_clock
 from llmq.methods import build_method
+from llmq.methods.tune import TuneSettings, frozen_teacher, tune_scales
 from llmq.targets import RunReport, Target, build_target, default_method
 
 
@@ -49,7 +50,8 @@ class QuantizeResult:
 
 def _calibrate(model, tokenizer, layout, method: Method, config: QuantizeConfig, device,
                checkpoints: LayerCheckpoints | None):
-    """What enters the first decoder layer for every calibration window, and a description of the data.
+    """What enters the first decoder layer for every calibration window, a description of the data, and the
+    windows' token ids.
 
     An interrupted run's windows are used again (data-free ones are sampled, so they could not be made again).
     """
@@ -75,14 +77,15 @@ def _calibrate(model, tokenizer, layout, method: Method, config: QuantizeConfig,
         description += f", first token of each window x{config.method.sink_weight:g} in GPTQ's Hessian"
     batch = max(1, run.calib_batch_tokens // samples.shape[1])
     layers = model.get_submodule(layout.layers)
-    return capture_layer_inputs(model, layers, ranks.shard(samples), device, batch), description
+    return capture_layer_inputs(model, layers, ranks.shard(samples), device, batch), description, samples
 
 
 def check_ranks(method: Method, size: int) -> None:
     """What cannot be spread across several processes (torchrun) is refused before anything is read."""
-    if size > 1 and (method.searches or method.whole_model):
-        raise LlmqError(f"--method {method.name} searches or trains on the calibration windows as a whole, which is not "
-                        "shared across processes yet; run it in one process (without --nproc or torchrun)")
+    if size > 1 and (method.searches or method.whole_model or method.options.tune_steps):
+        raise LlmqError(f"--method {method.name}{' --tune-steps' * bool(method.options.tune_steps)} searches or trains on "
+                        "the calibration windows as a whole, which is not shared across processes yet; run it in one "
+                        "process (without --nproc or torchrun)")
 
 
 def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
@@ -97,7 +100,14 @@ def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
         unused = config.changed("method", "ternary_scale", "qat_steps", "qat_lr", "qat_batch", "qat_seqlen")
         if unused:
             raise LlmqError(f"{', '.join(unused)} apply to --method bitnet only; drop them")
-    return method, build_target(config, method)
+    target = build_target(config, method)
+    scheme = config.scheme
+    if config.method.tune_steps and (target.name != "compressed-tensors" or scheme.weight_type != "int"
+                                     or scheme.act_bits is not None):
+        what = f"{scheme.weight_type} weights" + (f" with {scheme.act_bits}-bit inputs" if scheme.act_bits else "")
+        raise LlmqError(f"--tune-steps trains the scales of weight-only integer grids (compressed-tensors --bits 2-8), "
+                        f"not {target.name} {what}; drop --tune-steps")
+    return method, target
 
 
 def default_out(model: str | None, config: QuantizeConfig) -> str:
@@ -128,7 +138,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
         dtype = CAST_TYPES[config.scheme.weight_type] if config.scheme.is_cast else resolve_dtype(config.run.dtype)
         hf_model, tokenizer, model_id = load_model(model, dtype, trust_remote_code,
                                                    check_config=check_config,
-                                                   lazy=target.lazy_layers and not method.whole_model)
+                                                   lazy=target.lazy_layers and not method.whole_model
+                                                   and not config.method.tune_steps)
         weights = lazy_weights(hf_model)
         if weights is not None:
             weights.load_globals()
@@ -139,15 +150,17 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     target.check_model(hf_model, linears)
     size_before = tensor_bytes(hf_model)
     storage_dtype = hf_model.dtype  # scales are stored in it, whatever a whole-model step computes in
-    calibrated = method.needs_data or config.scheme.static_inputs or (config.run.calib is not None and target.weighted)
+    calibrated = (method.needs_data or config.scheme.static_inputs or config.method.tune_steps > 0
+                  or (config.run.calib is not None and target.weighted))
 
     # with several ranks, rank 0 alone stages and writes the output; every rank checkpoints its own layers' inputs
     with target.staging(out, overwrite) if ranks.is_main() else contextlib.nullcontext() as stage:
         with stage_clock("whole-model step"):
             notes = method.prepare_model(hf_model, ModelContext(tokenizer, device, config, list(linears),
-                                                                stage.artifact if stage else None))
+                                                                stage.artifact if stage else None, layout))
         checkpoints = None
-        if notes is None:  # a whole-model step (ternary-aware training) is not checkpointed: such runs start over
+        # a whole-model step that trains (ternary-aware fine-tuning) is not checkpointed: such runs start over
+        if notes is None or method.repeatable_model_step:
             settings = dataclasses.asdict(config)
             if ranks.world()[1] > 1:  # each rank's checkpointed inputs are its share of the windows
                 settings["ranks"] = ranks.world()[1]
@@ -157,19 +170,28 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             inputs, calibration = None, notes or "none (round-to-nearest needs no data)"
             if calibrated:
                 with stage_clock("calibration inputs"):
-                    inputs, calibration = _calibrate(hf_model, tokenizer, layout, method, config, device, checkpoints)
+                    inputs, calibration, samples = _calibrate(hf_model, tokenizer, layout, method, config, device,
+                                                              checkpoints)
                 calibration = f"{notes}; {calibration}" if notes else calibration
             if weights is not None:  # the layers need none of them; the writer reads them from disk
                 weights.release_globals()
             plan = target.plan(hf_model, linears, storage_dtype, calibrated)
             errors = []
             experts = ExpertPolicy(config.run.route_all_experts, config.run.expert_min_tokens)
+            teacher = frozen_teacher(hf_model) if config.method.tune_steps else None
             quantized = quantize_layers(hf_model, layout, method, plan, inputs, device, target.search_scheme,
                                         on_layer=lambda report: errors.append(report.relative_weight_error),
                                         experts=experts, checkpoints=checkpoints)
             if experts.fell_back:
                 calibration += (f"; {experts.fell_back} of {experts.experts} expert Linear groups were routed fewer than "
                                 f"{experts.min_tokens} calibration tokens and were calibrated on every token instead")
+            if teacher is not None:
+                inputs = None  # the layers' calibration activations: not needed any more
+                with stage_clock("scale tuning"):
+                    tuned = tune_scales(hf_model, teacher, quantized, samples, TuneSettings(
+                        config.method.tune_steps, config.method.tune_lr, config.method.tune_batch), device)
+                calibration += f"; {tuned}"
+                del teacher
             error = sum(errors) / max(len(errors), 1)
             report = RunReport(out, model_id, method.name, calibration, size_before, time.perf_counter() - started,
                                device.type, str(storage_dtype).removeprefix("torch."), error)

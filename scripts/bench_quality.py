@@ -48,6 +48,16 @@ ROWS = {
     "gptq-w3g64-asym-ao-upfront": ("gptq", 3, 64, False, True, False),
     "gptq-w2g64-asym-ao": ("gptq", 2, 64, False, True, False),
     "gptq-w2g32-asym-ao": ("gptq", 2, 32, False, True, False),
+    # the residual stream rotated first (llmq/methods/rotate.py); scales tuned end to end after rounding (tune.py)
+    "rotate+gptq-w3g64-asym-ao": ("rotate+gptq", 3, 64, False, True, False),
+    "rotate+gptq-w2g64-asym-ao": ("rotate+gptq", 2, 64, False, True, False),
+    "gptq-w4g64-sym-ao-tune50": ("gptq", 4, 64, True, True, False),
+    "gptq-w4g64-asym-ao-tune50": ("gptq", 4, 64, False, True, False),
+    "gptq-w3g64-asym-ao-tune50": ("gptq", 3, 64, False, True, False),
+    "rotate+gptq-w3g64-asym-ao-tune50": ("rotate+gptq", 3, 64, False, True, False),
+    "gptq-w2g64-asym-ao-tune50": ("gptq", 2, 64, False, True, False),
+    "rotate+gptq-w2g64-asym-ao-tune50": ("rotate+gptq", 2, 64, False, True, False),
+    "rotate+gptq-w2g32-asym-ao-tune50": ("rotate+gptq", 2, 32, False, True, False),
     "awq-w4g64-asym": ("awq", 4, 64, False, False, False),
     "awq+gptq-w4g64-asym-ao": ("awq+gptq", 4, 64, False, True, False),
     "awq-w3g64-asym": ("awq", 3, 64, False, False, False),
@@ -103,7 +113,8 @@ OPTIONS_OF = {"rtn-w8a8-static": STATIC, "sq-w8a8-static": {**STATIC, "smoothqua
               "rtn-w8a16int16-static": {**STATIC, "act_bits": 16}, "rtn-w8a8-static-mse": MSE,
               "sq-w8a8-static-mse": {**MSE, "smoothquant": 0.5}, "sq+gptq-w8a8-static-mse": {**MSE, "smoothquant": 0.5},
               "rtn-fp8-static-mse": MSE, "gptq-w4g64-sym-ao-upfront": {"group_fit": "upfront"},
-              "gptq-w4g64-asym-ao-upfront": {"group_fit": "upfront"}, "gptq-w3g64-asym-ao-upfront": {"group_fit": "upfront"}}
+              "gptq-w4g64-asym-ao-upfront": {"group_fit": "upfront"}, "gptq-w3g64-asym-ao-upfront": {"group_fit": "upfront"},
+              **{name: {"tune_steps": 50} for name in ROWS if name.endswith("-tune50")}}
 # ternary-aware fine-tuning steps per bitnet row (batch 4 x 256 tokens of the calibration text, lr 5e-4)
 QAT_STEPS = {"bitnet-ptq": 0, "bitnet-qat300": 300, "bitnet-qat450": 450}
 

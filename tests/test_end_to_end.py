@@ -116,6 +116,28 @@ def test_eval_cli_reports_perplexity_and_kl(gptq_dir, tiny_llama_dir, calib_file
     assert "perplexity" in (gptq_dir / "README.md").read_text().split("## Evaluation")[1]
 
 
+def test_eval_measures_kl_against_the_base_model_its_card_names(tmp_path, tiny_llama_dir, calib_file, capsys):
+    """KL is `llmq eval`'s default second number: the base model is the one the checkpoint's card names, found as
+    a directory of that name beside the checkpoint; `--kl none` turns it off; a base not found here is said in one
+    line on stderr and perplexity is still reported."""
+    (tmp_path / tiny_llama_dir.name).symlink_to(tiny_llama_dir)
+    out = tmp_path / "rtn"
+    assert main(["quantize", str(tmp_path / tiny_llama_dir.name), "--out", str(out), "--method", "rtn", "--bits", "4",
+                 "--group-size", "32", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    window = ["--ppl", str(calib_file), "--seqlen", "32", "--windows", "1"]
+    assert main(["eval", str(out), *window]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"KL vs {tmp_path / tiny_llama_dir.name}" in line and "perplexity" in line, line
+    assert main(["eval", str(out), *window, "--kl", "none"]) == 0
+    assert "KL" not in capsys.readouterr().out
+    (tmp_path / tiny_llama_dir.name).unlink()
+    assert main(["eval", str(out), *window]) == 0
+    captured = capsys.readouterr()
+    assert "KL" not in captured.out and "perplexity" in captured.out
+    assert f"the card's base model {tiny_llama_dir.name!r} is not found here; pass --kl BASE" in captured.err
+
+
 def test_kl_over_the_first_windows_and_perplexity_of_the_first(gptq_dir, tiny_llama_dir):
     """bench_quality.py's KL column (the first --kl-windows windows, against the unquantized model) and the
     perplexity of the first windows it sets beside a served client's score: each equals the same number measured

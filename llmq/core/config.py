@@ -32,6 +32,9 @@ class MethodOptions:
     damp: float = 0.01  # GPTQ: damping as a fraction of the mean Hessian diagonal
     sink_weight: float = 16.0  # GPTQ: weight of each calibration window's first token (llmq/calib/statistics.py)
     block_size: int = 128  # GPTQ: columns per lazy-update block
+    tune_steps: int = 0  # after rounding: steps of end-to-end scale tuning (llmq/methods/tune.py); 0: none
+    tune_lr: float = 1e-4
+    tune_batch: int = 2  # calibration windows per tuning step
     smoothquant: float | None = None  # SmoothQuant's migration strength alpha; set: smoothquant before the method
     ternary_scale: str = "tensor"  # bitnet: absmean scale per tensor | channel | group
     qat_steps: int = 0  # bitnet: steps of ternary-aware fine-tuning (0: none)
@@ -111,6 +114,9 @@ class QuantizeConfig:
             raise LlmqError(f"--scheme {cast[1]} casts the model to {cast[0]}; drop --dtype {run.dtype}")
         if not 0 < method.damp < 1:
             raise LlmqError(f"--damp {method.damp} is out of range; use a fraction such as 0.01")
+        if method.tune_steps < 0 or method.tune_batch < 1 or not 0 < method.tune_lr < 1:
+            raise LlmqError("--tune-steps must be 0 or more, --tune-batch at least 1 and --tune-lr a positive rate "
+                            "below 1 (e.g. 1e-4)")
         if method.group_fit not in GROUP_FITS:
             raise LlmqError(f"--group-fit {method.group_fit} is unknown; use one of {', '.join(GROUP_FITS)}")
         if not 1 <= method.sink_weight <= 1e4:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from llmq.core.config import MethodOptions, QuantizeConfig
-from llmq.core.layers import LayerMap
+from llmq.core.layers import DecoderLayout, LayerMap
 from llmq.core.scheme import QuantScheme
 
 
@@ -117,6 +117,7 @@ class ModelContext:
     config: QuantizeConfig  # the whole run's settings (its calibration text, scheme)
     linears: list[str]  # the Linears this run quantizes (full module names)
     artifact: Callable[[str], Path]  # a file name -> where to write a side output (a loss curve) for this run
+    layout: DecoderLayout | None = None  # the decoder layers and each one's groups (with their folds when `folds`)
 
 
 class Method:
@@ -137,6 +138,7 @@ class Method:
     folds: bool = False  # scales inputs by folding into the norm / Linear before (discovery finds the exact folds)
     side_files: tuple[str, ...] = ()  # files prepare_model writes beside the output (ModelContext.artifact names)
     whole_model: bool = False  # has a whole-model step (prepare_model): the model is loaded whole, not a layer at a time
+    repeatable_model_step: bool = False  # prepare_model is data-free and seeded: a resumed run redoes it, keeps layers
 
     def __init__(self, options: MethodOptions | None = None):
         self.options = options or MethodOptions()

@@ -13,6 +13,7 @@ from llmq.methods.awq import AWQ
 from llmq.methods.bitnet import BitNet
 from llmq.methods.compose import Composed
 from llmq.methods.gptq import GPTQ
+from llmq.methods.rotate import Rotate
 from llmq.methods.rtn import RTN
 from llmq.methods.smoothquant import SmoothQuant
 
@@ -22,6 +23,7 @@ METHODS: dict[str, type[Method]] = {
     AWQ.name: AWQ,
     BitNet.name: BitNet,
     SmoothQuant.name: SmoothQuant,
+    Rotate.name: Rotate,
 }
 
 

@@ -17,6 +17,7 @@ class Composed(Method):
         self.folds = any(step.folds for step in steps)
         self.side_files = tuple(name for step in steps for name in step.side_files)
         self.whole_model = any(step.whole_model for step in steps)
+        self.repeatable_model_step = all(step.repeatable_model_step or not step.whole_model for step in steps)
 
     def check(self, config):
         for step in self.steps:

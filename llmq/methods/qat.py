@@ -64,7 +64,7 @@ def _learning_rate(config: QATConfig, step: int) -> float:
 
 
 def distill(student, teacher, windows: torch.Tensor, config: QATConfig, device: torch.device,
-            params: list[torch.nn.Parameter]) -> QATResult:
+            params: list[torch.nn.Parameter], desc: str = "ternary fine-tuning") -> QATResult:
     """Train `params` of `student` (float32 from here on) to match `teacher` on token windows [n, seqlen]."""
     if config.steps < 1 or config.batch_size < 1 or config.lr <= 0:
         raise LlmqError("--qat-steps, --qat-batch and --qat-lr must be positive")
@@ -89,7 +89,7 @@ def distill(student, teacher, windows: torch.Tensor, config: QATConfig, device: 
     order = torch.randperm(windows.shape[0], generator=generator)
     autocast = config.autocast and (device.type == "cuda" or torch.backends.mkldnn.is_available())
     result, started, cursor = QATResult(), time.perf_counter(), 0
-    bar = log.progress(range(config.steps), desc="ternary fine-tuning", unit="step")
+    bar = log.progress(range(config.steps), desc=desc, unit="step")
     for step in bar:
         if cursor + config.batch_size > order.numel():  # next epoch, reshuffled
             order, cursor = torch.randperm(windows.shape[0], generator=generator), 0

@@ -47,3 +47,20 @@ def append_evaluation(directory: str | os.PathLike, line: str) -> bool:
         return False
     write_new_file(card, text.rstrip("\n") + f"\n- {line}\n")
     return True
+
+
+def recorded_base_model(directory: str | os.PathLike) -> str | None:
+    """The `base_model` an llmq model card names (a hub id, or the local checkpoint's directory name); None when the
+    directory has no such card."""
+    card = Path(directory) / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(errors="replace")
+    if not text.startswith("---\n"):
+        return None
+    front = text[4:].split("\n---", 1)[0]
+    for line in front.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "base_model" and value.strip():
+            return value.strip()
+    return None
