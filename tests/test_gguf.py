@@ -287,6 +287,23 @@ def test_quantized_files_run_in_llamacpp_with_the_logits_of_their_weights(model_
     assert np.abs(original - expected).max() / scale > 1e-3  # the weights were quantized
 
 
+def test_rotated_model_runs_in_llamacpp_as_the_original(tmp_path, smollm2_tokenizer_dir):
+    """`--method rotate` into GGUF: the rotated stream (embeddings, untied output matrix, norms 1) reaches the file,
+    and llama.cpp's logits from it are the original model's up to Q8_0's rounding."""
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, **SHORT_VOCAB, tie_word_embeddings=True,
+                             loud_channels=20.0)
+    out = tmp_path / "rotated.Q8_0.gguf"
+    quantize(str(source), out, QuantizeConfig.of(method="rotate", format="gguf", gguf_type="Q8_0", device="cpu"))
+    assert "output.weight" in {tensor.name for tensor in GGUFReader(out).tensors}  # untied by the rotation
+    ids = torch.randint(0, ARCH_VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        original = _load_float(source)(ids).logits[0].numpy()
+    with open_llama(out, n_ctx=64, logits_all=True) as llm:
+        llm.eval(ids[0].tolist())
+        got = np.array(llm.scores[:24])
+    assert np.abs(got - original).max() / np.abs(original).max() < 0.03
+
+
 def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_path):
     with pytest.raises(LlmqError, match="--type Q9_K is not supported"):
         get_mixture("Q9_K")

@@ -46,6 +46,8 @@ def three_layer_model(tmp_path_factory, smollm2_tokenizer_dir):
 @pytest.mark.parametrize("options, name", [
     (dict(method="awq", group_size=32), "awq"),
     (dict(method="gptq", format="gguf", gguf_type="Q4_K_M"), "gptq.gguf"),
+    # a whole-model step redone on resume (the seeded rotation), and scale tuning after the restored layers
+    (dict(method="rotate+gptq", group_size=32, bits=3, tune_steps=3), "rotate-tuned"),
 ])
 def test_a_killed_run_resumes_and_writes_what_an_uninterrupted_run_writes(options, name, three_layer_model, tmp_path,
                                                                            calib_file, capsys):
