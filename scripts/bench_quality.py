@@ -261,7 +261,7 @@ def bitsandbytes_nf4(reference: Path, out: Path) -> Path:
 
 # the quantize time split (llmq/core/timing.py): a threading cliff or a slow stage shows here, not only in the total
 STAGE_COLUMNS = {"statistics s": ("statistics",), "factorization s": ("factorization",),
-                 "column sweep s": ("column sweep",), "other s": None}
+                 "column sweep s": ("column sweep",), "scale tuning s": ("scale tuning",), "other s": None}
 
 
 def machine() -> str:
@@ -344,6 +344,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def logged_rows(logs: list[Path], order: list[str] | None) -> list[dict]:
+    """The rows of earlier invocations, from the `[bench] {...}` lines each printed on stderr (the last of a name
+    wins), to merge invocations that ran at different times into one table."""
+    found = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if line.startswith("[bench] {"):
+                row = json.loads(line.removeprefix("[bench] "))
+                found[row["name"]] = row
+    missing = [name for name in order or () if name not in found]
+    if missing:
+        raise SystemExit(f"no logged row named {', '.join(missing)} in {', '.join(map(str, logs))}")
+    return [found[name] for name in order] if order else list(found.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=["unquantized", *ROWS],
@@ -358,8 +373,14 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--work", type=Path, default=ROOT / "bench_out")
     parser.add_argument("--save-cards", action="store_true", help="copy each model card into model_cards/")
+    parser.add_argument("--from-logs", nargs="+", type=Path, metavar="LOG",
+                        help="run nothing: print the table of the rows earlier invocations reported on stderr "
+                             "(their `[bench] {...}` lines), in the order of --rows when given, else as found")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.from_logs:
+        print(table(logged_rows(args.from_logs, args.rows if "--rows" in sys.argv else None)))
+        return
     if args.client == "vllm" and not args.vllm_python:
         raise SystemExit("--client vllm needs vLLM's interpreter: pass --vllm-python /path/to/venv/bin/python")
     args.work.mkdir(parents=True, exist_ok=True)
