@@ -111,7 +111,7 @@ def test_toy_method_writes_a_gguf_file_llamacpp_runs(toward_zero, tiny_llama_dir
 
 
 def test_unknown_method_lists_the_registry(capsys, tiny_llama_dir, tmp_path):
-    listed = r"rtn, gptq, awq, bitnet, smoothquant, awq\+gptq, smoothquant\+gptq"
+    listed = r"rtn, gptq, awq, bitnet, smoothquant, rotate, awq\+gptq, smoothquant\+gptq, rotate\+gptq"
     with pytest.raises(llmq.LlmqError, match=rf"unknown --method 'nope'; choose one of: {listed}"):
         quantize(str(tiny_llama_dir), tmp_path / "o", QuantizeConfig.of(method="nope"))
     with pytest.raises(llmq.LlmqError, match="only the last of the \\+-joined methods may round"):
