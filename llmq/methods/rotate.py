@@ -68,9 +68,10 @@ def _fold_norm(norm: nn.Module, offset: float) -> torch.Tensor:
     return multiplier
 
 
-def _feeding(model: nn.Module, consumer: nn.Module, probe: torch.Tensor) -> tuple[str, nn.Module] | None:
-    """The module (name, module) whose output is `consumer`'s input on a forward pass of `probe`: the final norm
-    feeding the output head."""
+def _feeding(model: nn.Module, consumer: nn.Module, probe: torch.Tensor) -> tuple[tuple[str, nn.Module] | None,
+                                                                             torch.Tensor]:
+    """The module (name, module) whose output is `consumer`'s input on a forward pass of `probe` (the final norm
+    feeding the output head), and that pass's float32 logits."""
     outputs, seen = {}, {}
 
     def produced(name):
@@ -86,13 +87,12 @@ def _feeding(model: nn.Module, consumer: nn.Module, probe: torch.Tensor) -> tupl
                for name, module in model.named_modules() if name and module is not consumer]
     handles.append(consumer.register_forward_pre_hook(consumed))
     try:
-        with torch.no_grad():
-            model(input_ids=probe)
+        logits = _logits(model, probe)
     finally:
         for handle in handles:
             handle.remove()
     name = seen.get("producer")
-    return (name, model.get_submodule(name)) if name is not None else None
+    return ((name, model.get_submodule(name)) if name is not None else None), logits
 
 
 def _logits(model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
@@ -129,9 +129,8 @@ def rotate_model(model: nn.Module, layout: DecoderLayout, Q: torch.Tensor) -> No
 def _rotate_float(model: nn.Module, layout: DecoderLayout, Q: torch.Tensor) -> None:
     hidden = Q.shape[0]
     probe = torch.arange(1, PROBE_TOKENS + 1, device=model.device)[None] % model.config.get_text_config().vocab_size
-    before = _logits(model, probe)
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    final = _feeding(model, head, probe)
+    final, before = _feeding(model, head, probe)
     if head is None or final is None or not hasattr(final[1], "weight"):
         raise LlmqError("--method rotate: no norm found right before the output head; this model's residual "
                         "stream cannot be rotated offline, use a method without rotate (e.g. gptq)")
@@ -178,7 +177,6 @@ class Rotate(Method):
 
     def prepare_model(self, model: nn.Module, context: ModelContext) -> str:
         hidden = model.config.get_text_config().hidden_size
-        Q = random_rotation(hidden).to(torch.float32)
-        rotate_model(model, context.layout, Q)
+        rotate_model(model, context.layout, random_rotation(hidden))
         return (f"residual stream rotated by a random orthogonal {hidden}x{hidden} matrix (seed {SEED}), norms "
                 f"folded into the Linears, output head untied")

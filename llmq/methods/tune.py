@@ -105,8 +105,9 @@ def tune_scales(model: nn.Module, teacher: nn.Module, quantized: dict, windows: 
                 linear.weight.data = quantized[name].dequantize().to(linear.weight.device, linear.weight.dtype)
                 model.set_submodule(name, linear)
         model.to("cpu", dtype).eval()
-    first, last = result.losses[: min(5, len(result.losses))], result.losses[-min(5, len(result.losses)):]
-    log.info(f"scale tuning: KL {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f} per token over "
-             f"{settings.steps} steps ({result.seconds:.0f} s)")
+    ends = min(5, len(result.losses))  # the mean of the first and of the last few steps' KL
+    start, end = sum(result.losses[:ends]) / ends, sum(result.losses[-ends:]) / ends
+    log.info(f"scale tuning: KL {start:.4f} -> {end:.4f} per token over {settings.steps} steps "
+             f"({result.seconds:.0f} s)")
     return (f"scales tuned end to end for {settings.steps} steps ({settings.batch} windows each, lr {settings.lr:g}, "
-            f"KL to the unquantized model {sum(first) / len(first):.3g} -> {sum(last) / len(last):.3g} per token)")
+            f"KL to the unquantized model {start:.3g} -> {end:.3g} per token)")
