@@ -10,7 +10,7 @@ it, the model computes exactly the same function when
 In the rotated basis no input channel stands out: the few channels with 10-100x the energy of the rest (the
 attention sink's) are spread over all of them, and every group of a weight matrix holds values of one size,
 which is what low-bit grids round well. The rotation is data-free and the checkpoint stays a plain one
-(norm weights 1, an untied output head), so transformers, vLLM and llama.cpp load it as any other. The cost:
+(norm weights 1, an untied output head), a layout transformers and llama.cpp load as any other. The cost:
 a model with tied embeddings gets its own output head (vocabulary x hidden more, unquantized).
 
 A layer transform that runs before calibration (`rotate+gptq`): GPTQ then sees the rotated Linears. Which norm
