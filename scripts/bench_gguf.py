@@ -1,23 +1,24 @@
-"""GGUF files from llmq against llama.cpp's own quantizer, evaluated by llama.cpp itself.
+"""GGUF files from llmq against llama.cpp's own tools, scored by llama.cpp's own `llama-perplexity`.
 
-Protocol: the reference model (SmolLM2-135M-Instruct bf16, as in bench_quality.py) written by llmq as an
-F32 GGUF; llama.cpp's files are made from that F32 file with llama_model_quantize (llama-quantize). Perplexity
-is llama.cpp's own `perplexity` protocol through llama-cpp-python: ../shared/data/wikitext2_test.txt, 512-token
-chunks each scored on its second half, first --chunks chunks. Calibration (imatrix / GPTQ): 128 x 512 tokens of
-../shared/data/wikitext2_valid_calib.txt.
+Protocol (what llama.cpp users run): the reference model (SmolLM2-135M-Instruct bf16, as in bench_quality.py)
+written by llmq as an F32 GGUF; `llama-perplexity -c 512 --chunks 50 -nr` on ../shared/data/wikitext2_test.txt
+read as bytes (its CRLF line ends kept: Python's text mode turns them into LF and the F32 model then scores 23.30
+instead of llama.cpp's 21.48); KL divergence to the F32 file's logits over the same tokens
+(`--kl-divergence-base` / `--kl-divergence`, the llama.cpp community's quant metric) and the share of tokens whose
+top token is unchanged. Calibration: ../shared/data/wikitext2_valid_calib.txt, 128 x 512 tokens.
+The tools are llama.cpp's, built from the source llama-cpp-python vendors: scripts/build_llamacpp.sh.
 
 Rows per mixture:
-  llama.cpp            llama_model_quantize on the F32 file (plain)
-  llama.cpp imatrix    llama.cpp's quantizer (ggml_quantize_chunk) with an imatrix of mean x^2 per input channel
-                       measured on the unquantized model over the same calibration tokens, same tensor types as
-                       llama-quantize --imatrix picks (llama-cpp-python ships no imatrix tool, so the matrix is
-                       collected by PyTorch hooks: the same statistic llama-imatrix accumulates)
-  llmq                 llmq's plain k-quant search
+  llama.cpp            `llama-quantize F32.gguf out.gguf MIXTURE` (plain)
+  llama.cpp imatrix    `llama-imatrix -c 512 --chunks 128` on the calibration text, then `llama-quantize --imatrix`
+  llmq                 llmq's plain k-quant search (no data)
   llmq imatrix         llmq, importance-weighted, imatrix collected through the harness
   llmq GPTQ            GPTQ on the k-quant grid
 
+    scripts/build_llamacpp.sh                          # once: the tools into bench_out/llama.cpp/build/bin
     python scripts/bench_gguf.py                       # Q6_K Q4_K_M Q3_K_M Q4_0, 50 chunks
-    python scripts/bench_gguf.py --types Q4_K_M --chunks 150
+    python scripts/bench_gguf.py --types Q4_K_M --encoders llama.cpp llmq --chunks 150
+    python scripts/bench_gguf.py --scorer python       # no tools: llama-cpp-python, llama.cpp's protocol, no KL
     python scripts/bench_gguf.py --speed               # seconds per billion weights of the Q4_K_M encoder
 """
 
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,14 +43,13 @@ from bench_quality import reference_model
 
 from llmq import QuantizeConfig, quantize
 from llmq.core import log
-from llmq.eval.llamacpp import llamacpp_perplexity, llamacpp_quantize_file, llamacpp_quantize_tensor
+from llmq.eval.llamacpp import llamacpp_perplexity, llamacpp_quantize_tensor
 from llmq.methods.grids.kquant_search import QUANTIZED_TYPES, encode_bytes
-from llmq.targets.atomic import atomic_output_file
 from llmq.targets.gguf.mixtures import get_mixture
 from llmq.targets.gguf.target import tensor_plan
-from llmq.targets.gguf.writer import EncodedTensor, encode_float, prepare_float, write_gguf
 
 CALIB = DATA / "wikitext2_valid_calib.txt"
+TEST = DATA / "wikitext2_test.txt"
 
 
 def llmq_file(reference: Path, out: Path, mixture: str, method: str, calib: Path | None) -> float:
@@ -58,44 +60,45 @@ def llmq_file(reference: Path, out: Path, mixture: str, method: str, calib: Path
     return time.perf_counter() - started
 
 
-def unquantized_imatrix(model, tokenizer) -> dict[str, torch.Tensor]:
-    """Mean x^2 per input channel of every decoder Linear, on the unquantized model (what llama-imatrix measures)."""
-    from llmq.calib.text import calibration_samples
+class LlamaCppTools:
+    """llama.cpp's own binaries: quantize, imatrix, perplexity (with KL divergence to a saved F32 run)."""
 
-    samples, _ = calibration_samples(model, tokenizer, str(CALIB), 128, 512, torch.device("cpu"))
-    sums, counts, hooks = {}, {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            def hook(mod, args, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
-                counts[name] = counts.get(name, 0) + x.shape[0]
-            hooks.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for batch in samples.split(8):
-            model(input_ids=batch, use_cache=False)
-    for h in hooks:
-        h.remove()
-    return {name: sums[name] / counts[name] for name in sums}
+    def __init__(self, bin_dir: Path, threads: int):
+        self.bin_dir, self.threads = bin_dir, threads
+        missing = [t for t in ("llama-perplexity", "llama-quantize", "llama-imatrix") if not (bin_dir / t).exists()]
+        if missing:
+            sys.exit(f"bench_gguf: {', '.join(missing)} not in {bin_dir}; build them with scripts/build_llamacpp.sh "
+                     "(or score without them: --scorer python)")
+
+    def _run(self, tool: str, *args) -> str:
+        done = subprocess.run([str(self.bin_dir / tool), *map(str, args)], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"bench_gguf: {tool} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return done.stdout + done.stderr
+
+    def quantize(self, source: Path, target: Path, mixture: str, imatrix: Path | None = None) -> None:
+        extra = [] if imatrix is None else ["--imatrix", imatrix]
+        self._run("llama-quantize", *extra, source, target, mixture, self.threads)
+
+    def imatrix(self, model: Path, calib: Path, out: Path, chunks: int = 128) -> None:
+        self._run("llama-imatrix", "-m", model, "-f", calib, "-o", out, "-c", 512, "--chunks", chunks, "-nr",
+                  "--no-ppl", "-t", self.threads)
+
+    def perplexity(self, path: Path, chunks: int, kl_base: Path, save_base: bool) -> dict:
+        """PPL over `chunks` x 512; with save_base, this file's logits become the KL base, else KL against it."""
+        kl = ["--kl-divergence-base", kl_base] + ([] if save_base else ["--kl-divergence"])
+        out = self._run("llama-perplexity", "-m", path, "-f", TEST, "-c", 512, "--chunks", chunks, "-nr",
+                        "-t", self.threads, *kl)
+        if save_base:
+            return {"ppl": float(re.search(r"Final estimate: PPL = ([\d.]+)", out).group(1))}
+        number = lambda label: float(re.search(label + r"\s*:\s*([\d.]+)", out).group(1))
+        return {"ppl": number(r"Mean PPL\(Q\)"), "kl": number(r"Mean\s+KLD"), "same_top": number("Same top p")}
 
 
-def llamacpp_imatrix_file(model, tokenizer, imatrix, out: Path, mixture_name: str) -> float:
-    started = time.perf_counter()
-    mixture = get_mixture(mixture_name)
-    names, plan = tensor_plan(model, mixture, has_imatrix=True)
-    tensors = {}
-    for hf_name, param in model.named_parameters():
-        gguf_name, qtype = names[hf_name], plan[names[hf_name]]
-        values = prepare_float(model.config, gguf_name, param)
-        if qtype not in QUANTIZED_TYPES:
-            tensors[gguf_name] = encode_float(values, qtype)
-            continue
-        importance = imatrix.get(hf_name.removesuffix(".weight"))
-        data = llamacpp_quantize_tensor(values.numpy(), qtype, None if importance is None else importance.numpy())
-        tensors[gguf_name] = EncodedTensor(qtype, data)
-    with atomic_output_file(out, overwrite=True) as tmp:
-        write_gguf(tmp, model, tokenizer, tensors, mixture.file_type, name=out.stem)
-    return time.perf_counter() - started
+def python_perplexity(path: Path, chunks: int) -> dict:
+    """llama.cpp's protocol through llama-cpp-python: the same tokens and chunks as llama-perplexity, no KL."""
+    text = TEST.read_bytes().decode("utf-8")  # bytes as llama.cpp reads them: CRLF kept
+    return {"ppl": llamacpp_perplexity(path, text, 512, chunks)[0]}
 
 
 def speed(reference: Path) -> None:
@@ -127,10 +130,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", default=["Q6_K", "Q4_K_M", "Q3_K_M", "Q4_0"])
     parser.add_argument("--chunks", type=int, default=50)
-    parser.add_argument("--f32-chunks", type=int, default=150, help="chunks for the F32 row (protocol check)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench_out")
     parser.add_argument("--encoders", nargs="+", default=["llama.cpp", "llama.cpp imatrix", "llmq", "llmq imatrix",
                                                           "llmq GPTQ"])
+    parser.add_argument("--scorer", choices=["llama.cpp", "python"], default="llama.cpp",
+                        help="llama.cpp: its llama-perplexity (PPL and KL); python: llama-cpp-python, PPL only")
+    parser.add_argument("--tools", type=Path, default=ROOT / "bench_out" / "llama.cpp" / "build" / "bin",
+                        help="llama-perplexity / llama-quantize / llama-imatrix (scripts/build_llamacpp.sh)")
+    parser.add_argument("--check-scorer", action="store_true",
+                        help="also score the F32 file through llama-cpp-python (the two protocols should agree)")
     parser.add_argument("--speed", action="store_true")
     args = parser.parse_args()
     log.quiet = True
@@ -138,60 +146,60 @@ def main() -> None:
     if args.speed:
         speed(reference)
         return
+    needs_tools = args.scorer == "llama.cpp" or any(e.startswith("llama.cpp") for e in args.encoders)
+    tools = LlamaCppTools(args.tools, torch.get_num_threads()) if needs_tools else None
     out_dir = args.work / "gguf"
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = (DATA / "wikitext2_test.txt").read_text(encoding="utf-8")
+    kl_base = out_dir / f"F32-{args.chunks}.kld"
     results = []
 
-    def evaluate(name, mixture, path, seconds, chunks):
-        ppl, used = llamacpp_perplexity(path, text, 512, chunks)
-        row = {"row": name, "mixture": mixture, "ppl": ppl, "chunks": used, "mb": path.stat().st_size / 1e6,
-               "seconds": seconds}
+    def evaluate(name, mixture, path, seconds):
+        if args.scorer == "python":
+            scores = python_perplexity(path, args.chunks)
+        else:
+            scores = tools.perplexity(path, args.chunks, kl_base, save_base=mixture == "F32")
+        row = {"row": name, "mixture": mixture, "chunks": args.chunks, "mb": path.stat().st_size / 1e6,
+               "seconds": seconds, **scores}
         results.append(row)
         print(json.dumps(row), flush=True)
 
     f32 = out_dir / "F32.gguf"
     seconds = llmq_file(reference, f32, "F32", "rtn", None)
-    evaluate("F32 (llmq writer)", "F32", f32, seconds, args.f32_chunks)
-    if args.f32_chunks != args.chunks:
-        evaluate("F32 (llmq writer)", "F32", f32, seconds, args.chunks)
+    evaluate("F32 (llmq writer)", "F32", f32, seconds)
+    if args.check_scorer:
+        print(json.dumps({"row": "F32 through llama-cpp-python", **python_perplexity(f32, args.chunks)}), flush=True)
 
-    model = tokenizer = imatrix = None
+    imatrix = out_dir / "imatrix-llamacpp.gguf"
     for mixture in args.types:
-        file_type = get_mixture(mixture).file_type
+        get_mixture(mixture)  # unknown names fail here, before any work
         for encoder in args.encoders:
             path = out_dir / f"{mixture}-{encoder.replace(' ', '-').replace('.', '')}.gguf"
+            started = time.perf_counter()
             if encoder == "llama.cpp":
-                started = time.perf_counter()
-                llamacpp_quantize_file(f32, path, file_type)
-                seconds = time.perf_counter() - started
+                tools.quantize(f32, path, mixture)
             elif encoder == "llama.cpp imatrix":
-                if imatrix is None:
-                    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-                    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16)
-                    tokenizer = AutoTokenizer.from_pretrained(reference)
-                    imatrix = unquantized_imatrix(model, tokenizer)
-                seconds = llamacpp_imatrix_file(model, tokenizer, imatrix, path, mixture)
+                if not imatrix.exists():
+                    tools.imatrix(f32, CALIB, imatrix)
+                    print(json.dumps({"imatrix": str(imatrix), "seconds": time.perf_counter() - started}), flush=True)
+                tools.quantize(f32, path, mixture, imatrix)
             elif encoder == "llmq":
-                seconds = llmq_file(reference, path, mixture, "rtn", None)
+                llmq_file(reference, path, mixture, "rtn", None)
             elif encoder == "llmq imatrix":
-                seconds = llmq_file(reference, path, mixture, "rtn", CALIB)
+                llmq_file(reference, path, mixture, "rtn", CALIB)
+            elif encoder == "llmq GPTQ":
+                llmq_file(reference, path, mixture, "gptq", CALIB)
             else:
-                seconds = llmq_file(reference, path, mixture, "gptq", CALIB)
-            evaluate(encoder, mixture, path, seconds, args.chunks)
+                sys.exit(f"bench_gguf: unknown encoder {encoder!r}")
+            evaluate(encoder, mixture, path, time.perf_counter() - started)
 
-    base = {r["chunks"]: r["ppl"] for r in results if r["mixture"] == "F32"}
-    print(f"\n| mixture | encoder | size MB | perplexity ({args.chunks} chunks x 512) | vs F32 | make s |")
-    print("|---|---|---:|---:|---:|---:|")
+    base = next(r["ppl"] for r in results if r["mixture"] == "F32")
+    print(f"\n| mixture | encoder | size MB | PPL ({args.chunks} x 512) | vs F32 | KL to F32 | same top % | make s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        if r["chunks"] != args.chunks:
-            continue
-        print(f"| {r['mixture']} | {r['row']} | {r['mb']:.1f} | {r['ppl']:.4f} | {r['ppl'] / base[r['chunks']]:.3f} | "
+        kl = f"{r['kl']:.4f}" if "kl" in r else "-"
+        top = f"{r['same_top']:.2f}" if "same_top" in r else "-"
+        print(f"| {r['mixture']} | {r['row']} | {r['mb']:.1f} | {r['ppl']:.4f} | {r['ppl'] / base:.4f} | {kl} | {top} | "
               f"{r['seconds']:.0f} |")
-    for r in results:
-        if r["chunks"] != args.chunks:
-            print(f"\nprotocol check: {r['row']} over {r['chunks']} chunks: {r['ppl']:.4f}")
 
 
 if __name__ == "__main__":

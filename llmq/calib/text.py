@@ -27,7 +27,11 @@ HUB_EVAL_DATASETS = {"wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "
 
 
 def read_text_file(path: str | os.PathLike) -> str:
-    """A .txt file as it is, or a .jsonl file's "text" fields joined by blank lines."""
+    """A .txt file's text, or a .jsonl file's "text" fields joined by blank lines.
+
+    Line ends are read as "\n" (Python's text mode): on a CRLF file this is not the token stream llama.cpp's
+    tools score (they read bytes), so llmq's perplexity of such a file is not comparable with llama-perplexity's.
+    """
     path = Path(path)
     try:
         raw = path.read_text(encoding="utf-8")
