@@ -43,6 +43,7 @@ from bench_quality import reference_model
 
 from llmq import QuantizeConfig, quantize
 from llmq.core import log
+from llmq.core.errors import LlmqError
 from llmq.eval.llamacpp import llamacpp_perplexity, llamacpp_quantize_tensor
 from llmq.methods.grids.kquant_search import QUANTIZED_TYPES, encode_bytes
 from llmq.targets.gguf.mixtures import get_mixture
@@ -50,6 +51,7 @@ from llmq.targets.gguf.target import tensor_plan
 
 CALIB = DATA / "wikitext2_valid_calib.txt"
 TEST = DATA / "wikitext2_test.txt"
+ENCODERS = ["llama.cpp", "llama.cpp imatrix", "llmq", "llmq imatrix", "llmq GPTQ"]
 
 
 def llmq_file(reference: Path, out: Path, mixture: str, method: str, calib: Path | None) -> float:
@@ -131,8 +133,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["Q6_K", "Q4_K_M", "Q3_K_M", "Q4_0"])
     parser.add_argument("--chunks", type=int, default=50)
     parser.add_argument("--work", type=Path, default=ROOT / "bench_out")
-    parser.add_argument("--encoders", nargs="+", default=["llama.cpp", "llama.cpp imatrix", "llmq", "llmq imatrix",
-                                                          "llmq GPTQ"])
+    parser.add_argument("--encoders", nargs="+", choices=ENCODERS, default=ENCODERS)
     parser.add_argument("--scorer", choices=["llama.cpp", "python"], default="llama.cpp",
                         help="llama.cpp: its llama-perplexity (PPL and KL); python: llama-cpp-python, PPL only")
     parser.add_argument("--tools", type=Path, default=ROOT / "bench_out" / "llama.cpp" / "build" / "bin",
@@ -142,6 +143,11 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true")
     args = parser.parse_args()
     log.quiet = True
+    for mixture in args.types:
+        try:
+            get_mixture(mixture)  # an unknown name fails here in one line, before any work
+        except LlmqError as error:
+            sys.exit(f"bench_gguf: {error}")
     reference = reference_model(args.work)
     if args.speed:
         speed(reference)
@@ -169,27 +175,27 @@ def main() -> None:
     if args.check_scorer:
         print(json.dumps({"row": "F32 through llama-cpp-python", **python_perplexity(f32, args.chunks)}), flush=True)
 
-    imatrix = out_dir / "imatrix-llamacpp.gguf"
+    imatrix = None  # llama-imatrix runs once per invocation, on first need
     for mixture in args.types:
-        get_mixture(mixture)  # unknown names fail here, before any work
         for encoder in args.encoders:
             path = out_dir / f"{mixture}-{encoder.replace(' ', '-').replace('.', '')}.gguf"
             started = time.perf_counter()
             if encoder == "llama.cpp":
                 tools.quantize(f32, path, mixture)
             elif encoder == "llama.cpp imatrix":
-                if not imatrix.exists():
-                    tools.imatrix(f32, CALIB, imatrix)
+                if imatrix is None:
+                    imatrix = out_dir / "imatrix-llamacpp.gguf"
+                    partial = out_dir / "imatrix-llamacpp.partial.gguf"  # llama-imatrix saves as it goes
+                    tools.imatrix(f32, CALIB, partial)
+                    partial.replace(imatrix)
                     print(json.dumps({"imatrix": str(imatrix), "seconds": time.perf_counter() - started}), flush=True)
                 tools.quantize(f32, path, mixture, imatrix)
             elif encoder == "llmq":
                 llmq_file(reference, path, mixture, "rtn", None)
             elif encoder == "llmq imatrix":
                 llmq_file(reference, path, mixture, "rtn", CALIB)
-            elif encoder == "llmq GPTQ":
+            else:  # llmq GPTQ
                 llmq_file(reference, path, mixture, "gptq", CALIB)
-            else:
-                sys.exit(f"bench_gguf: unknown encoder {encoder!r}")
             evaluate(encoder, mixture, path, time.perf_counter() - started)
 
     base = next(r["ppl"] for r in results if r["mixture"] == "F32")
