@@ -157,7 +157,7 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     with target.staging(out, overwrite) if ranks.is_main() else contextlib.nullcontext() as stage:
         with stage_clock("whole-model step"):
             notes = method.prepare_model(hf_model, ModelContext(tokenizer, device, config, list(linears),
-                                                                stage.artifact if stage else None, layout))
+                                                                stage.artifact if stage else None))
         checkpoints = None
         # a whole-model step that trains (ternary-aware fine-tuning) is not checkpointed: such runs start over
         if notes is None or method.repeatable_model_step:

@@ -46,8 +46,8 @@ def reference_factor(hessian: torch.Tensor, damp: float, order: torch.Tensor) ->
     return torch.linalg.cholesky(inverse, upper=True)
 
 
-def reference_sweep(W, Hinv, block_size, round_column, sub_block=None):
-    gptq.reference_sweep(W, Hinv, block_size, round_column)
+def reference_sweep(W, Hinv, block_size, round_column, sub_block=None, errors=None):
+    gptq.reference_sweep(W, Hinv, block_size, round_column, errors)
 
 
 def hessian(features: int, tokens: int, seed: int) -> HessianCollector:

@@ -58,6 +58,8 @@ ROWS = {
     "gptq-w2g64-asym-ao-tune50": ("gptq", 2, 64, False, True, False),
     "rotate+gptq-w2g64-asym-ao-tune50": ("rotate+gptq", 2, 64, False, True, False),
     "rotate+gptq-w2g32-asym-ao-tune50": ("rotate+gptq", 2, 32, False, True, False),
+    "rotate+gptq-w4g64-sym-ao-tune50": ("rotate+gptq", 4, 64, True, True, False),
+    "rotate+gptq-w4g64-asym-ao-tune50": ("rotate+gptq", 4, 64, False, True, False),
     "awq-w4g64-asym": ("awq", 4, 64, False, False, False),
     "awq+gptq-w4g64-asym-ao": ("awq+gptq", 4, 64, False, True, False),
     "awq-w3g64-asym": ("awq", 3, 64, False, False, False),
@@ -96,7 +98,7 @@ ROWS = {
 }
 # the same schemes made by llm-compressor (scripts/peer_llmcompressor.py, in its own venv: --llmc-python) on the
 # same calibration windows; each is evaluated here like llmq's rows
-LLMC_ROWS = ["llmc-gptq-w4g64-sym-ao", "llmc-gptq-w4g64-asym-ao", "llmc-rtn-w8a8", "llmc-gptq-w8a8", "llmc-rtn-w8a8-static", "llmc-sq-w8a8-static",
+LLMC_ROWS = ["llmc-gptq-w4g64-sym-ao", "llmc-gptq-w4g64-asym-ao", "llmc-gptq-w4g32-sym-ao", "llmc-rtn-w8a8", "llmc-gptq-w8a8", "llmc-rtn-w8a8-static", "llmc-sq-w8a8-static",
              "llmc-sq+gptq-w8a8-static", "llmc-sq+gptq-w8a8", "llmc-rtn-fp8", "llmc-gptq-fp8", "llmc-rtn-fp8-static",
              "llmc-gptq-fp8-static", "llmc-rtn-w8a16int16-static"]
 PRESET_OF = {"rtn-w8a8": "w8a8", "gptq-w8a8": "w8a8", "rtn-fp8": "fp8", "gptq-fp8": "fp8",

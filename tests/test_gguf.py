@@ -305,10 +305,12 @@ def test_quantized_files_run_in_llamacpp_with_the_logits_of_their_weights(model_
     assert np.abs(original - expected).max() / scale > 1e-3  # the weights were quantized
 
 
-def test_rotated_model_runs_in_llamacpp_as_the_original(tmp_path, smollm2_tokenizer_dir):
-    """`--method rotate` into GGUF: the rotated stream (embeddings, untied output matrix, norms 1) reaches the file,
-    and llama.cpp's logits from it are the original model's up to Q8_0's rounding."""
-    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, **SHORT_VOCAB, tie_word_embeddings=True,
+@pytest.mark.parametrize("model_type, overrides", [("llama", dict(tie_word_embeddings=True)), ("qwen3_moe", {}), ("phi", {})])
+def test_rotated_model_runs_in_llamacpp_as_the_original(tmp_path, smollm2_tokenizer_dir, model_type, overrides):
+    """`--method rotate` into GGUF: the rotated stream (embeddings, untied output matrix, norms 1; a MoE's router
+    and experts; phi's LayerNorms with the rotation that keeps the mean direction) reaches the file, and llama.cpp's
+    logits from it are the original model's up to Q8_0's rounding."""
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **SHORT_VOCAB, **overrides,
                              loud_channels=20.0)
     out = tmp_path / "rotated.Q8_0.gguf"
     quantize(str(source), out, QuantizeConfig.of(method="rotate", format="gguf", gguf_type="Q8_0", device="cpu"))

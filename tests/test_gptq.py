@@ -187,8 +187,8 @@ def test_sweep_equals_the_reference_loop(monkeypatch, act_order, grid):
         return gptq.GPTQ(MethodOptions(act_order=act_order)).quantize(w, stats, grid).dequantize()
 
     ours = run()
-    monkeypatch.setattr(gptq, "error_feedback_sweep", lambda W, Hinv, block, round_column, sub_block:
-                        gptq.reference_sweep(W, Hinv, block, round_column))
+    monkeypatch.setattr(gptq, "error_feedback_sweep", lambda W, Hinv, block, round_column, sub_block, errors:
+                        gptq.reference_sweep(W, Hinv, block, round_column, errors))
     reference = run()
     assert (ours != reference).float().mean() < 1e-3
     assert output_error(w, ours, x) == pytest.approx(output_error(w, reference, x), rel=1e-3)

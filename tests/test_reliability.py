@@ -429,3 +429,23 @@ def test_embedded_default_is_converted_once_and_a_damaged_copy_is_converted_agai
     repaired, _ = models.load_embedded_default(torch.bfloat16)
     assert all(torch.equal(repaired.state_dict()[k], expected[k].bfloat16()) for k in expected)
     assert models._load_cached(cached, torch.float32)[0].state_dict().keys() == expected.keys()
+
+
+def test_package_files_live_inside_the_package():
+    """Every file the package reads at run time ships from inside llmq/: a wheel force-include of a file from
+    elsewhere (the card template once came from model_cards/) made `pip install -e .` write a real
+    site-packages/llmq/ directory, which Python then imported as an empty namespace package in place of the
+    editable source (`import llmq.calib` failed everywhere but the repository root)."""
+    from llmq.targets.card import TEMPLATE, render_card
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    package = Path(llmq.__file__).parent
+    assert TEMPLATE.is_file() and TEMPLATE.parent.parent == package
+    wheel = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert "force-include" not in wheel and wheel["packages"] == ["llmq"]
+    fields = dict.fromkeys(["name", "base_model", "method", "calibration", "size_before", "size_after", "seconds",
+                            "device", "dtype", "bits", "group_size", "symmetric", "act_order", "mse", "format_tag",
+                            "summary", "layout", "loader_note"], "x")
+    fields["name"] = "card-name"
+    assert "card-name" in render_card(**fields)

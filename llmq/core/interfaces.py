@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from llmq.core.config import MethodOptions, QuantizeConfig
-from llmq.core.layers import DecoderLayout, LayerMap
+from llmq.core.layers import LayerMap
 from llmq.core.scheme import QuantScheme
 
 
@@ -117,7 +117,6 @@ class ModelContext:
     config: QuantizeConfig  # the whole run's settings (its calibration text, scheme)
     linears: list[str]  # the Linears this run quantizes (full module names)
     artifact: Callable[[str], Path]  # a file name -> where to write a side output (a loss curve) for this run
-    layout: DecoderLayout | None = None  # the decoder layers and each one's groups (with their folds when `folds`)
 
 
 class Method:

@@ -100,7 +100,7 @@ SUB_BLOCK = 16  # columns rounded between two matrix-product updates of the rest
 
 
 def error_feedback_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, round_column,
-                         sub_block: int = SUB_BLOCK) -> None:
+                         sub_block: int = SUB_BLOCK, errors: torch.Tensor | None = None) -> None:
     """GPTQ's loop over the columns of W (already in visiting order), in lazy blocks, updating W in place.
 
     round_column(col, block, i) rounds column i of the current block (column col of W) and returns its
@@ -112,38 +112,42 @@ def error_feedback_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, r
     block, and the block is held transposed so that a column is contiguous in memory. The same sums in
     another order: equal to the reference to float rounding (tests/test_gptq.py). A dynamic group must
     start at a sub-block (sub_block divides the group size): its refit reads columns that only then are
-    up to date.
+    up to date. `errors` ([columns, rows], optional) receives each column's error as the sweep makes it, so
+    round_column may read the errors of every column visited before it.
     """
     cols = W.shape[1]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         block = W[:, i1:i2].T.contiguous()  # [columns, rows]
         columns = block.T  # the [rows, columns] view round_column reads
-        errors = torch.empty_like(block)
+        block_errors = torch.empty_like(block) if errors is None else errors[i1:i2]
         Hinv1 = Hinv[i1:i2, i1:i2]
         for j1 in range(0, i2 - i1, sub_block):
             j2 = min(j1 + sub_block, i2 - i1)
             for i in range(j1, j2):
                 err = torch.sub(block[i], round_column(i1 + i, columns, i)).div_(Hinv1[i, i])
                 block[i + 1 : j2].addr_(Hinv1[i, i + 1 : j2], err, alpha=-1)
-                errors[i] = err
-            block[j2:].addmm_(Hinv1[j1:j2, j2:].T, errors[j1:j2], alpha=-1)
-        W[:, i2:].addmm_(errors.T, Hinv[i1:i2, i2:], alpha=-1)
+                block_errors[i] = err
+            block[j2:].addmm_(Hinv1[j1:j2, j2:].T, block_errors[j1:j2], alpha=-1)
+        W[:, i2:].addmm_(block_errors.T, Hinv[i1:i2, i2:], alpha=-1)
 
 
-def reference_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, round_column) -> None:
+def reference_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, round_column,
+                    errors: torch.Tensor | None = None) -> None:
     """The loop of the reference gptq.py (rank-1 update of the whole block per column, on W's strided columns):
     what error_feedback_sweep is tested against (tests/test_gptq.py) and timed against
-    (scripts/bench_gptq_sweep.py)."""
+    (scripts/bench_gptq_sweep.py). `errors` as in error_feedback_sweep."""
     for i1 in range(0, W.shape[1], block_size):
         i2 = min(i1 + block_size, W.shape[1])
         block, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        errors = torch.zeros_like(block)
+        block_errors = torch.zeros_like(block)
         for i in range(i2 - i1):
             err = (block[:, i] - round_column(i1 + i, block, i)) / Hinv1[i, i]
             block[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            errors[:, i] = err
-        W[:, i2:] -= errors.matmul(Hinv[i1:i2, i2:])
+            block_errors[:, i] = err
+            if errors is not None:
+                errors[i1 + i] = err
+        W[:, i2:] -= block_errors.matmul(Hinv[i1:i2, i2:])
 
 
 def aligned_block(block_size: int, group_size: int) -> int:
@@ -184,8 +188,9 @@ class GPTQ(Method):
         if opts.act_order:
             W = W[:, order]
         integers = torch.zeros_like(W)
+        errors = None
         if scattered:
-            errors = torch.zeros_like(W)  # each visited column's error, by visiting position
+            errors = W.new_empty(W.shape[1], W.shape[0])  # the sweep's error per visiting position
             position_of = torch.argsort(order)  # column of the weight -> visiting position
             group_at = (order // size).tolist()  # visiting position -> group (a list: no device sync per column)
             fitted = set()  # groups met so far
@@ -200,17 +205,14 @@ class GPTQ(Method):
                 fitted.add(group)
                 columns = slice(group * size, (group + 1) * size)
                 original = weight[:, columns].float().masked_fill(dead[columns], 0)
-                fit.refit(group * size, original - errors[:, :position] @ Hinv[:position, position_of[columns]])
+                fit.refit(group * size, original - errors[:position].T @ Hinv[:position, position_of[columns]])
             q = fit.round(block[:, i : i + 1], column)
             integers[:, column] = q
-            value = fit.value(q, column)[:, 0]
-            if scattered:  # the sweep's own error for this column, kept for the groups not met yet
-                errors[:, position] = (block[:, i] - value) / Hinv[position, position]
-            return value
+            return fit.value(q, column)[:, 0]
 
         block, sub_block = opts.block_size, SUB_BLOCK
         if in_order:  # a group starts a block's sub-block: the reference's dynamic groups
             block, sub_block = aligned_block(block, size), math.gcd(SUB_BLOCK, size)
         with stage_clock("column sweep"):
-            error_feedback_sweep(W, Hinv, block, round_column, sub_block)
+            error_feedback_sweep(W, Hinv, block, round_column, sub_block, errors)
         return fit.result(integers)

@@ -1,5 +1,5 @@
-"""The model card (README.md) of a quantized checkpoint, rendered from a run's report and the template in
-model_cards/; and `llmq eval`'s line appended to it."""
+"""The model card (README.md) of a quantized checkpoint, rendered from a run's report and the template beside
+this file (model_card_template.md); and `llmq eval`'s line appended to it."""
 
 from __future__ import annotations
 
@@ -11,18 +11,14 @@ from llmq.core.errors import LlmqError
 from llmq.targets.atomic import write_new_file
 from llmq.targets.base import RunReport
 
-_CANDIDATES = (
-    Path(__file__).parent / "model_card_template.md",  # installed wheel (force-included)
-    Path(__file__).parents[2] / "model_cards" / "template.md",  # source checkout / editable install
-)
+# inside the package, so wheel, editable install and source checkout all find it (a wheel force-include of a file
+# from outside the package made the editable install create a stray site-packages/llmq/ that shadowed llmq)
+TEMPLATE = Path(__file__).parent / "model_card_template.md"
 EVAL_MARKER = "<!-- llmq eval appends its measurements below -->"
 
 
 def render_card(**fields) -> str:
-    template = next((p for p in _CANDIDATES if p.exists()), None)
-    if template is None:
-        return f"# {fields['name']}\n\nQuantized with llmq: {fields}\n\n## Evaluation\n\n{EVAL_MARKER}\n"
-    return template.read_text().format(**fields)
+    return TEMPLATE.read_text().format(**fields)
 
 
 def model_card(report: RunReport, size_after: int, **target_fields) -> str:
