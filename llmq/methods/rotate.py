@@ -18,12 +18,13 @@ A layer transform that runs before calibration (`rotate+gptq`): GPTQ then sees t
 feeds what is found by one forward pass on probe tokens: a module of a decoder layer that applies a weight over
 the stream's width (a Linear, a router keeping its weight outside nn.Linear, each expert's gate and up, which
 see the rows of the norm's output routed to them: every expert gets every token for this pass) reads the norm
-whose output holds its input's rows; the others of stream width (o_proj, down_proj, each expert's down) write
-into the stream. Each norm's form is tested on its own input: x_hat * w or Gemma's x_hat * (1 + w) fold; a
-bias, a subtracted mean (LayerNorm) and a per-channel norm on a branch's output before the residual add (Gemma
-2/3's sandwich norms) do not commute with a rotation and are refused in one line. The result is checked on the
-spot: the rotated model's logits on the probe tokens must equal the original's (a Linear reading the stream
-without a norm, as post-norm layers have, fails there), else the run stops with one line.
+whose output holds its input's rows; the last Linear of stream width in each module (o_proj, down_proj, each
+expert's down) writes into the stream. Each norm's form is tested on its own input: x_hat * w (+ b) and Gemma's x_hat * (1 + w) fold;
+one that subtracts the mean (LayerNorm) gets a rotation keeping the all-ones direction. A per-channel norm on a
+branch's output before the residual add (Gemma 2/3's sandwich norms) does not commute with any rotation and is
+refused in one line. The result is checked on the spot: the rotated model's logits on the probe tokens must
+equal the original's (a Linear reading the stream without a norm, as post-norm layers have, fails there), else
+the run stops with one line.
 """
 
 from __future__ import annotations
