@@ -111,12 +111,13 @@ class _Probe:
     norms: dict[nn.Module, tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     source: dict[nn.Module, nn.Module | None] = field(default_factory=dict)
     linears: dict[nn.Module, None] = field(default_factory=dict)  # the layers' Linears in the order first called
+    in_layers: set[int] = field(default_factory=set)  # ids of the decoder layers' modules
 
 
 def _probe(model: nn.Module, layers: nn.ModuleList, hidden: int, probe: torch.Tensor) -> _Probe:
     head = model.get_output_embeddings()
     in_layers = {id(module) for module in layers.modules()}
-    seen, outputs, handles = _Probe(torch.empty(0)), {}, []
+    seen, outputs, handles = _Probe(torch.empty(0), in_layers=in_layers), {}, []
 
     def produced(module, args, output) -> None:  # the latest producer of a storage: freed memory is handed out again
         if isinstance(output, torch.Tensor):
@@ -179,6 +180,10 @@ class _NormForm:
     centers: bool  # subtracts the mean first (LayerNorm): the rotation must keep the all-ones direction
 
 
+def _refusal(why: str) -> LlmqError:
+    return LlmqError(f"--method rotate: {why}; use a method without rotate (e.g. gptq)")
+
+
 def _norm_form(norm: nn.Module, x: torch.Tensor, name: str) -> _NormForm:
     """The norm's form, tested on its own input `x`: the weight that zeroes its output (bias aside) is -offset, and
     a LayerNorm's output does not move when x is shifted by a constant. Any other form is refused."""
@@ -191,8 +196,8 @@ def _norm_form(norm: nn.Module, x: torch.Tensor, name: str) -> _NormForm:
             trial.weight.data.fill_(1 - offset)
             out = trial(x)  # x shifted by its own rms: a different output for an RMS norm, the same for LayerNorm
             return _NormForm(offset, bool((trial(x + x.pow(2).mean().sqrt()) - out).norm() <= 1e-3 * out.norm()))
-    raise LlmqError(f"--method rotate: {name} ({type(norm).__name__}) is neither x_hat * w nor x_hat * (1 + w), "
-                    "which does not commute with a rotation; use a method without rotate (e.g. gptq)")
+    raise _refusal(f"{name} ({type(norm).__name__}) is neither x_hat * w nor x_hat * (1 + w), which does not "
+                   "commute with a rotation")
 
 
 def _fold_norm(norm: nn.Module, form: _NormForm, Q: torch.Tensor) -> torch.Tensor:
@@ -244,21 +249,19 @@ def _rotate_float(model: nn.Module, seed: int) -> str:
     _, layers = find_decoder_layers(model)
     seen = _probe(model, layers, hidden, probe)
     if seen.final not in seen.norms:
-        raise LlmqError("--method rotate: no norm found right before the output head; this model's residual "
-                        "stream cannot be rotated offline, use a method without rotate (e.g. gptq)")
+        raise _refusal("no norm found right before the output head; this model's residual stream cannot be "
+                       "rotated offline")
     # every refusal before anything changes
-    in_layers = {id(module) for module in layers.modules()}
     fed = {norm for norm in seen.source.values() if norm is not None} | {seen.final}
     for norm, (name, _, _) in seen.norms.items():  # a norm on a branch's output, before it joins the stream
-        if id(norm) in in_layers and norm not in fed and not torch.all(norm.weight == norm.weight[0]):
-            raise LlmqError(f"--method rotate: {name} ({type(norm).__name__}) scales channel by channel a tensor no "
-                            "Linear reads (a norm on a branch's output before the residual add, as Gemma 2/3 have), "
-                            "which does not commute with a rotation; use a method without rotate (e.g. gptq)")
+        if id(norm) in seen.in_layers and norm not in fed and not torch.all(norm.weight == norm.weight[0]):
+            raise _refusal(f"{name} ({type(norm).__name__}) scales channel by channel a tensor no Linear reads (a "
+                           "norm on a branch's output before the residual add, as Gemma 2/3 have), which does not "
+                           "commute with a rotation")
     forms = {norm: _norm_form(norm, seen.norms[norm][1], seen.norms[norm][0]) for norm in fed}
     for norm, form in forms.items():
         if getattr(norm, "bias", None) is not None and torch.any(norm.weight + form.offset == 0):
-            raise LlmqError(f"--method rotate: {seen.norms[norm][0]} has a bias and a zero weight, so its bias cannot "
-                            "stay in the norm; use a method without rotate (e.g. gptq)")
+            raise _refusal(f"{seen.norms[norm][0]} has a bias and a zero weight, so its bias cannot stay in the norm")
     keep_mean = any(form.centers for form in forms.values())
     Q = random_rotation(hidden, seed, keep_mean).float().to(model.device)
     multipliers = {norm: _fold_norm(norm, form, Q) for norm, form in forms.items()}
@@ -274,9 +277,9 @@ def _rotate_float(model: nn.Module, seed: int) -> str:
     after = _logits(model, probe)
     error = float((after - seen.logits).norm() / seen.logits.norm())
     if error > TOLERANCE:
-        raise LlmqError(f"--method rotate: the rotated model's logits differ from the original's by {error:.1%}; this "
-                        f"architecture's residual stream is not rotation-invariant (a Linear reading the stream "
-                        f"without a norm, as post-norm layers have); use a method without rotate (e.g. gptq)")
+        raise _refusal(f"the rotated model's logits differ from the original's by {error:.1%}; this architecture's "
+                       "residual stream is not rotation-invariant (a Linear reading the stream without a norm, as "
+                       "post-norm layers have)")
     kind = "keeping the mean direction (LayerNorm) " if keep_mean else ""
     return (f"residual stream rotated by a random orthogonal {hidden}x{hidden} matrix {kind}(seed {seed}), norms "
             f"folded into the Linears, output head untied")
