@@ -15,9 +15,18 @@ import threading
 from pathlib import Path
 
 from llmq.calib.models import EMBEDDED_DEFAULT
-from llmq.core.config import GROUP_FITS, MethodOptions, QuantizeConfig, RunOptions, TargetOptions
+from llmq.core import __version__
+from llmq.core.config import (
+    DATA_FREE_WINDOWS,
+    GROUP_FITS,
+    TEXT_WINDOWS,
+    MethodOptions,
+    QuantizeConfig,
+    RunOptions,
+    TargetOptions,
+)
 from llmq.core.errors import LlmqError
-from llmq.core.scheme import ACT_RANGES, PRESETS, QuantScheme, scheme_with_preset
+from llmq.core.scheme import ACT_RANGES, QuantScheme, preset_names, scheme_with_preset
 from llmq.methods import method_names
 from llmq.methods.grids.ternary import GRANULARITIES
 from llmq.targets import TARGETS
@@ -30,6 +39,10 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--out", default=None, help="output directory or .gguf file (default: named after model and method)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    p.add_argument("--recipe", default=None, metavar="OUTPUT",
+                   help="repeat the run recorded in an llmq output (its directory, llmq.json or .gguf): the same config; "
+                        "MODEL defaults to the recorded hub id or the embedded default; only --out, --overwrite, "
+                        "--device and --nproc may be given beside it")
 
     method = p.add_argument_group("method")
     method.add_argument("--method", dest="name", default=MethodOptions.name, choices=method_names(),
@@ -75,10 +88,13 @@ def _quantize_parser(sub) -> None:
                         help=f"bitnet fine-tuning tokens per window (default {MethodOptions.qat_seqlen})")
 
     scheme = p.add_argument_group("scheme (compressed-tensors' grid)")
-    scheme.add_argument("--scheme", dest="preset", default=None, choices=sorted(PRESETS),
-                        help="w8a8: int8 weights per channel and int8 inputs (per token at run time, or static "
-                             "with --act-static); fp8: the same in FP8 E4M3 (what vLLM runs natively on Hopper); "
-                             "nf4: QLoRA's NormalFloat-4 in bitsandbytes' layout; fp16 / bf16: the model cast")
+    scheme.add_argument("--scheme", dest="preset", default=None, metavar="{" + ",".join(preset_names()) + "}",
+                        help="a named scheme, any case. llm-compressor's presets: W4A16 (4-bit symmetric groups of "
+                             "128), W4A16_ASYM (with zero points), W8A16 (8-bit per channel), W8A8 (int8 weights per "
+                             "channel, int8 inputs per token at run time; --act-static for one scale per Linear), FP8 "
+                             "(E4M3 weights per channel, one static input scale per Linear from calibration), "
+                             "FP8_DYNAMIC (inputs scaled per token at run time); llmq's: nf4 (QLoRA's NormalFloat-4 "
+                             "in bitsandbytes' layout), fp16 / bf16 (the model cast, nothing rounded)")
     scheme.add_argument("--act-bits", type=int, default=QuantScheme.act_bits,
                         help="8: also quantize each Linear's input (W8A8; with --bits 8 --group-size -1 --sym); 16: "
                              "int16 inputs with int8 weights (TFLite's 16x8, simulated: an evaluation scheme)")
@@ -92,7 +108,9 @@ def _quantize_parser(sub) -> None:
                              "default) or mse (least squared error over every calibration value: clips rare outliers)")
     scheme.add_argument("--bits", type=int, default=QuantScheme.bits, help=f"2, 3, 4 or 8 (default {QuantScheme.bits})")
     scheme.add_argument("--group-size", type=int, default=QuantScheme.group_size,
-                        help=f"input columns per scale; -1 per channel (default {QuantScheme.group_size})")
+                        help=f"input columns per scale; -1 per channel (default {QuantScheme.group_size}). A Linear it "
+                             "does not divide takes the largest power of two from 32 that does (else per channel), "
+                             "said in one line and in the model card; --strict-groups refuses instead")
     sym = scheme.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=QuantScheme.symmetric,
                      help="symmetric grid, no zero points")
@@ -102,6 +120,9 @@ def _quantize_parser(sub) -> None:
     target.add_argument("--format", default=TargetOptions.format, choices=["auto", *TARGETS],
                         help="compressed-tensors (packed safetensors for transformers/vLLM; the default), gguf (one "
                              "llama.cpp file) or bitnet (transformers' ternary layout; the default for --method bitnet)")
+    target.add_argument("--strict-groups", action="store_true", default=TargetOptions.strict_groups,
+                        help="refuse a model with a Linear the --group-size does not divide, instead of giving that "
+                             "Linear a smaller group")
     target.add_argument("--type", dest="gguf_type", default=TargetOptions.gguf_type,
                         help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, F16, BF16, F32 "
                              "(default Q4_K_M); TQ1_0 or TQ2_0 (default) with --method bitnet")
@@ -111,9 +132,11 @@ def _quantize_parser(sub) -> None:
                      help="calibration .txt/.jsonl file or dataset name (wikitext2, c4, pile-val); "
                           "default: wikitext2, or text sampled from the model when offline")
     run.add_argument("--samples", type=int, default=RunOptions.samples,
-                     help=f"calibration windows (default {RunOptions.samples})")
+                     help=f"calibration windows (default {TEXT_WINDOWS[0]} from text, {DATA_FREE_WINDOWS[0]} when the "
+                          "model writes its own calibration text)")
     run.add_argument("--seqlen", type=int, default=RunOptions.seqlen,
-                     help=f"tokens per calibration window (default {RunOptions.seqlen})")
+                     help=f"tokens per calibration window (default {TEXT_WINDOWS[1]} from text, {DATA_FREE_WINDOWS[1]} "
+                          "data-free)")
     run.add_argument("--device", default=RunOptions.device, help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--dtype", default=RunOptions.dtype, help="dtype to load the model in (default: the checkpoint's)")
     run.add_argument("--route-all-experts", action="store_true", default=RunOptions.route_all_experts,
@@ -158,6 +181,18 @@ def _export_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
+def _inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="what a checkpoint directory or GGUF file holds: schemes, bits per weight, "
+                                       "size, which clients load it, the recipe llmq recorded")
+    p.add_argument("path", help="a model directory (compressed-tensors, bitsandbytes, BitNet, plain) or a .gguf file")
+
+
+def _run_inspect(args) -> None:
+    from llmq.inspect import inspect
+
+    print("\n".join(inspect(args.path).lines()))
+
+
 def _group(args, kind) -> dict:
     """One config group from the parsed flags (dests are the field names; a field without a flag keeps its default)."""
     return {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(kind)}
@@ -193,12 +228,42 @@ def _launch_ranks(argv: list[str], nproc: int) -> None:
                         "no output was written") from None
 
 
+def _config_from_flags(args) -> QuantizeConfig:
+    return QuantizeConfig(scheme_with_preset(args.preset, _group(args, QuantScheme)),
+                          MethodOptions(**_group(args, MethodOptions)), TargetOptions(**_group(args, TargetOptions)),
+                          RunOptions(**_group(args, RunOptions)))
+
+
+def _config_from_recipe(args) -> QuantizeConfig:
+    """`--recipe OUTPUT`: the recorded config (and model, unless one is named); a config flag beside it is refused,
+    since the recipe fixes it (--device may change: where a run computes does not change what it is)."""
+    from llmq.calib.models import EMBEDDED_BASE_ID
+    from llmq.targets.recipe import read_recipe
+
+    recipe = read_recipe(args.recipe)
+    config = QuantizeConfig.from_recipe(recipe["config"])
+    typed = [flag for group in ("scheme", "method", "target", "run")
+             for flag in _config_from_flags(args).changed(group) if flag != "--device"]
+    if args.preset is not None:
+        typed.insert(0, "--scheme")
+    if typed:
+        raise LlmqError(f"--recipe repeats a recorded run and fixes {', '.join(typed)}; drop them (or edit a copy of "
+                        "the recipe)")
+    config.run.device = args.device
+    if args.model is None:
+        if recipe.get("model"):
+            args.model = recipe["model"]
+        elif recipe.get("base_model") not in (None, EMBEDDED_BASE_ID):
+            raise LlmqError(f"the recipe was made from a local model ({recipe['base_model']}); name it: llmq quantize "
+                            f"--recipe {args.recipe} PATH")
+    return config
+
+
 def _run_quantize(args) -> None:
     from llmq.core.ranks import launched_by_torchrun, leave
     from llmq.run import check_ranks, default_out, method_and_target, quantize
 
-    config = QuantizeConfig(scheme_with_preset(args.preset, _group(args, QuantScheme)), MethodOptions(**_group(args, MethodOptions)),
-                            TargetOptions(**_group(args, TargetOptions)), RunOptions(**_group(args, RunOptions)))
+    config = _config_from_recipe(args) if args.recipe else _config_from_flags(args)
     if args.nproc < 1:
         raise LlmqError(f"--nproc must be 1 or more, not {args.nproc}")
     if args.nproc > 1 and not launched_by_torchrun():
@@ -282,7 +347,7 @@ def _run_eval(args) -> None:
     line = (f"{Path(args.ppl).name}, {result.windows} windows x {args.seqlen} tokens: "
             f"perplexity {result.perplexity:.4f}")
     if result.kl_divergence is not None:
-        line += f", KL vs {kl_base} {result.kl_divergence:.5f}"
+        line += f", KL vs {kl_base} {result.kl_divergence:.5f}, unquantized perplexity {result.base_perplexity:.4f}"
     print(line)
     if args.card:
         if not append_evaluation(args.model, f"{line} (llmq eval, {datetime.date.today()})"):
@@ -298,19 +363,27 @@ def _terminate(signum, frame):
     raise Terminated
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (the docs' CLI reference is generated from it: docs/hooks/cli_reference.py)."""
     parser = argparse.ArgumentParser(prog="llmq", description="Quantize the weights of large language models.")
+    parser.add_argument("--version", action="version", version=f"llmq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _quantize_parser(sub)
     _eval_parser(sub)
     _export_parser(sub)
-    args = parser.parse_args(argv)
+    _inspect_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     # Only the main thread may set handlers; main() called from another thread keeps the process's own.
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
-        {"quantize": _run_quantize, "eval": _run_eval, "export-gguf": _run_export}[args.command](args)
+        {"quantize": _run_quantize, "eval": _run_eval, "export-gguf": _run_export,
+         "inspect": _run_inspect}[args.command](args)
     except LlmqError as error:
         from llmq.core.ranks import world
 

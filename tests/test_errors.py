@@ -45,10 +45,11 @@ def test_eval_takes_an_architecture_the_quantizer_does_not_map(capsys, tmp_path,
     assert "2 windows x 32 tokens: perplexity" in capsys.readouterr().out
 
 
-def test_group_size_that_does_not_divide(capsys, tmp_path, tiny_llama_dir):
+def test_group_size_that_does_not_divide_is_refused_only_when_strict(capsys, tmp_path, tiny_llama_dir):
     code, line = run_cli(capsys, "quantize", str(tiny_llama_dir), "--group-size", "256", "--method", "rtn",
-                         "--out", str(tmp_path / "o"))
-    assert code == 2 and "--group-size 256 does not divide model.layers.0.self_attn.q_proj (in_features 64)" in line
+                         "--strict-groups", "--out", str(tmp_path / "o"))
+    assert code == 2 and ("--group-size 256 does not divide model.layers.0.self_attn.q_proj (in_features 64) and "
+                          "--strict-groups is set; use --group-size 64") in line
     assert not (tmp_path / "o").exists()
 
 

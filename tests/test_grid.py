@@ -8,7 +8,6 @@ from conftest import quantize_matrix
 from llmq.core.errors import LlmqError
 from llmq.core.scheme import QuantScheme
 from llmq.methods.grids.integer import group_qparams
-from llmq.targets.compressed_tensors import check_group_divides
 
 
 def _weight(rows=16, cols=128, seed=0):
@@ -74,14 +73,6 @@ def test_all_zero_group_round_trips_exactly():
     for symmetric in (True, False):
         q = quantize_matrix("rtn", w, QuantScheme(4, 32, symmetric), scale_dtype=torch.float32)
         assert torch.equal(q.dequantize(), w)
-
-
-def test_group_that_does_not_divide_is_refused_with_a_size_that_fits():
-    expected = r"does not divide model.layers.0.self_attn.q_proj \(in_features 576\); use --group-size 96"
-    with pytest.raises(LlmqError, match=expected):
-        check_group_divides("model.layers.0.self_attn.q_proj", 576, QuantScheme(4, 128, True))
-    check_group_divides("x", 576, QuantScheme(4, 64, True))
-    check_group_divides("x", 576, QuantScheme(4, -1, True))
 
 
 def test_bad_scheme_values_are_refused():

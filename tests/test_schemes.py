@@ -63,7 +63,7 @@ def test_per_token_input_quantization_is_compressed_tensors_own():
         args = QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="token", dynamic=True)
         scale, zero = calculate_qparams(x.amin(1, keepdim=True), x.amax(1, keepdim=True), args)
         theirs = fake_quantize(x, scale, zero, args)
-        codes, ours_scale = quantize_rows(x, QuantScheme(**PRESETS["w8a8" if kind == "int" else "fp8"]))
+        codes, ours_scale = quantize_rows(x, QuantScheme(**PRESETS["w8a8" if kind == "int" else "fp8_dynamic"]))
         assert torch.equal(torch.nan_to_num(theirs), codes * ours_scale), kind
 
 
@@ -163,7 +163,7 @@ def test_integer_gemm_equals_the_float_product_of_the_codes():
 
 
 @pytest.mark.parametrize("preset, method, fmt, dtype, dynamic, act_range", [
-    ("fp8", "gptq", "float-quantized", torch.float8_e4m3fn, True, "max"),
+    ("fp8_dynamic", "gptq", "float-quantized", torch.float8_e4m3fn, True, "max"),
     ("w8a8", "rtn", "int-quantized", torch.int8, True, "max"),
     ("w8a8", "gptq", "int-quantized", torch.int8, False, "max"),
     ("fp8", "rtn", "float-quantized", torch.float8_e4m3fn, False, "max"),

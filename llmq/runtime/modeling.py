@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ from llmq.targets.compressed_tensors import (
     TENSOR_SUFFIXES,
     check_packed_tensors,
     checkpoint_format,
+    config_group_sizes,
+    linear_scheme,
     read_weights,
     scheme_from_config,
 )
@@ -114,7 +117,7 @@ def kernel_path(device: torch.device | str, bits: int = 4) -> str:
 
 
 def _quant_linear_from_state(model: nn.Module, name: str, state: dict, scheme: QuantScheme,
-                             bias: torch.Tensor | None) -> QuantLinear:
+                             bias: torch.Tensor | None, group_sizes: set[int]) -> QuantLinear:
     """The QuantLinear for `name` from its packed tensors (popped from `state`), checked against the config."""
     try:
         packed = state.pop(f"{name}.weight_packed")
@@ -133,6 +136,7 @@ def _quant_linear_from_state(model: nn.Module, name: str, state: dict, scheme: Q
         raise LlmqError(f"{name}.weight_shape is {shape.tolist()} but the config makes that Linear "
                         f"[{linear.out_features}, {linear.in_features}]; the config and the weights do not belong together")
     tensors = {"weight_packed": packed, "weight_scale": scale} | ({} if zero is None else {"weight_zero_point": zero})
+    scheme = linear_scheme(scheme, linear.in_features, scale, group_sizes)
     check_packed_tensors(name, tensors, scheme, linear.out_features, linear.in_features)
     return QuantLinear(linear.in_features, linear.out_features, scheme, packed, scale, zero, bias)
 
@@ -195,6 +199,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         log.info(f"llmq: ternary BitNet checkpoint on {torch.device(device).type}: int8 codes, dequantized per call")
         return model
     scheme, _ = scheme_from_config(quant_config)
+    group_sizes = config_group_sizes(quant_config)
     state = read_weights(directory)
 
     model = _skeleton(config, dtype)
@@ -203,9 +208,9 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     unpacked = checkpoint_format(scheme) != FORMAT
     marker = ".weight_scale" if unpacked else ".weight_packed"
     packed_names = [key[: -len(marker)] for key in state if key.endswith(marker)]
+    build = _w8_linear_from_state if unpacked else functools.partial(_quant_linear_from_state, group_sizes=group_sizes)
     for name in packed_names:
         bias = state.pop(f"{name}.bias", None)
-        build = _w8_linear_from_state if unpacked else _quant_linear_from_state
         model.set_submodule(name, build(model, name, state, scheme, bias))
 
     fill_remaining_weights(model, state, dtype)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from llmq.calib.harness import Plan
-from llmq.core.config import QuantizeConfig
+from llmq.core import __version__
+from llmq.core.config import QuantizeConfig, recipe_config
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Method, Quantized
 from llmq.core.scheme import QuantScheme
@@ -41,6 +42,9 @@ class RunReport:
     device: str
     dtype: str  # the model's dtype: what the unquantized tensors are kept in
     relative_weight_error: float
+    calibration_sha256: str | None = None  # of the calibration windows' token ids; None when no data was used
+    model: str | None = None  # the MODEL argument a recipe repeats: a hub id; None for the embedded default or a path
+    license: str | None = None  # the base model's license (its card's), inherited by the output's card when known
 
 
 @dataclass
@@ -57,6 +61,16 @@ class Target(ABC):
 
     def __init__(self, config: QuantizeConfig, method: Method):
         self.config, self.method = config, method
+        self.report: RunReport | None = None  # the finished run's, set by write(); what the recipe records
+
+    def recipe_fields(self, report: RunReport) -> dict:
+        """What llmq.json (or a GGUF's llmq.recipe) records: the whole QuantizeConfig, llmq's version, the base model
+        and the calibration windows' hash, so that `llmq quantize --recipe` can repeat the run and a reader can
+        tell two runs' data apart."""
+        return {"written_by": "llmq", "version": __version__, "format": self.name, "method": self.method.name,
+                "model": report.model, "base_model": report.base_model,
+                "calibration": report.calibration, "calibration_sha256": report.calibration_sha256,
+                "config": recipe_config(self.config)}
 
     def check(self) -> None:
         """Refuse, before anything is loaded, what this target cannot do with the run's method and flags."""
@@ -90,7 +104,8 @@ class Target(ABC):
         llmq's marker in it (what a later --overwrite recognises)."""
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             yield Stage(tmp, lambda name: tmp / name)
-            write_marker(tmp, format=self.name, method=self.method.name)
+            write_marker(tmp, **(self.recipe_fields(self.report) if self.report else
+                                 {"format": self.name, "method": self.method.name}))
 
     @abstractmethod
     def plan(self, model: nn.Module, linears: dict[str, nn.Linear], storage_dtype: torch.dtype,

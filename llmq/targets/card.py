@@ -21,13 +21,45 @@ def render_card(**fields) -> str:
     return TEMPLATE.read_text().format(**fields)
 
 
+# How each client loads an output, by the card's format tag (the README's snippets, which tests/test_readme.py runs)
+_TRANSFORMERS = """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer  # {note}
+model = AutoModelForCausalLM.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```"""
+_VLLM = """```bash
+vllm serve {name}
+```
+
+```python
+from vllm import LLM
+llm = LLM("{name}")
+```"""
+_LLMQ = """```python
+import llmq  # the weights kept packed (CPU int4 / CUDA W4A16 kernels), for evaluation
+model = llmq.load("{name}", device="cpu")
+```"""
+USAGE = {
+    "compressed-tensors": (_TRANSFORMERS, _VLLM, _LLMQ),
+    "bitsandbytes": (_TRANSFORMERS, _LLMQ),
+    "ternary": (_TRANSFORMERS, _LLMQ, "For llama.cpp: `llmq export-gguf {name} --out {name}.gguf`, then "
+                                      "`llama-cli -m {name}.gguf`."),
+    "safetensors": (_TRANSFORMERS, _VLLM),
+}
+
+
 def model_card(report: RunReport, size_after: int, **target_fields) -> str:
     """The card of a run: what every run reports, plus what the target says about its layout
-    (bits, group_size, symmetric, act_order, mse, format_tag, summary, layout, loader_note)."""
+    (bits, group_size, symmetric, act_order, mse, format_tag, summary, layout, loader_note). It follows the Hub's
+    conventions for quantized models: base_model, base_model_relation, license (the base model's, when known),
+    pipeline_tag, tags; usage for every client that loads the format."""
+    name, note = report.out.name, target_fields.pop("loader_note")
+    usage = "\n\n".join(part.format(name=name, note=note) for part in USAGE[target_fields["format_tag"]])
     return render_card(
-        name=report.out.name, base_model=report.base_model, method=report.method, calibration=report.calibration,
+        name=name, base_model=report.base_model, method=report.method, calibration=report.calibration,
         size_before=human_size(report.size_before), size_after=human_size(size_after),
-        seconds=f"{report.seconds:.0f} s", device=report.device, dtype=report.dtype, **target_fields)
+        seconds=f"{report.seconds:.0f} s", device=report.device, dtype=report.dtype, usage=usage,
+        license_line=f"license: {report.license}\n" if report.license else "", **target_fields)
 
 
 def append_evaluation(directory: str | os.PathLike, line: str) -> bool:

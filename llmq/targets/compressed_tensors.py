@@ -1,5 +1,5 @@
 """The compressed-tensors `pack-quantized` checkpoint: what transformers (with the `compressed-tensors`
-package), vLLM and SGLang load natively.
+package) and vLLM load natively.
 
 Per quantized Linear `name`, the safetensors hold:
     name.weight_packed      int32 [out, ceil(in * bits / 32)]   integers, dense bit-packed along rows
@@ -65,28 +65,67 @@ def checkpoint_format(scheme: QuantScheme) -> str:
     return UNPACKED_FORMATS[scheme.weight_type]
 
 
-def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str], observer: str) -> dict:
-    weights = {
+def _weights_args(scheme: QuantScheme, group_size: int, act_order: bool, observer: str) -> dict:
+    """compressed-tensors' QuantizationArgs of the weights, for Linears `group_size` columns per scale (-1: per channel)."""
+    return {
         "num_bits": scheme.bits,
         "type": scheme.weight_type,
         "symmetric": scheme.symmetric,
-        "strategy": "channel" if scheme.group_size == -1 else "group",
-        "group_size": None if scheme.group_size == -1 else scheme.group_size,
+        "strategy": "channel" if group_size == -1 else "group",
+        "group_size": None if group_size == -1 else group_size,
         "dynamic": False,
-        "actorder": "weight" if act_order and scheme.group_size != -1 else None,
+        "actorder": "weight" if act_order and group_size != -1 else None,
         "observer": observer,
     }
+
+
+def _module_suffix(name: str) -> str:
+    """A Linear's name after its layer index: model.layers.3.self_attn.q_proj -> self_attn.q_proj."""
+    return re.split(r"\.\d+\.", name)[-1]
+
+
+def _group_targets(names: list[str], others: list[str]) -> list[str]:
+    """Targets matching exactly `names` among all Linears (`names` + `others`): one `re:` pattern per module
+    suffix after the layer index (`re:.*\\.self_attn\\.q_proj$`) where that suffix names none of `others`, else
+    the exact names (what both compressed-tensors and vLLM match before class names)."""
+    taken = {_module_suffix(name) for name in others}
+    patterns, exact = [], []
+    for name in names:
+        key = _module_suffix(name)
+        if key in taken or key == name:
+            exact.append(name)
+        elif (pattern := rf"re:.*\.{re.escape(key)}$") not in patterns:
+            patterns.append(pattern)
+    return sorted(patterns) + exact
+
+
+def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str], observer: str,
+                        group_sizes: Mapping[str, int] | None = None) -> dict:
+    """config.json's quantization_config. `group_sizes`: each quantized Linear's on-disk name -> its columns per
+    scale (group_size_for), when they are not all the scheme's: one config group per group size, each targeting
+    its Linears by name, since compressed-tensors keeps one group size per config group."""
+    sizes = sorted(set((group_sizes or {}).values()), reverse=True) or [scheme.group_size]
+    per_channel = lambda size: size == -1 or scheme.group_size == -1
     inputs = None
     if scheme.act_bits is not None:
         inputs = {"num_bits": scheme.act_bits, "type": scheme.weight_type, "symmetric": True,
                   "strategy": "token" if scheme.act_dynamic else "tensor", "group_size": None,
                   "dynamic": scheme.act_dynamic, "actorder": None, "observer": _input_observer(scheme)}
+    groups = {}
+    for index, size in enumerate(sizes):
+        weights = _weights_args(scheme, -1 if per_channel(size) else size, act_order, observer)
+        if len(sizes) == 1:
+            targets = ["Linear"]
+        else:
+            mine = [name for name, own in group_sizes.items() if own == size]
+            targets = _group_targets(mine, [name for name, own in group_sizes.items() if own != size])
+        groups[f"group_{index}"] = {"targets": targets, "weights": weights, "input_activations": inputs,
+                                    "output_activations": None}
     config = {
         "quant_method": "compressed-tensors",
         "format": checkpoint_format(scheme),
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                      "input_activations": inputs, "output_activations": None}},
+        "config_groups": groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
     }
@@ -99,18 +138,35 @@ def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str],
 
 
 def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, list[str]]:
-    """The llmq scheme of a compressed-tensors config (one config group: int or FP8 weights, inputs quantized per
-    token at run time or not), and its ignore list."""
+    """The llmq scheme of a compressed-tensors config (int or FP8 weights, inputs quantized per token at run time
+    or not), and its ignore list. Config groups that differ only in group size (a model whose widths the
+    requested group does not divide) are one scheme: each Linear's group size is read from its scales' shape."""
     formats = (FORMAT, *UNPACKED_FORMATS.values())
     if quant_config.get("quant_method") != "compressed-tensors" or quant_config.get("format") not in formats:
         raise LlmqError(f"checkpoint is not a compressed-tensors model in one of the formats llmq.load reads "
                         f"({', '.join(formats)})")
     groups = list(quant_config.get("config_groups", {}).values())
-    if len(groups) != 1 or groups[0].get("weights", {}).get("type") not in ("int", "float"):
-        raise LlmqError("checkpoint mixes several quantization schemes; llmq.load reads one weight scheme")
-    weights, inputs = groups[0]["weights"], groups[0].get("input_activations")
+    if not groups or any(not isinstance(group, dict) for group in groups):
+        raise LlmqError("the checkpoint's quantization_config has no config groups; re-create it")
+    schemes = [_group_scheme(group, quant_config["format"]) for group in groups]
+    base = schemes[0]
+    if any(dataclasses.replace(other, group_size=base.group_size) != base for other in schemes[1:]):
+        raise LlmqError("checkpoint mixes several quantization schemes; llmq.load reads one weight scheme (config "
+                        "groups may differ in group size only)")
+    return base, list(quant_config.get("ignore", []))
+
+
+def _group_scheme(group: dict, fmt: str) -> QuantScheme:
+    """One config group's scheme; anything llmq does not read is one line."""
+    if group.get("weights", {}).get("type") not in ("int", "float"):
+        raise LlmqError("checkpoint holds a weight type llmq.load does not read (int or float)")
+    weights, inputs = group["weights"], group.get("input_activations")
     try:
+        if weights.get("strategy") not in ("channel", "group"):
+            raise LlmqError(f"weight strategy {weights.get('strategy')!r} is not read (channel or group)")
         group_size = -1 if weights.get("strategy") == "channel" else int(weights["group_size"])
+        if not isinstance(weights["num_bits"], int):
+            raise LlmqError(f"num_bits {weights['num_bits']!r} is not an integer")
         timing = None if inputs is None else (inputs.get("strategy"), inputs.get("dynamic"))
         if inputs is not None and (timing not in (("token", True), ("tensor", False))
                                    or inputs.get("type") != weights["type"] or not inputs.get("symmetric", True)):
@@ -118,12 +174,33 @@ def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, list[str]]:
                             "per tensor, is read")
         scheme = QuantScheme(int(weights["num_bits"]), group_size, bool(weights["symmetric"]), weights["type"],
                              None if inputs is None else int(inputs["num_bits"]), timing != ("tensor", False))
-        if checkpoint_format(scheme) != quant_config["format"]:
-            raise LlmqError(f"format {quant_config['format']} does not hold {scheme.name}")
+        if checkpoint_format(scheme) != fmt:
+            raise LlmqError(f"format {fmt} does not hold {scheme.name}")
     except (KeyError, TypeError, ValueError, LlmqError) as error:
         reason = error.args[0] if error.args else type(error).__name__
         raise LlmqError(f"the checkpoint's quantization_config is not one llmq reads ({reason}); re-create it") from None
-    return scheme, list(quant_config.get("ignore", []))
+    return scheme
+
+
+def config_group_sizes(quant_config: dict) -> set[int]:
+    """The group sizes a compressed-tensors config's groups name (-1: per channel); scheme_from_config checked them."""
+    return {-1 if group["weights"].get("strategy") == "channel" else int(group["weights"]["group_size"])
+            for group in quant_config["config_groups"].values()}
+
+
+def linear_scheme(scheme: QuantScheme, in_features: int, scale: torch.Tensor, group_sizes: set[int]) -> QuantScheme:
+    """The scheme of one packed Linear: the checkpoint's, with the group size its scales' shape says, which must
+    be one of the config's (config groups of one checkpoint may differ in group size); one line if not."""
+    if scale.dim() != 2 or scale.shape[1] < 1 or in_features % scale.shape[1]:
+        return scheme  # a shape check_packed_tensors refuses, naming it
+    groups = scale.shape[1]
+    if groups == 1 and (-1 in group_sizes or in_features in group_sizes):
+        return dataclasses.replace(scheme, group_size=-1 if -1 in group_sizes else in_features)
+    if in_features // groups not in group_sizes:
+        raise LlmqError(f"a Linear of {in_features} inputs holds {groups} scales per row, groups of "
+                        f"{in_features // groups}, which no config group names ({sorted(group_sizes)}); the config "
+                        "and the weights do not belong together")
+    return dataclasses.replace(scheme, group_size=in_features // groups)
 
 
 def check_packed_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int,
@@ -179,15 +256,25 @@ def _check_unpacked_tensors(name: str, tensors: dict[str, torch.Tensor], scheme:
                         f"{tuple(input_scale.shape)}; the checkpoint is damaged: re-create it")
 
 
-def check_group_divides(name: str, in_features: int, scheme: QuantScheme) -> None:
-    """Refuse up front a group size that no loader of the format can read (compressed-tensors needs equal groups)."""
-    if scheme.group_size == -1 or in_features % scheme.group_size == 0:
-        return
-    fits = [g for g in (256, 192, 128, 96, 64, 32) if in_features % g == 0 and g < scheme.group_size]
-    hint = f"--group-size {fits[0]}" if fits else "--group-size -1"
-    raise LlmqError(
-        f"--group-size {scheme.group_size} does not divide {name} (in_features {in_features}); use {hint} or -1"
-    )
+def describe_groups(linears: Mapping[str, nn.Linear], requested: int, chosen: int, symmetric: bool) -> str:
+    """One sentence: the group size the run takes instead of the requested one, and the Linears left per channel
+    (with what that means for transformers when the grid is asymmetric)."""
+    odd = {}
+    for name, linear in linears.items():
+        if linear.in_features % requested:
+            odd.setdefault(linear.in_features, []).append(name)
+    widths = ", ".join(f"{len(names)} Linears {width} wide ({_module_suffix(names[0])}, ...)"
+                       for width, names in sorted(odd.items()))
+    said = f"--group-size {requested} does not divide {widths}"
+    per_channel = sorted({linear.in_features for linear in linears.values() if linear.in_features % chosen})
+    if chosen != requested:
+        said += f"; using groups of {chosen} for every Linear, the largest that divides them"
+    if per_channel:
+        said += f"; Linears {', '.join(map(str, per_channel))} wide take one scale per channel (no group from 32 divides them)"
+        if not symmetric:  # transformers 5.x dequantizes asymmetric checkpoints with one config group's scheme
+            said += (", so the checkpoint has two config groups, which transformers cannot dequantize on an asymmetric "
+                     "grid (vLLM and llmq.load read it; --sym writes one transformers loads too)")
+    return said
 
 
 def packed_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
@@ -313,6 +400,7 @@ class CompressedTensorsTarget(Target):
 
     name = "compressed-tensors"
     lazy_layers = True
+    group_note: str | None = None  # which Linears took a smaller group than --group-size (check_model)
 
     def check(self) -> None:
         if self.method.ternary:
@@ -339,8 +427,17 @@ class CompressedTensorsTarget(Target):
         return without_fused_experts(model, linears)
 
     def check_model(self, model, linears) -> None:
-        for name, linear in linears.items():
-            check_group_divides(name, linear.in_features, self.config.scheme)
+        scheme = self.config.scheme
+        if scheme.group_size != -1 and any(linear.in_features % scheme.group_size for linear in linears.values()):
+            chosen = scheme.fitting_group_size(linear.in_features for linear in linears.values())
+            if self.config.target.strict_groups:
+                name = next(name for name, linear in linears.items() if linear.in_features % scheme.group_size)
+                raise LlmqError(f"--group-size {scheme.group_size} does not divide {name} (in_features "
+                                f"{linears[name].in_features}) and --strict-groups is set; use --group-size {chosen}, "
+                                "or drop --strict-groups to let llmq choose it")
+            self.group_note = describe_groups(linears, scheme.group_size, chosen, scheme.symmetric)
+            self.config.scheme = dataclasses.replace(scheme, group_size=chosen)
+            log.info(f"llmq: {self.group_note} (--strict-groups refuses instead)")
         if not self.config.scheme.symmetric and any(_EXPERT.search(name) for name in linears):
             # transformers (5.24) drops zero points when it merges dequantized experts, and vLLM's WNA16 MoE
             # kernels take symmetric weights only: an asymmetric MoE checkpoint would load in neither.
@@ -369,6 +466,18 @@ class CompressedTensorsTarget(Target):
             return str(self.act_order)  # no groups to fit: FP8 and per-channel scales are fixed before the sweep
         return f"True (groups fitted {'in the sweep' if self.config.method.group_fit == 'sweep' else 'upfront'})"
 
+    def _group_sizes(self, model, quantized: dict[str, QuantizedTensor]) -> dict[str, int] | None:
+        """Each packed Linear's on-disk name -> its columns per scale, when they are not all the scheme's."""
+        scheme = self.config.scheme
+        if scheme.group_size == -1 or checkpoint_format(scheme) != FORMAT:
+            return None
+        # a Linear the group does not divide is written per channel (-1), as compressed-tensors names that strategy
+        sizes = {name: -1 if q.qweight.shape[1] % scheme.group_size else scheme.group_size for name, q in quantized.items()}
+        if all(size == scheme.group_size for size in sizes.values()):
+            return None
+        disk = checkpoint_names(model, list(sizes))
+        return {disk[name] or name: size for name, size in sizes.items()}
+
     def write(self, path, model, tokenizer, plan, quantized: dict[str, Quantized], report: RunReport) -> int:
         scheme, mse = self.config.scheme, self.config.method.mse
         write_weights(path, checkpoint_tensors(model, quantized))
@@ -378,7 +487,8 @@ class CompressedTensorsTarget(Target):
                 del model.config.quantization_config
         else:
             model.config.quantization_config = quantization_config(
-                scheme, self.act_order, ignored_linears(model, quantized), "mse" if mse else "minmax")
+                scheme, self.act_order, ignored_linears(model, quantized), "mse" if mse else "minmax",
+                self._group_sizes(model, quantized))
         model.config.save_pretrained(path)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(path)
@@ -395,7 +505,8 @@ class CompressedTensorsTarget(Target):
         what = (f"{scheme.bits}-bit weight-only quantization" if scheme.act_bits is None else
                 f"{scheme.name} quantization (weights, and each Linear's input {timing})")
         (path / "README.md").write_text(model_card(
-            report, size, bits=scheme.bits, group_size="per-channel" if scheme.group_size == -1 else scheme.group_size,
+            report, size, bits=scheme.bits, group_size=("per-channel" if scheme.group_size == -1 else scheme.group_size)
+            if not self.group_note else f"{scheme.group_size} ({self.group_note})",
             symmetric=scheme.symmetric, act_order=self.act_order_in_card(), mse=mse, format_tag="compressed-tensors",
             summary=f"{what} of `{report.base_model}`, made with llmq.",
             layout=f"compressed-tensors `{checkpoint_format(scheme)}`", loader_note="needs the compressed-tensors package"))

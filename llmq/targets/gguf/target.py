@@ -9,6 +9,7 @@ by its planned type, metadata and tokenizer (llmq/targets/gguf/writer.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import itertools
 from collections.abc import Mapping
 from pathlib import Path
@@ -212,7 +213,8 @@ class GGUFTarget(Target):
             # general.name is the model's own name: llama.cpp switches tokenizer rules on names (one containing
             # "phi3" expects Phi-3's special tokens), so an output file's name must not leak into it
             return write_gguf(path, model, tokenizer, tensors, self.mixture.file_type,
-                              name=report.base_model.rstrip("/").rpartition("/")[2])
+                              name=report.base_model.rstrip("/").rpartition("/")[2],
+                              recipe=json.dumps(self.recipe_fields(report)))
         finally:
             spill.remove()
 

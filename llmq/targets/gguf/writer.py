@@ -612,11 +612,15 @@ def model_name(model, fallback: str) -> str:
 # ---- writing --------------------------------------------------------------------------------------------------
 
 
+RECIPE_KEY = "llmq.recipe"  # the run's recipe (llmq.json's fields, as JSON) inside a GGUF file llmq wrote
+
+
 def write_gguf(path: str | Path, model, tokenizer, tensors: Mapping[str, EncodedTensor], file_type: int,
-               name: str) -> int:
+               name: str, recipe: str | None = None) -> int:
     """Write `tensors` (GGUF name -> encoded) with the model's metadata to `path`; returns the file size in bytes.
 
-    `name` is the model name llama.cpp shows (general.name).
+    `name` is the model name llama.cpp shows (general.name); `recipe`, JSON stored under RECIPE_KEY (`llmq
+    inspect` shows it, `llmq quantize --recipe FILE.gguf` repeats the run).
     """
     config = language_config(model.config)
     arch = gguf_arch(config)
@@ -626,6 +630,8 @@ def write_gguf(path: str | Path, model, tokenizer, tensors: Mapping[str, Encoded
     _add_expert_hparams(writer, config, tensors)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(2)
+    if recipe is not None:
+        writer.add_string(RECIPE_KEY, recipe)
     add_tokenizer(writer, tokenizer, config.vocab_size)
     tensors = {**rope_scaling_tensors(writer, config), **tensors}
     for tensor_name, tensor in tensors.items():
