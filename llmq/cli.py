@@ -108,9 +108,10 @@ def _quantize_parser(sub) -> None:
                              "default) or mse (least squared error over every calibration value: clips rare outliers)")
     scheme.add_argument("--bits", type=int, default=QuantScheme.bits, help=f"2, 3, 4 or 8 (default {QuantScheme.bits})")
     scheme.add_argument("--group-size", type=int, default=QuantScheme.group_size,
-                        help=f"input columns per scale; -1 per channel (default {QuantScheme.group_size}). A Linear it "
-                             "does not divide takes the largest power of two from 32 that does (else per channel), "
-                             "said in one line and in the model card; --strict-groups refuses instead")
+                        help=f"input columns per scale; -1 per channel (default {QuantScheme.group_size}). When it does "
+                             "not divide every Linear, the run takes the largest power of two from 32 below it that "
+                             "divides them all (a Linear none divides: per channel), said in one line and in the model "
+                             "card; --strict-groups refuses instead")
     sym = scheme.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=QuantScheme.symmetric,
                      help="symmetric grid, no zero points")
@@ -121,8 +122,8 @@ def _quantize_parser(sub) -> None:
                         help="compressed-tensors (packed safetensors for transformers/vLLM; the default), gguf (one "
                              "llama.cpp file) or bitnet (transformers' ternary layout; the default for --method bitnet)")
     target.add_argument("--strict-groups", action="store_true", default=TargetOptions.strict_groups,
-                        help="refuse a model with a Linear the --group-size does not divide, instead of giving that "
-                             "Linear a smaller group")
+                        help="refuse a model with a Linear the --group-size does not divide, instead of taking a "
+                             "smaller group size that divides them all")
     target.add_argument("--type", dest="gguf_type", default=TargetOptions.gguf_type,
                         help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, F16, BF16, F32 "
                              "(default Q4_K_M); TQ1_0 or TQ2_0 (default) with --method bitnet")

@@ -200,3 +200,34 @@ def test_inspect_reads_a_gguf_and_its_recipe(tiny_llama_short_vocab_dir, tmp_pat
                  str(tmp_path / "again.gguf"), "--device", "cpu"]) == 0
     assert (tmp_path / "again.gguf").read_bytes() == out.read_bytes()
 
+
+
+def test_the_model_card_follows_the_hubs_conventions(tiny_llama_dir, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    (base / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n# a base model\n")
+    quantize(str(base), tmp_path / "out", QuantizeConfig.of(method="rtn", group_size=64, device="cpu"))
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert {"base_model: base", "base_model_relation: quantized", "license: mit", "pipeline_tag: text-generation",
+            "- llmq", "- rtn", "- compressed-tensors"} <= set(front.splitlines())
+    for usage in ('AutoModelForCausalLM.from_pretrained("out")', "vllm serve out", 'LLM("out")', 'llmq.load("out"'):
+        assert usage in card
+    (base / "README.md").unlink()  # no card, no license claimed
+    quantize(str(base), tmp_path / "out2", QuantizeConfig.of(method="rtn", group_size=64, device="cpu"))
+    assert "license:" not in (tmp_path / "out2" / "README.md").read_text()
+
+
+def test_eval_reports_the_unquantized_perplexity_of_the_same_windows(tiny_llama_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "rtn"
+    quantize(str(tiny_llama_dir), out, QuantizeConfig.of(method="rtn", group_size=64, device="cpu"))
+    assert main(["eval", str(out), "--ppl", str(calib_file), "--seqlen", "64", "--windows", "3",
+                 "--kl", str(tiny_llama_dir)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    base = main(["eval", str(tiny_llama_dir), "--ppl", str(calib_file), "--seqlen", "64", "--windows", "3", "--kl", "none"])
+    base_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert base == 0 and "unquantized perplexity" in line
+    ours, theirs = float(line.rsplit("unquantized perplexity ", 1)[1]), float(base_line.rsplit("perplexity ", 1)[1])
+    assert abs(ours / theirs - 1) < 1e-4

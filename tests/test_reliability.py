@@ -446,6 +446,6 @@ def test_package_files_live_inside_the_package():
     assert "force-include" not in wheel and wheel["packages"] == ["llmq"]
     fields = dict.fromkeys(["name", "base_model", "method", "calibration", "size_before", "size_after", "seconds",
                             "device", "dtype", "bits", "group_size", "symmetric", "act_order", "mse", "format_tag",
-                            "summary", "layout", "loader_note"], "x")
+                            "summary", "layout", "usage", "license_line"], "x")
     fields["name"] = "card-name"
     assert "card-name" in render_card(**fields)

@@ -78,8 +78,9 @@ def check_gguf(path) -> None:
     """Refuse, in one line, a file that is not a whole, consistent GGUF, before any reader trusts it.
 
     GGUF has no checksums; what a damaged header most often breaks is checked: gguf-py must parse the header
-    and tensor table, and every tensor must lie inside the file, aligned, without overlapping another (a flipped
-    bit in an offset or a dimension would otherwise read other bytes as weights, silently).
+    and tensor table, every tensor must lie inside the file, aligned, without overlapping another (a flipped
+    bit in an offset or a dimension would otherwise read other bytes as weights, silently), and the vocabulary
+    must not repeat a token.
     """
     import os
 
@@ -95,6 +96,10 @@ def check_gguf(path) -> None:
             if tensor.data.nbytes != n_bytes:
                 raise ValueError(f"tensor {tensor.name} runs past the end of the file")
             end = start + n_bytes
+        tokens = reader.get_field("tokenizer.ggml.tokens")
+        if tokens is not None and len(set(values := tokens.contents())) != len(values):
+            # llama.cpp aborts the whole process on a vocabulary with a repeated token (one flipped byte makes one)
+            raise ValueError("its tokenizer's token list holds a token twice")
     except Exception as error:  # gguf-py raises ValueError, IndexError, struct and numpy errors on damaged files
         raise LlmqError(f"{path} is not a whole GGUF file ({reason(error)}); re-create or re-download it") from None
 

@@ -189,18 +189,17 @@ def config_group_sizes(quant_config: dict) -> set[int]:
 
 
 def linear_scheme(scheme: QuantScheme, in_features: int, scale: torch.Tensor, group_sizes: set[int]) -> QuantScheme:
-    """The scheme of one packed Linear: the checkpoint's, with the group size its scales' shape says, which must
-    be one of the config's (config groups of one checkpoint may differ in group size); one line if not."""
+    """The scheme of one packed Linear: the checkpoint's, with the group size its scales' shape says where that is
+    one of the config's groups (config groups of one checkpoint may differ in group size). Scales that match no
+    config group keep the checkpoint's scheme, which check_packed_tensors then refuses, naming the tensor."""
     if scale.dim() != 2 or scale.shape[1] < 1 or in_features % scale.shape[1]:
-        return scheme  # a shape check_packed_tensors refuses, naming it
+        return scheme
     groups = scale.shape[1]
     if groups == 1 and (-1 in group_sizes or in_features in group_sizes):
         return dataclasses.replace(scheme, group_size=-1 if -1 in group_sizes else in_features)
-    if in_features // groups not in group_sizes:
-        raise LlmqError(f"a Linear of {in_features} inputs holds {groups} scales per row, groups of "
-                        f"{in_features // groups}, which no config group names ({sorted(group_sizes)}); the config "
-                        "and the weights do not belong together")
-    return dataclasses.replace(scheme, group_size=in_features // groups)
+    if in_features // groups in group_sizes:
+        return dataclasses.replace(scheme, group_size=in_features // groups)
+    return scheme
 
 
 def check_packed_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int,
