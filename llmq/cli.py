@@ -328,6 +328,10 @@ def _run_eval(args) -> None:
         raise LlmqError("--seqlen must be at least 2 and --windows at least 1")
     if args.ppl is None and args.tasks is None:
         raise LlmqError("nothing to evaluate: pass --ppl FILE|wikitext2, --tasks T1,T2 (lm-eval), or both")
+    if args.ppl is not None:
+        from llmq.calib.text import HUB_EVAL_DATASETS, check_text_source
+
+        check_text_source(args.ppl, HUB_EVAL_DATASETS, "--ppl")  # before the model loads
     if args.tasks is not None:
         require_lm_eval()  # installed? said before the model loads
     resolve_device(args.device)

@@ -449,3 +449,86 @@ def test_package_files_live_inside_the_package():
                             "summary", "layout", "usage", "license_line"], "x")
     fields["name"] = "card-name"
     assert "card-name" in render_card(**fields)
+
+
+# ---- a model's own code --------------------------------------------------------------------------------------------
+
+
+def test_code_in_a_model_directory_never_runs_unasked(tmp_path, tiny_llama_dir, calib_file, capsys):
+    """A directory whose config names its own code (auto_map + configuration_*.py): every entry point passes
+    trust_remote_code=False to transformers, so nothing of it runs (transformers would otherwise ask on stdin and
+    run it on "y"); an architecture transformers does not know is one line naming the code, not a prompt."""
+    import shutil
+
+    marker = tmp_path / "MARKER"
+    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PretrainedConfig\n" \
+           "class EvilConfig(PretrainedConfig):\n    model_type = 'evilx'\n"
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "evilx", "architectures": ["EvilModel"],
+                                                     "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    (unknown / "configuration_evil.py").write_text(code)
+    known = tmp_path / "known"  # a Llama whose config also names code: the built-in class is used, the code is not
+    shutil.copytree(tiny_llama_dir, known)
+    _edit_json(known / "config.json", lambda config: config.update(auto_map={"AutoConfig": "configuration_evil.EvilConfig"}))
+    (known / "configuration_evil.py").write_text(code)
+    for argv in (["eval", str(unknown), "--ppl", str(calib_file)], ["export-gguf", str(unknown), "--out", str(tmp_path / "x.gguf")],
+                 ["quantize", str(unknown), "--out", str(tmp_path / "q")]):
+        code_, line = run_cli(capsys, *argv)
+        assert code_ == 2 and "wants to run its own code (config.json's auto_map)" in line, (argv, line)
+    with pytest.raises(LlmqError, match="wants to run its own code"):
+        llmq.load(unknown)
+    assert main(["quantize", str(known), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "k")]) == 0
+    assert main(["eval", str(tmp_path / "k"), "--ppl", str(calib_file), "--seqlen", "32", "--windows", "1",
+                 "--kl", str(known)]) == 0
+    assert not marker.exists()
+
+
+# ---- unbounded reads -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory"])
+def test_a_text_source_that_is_not_a_regular_file_is_refused_before_any_work(kind, tmp_path, tiny_llama_dir, capsys):
+    """--calib /dev/zero grew to 4.4 GB in 5.5 s and a FIFO without a writer blocked forever: both are refused
+    before the model loads, for quantize and eval alike."""
+    source = {"device": Path("/dev/zero"), "fifo": tmp_path / "fifo", "directory": tmp_path / "dir"}[kind]
+    if kind == "fifo":
+        os.mkfifo(source)
+    elif kind == "directory":
+        source.mkdir()
+    started = time.monotonic()
+    code, line = run_cli(capsys, "quantize", str(tiny_llama_dir), "--calib", str(source), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"{source} is not a regular file" in line, line
+    code, line = run_cli(capsys, "eval", str(tiny_llama_dir), "--ppl", str(source))
+    assert code == 2 and f"{source} is not a regular file" in line, line
+    assert time.monotonic() - started < 60  # neither read nor blocked (a loose bound: only a hang exceeds it)
+
+
+def test_a_long_text_file_is_read_up_to_the_bound_and_said(tmp_path, monkeypatch):
+    from llmq.calib import text
+
+    messages = []
+    monkeypatch.setattr("llmq.core.log.info", messages.append)
+    path = tmp_path / "long.txt"
+    path.write_text("line of text\n" * 1000)
+    read = text.read_text_file(path, max_chars=1000)
+    assert read == "line of text\n" * (1000 // 13) and len(messages) == 1 and "reading its first" in messages[0]
+    assert text.read_text_file(path) == "line of text\n" * 1000
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json"])
+def test_an_oversized_model_file_is_refused_before_it_is_parsed(name, tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    import shutil
+
+    from llmq.calib import models
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    monkeypatch.setitem(models.MODEL_FILE_LIMITS, name, 1024)  # the real bounds are 16-128 MB
+    with open(model / name, "a") as f:
+        f.write(" " * 2048)
+    for argv in (["quantize", str(model), "--method", "rtn", "--out", str(tmp_path / "o")],
+                 ["eval", str(model), "--ppl", str(tmp_path / "t.txt")]):
+        (tmp_path / "t.txt").write_text("some text " * 100)
+        code, line = run_cli(capsys, *argv)
+        assert code == 2 and f"{name} is " in line and f"MB, more than any real {name}" in line, line

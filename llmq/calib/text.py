@@ -28,15 +28,28 @@ HUB_DATASETS = {
 HUB_EVAL_DATASETS = {"wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text")}
 
 
-def read_text_file(path: str | os.PathLike) -> str:
-    """A .txt file's text, or a .jsonl file's "text" fields joined by blank lines.
+# What a run reads of a text file at most: 64 M characters are ~16 M tokens, hundreds of times what calibration
+# (128 x 512 tokens) or an evaluation (wikitext2 test: 0.3 M tokens) uses. A larger file is cut there, said in a line.
+MAX_TEXT_CHARS = 64 << 20
 
-    Line ends are read as "\n" (Python's text mode): on a CRLF file this is not the token stream llama.cpp's
-    tools score (they read bytes), so llmq's perplexity of such a file is not comparable with llama-perplexity's.
+
+def read_text_file(path: str | os.PathLike, max_chars: int = MAX_TEXT_CHARS) -> str:
+    """A .txt file's text, or a .jsonl file's "text" fields joined by blank lines; at most `max_chars` of it.
+
+    Only a regular file is read: a device (/dev/zero never ends) or a FIFO (blocks until a writer comes) is refused
+    before it is opened. Line ends are read as "\n" (Python's text mode): on a CRLF file this is not the token
+    stream llama.cpp's tools score (they read bytes), so llmq's perplexity of such a file is not comparable with
+    llama-perplexity's.
     """
     path = Path(path)
+    check_text_file(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            raw = f.read(max_chars + 1)
+        if len(raw) > max_chars:
+            raw = raw[: raw.rfind("\n", 0, max_chars) + 1 or max_chars]
+            log.info(f"llmq: {path} is longer than {max_chars >> 20} M characters; reading its first "
+                     f"{len(raw) >> 20} M (far more than calibration or evaluation uses)")
     except FileNotFoundError:
         raise LlmqError(f"text file {path} does not exist; pass an existing .txt or .jsonl file") from None
     except (UnicodeDecodeError, OSError) as error:
@@ -100,11 +113,26 @@ def load_hub_text(name: str, table: dict = HUB_DATASETS, max_chars: int | None =
     return "\n\n".join(texts)
 
 
+def check_text_file(path: Path) -> None:
+    """Refuse, before anything opens it, a path that is not a regular file: a device (/dev/zero never ends), a FIFO
+    (blocks until a writer comes) or a directory."""
+    if os.path.lexists(path) and not path.is_file():
+        raise LlmqError(f"{path} is not a regular file (a directory, device or pipe); pass a .txt or .jsonl file")
+
+
+def check_text_source(source: str, datasets: dict, flag: str) -> None:
+    """Fail before any model is loaded when a text source names neither a readable file nor a known dataset."""
+    if source in datasets and not os.path.lexists(source):
+        return
+    if not os.path.lexists(source):
+        names = ", ".join(datasets)
+        raise LlmqError(f"{flag} {source!r} is neither a file nor a dataset name ({names}); pass a .txt/.jsonl file")
+    check_text_file(Path(source))
+
+
 def check_calib_source(source: str) -> None:
     """Fail before any model is loaded when --calib names neither a file nor a known dataset."""
-    if source not in HUB_DATASETS and not Path(source).exists():
-        names = ", ".join(HUB_DATASETS)
-        raise LlmqError(f"--calib {source!r} is neither a file nor a dataset name ({names}); pass a .txt/.jsonl file")
+    check_text_source(source, HUB_DATASETS, "--calib")
 
 
 def calibration_text(source: str) -> str:

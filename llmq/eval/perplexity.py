@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer
 
-from llmq.calib.models import EMBEDDED_DEFAULT, load_model
+from llmq.calib.models import EMBEDDED_DEFAULT, check_model_files, load_model, unreadable_config
 from llmq.calib.text import evaluation_text, tokenize_text
 from llmq.core import log
 from llmq.core.errors import LlmqError, reason
@@ -25,17 +25,18 @@ def is_quantized_dir(name: str) -> bool:
     path = Path(name)
     if not (path / "config.json").exists():
         return False
+    check_model_files(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as error:  # bad JSON, no model_type, an unknown architecture
-        raise LlmqError(f"cannot read {path / 'config.json'} ({reason(error)}); fix or re-create it") from None
+        raise unreadable_config(path, error) from None
     return getattr(config, "quantization_config", None) is not None
 
 
 def load_for_eval(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer): llmq-packed when `name` is a quantized directory, else a plain float model."""
     if is_quantized_dir(name):
-        return load(name, device=device, dtype=dtype), AutoTokenizer.from_pretrained(name)
+        return load(name, device=device, dtype=dtype), AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     model, tokenizer, _ = load_model(None if name in ("embedded", EMBEDDED_DEFAULT) else name, dtype)
     return model.to(device), tokenizer
 

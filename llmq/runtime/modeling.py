@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from llmq.calib.experts import unfuse_experts
-from llmq.calib.models import causal_lm_class, fill_remaining_weights
+from llmq.calib.models import causal_lm_class, check_model_files, fill_remaining_weights, unreadable_config
 from llmq.calib.naming import has_per_expert_checkpoint, model_names
 from llmq.core import log
 from llmq.core.errors import LlmqError, reason
@@ -177,10 +177,11 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise LlmqError(f"{directory} is not a model directory (no config.json); pass the --out of llmq quantize")
+    check_model_files(directory)
     try:
-        config = AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except Exception as error:  # bad JSON, no model_type, an unknown architecture
-        raise LlmqError(f"cannot read {directory / 'config.json'} ({reason(error)}); fix or re-create it") from None
+        raise unreadable_config(directory, error) from None
     quant_config = getattr(config, "quantization_config", None)
     if quant_config is None:
         raise LlmqError(f"{directory} is not quantized (no quantization_config); load it with transformers")

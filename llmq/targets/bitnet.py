@@ -120,7 +120,7 @@ def is_bitnet_checkpoint(directory: str | Path) -> bool:
 def load_bitnet(directory: str | Path, dtype: torch.dtype = torch.float32):
     """A transformers model whose ternary Linears are frozen TernaryLinear modules (codes + per-tensor scale)."""
     directory = Path(directory)
-    config = AutoConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     quant = config.quantization_config
     quant = quant if isinstance(quant, dict) else quant.to_dict()
     multiplies = quant.get("linear_class", "bitlinear") == "autobitlinear"
