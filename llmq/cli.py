@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import re
 import signal
 import sys
 import threading
@@ -229,8 +230,16 @@ def _launch_ranks(argv: list[str], nproc: int) -> None:
                         "no output was written") from None
 
 
+def _typed_fields(args, kind) -> set[str]:
+    """The fields of a config group whose flags the user typed (whatever the value: `--bits 8` beside a preset that
+    fixes 8 bits is still refused, as the user may think it changes something)."""
+    flags = {option: action.dest for action in args.parser_actions for option in action.option_strings}
+    names = {f.name for f in dataclasses.fields(kind)}
+    return {flags[arg.split("=", 1)[0]] for arg in args.argv if arg.split("=", 1)[0] in flags} & names
+
+
 def _config_from_flags(args) -> QuantizeConfig:
-    return QuantizeConfig(scheme_with_preset(args.preset, _group(args, QuantScheme)),
+    return QuantizeConfig(scheme_with_preset(args.preset, _group(args, QuantScheme), _typed_fields(args, QuantScheme)),
                           MethodOptions(**_group(args, MethodOptions)), TargetOptions(**_group(args, TargetOptions)),
                           RunOptions(**_group(args, RunOptions)))
 
@@ -272,8 +281,8 @@ def _run_quantize(args) -> None:
         _launch_ranks(args.argv, args.nproc)
         return
     try:
-        quantize(args.model, args.out or default_out(args.model, config), config, overwrite=args.overwrite,
-                 trust_remote_code=args.trust_remote_code)
+        quantize(args.model, args.out if args.out is not None else default_out(args.model, config), config,
+                 overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     finally:
         leave()
 
@@ -305,10 +314,16 @@ def _kl_base(model: str, kl: str) -> str | None:
     named = recorded_base_model(model) if kl == "auto" and Path(model).is_dir() else None
     if named is None:
         return None
+    parts = named.split("/")
+    if len(parts) > 2 or any(not re.fullmatch(r"[\w.-]+", part) or part in (".", "..") for part in parts):
+        # a checkpoint names its base; it must not make llmq load a model from elsewhere on this machine
+        print(f"llmq eval: no KL divergence: the card's base model {named!r} is neither a hub id nor a directory "
+              "name; pass --kl BASE", file=sys.stderr)
+        return None
     beside = Path(model).resolve().parent / named
-    if beside.is_dir():
+    if len(parts) == 1 and beside.is_dir():
         return str(beside)
-    if "/" in named:
+    if len(parts) == 2:
         from huggingface_hub import try_to_load_from_cache
 
         if isinstance(try_to_load_from_cache(named, "config.json"), str):
@@ -381,7 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args.parser_actions = subparsers.choices[args.command]._actions  # which flag sets which field (_typed_fields)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     # Only the main thread may set handlers; main() called from another thread keeps the process's own.
     on_main_thread = threading.current_thread() is threading.main_thread()

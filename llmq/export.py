@@ -97,6 +97,11 @@ def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = 
     config_file = Path(directory) / "config.json"
     quant_format = (json.loads(config_file.read_text()).get("quantization_config") or {}).get("format") \
         if config_file.exists() else None
+    quant_method = (json.loads(config_file.read_text()).get("quantization_config") or {}).get("quant_method") \
+        if config_file.exists() else None
+    if quant_method == "bitsandbytes":  # before the weights are read
+        raise LlmqError(f"{directory} is NF4 (bitsandbytes), which no GGUF type holds exactly; quantize the original "
+                        "model with --format gguf (e.g. --type Q4_K_M) instead")
     if quant_format in UNPACKED_FORMATS.values():  # before the weights are read
         raise LlmqError(f"{directory} is {quant_format} (8-bit weights with quantized activations, or FP8), which GGUF "
                         "does not hold; quantize the original model with --format gguf --type Q8_0 instead")

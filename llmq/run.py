@@ -137,6 +137,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     Refuses bad input in one line (LlmqError) before any heavy work; writes under a temporary name renamed when
     complete; an interrupted run resumes from its last finished layer when called again with the same settings.
     `overwrite` replaces an earlier llmq output at `out`; `trust_remote_code` lets a model's own code run."""
+    if not str(out).strip():  # Path("") is "." (the current directory): refused, never written into
+        raise LlmqError("--out is empty; name the output, or leave --out out for a name made from the model's")
     config = config or QuantizeConfig()
     method, target = method_and_target(config)
     if config.run.calib is not None:

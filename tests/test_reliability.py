@@ -532,3 +532,45 @@ def test_an_oversized_model_file_is_refused_before_it_is_parsed(name, tmp_path, 
         (tmp_path / "t.txt").write_text("some text " * 100)
         code, line = run_cli(capsys, *argv)
         assert code == 2 and f"{name} is " in line and f"MB, more than any real {name}" in line, line
+
+
+# ---- small ones ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out, expect", [("", "--out is empty"), ("x" * 240, "is 240 bytes long; names of at most")])
+def test_an_empty_or_too_long_out_is_refused_before_loading(out, expect, tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, line = run_cli(capsys, "quantize", str(tiny_llama_dir), "--method", "rtn", "--out", out)
+    assert code == 2 and expect in line, line
+    assert list(tmp_path.iterdir()) == []  # no default-named output, no staging directory
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda weights: weights.update(strategy="unknown"), "weight strategy 'unknown' is not read"),
+    (lambda weights: weights.update(num_bits=4.7), "num_bits 4.7 is not an integer"),
+])
+def test_a_config_llmq_does_not_read_is_one_line(edit, expect, rtn_checkpoint, tmp_path):
+    _edit_json(rtn_checkpoint / "config.json",
+               lambda config: edit(config["quantization_config"]["config_groups"]["group_0"]["weights"]))
+    with pytest.raises(LlmqError, match=expect):
+        llmq.load(rtn_checkpoint)
+
+
+def test_a_card_cannot_point_the_kl_base_outside(rtn_checkpoint, calib_file, tmp_path, capsys):
+    """`--kl auto` takes the base model a card names only as a hub id or a directory name beside the checkpoint:
+    `../..` or an absolute path in a downloaded card must not make llmq load a model from elsewhere."""
+    card = rtn_checkpoint / "README.md"
+    for named in ("../../..", "/somewhere"):
+        card.write_text(card.read_text().replace(card.read_text().split("base_model: ")[1].split("\n")[0], named, 1))
+        assert main(["eval", str(rtn_checkpoint), "--ppl", str(calib_file), "--seqlen", "32", "--windows", "1"]) == 0
+        captured = capsys.readouterr()
+        assert "is neither a hub id nor a directory name; pass --kl BASE" in captured.err and "KL vs" not in captured.out
+
+
+def test_an_nf4_checkpoint_is_not_exported_as_gguf(tmp_path, tiny_llama_dir, capsys):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "nf4"
+    assert main(["quantize", str(tiny_llama_dir), "--scheme", "nf4", "--method", "rtn", "--out", str(out)]) == 0
+    code, line = run_cli(capsys, "export-gguf", str(out), "--out", str(tmp_path / "x.gguf"))
+    assert code == 2 and "is NF4 (bitsandbytes), which no GGUF type holds exactly" in line
+    assert not (tmp_path / "x.gguf").exists()

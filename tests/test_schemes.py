@@ -251,7 +251,12 @@ def test_a_16bit_cast_is_a_plain_checkpoint_of_the_rounded_values(preset, dtype,
     (["--scheme", "fp16", "--act-bits", "8"], "a 16-bit cast quantizes no inputs; drop --act-bits"),
     (["--scheme", "fp8", "--act-bits", "16"], "--scheme fp8 fixes --act-bits; drop them"),
     (["--bits", "8", "--group-size", "-1", "--sym", "--scheme", "fp8", "--act-static", "--format", "gguf"],
-     "GGUF holds neither FP8 weights nor quantized activations"),
+     "--scheme fp8 fixes --bits, --group-size, --sym/--asym, --act-static/--act-dynamic; drop them"),
+    # a flag the preset fixes is refused even when its value is the preset's or the default (issue 36)
+    (["--scheme", "w8a8", "--bits", "8"], "--scheme w8a8 fixes --bits; drop them"),
+    (["--scheme", "w8a8", "--bits", "4"], "--scheme w8a8 fixes --bits; drop them"),
+    (["--scheme", "nf4", "--asym"], "--scheme nf4 fixes --sym/--asym; drop them"),
+    (["--scheme", "W4A16", "--group-size=128"], "--scheme w4a16 fixes --group-size; drop them"),
 ])
 def test_bad_combinations_are_one_line(argv, expect, capsys, tmp_path, tiny_llama_dir):
     code = main(["quantize", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *argv])

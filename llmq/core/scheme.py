@@ -12,6 +12,7 @@ writes them and the runtime that reads them back, so they live here, below all t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -176,7 +177,7 @@ PRESETS = {
     "nf4": {"bits": 4, "group_size": 64, "symmetric": True, "weight_type": "nf4"},
 }
 _FLAG_OF = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--sym/--asym", "act_bits": "--act-bits",
-            "act_dynamic": "--act-static", "act_range": "--act-range"}
+            "act_dynamic": "--act-static/--act-dynamic", "act_range": "--act-range"}
 
 
 LLM_COMPRESSOR_PRESETS = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC")
@@ -187,20 +188,21 @@ def preset_names() -> list[str]:
     return [*LLM_COMPRESSOR_PRESETS, *(name for name in PRESETS if name.upper() not in LLM_COMPRESSOR_PRESETS)]
 
 
-def scheme_with_preset(name: str | None, fields: dict) -> QuantScheme:
-    """The scheme of these fields, or of the named preset; a field set away from its default that the preset
-    sets otherwise is refused (`--scheme fp8 --bits 4` means nothing)."""
+def scheme_with_preset(name: str | None, fields: dict, typed: Iterable[str] = ()) -> QuantScheme:
+    """The scheme of these fields, or of the named preset. A field the preset fixes is refused when the user typed
+    it (`typed`: field names given on the command line), whatever its value, or when it was set away from its
+    default to another value than the preset's (`--scheme fp8 --bits 4` means nothing)."""
     if name is None:
         return QuantScheme(**fields)
     if name.lower() not in PRESETS:
         raise LlmqError(f"--scheme {name} is unknown; use one of {', '.join(preset_names())}")
     name = name.lower()
-    defaults = QuantScheme()
+    defaults, fixed = QuantScheme(), PRESETS[name]
     clash = [_FLAG_OF.get(key, key) for key, value in fields.items()
-             if value != getattr(defaults, key) and value != PRESETS[name].get(key, value)]
+             if key in fixed and (key in typed or value not in (getattr(defaults, key), fixed[key]))]
     if clash:
         raise LlmqError(f"--scheme {name} fixes {', '.join(clash)}; drop them")
-    return QuantScheme(**{**fields, **PRESETS[name]})
+    return QuantScheme(**{**fields, **fixed})
 
 
 def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:

@@ -101,6 +101,10 @@ def check_output(target: str | os.PathLike, overwrite: bool, kind: OutputKind,
                  inputs: tuple[Path, ...] = ()) -> None:
     """Refuse, before any work, an output that cannot or must not be written; clean what killed runs left."""
     target = Path(target)
+    longest = _name_max(target.parent) - len(f"..partial-{os.getpid()}-xxxxxxxx.tensors")  # the staging names
+    if len(target.name.encode()) > longest:
+        raise LlmqError(f"--out {target.name[:40]}... is {len(target.name.encode())} bytes long; names of at most "
+                        f"{longest} fit here (llmq stages the output under a longer temporary name)")
     ancestor = next(p for p in (target.parent, *target.parent.parents) if os.path.lexists(p) or p == Path(p.anchor))
     if not ancestor.is_dir():
         raise LlmqError(f"--out {target} is inside {ancestor}, which is a file; choose another --out")
@@ -113,6 +117,15 @@ def check_output(target: str | os.PathLike, overwrite: bool, kind: OutputKind,
     for path in (target, *side_paths(target, kind)):
         _check_existing(path, overwrite, kind if path == target else OutputKind(directory=False), inputs)
     remove_stale_stages(target)
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name the file system holding `directory` (or its nearest existing ancestor) takes."""
+    existing = next((p for p in (directory, *directory.parents) if p.is_dir()), Path("/"))
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def _check_existing(path: Path, overwrite: bool, kind: OutputKind, inputs: tuple[Path, ...]) -> None:
