@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer
 from llmq.calib.models import EMBEDDED_DEFAULT, check_model_files, load_model, unreadable_config
 from llmq.calib.text import evaluation_text, tokenize_text
 from llmq.core import log
-from llmq.core.errors import LlmqError, reason
+from llmq.core.errors import LlmqError
 from llmq.runtime.modeling import load
 
 

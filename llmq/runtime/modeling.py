@@ -14,7 +14,7 @@ from llmq.calib.experts import unfuse_experts
 from llmq.calib.models import causal_lm_class, check_model_files, fill_remaining_weights, unreadable_config
 from llmq.calib.naming import has_per_expert_checkpoint, model_names
 from llmq.core import log
-from llmq.core.errors import LlmqError, reason
+from llmq.core.errors import LlmqError
 from llmq.core.layers import linear_at
 from llmq.core.scheme import QuantScheme
 from llmq.runtime.kernels import cuda as cuda_kernels
