@@ -157,6 +157,28 @@ def reference_dir(tmp_path_factory) -> Path:
     return directory
 
 
+FRESH_FLOAT32_LOGITS = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+def transformers_logits(out, tmp_path, length: int = 40):
+    """Token ids and the logits transformers computes for them from checkpoint `out`, in a fresh process (nothing
+    of llmq imported there)."""
+    import subprocess
+    import sys
+
+    ids = torch.randint(0, 49152, (2, length), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", FRESH_FLOAT32_LOGITS, str(out), str(tmp_path / "ids.pt"),
+                    str(tmp_path / "logits.pt")], check=True, capture_output=True)
+    return ids, torch.load(tmp_path / "logits.pt")
+
+
 def quantize_matrix(method_name: str, w, scheme, x=None, scale_dtype=torch.float32, **options):
     """One weight matrix through a registered method on compressed-tensors' integer grid, with its statistics of x."""
     from llmq.calib.statistics import new_collector

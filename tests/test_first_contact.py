@@ -5,8 +5,6 @@ one does not divide), llm-compressor's preset names, `llmq --version`, the recip
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,16 +16,7 @@ from llmq.core.scheme import QuantScheme, scheme_with_preset
 from llmq.core.errors import LlmqError
 from llmq.targets.compressed_tensors import quantization_config
 
-from conftest import save_tiny_model
-
-FRESH_LOGITS = r"""
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-with torch.no_grad():
-    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
-"""
-
+from conftest import save_tiny_model, transformers_logits
 
 @pytest.mark.parametrize("group, widths, expected", [
     (128, [576, 1536], 64),      # SmolLM2-135M under the default group: 64 throughout (96 divides 576 but not 1536)
@@ -88,11 +77,7 @@ def test_default_group_size_quantizes_a_model_it_does_not_divide(odd_width_out):
 
 
 def test_per_linear_groups_load_in_transformers_with_llmq_logits(odd_width_out, tmp_path):
-    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    subprocess.run([sys.executable, "-c", FRESH_LOGITS, str(odd_width_out), str(tmp_path / "ids.pt"),
-                    str(tmp_path / "logits.pt")], check=True, capture_output=True)
-    theirs = torch.load(tmp_path / "logits.pt")
+    ids, theirs = transformers_logits(odd_width_out, tmp_path, length=24)
     model = llmq.load(odd_width_out, dtype=torch.float32)
     assert model.model.layers[0].self_attn.q_proj.scheme.group_size == 32
     assert model.model.layers[0].mlp.down_proj.scheme.group_size == -1

@@ -2,8 +2,6 @@
 compressed-tensors specifies it, checkpoints that transformers loads with llmq.load's logits, bad combinations."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,24 +15,7 @@ from llmq.core.scheme import PRESETS, QuantScheme, static_input_scale
 from llmq.methods.grids.fp8 import Fp8Grid, fp8_round
 from llmq.runtime.w8 import W8Linear, quantize_rows
 
-FRESH_FLOAT32_LOGITS = r"""
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-with torch.no_grad():
-    torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
-"""
-
-
-def _transformers_logits(out, tmp_path):
-    """Token ids and the logits transformers computes for them from checkpoint `out`, in a fresh process."""
-    ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    subprocess.run([sys.executable, "-c", FRESH_FLOAT32_LOGITS, str(out), str(tmp_path / "ids.pt"),
-                    str(tmp_path / "logits.pt")], check=True, capture_output=True)
-    theirs = torch.load(tmp_path / "logits.pt")
-    return ids, theirs
-
+from conftest import transformers_logits
 
 def test_fp8_grid_codes_are_e4m3_values_and_the_error_is_half_a_step():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 0, 64)[:, None]
@@ -191,7 +172,7 @@ def test_checkpoint_loads_in_transformers_with_llmq_logits(preset, method, fmt, 
         if not dynamic:  # q, k and v share one input, so one scale
             q, k, v = (f.get_tensor(f"model.layers.1.self_attn.{p}_proj.input_scale") for p in "qkv")
             assert q.shape == (1,) and q.dtype == torch.bfloat16 and torch.equal(q, k) and torch.equal(q, v)
-    ids, theirs = _transformers_logits(out, tmp_path)
+    ids, theirs = transformers_logits(out, tmp_path)
     model = llmq.load(out, dtype=torch.float32)
     assert isinstance(model.model.layers[1].mlp.up_proj, W8Linear)
     with torch.no_grad():
@@ -209,7 +190,7 @@ def test_int16_inputs_load_in_transformers_with_llmq_logits(dynamic, tmp_path, t
                                                          samples=4, seqlen=64, device="cpu"))
     inputs = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert inputs["input_activations"]["num_bits"] == 16 and inputs["input_activations"]["type"] == "int"
-    ids, theirs = _transformers_logits(out, tmp_path)
+    ids, theirs = transformers_logits(out, tmp_path)
     model = llmq.load(out, dtype=torch.float32)
     assert model.model.layers[0].mlp.up_proj.scheme.name == f"W8A16-int16 int8{'' if dynamic else ' static'}"
     with torch.no_grad():
