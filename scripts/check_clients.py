@@ -20,7 +20,7 @@ import json, math, sys, time, torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 started = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=False)
 windows = torch.load(sys.argv[2])
 nll = 0.0
 with torch.no_grad():
@@ -49,7 +49,7 @@ def main() -> None:
     from llmq.eval import evaluate, evaluation_windows
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=False)
     windows = evaluation_windows(tokenizer, str(args.text), args.seqlen, args.windows)
     rows = []
     started = time.perf_counter()
