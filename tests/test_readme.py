@@ -117,6 +117,7 @@ def test_llama_cli_snippet_runs(readme_dir):
     done = subprocess.run([str(Path(bin_dir) / "llama-cli"), *shlex.split(line)[1:]], cwd=readme_dir,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "ftype      : Q4_K - Medium" in done.stdout and "> What is the capital of France?" in done.stdout
 
 
 @pytest.mark.slow
