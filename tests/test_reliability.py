@@ -574,3 +574,46 @@ def test_an_nf4_checkpoint_is_not_exported_as_gguf(tmp_path, tiny_llama_dir, cap
     code, line = run_cli(capsys, "export-gguf", str(out), "--out", str(tmp_path / "x.gguf"))
     assert code == 2 and "is NF4 (bitsandbytes), which no GGUF type holds exactly" in line
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ---- sharded indexes -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sharded_dir(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, trust_remote_code=False)
+    model.save_pretrained(directory, max_shard_size="2MB")
+    AutoTokenizer.from_pretrained(tiny_llama_dir, trust_remote_code=False).save_pretrained(directory)
+    assert len(list(directory.glob("model-*.safetensors"))) > 2
+    return directory
+
+
+@pytest.mark.parametrize("damage, expect", [
+    ("parent", "names shard '../outside.safetensors'"),
+    ("absolute", "which is not a file name beside the index"),
+    ("not a string", "names shard 123"),
+    ("missing shard", "cannot read"),
+])
+def test_a_sharded_index_cannot_point_outside_the_model_or_crash(damage, expect, sharded_dir, tmp_path, capsys):
+    """A checkpoint's index names its shards: an absolute path or ../ made llmq read any file on the machine, and a
+    missing shard or a non-string entry was a traceback (unguarded safe_open)."""
+    index_path = sharded_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key, shard = next((k, v) for k, v in index["weight_map"].items() if "layers.1." in k)
+    if damage == "parent":
+        index["weight_map"][key] = "../outside.safetensors"
+        (tmp_path / "outside.safetensors").write_bytes((sharded_dir / shard).read_bytes())  # a readable file there
+    elif damage == "absolute":
+        index["weight_map"][key] = str(sharded_dir / shard)
+    elif damage == "not a string":
+        index["weight_map"][key] = 123
+    else:
+        (sharded_dir / shard).unlink()
+    index_path.write_text(json.dumps(index))
+    code, line = run_cli(capsys, "quantize", str(sharded_dir), "--method", "rtn", "--group-size", "32",
+                         "--out", str(tmp_path / "o"))
+    assert code == 2 and expect in line, line
+    assert not (tmp_path / "o").exists()

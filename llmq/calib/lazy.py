@@ -45,9 +45,29 @@ def index_weight_map(directory: Path) -> dict[str, str] | None:
     if not index.is_file():
         return None
     try:
-        return dict(json.loads(index.read_text())["weight_map"])
+        weight_map = dict(json.loads(index.read_text())["weight_map"])
     except (ValueError, KeyError, TypeError):
         raise LlmqError(f"{index} is not a valid safetensors index; re-download or re-export the checkpoint") from None
+    for key, shard in weight_map.items():
+        # a shard is a file beside the index: an absolute path or ../ would make llmq read any file on the machine
+        if not isinstance(key, str) or not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise LlmqError(f"{index} names shard {shard!r} for {key!r}, which is not a file name beside the index; "
+                            "a checkpoint's shards live in its directory: re-download or re-export it")
+    return weight_map
+
+
+@contextlib.contextmanager
+def open_shard(path: Path):
+    """safe_open of one shard, whatever goes wrong in it (a missing file, a damaged header, a missing tensor) one
+    line naming the file."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except LlmqError:
+        raise
+    except Exception as error:  # safetensors' and the OS's own error types
+        raise LlmqError(f"cannot read {path} ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                        "the checkpoint is incomplete or damaged: re-download or re-export it") from None
 
 
 def checkpoint_index(directory: Path) -> dict[str, Path] | None:
@@ -58,12 +78,8 @@ def checkpoint_index(directory: Path) -> dict[str, Path] | None:
     single = directory / "model.safetensors"
     if not single.is_file():
         return None
-    try:
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    except Exception as error:  # safetensors raises its own types on a damaged header
-        raise LlmqError(f"cannot read {single} ({str(error).splitlines()[0]}); the file is truncated or damaged: "
-                        "re-download or re-export it") from None
+    with open_shard(single) as f:
+        return dict.fromkeys(f.keys(), single)
 
 
 def _value_changing_conversion(model: nn.Module) -> str | None:
@@ -99,13 +115,9 @@ class LazyWeights:
             by_file.setdefault(self.files[self.disk_names[name]], []).append(name)
         tensors = {}
         for path, in_file in by_file.items():
-            try:
-                with safe_open(path, framework="pt") as f:
-                    for name in in_file:
-                        tensors[name] = f.get_tensor(self.disk_names[name])
-            except Exception as error:  # a missing shard, a truncated file: safetensors' own error types
-                raise LlmqError(f"cannot read {path} ({str(error).splitlines()[0]}); the checkpoint is incomplete or "
-                                "damaged: re-download or re-export it") from None
+            with open_shard(path) as f:
+                for name in in_file:
+                    tensors[name] = f.get_tensor(self.disk_names[name])
         for name, tensor in tensors.items():
             if tensor.is_floating_point():
                 if not all_finite(tensor):
@@ -152,7 +164,7 @@ class LazyWeights:
             by_file.setdefault(self.files[key], []).append(name)
         expected = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         for path, names in by_file.items():
-            with safe_open(path, framework="pt") as f:
+            with open_shard(path) as f:
                 for name in names:
                     on_disk = list(f.get_slice(self.disk_names[name]).get_shape())
                     if name in expected and on_disk != list(expected[name].shape):
