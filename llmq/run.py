@@ -185,7 +185,7 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             if ranks.world()[1] > 1:  # each rank's checkpointed inputs are its share of the windows
                 settings["ranks"] = ranks.world()[1]
             fingerprint = run_fingerprint(model, settings, config.run.calib, device)
-            checkpoints = LayerCheckpoints.open(out, fingerprint)
+            checkpoints = LayerCheckpoints.open(out, fingerprint, len(hf_model.get_submodule(layout.layers)))
         with checkpoints.guard() if checkpoints is not None else contextlib.nullcontext():
             inputs, calibration = None, notes or "none (round-to-nearest needs no data)"
             samples = None

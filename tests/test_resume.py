@@ -132,3 +132,67 @@ def test_only_registered_records_are_rebuilt():
         flatten(Unregistered(1), "u", {})
     with pytest.raises(ValueError, match="not a checkpointable record"):
         unflatten({"record": "Popen", "fields": {}}, {})
+
+
+def _nan_scale(left):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(left / "layer-00000.safetensors")
+    key = next(k for k in tensors if k.endswith(".scale"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, left / "layer-00000.safetensors")
+
+
+def _code_of_100(left):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(left / "layer-00000.safetensors")
+    key = next(k for k in tensors if k.endswith(".qweight"))
+    tensors[key][0, 0] = 100
+    save_file(tensors, left / "layer-00000.safetensors")
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda left: (left / "layer-00000.safetensors").write_bytes(b""), "layer-00000"),
+    (lambda left: (left / "layer-00001.json").write_text('{"others": [], "quan'), "layer-00001"),
+    (lambda left: (left / "inputs-00002.safetensors").unlink(), "inputs-00002.safetensors"),
+    (lambda left: (left / "samples.safetensors").write_bytes(b"\0" * 16), "samples.safetensors"),
+    (_nan_scale, "holds NaN or Inf"),
+    (_code_of_100, "4-bit codes outside [-8, 7]"),
+])
+def test_a_damaged_checkpoint_is_named_and_the_run_starts_over(damage, named, three_layer_model, tmp_path, calib_file,
+                                                               capsys):
+    """Truncated, empty or altered checkpoint files were a traceback on every rerun (or, with a NaN scale or a 4-bit
+    code of 100, written into the output with rc 0): each is read back and checked, named in one line, and the run
+    starts over and writes what an uninterrupted run writes."""
+    from llmq.core import log
+
+    options = dict(method="gptq", group_size=32, calib=str(calib_file), samples=8, seqlen=64, device="cpu")
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER, str(three_layer_model), str(out), "1",
+                             json.dumps(options)], capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    damage(resume_directory(out))
+    log.quiet = False
+    try:
+        quantize(str(three_layer_model), out, QuantizeConfig.of(**options))
+    finally:
+        log.quiet = True
+    err = capsys.readouterr().err
+    assert "holds a damaged checkpoint (" in err and named in err and "resuming" not in err, err
+    whole = tmp_path / "whole"
+    quantize(str(three_layer_model), whole, QuantizeConfig.of(**options))
+    assert _weights_file(out).read_bytes() == _weights_file(whole).read_bytes()
+
+
+def test_a_linked_resume_directory_is_refused(three_layer_model, tmp_path, calib_file):
+    from llmq.core.errors import LlmqError
+
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resume_directory(out).symlink_to(elsewhere)
+    with pytest.raises(LlmqError, match="is a symbolic link; llmq keeps a run's checkpoints in a directory of its own"):
+        quantize(str(three_layer_model), out, QuantizeConfig.of(method="gptq", group_size=32, calib=str(calib_file),
+                                                                samples=8, seqlen=64, device="cpu"))
+    assert list(elsewhere.iterdir()) == [] and not out.exists()

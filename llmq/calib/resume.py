@@ -33,7 +33,9 @@ from safetensors.torch import load_file, save_file
 
 from llmq.calib.models import EMBEDDED_DEFAULT, embedded_gguf
 from llmq.core import __version__, log
+from llmq.core.errors import LlmqError, reason
 from llmq.core.interfaces import Quantized
+from llmq.core.scheme import QuantizedTensor
 from llmq.core.ranks import world
 from llmq.core.records import flatten, unflatten
 
@@ -79,6 +81,28 @@ def run_fingerprint(model: str | None, settings: dict, calib: str | None, device
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _layer_damage(others: dict, results: dict, report: dict) -> str | None:
+    """What is wrong with one layer's checkpoint as read back, or None."""
+    if not isinstance(report, dict) or not all(isinstance(v, (int, float)) and abs(v) < 1e12 for v in report.values()):
+        return "its report is not a set of numbers"
+    for name, tensor in others.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"{name} holds NaN or Inf"
+    for name, result in results.items():
+        tensors = [t for t in vars(result).values() if isinstance(t, torch.Tensor)]
+        if any(t.is_floating_point() and not torch.isfinite(t.float()).all() for t in tensors):
+            return f"{name} holds NaN or Inf"
+        if isinstance(result, QuantizedTensor) and result.qweight.dtype == torch.int8:
+            scheme, (rows, columns) = result.scheme, result.qweight.shape
+            codes = [result.qweight] + ([result.zero_point] if result.zero_point is not None else [])
+            if any(int(t.min()) < scheme.qmin or int(t.max()) > scheme.qmax for t in codes if t.numel()):
+                return f"{name} holds {scheme.bits}-bit codes outside [{scheme.qmin}, {scheme.qmax}]"
+            groups = columns // scheme.group_size_for(columns)
+            if tuple(result.scale.shape) != (rows, groups) or not bool((result.scale > 0).all()):
+                return f"{name}'s scales are {tuple(result.scale.shape)}, not ({rows}, {groups}) positive values"
+    return None
+
+
 def _replace_file(path: Path, write) -> None:
     """write(temporary path), then rename it to `path`: a file is whole or absent."""
     temporary = path.with_name(f".{path.name}.tmp")
@@ -93,21 +117,60 @@ class LayerCheckpoints:
         self.directory, self.fingerprint = directory, fingerprint
 
     @classmethod
-    def open(cls, out: Path, fingerprint: str) -> LayerCheckpoints:
+    def open(cls, out: Path, fingerprint: str, layer_count: int | None = None) -> LayerCheckpoints:
+        """Start or continue the checkpoints of a run into `out`. Checkpoints left by another run, or damaged ones
+        (every file is read back and checked before the run trusts it: `damage`), are discarded in one line."""
         directory = resume_directory(out)
         run_file = directory / "run.json"
+        if directory.is_symlink():
+            raise LlmqError(f"{directory} is a symbolic link; llmq keeps a run's checkpoints in a directory of its own "
+                            "(layers would be written through the link): remove the link")
         if directory.is_dir():
             try:
                 same = json.loads(run_file.read_text()).get("fingerprint") == fingerprint
             except (OSError, ValueError, AttributeError):
                 same = False
+            problem = cls(directory, fingerprint).damage(layer_count) if same else None
             if not same:
                 log.info(f"llmq: {directory.name} was left by a run with other settings, model or data; starting over")
+            elif problem:
+                log.info(f"llmq: {directory.name} holds a damaged checkpoint ({problem}); starting over")
+            if not same or problem:
                 shutil.rmtree(directory)
         if not directory.is_dir():
             directory.mkdir(parents=True)
             _replace_file(run_file, lambda p: p.write_text(json.dumps({"fingerprint": fingerprint}) + "\n"))
         return cls(directory, fingerprint)
+
+    def damage(self, layer_count: int | None = None) -> str | None:
+        """What makes these checkpoints unusable, or None: a file that does not read back (truncated, empty, not
+        safetensors or JSON), a link, a missing tensor, a non-finite value, integer codes outside their grid,
+        scales that do not fit the weight's groups, the next layer's inputs missing."""
+        current = "run.json"
+        try:
+            for path in self.directory.iterdir():
+                if path.is_symlink():
+                    return f"{path.name} is a symbolic link"
+            current = "samples.safetensors"
+            if (self.directory / current).exists():
+                samples = load_file(self.directory / current)["samples"]
+                if samples.dim() != 2 or samples.is_floating_point() or not samples.numel() or int(samples.min()) < 0:
+                    return f"{current} holds no token windows"
+            count = self.finished()
+            for index in range(count):
+                current = f"layer-{index:05d}"
+                others, results, report = self.load_layer(index)
+                problem = _layer_damage(others, results, report)
+                if problem:
+                    return f"{current}: {problem}"
+            current = f"inputs-{count:05d}.safetensors"
+            if count and (layer_count is None or count < layer_count):
+                inputs = self.load_inputs(count)
+                if not inputs or not all(torch.isfinite(hidden).all() for hidden in inputs):
+                    return f"{current} holds no finite inputs"
+        except Exception as error:  # safetensors, JSON, records: every way a damaged file fails to read
+            return f"{current}: {reason(error)}"
+        return None
 
     @contextlib.contextmanager
     def guard(self):
