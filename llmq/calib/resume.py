@@ -35,9 +35,9 @@ from llmq.calib.models import EMBEDDED_DEFAULT, embedded_gguf
 from llmq.core import __version__, log
 from llmq.core.errors import LlmqError, reason
 from llmq.core.interfaces import Quantized
-from llmq.core.scheme import QuantizedTensor
 from llmq.core.ranks import world
 from llmq.core.records import flatten, unflatten
+from llmq.core.scheme import QuantizedTensor
 
 
 def resume_directory(out: Path) -> Path:
@@ -89,7 +89,7 @@ def _layer_damage(others: dict, results: dict, report: dict) -> str | None:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             return f"{name} holds NaN or Inf"
     for name, result in results.items():
-        tensors = [t for t in vars(result).values() if isinstance(t, torch.Tensor)]
+        tensors = [t for t in getattr(result, "__dict__", {}).values() if isinstance(t, torch.Tensor)]
         if any(t.is_floating_point() and not torch.isfinite(t.float()).all() for t in tensors):
             return f"{name} holds NaN or Inf"
         if isinstance(result, QuantizedTensor) and result.qweight.dtype == torch.int8:
