@@ -114,6 +114,9 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I1
 
 
 def _inspect_directory(path: Path) -> Inspection:
+    from llmq.calib.models import check_model_files
+
+    check_model_files(path)  # bounded, as every other reader of a model directory
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as error:

@@ -36,7 +36,6 @@ from llmq.targets.compressed_tensors import (
     TENSOR_SUFFIXES,
     check_packed_tensors,
     checkpoint_format,
-    config_group_sizes,
     linear_scheme,
     read_weights,
     scheme_from_config,
@@ -199,8 +198,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         model = load_bitnet(directory, dtype).to(device)
         log.info(f"llmq: ternary BitNet checkpoint on {torch.device(device).type}: int8 codes, dequantized per call")
         return model
-    scheme, _ = scheme_from_config(quant_config)
-    group_sizes = config_group_sizes(quant_config)
+    scheme, group_sizes = scheme_from_config(quant_config)
     state = read_weights(directory)
 
     model = _skeleton(config, dtype)

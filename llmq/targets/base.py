@@ -61,7 +61,7 @@ class Target(ABC):
 
     def __init__(self, config: QuantizeConfig, method: Method):
         self.config, self.method = config, method
-        self.report: RunReport | None = None  # the finished run's, set by write(); what the recipe records
+        self.report: RunReport | None = None  # the finished run's (llmq/run.py sets it): what the recipe records
 
     def recipe_fields(self, report: RunReport) -> dict:
         """What llmq.json (or a GGUF's llmq.recipe) records: the whole QuantizeConfig, llmq's version, the base model

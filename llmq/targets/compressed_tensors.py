@@ -137,10 +137,11 @@ def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str],
     return config
 
 
-def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, list[str]]:
+def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, set[int]]:
     """The llmq scheme of a compressed-tensors config (int or FP8 weights, inputs quantized per token at run time
-    or not), and its ignore list. Config groups that differ only in group size (a model whose widths the
-    requested group does not divide) are one scheme: each Linear's group size is read from its scales' shape."""
+    or not), and the group sizes its config groups name (-1: per channel). Config groups that differ only in group
+    size (a Linear no group divides, kept per channel) are one scheme: each Linear's group size is read from its
+    scales' shape (linear_scheme)."""
     formats = (FORMAT, *UNPACKED_FORMATS.values())
     if quant_config.get("quant_method") != "compressed-tensors" or quant_config.get("format") not in formats:
         raise LlmqError(f"checkpoint is not a compressed-tensors model in one of the formats llmq.load reads "
@@ -153,7 +154,7 @@ def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, list[str]]:
     if any(dataclasses.replace(other, group_size=base.group_size) != base for other in schemes[1:]):
         raise LlmqError("checkpoint mixes several quantization schemes; llmq.load reads one weight scheme (config "
                         "groups may differ in group size only)")
-    return base, list(quant_config.get("ignore", []))
+    return base, {scheme.group_size for scheme in schemes}
 
 
 def _group_scheme(group: dict, fmt: str) -> QuantScheme:
@@ -180,12 +181,6 @@ def _group_scheme(group: dict, fmt: str) -> QuantScheme:
         reason = error.args[0] if error.args else type(error).__name__
         raise LlmqError(f"the checkpoint's quantization_config is not one llmq reads ({reason}); re-create it") from None
     return scheme
-
-
-def config_group_sizes(quant_config: dict) -> set[int]:
-    """The group sizes a compressed-tensors config's groups name (-1: per channel); scheme_from_config checked them."""
-    return {-1 if group["weights"].get("strategy") == "channel" else int(group["weights"]["group_size"])
-            for group in quant_config["config_groups"].values()}
 
 
 def linear_scheme(scheme: QuantScheme, in_features: int, scale: torch.Tensor, group_sizes: set[int]) -> QuantScheme:
