@@ -70,3 +70,48 @@ def test_windows_are_shared_out_whole_and_too_few_are_refused(monkeypatch):
     monkeypatch.setattr(ranks, "world", lambda: (0, 8))
     with pytest.raises(Exception, match="5 calibration windows cannot be shared by 8 processes"):
         ranks.shard(samples)
+
+
+RANK_DIES_BEFORE_SAVING = """
+import os, signal, time
+from llmq.calib.resume import LayerCheckpoints
+save_layer = LayerCheckpoints.save_layer
+def die_before_saving(self, index, *args, **kwargs):
+    if os.environ.get("RANK") == "1" and index == 2:
+        time.sleep(2)  # rank 0 saves layer 2 meanwhile: the ranks' checkpoints end at different layers
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_layer(self, index, *args, **kwargs)
+LayerCheckpoints.save_layer = die_before_saving
+"""
+
+
+def test_ranks_whose_checkpoints_end_at_different_layers_agree_on_the_least(tmp_path, smollm2_tokenizer_dir,
+                                                                             calib_file):
+    """Serious: one rank SIGKILLed while the other saved layer 2 left checkpoints ending at layers 3 and 2; each
+    rank resumed from its own count, so statistics of different layers were summed (15% of codes wrong), the output
+    was written, and rank 0 then hung in a barrier for torch's 30-minute timeout. The ranks now agree on the least
+    resume point: the rerun continues at layer 2 on both, ends promptly and writes an uninterrupted run's bytes."""
+    model = save_tiny_model(tmp_path / "model", smollm2_tokenizer_dir, num_hidden_layers=4)
+    argv = [sys.executable, "-m", "llmq", "quantize", str(model), "--method", "gptq", "--group-size", "32",
+            "--calib", str(calib_file), "--samples", "4", "--seqlen", "64", "--nproc", "2"]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RANK_DIES_BEFORE_SAVING)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    killed = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=300, check=False,
+                            env={**env, "PYTHONPATH": os.pathsep.join([str(hook), env.get("PYTHONPATH", "")])})
+    assert killed.returncode != 0 and not out.exists(), killed.stderr[-3000:]
+    assert (tmp_path / ".out.resume" / "layer-00002.json").is_file()
+    assert not (tmp_path / ".out.resume-rank1" / "layer-00002.json").exists()
+
+    resumed = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=300, check=False,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing at layer 2, the last layer every process finished" in resumed.stderr
+    assert "resuming: 2 of 4 layers" in resumed.stderr
+    whole = tmp_path / "whole"
+    run = subprocess.run([*argv, "--out", str(whole)], capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert not list(tmp_path.glob(".out.resume*"))

@@ -66,7 +66,8 @@ def test_a_killed_run_resumes_and_writes_what_an_uninterrupted_run_writes(option
     left = resume_directory(out)
     assert sorted(p.name for p in left.iterdir() if p.suffix == ".json") == ["layer-00000.json", "layer-00001.json",
                                                                             "run.json"]
-    assert (left / "inputs-00002.safetensors").is_file() and not (left / "inputs-00001.safetensors").exists()
+    inputs = sorted(p.name for p in left.glob("inputs-*"))
+    assert inputs == ["inputs-00001.safetensors", "inputs-00002.safetensors"]  # the last two layers' inputs
 
     log.quiet = False
     try:
@@ -152,26 +153,33 @@ def _code_of_100(left):
     save_file(tensors, left / "layer-00000.safetensors")
 
 
-@pytest.mark.parametrize("damage, named", [
-    (lambda left: (left / "layer-00000.safetensors").write_bytes(b""), "layer-00000"),
-    (lambda left: (left / "layer-00001.json").write_text('{"others": [], "quan'), "layer-00001"),
-    (lambda left: (left / "inputs-00002.safetensors").unlink(), "inputs-00002.safetensors"),
-    (lambda left: (left / "samples.safetensors").write_bytes(b"\0" * 16), "samples.safetensors"),
-    (_nan_scale, "holds NaN or Inf"),
-    (_code_of_100, "4-bit codes outside [-8, 7]"),
+def _kill_after_layer(model, out, layer, options):
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER, str(model), str(out), str(layer),
+                             json.dumps(options)], capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+
+@pytest.mark.parametrize("damage, named, then", [
+    (lambda left: (left / "layer-00000.safetensors").write_bytes(b""), "layer-00000", "starting over"),
+    (lambda left: (left / "layer-00001.json").write_text('{"others": [], "quan'), "layer-00001", "continuing at layer 1"),
+    (lambda left: (left / "inputs-00002.safetensors").unlink(), "inputs-00002.safetensors", "continuing at layer 1"),
+    (lambda left: (left / "inputs-00002.safetensors").write_bytes(b"\xff" * 9), "inputs-00002.safetensors",
+     "continuing at layer 1"),
+    (lambda left: (left / "samples.safetensors").write_bytes(b"\0" * 16), "samples.safetensors", "starting over"),
+    (_nan_scale, "holds NaN or Inf", "starting over"),
+    (_code_of_100, "4-bit codes outside [-8, 7]", "starting over"),
 ])
-def test_a_damaged_checkpoint_is_named_and_the_run_starts_over(damage, named, three_layer_model, tmp_path, calib_file,
-                                                               capsys):
+def test_a_damaged_checkpoint_is_named_and_the_run_continues_from_the_last_good_layer(
+        damage, named, then, three_layer_model, tmp_path, calib_file, capsys):
     """Truncated, empty or altered checkpoint files were a traceback on every rerun (or, with a NaN scale or a 4-bit
     code of 100, written into the output with rc 0): each is read back and checked, named in one line, and the run
-    starts over and writes what an uninterrupted run writes."""
+    continues at the last good layer whose inputs are on disk (the last two layers' inputs are kept), or starts
+    over, and writes what an uninterrupted run writes."""
     from llmq.core import log
 
     options = dict(method="gptq", group_size=32, calib=str(calib_file), samples=8, seqlen=64, device="cpu")
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER, str(three_layer_model), str(out), "1",
-                             json.dumps(options)], capture_output=True, text=True, timeout=600, check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    _kill_after_layer(three_layer_model, out, 1, options)
     damage(resume_directory(out))
     log.quiet = False
     try:
@@ -179,7 +187,31 @@ def test_a_damaged_checkpoint_is_named_and_the_run_starts_over(damage, named, th
     finally:
         log.quiet = True
     err = capsys.readouterr().err
-    assert "holds a damaged checkpoint (" in err and named in err and "resuming" not in err, err
+    assert "holds a damaged checkpoint (" in err and named in err and then in err, err
+    assert ("resuming: 1 of 3 layers" in err) == (then == "continuing at layer 1"), err
+    whole = tmp_path / "whole"
+    quantize(str(three_layer_model), whole, QuantizeConfig.of(**options))
+    assert _weights_file(out).read_bytes() == _weights_file(whole).read_bytes()
+
+
+def test_a_layer_of_another_group_size_is_not_trusted(three_layer_model, tmp_path, calib_file, capsys):
+    """A checkpointed layer copied from a run with other settings (its fingerprint cannot tell) was written into the
+    output with rc 0: every restored weight is checked against the grid this run's plan gives it."""
+    from llmq.core import log
+
+    options = dict(method="gptq", group_size=32, calib=str(calib_file), samples=8, seqlen=64, device="cpu")
+    out, other = tmp_path / "out", tmp_path / "other"
+    _kill_after_layer(three_layer_model, out, 1, options)
+    _kill_after_layer(three_layer_model, other, 1, dict(options, group_size=64))
+    for name in ("layer-00001.json", "layer-00001.safetensors"):
+        (resume_directory(out) / name).write_bytes((resume_directory(other) / name).read_bytes())
+    log.quiet = False
+    try:
+        quantize(str(three_layer_model), out, QuantizeConfig.of(**options))
+    finally:
+        log.quiet = True
+    err = capsys.readouterr().err
+    assert "in layer-00001 is quantized as W4A16 g64 asym, not W4A16 g32 asym; continuing at layer 1" in err, err
     whole = tmp_path / "whole"
     quantize(str(three_layer_model), whole, QuantizeConfig.of(**options))
     assert _weights_file(out).read_bytes() == _weights_file(whole).read_bytes()

@@ -32,7 +32,7 @@ from llmq.calib.statistics import new_collector
 from llmq.core import log
 from llmq.core.interfaces import Grid, Method, Quantized
 from llmq.core.layers import DecoderLayout, LinearGroup
-from llmq.core.ranks import deal_by_cost, share, world
+from llmq.core.ranks import deal_by_cost, min_across, share, world
 from llmq.core.scheme import QuantScheme
 from llmq.core.timing import stage_clock
 
@@ -260,7 +260,7 @@ def quantize_layers(
     layers = model.get_submodule(layout.layers)
     results: dict[str, Quantized] = {}
     with stage_clock("checkpoints"):
-        start = _restore_finished_layers(layers, layout, inputs, checkpoints, results, experts, on_layer,
+        start = _restore_finished_layers(layers, layout, plan, inputs, checkpoints, results, experts, on_layer,
                                          keep_results=weights is None)
     for index in log.progress(range(start, len(layers)), desc=f"{method.name} layers", unit="layer",
                               initial=start, total=len(layers)):
@@ -303,6 +303,22 @@ def quantize_layers(
     return results if weights is None else CheckpointedResults(checkpoints, layout.layers, len(layers))
 
 
+def _first_foreign_layer(layout: DecoderLayout, plan: Plan, checkpoints: LayerCheckpoints,
+                         count: int) -> tuple[int, str | None]:
+    """The first of `count` checkpointed layers holding a weight the plan's grid would not make, and why; (count,
+    None) when there is none."""
+    for index in range(count):
+        results = checkpoints.load_layer(index)[1]
+        prefix = f"{layout.layers}.{index}"
+        for group in layout.maps[index].groups:
+            for part in plan([f"{prefix}.{name}" for name in group.linears]):
+                for name in part.linears:
+                    problem = "missing" if name not in results else part.grid.mismatch(results[name])
+                    if problem:
+                        return index, f"{name} in layer-{index:05d} is {problem}"
+    return count, None
+
+
 class CheckpointedResults(Mapping):
     """Full Linear name -> its quantized weight, read from the layer checkpoints one layer at a time (the last
     layer read is kept): what a lazy run hands its target, which writes in layer order."""
@@ -342,14 +358,22 @@ def _save_layer(checkpoints: LayerCheckpoints, index: int, layer: nn.Module, pre
                            {"relative_weight_error": report.relative_weight_error, **counts}, next_inputs)
 
 
-def _restore_finished_layers(layers: nn.ModuleList, layout: DecoderLayout, inputs: list[LayerInput] | None,
+def _restore_finished_layers(layers: nn.ModuleList, layout: DecoderLayout, plan: Plan, inputs: list[LayerInput] | None,
                              checkpoints: LayerCheckpoints | None, results: dict[str, Quantized],
                              experts: ExpertPolicy, on_layer, keep_results: bool) -> int:
     """Put back the layers an interrupted run finished, as it left them; returns the first layer left to do.
-    Without `keep_results` (a lazy model) only their small tensors are put back, and their results stay on disk."""
+    Without `keep_results` (a lazy model) only their small tensors are put back, and their results stay on disk.
+    A layer quantized onto another grid than this run's plan (a checkpoint copied from another run) is not
+    trusted: the run continues before it."""
     start = min(checkpoints.finished(), len(layers)) if checkpoints is not None else 0
     if not start:
         return 0
+    foreign, why = _first_foreign_layer(layout, plan, checkpoints, start)
+    agreed = min_across(foreign)  # every rank checks its own copy; all continue at the same layer
+    if agreed < start:
+        start = checkpoints.restart_at(agreed, why or f"another process's checkpoint of layer {agreed} is not this run's")
+        if not start:
+            return 0
     log.info(f"llmq: resuming: {start} of {len(layers)} layers were finished by an interrupted run "
              f"({checkpoints.directory.name})")
     for index in range(start):

@@ -8,6 +8,7 @@
         layer-00003.safetensors       layer 3's quantized weights and its other tensors (norms AWQ folded into)
         layer-00003.json              their description (llmq/core/records.py) and the layer's report
         inputs-00004.safetensors      what enters layer 4: the quantized layers' output on the calibration windows
+                                      (the previous layer's, inputs-00003, stays until layer 4 is done)
 
 Each file is written under a temporary name and renamed. A layer counts as finished when its .json exists: it is
 written last, after the next layer's inputs, so a finished layer always has what the next one needs.
@@ -35,7 +36,7 @@ from llmq.calib.models import EMBEDDED_DEFAULT, embedded_gguf
 from llmq.core import __version__, log
 from llmq.core.errors import LlmqError, reason
 from llmq.core.interfaces import Quantized
-from llmq.core.ranks import world
+from llmq.core.ranks import min_across, world
 from llmq.core.records import flatten, unflatten
 from llmq.core.scheme import QuantizedTensor
 
@@ -106,8 +107,24 @@ def _layer_damage(others: dict, results: dict, report: dict) -> str | None:
 def _replace_file(path: Path, write) -> None:
     """write(temporary path), then rename it to `path`: a file is whole or absent."""
     temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _writing(directory: Path, finished: int):
+    """A checkpoint that cannot be written (a full disk, a directory made read-only or immutable) is one line naming
+    where and why; the layers already finished stay, so the next run continues from them."""
+    try:
+        yield
+    except OSError as error:
+        kept = f"the {finished} finished layers stay for the next run" if finished else "nothing was finished yet"
+        raise LlmqError(f"cannot write the run's checkpoints in {directory} ({error.strerror or reason(error)}); "
+                        f"{kept}: free space or fix the directory, then run the same command again") from None
 
 
 class LayerCheckpoints:
@@ -118,59 +135,120 @@ class LayerCheckpoints:
 
     @classmethod
     def open(cls, out: Path, fingerprint: str, layer_count: int | None = None) -> LayerCheckpoints:
-        """Start or continue the checkpoints of a run into `out`. Checkpoints left by another run, or damaged ones
-        (every file is read back and checked before the run trusts it: `damage`), are discarded in one line."""
+        """Start or continue the checkpoints of a run into `out`. Checkpoints left by another run are discarded in
+        one line; damaged ones (every file is read back and checked before the run trusts it: `resume_point`) are
+        named in one line and the run continues from the last good layer whose inputs are still on disk, or starts
+        over. The ranks of a torch.distributed run agree on one point (the least of theirs): each layer's
+        statistics are sums over every rank's windows, so every rank must be at the same layer."""
         directory = resume_directory(out)
-        run_file = directory / "run.json"
         if directory.is_symlink():
             raise LlmqError(f"{directory} is a symbolic link; llmq keeps a run's checkpoints in a directory of its own "
                             "(layers would be written through the link): remove the link")
+        checkpoints = cls(directory, fingerprint)
+        start = -1  # nothing to continue
         if directory.is_dir():
             try:
-                same = json.loads(run_file.read_text()).get("fingerprint") == fingerprint
+                same = json.loads((directory / "run.json").read_text()).get("fingerprint") == fingerprint
             except (OSError, ValueError, AttributeError):
                 same = False
-            problem = cls(directory, fingerprint).damage(layer_count) if same else None
             if not same:
                 log.info(f"llmq: {directory.name} was left by a run with other settings, model or data; starting over")
-            elif problem:
-                log.info(f"llmq: {directory.name} holds a damaged checkpoint ({problem}); starting over")
-            if not same or problem:
-                shutil.rmtree(directory)
-        if not directory.is_dir():
-            directory.mkdir(parents=True)
-            _replace_file(run_file, lambda p: p.write_text(json.dumps({"fingerprint": fingerprint}) + "\n"))
-        return cls(directory, fingerprint)
+            else:
+                start, problem = checkpoints.resume_point(layer_count)
+                if problem:
+                    where = f"continuing at layer {start}" if start > 0 else "starting over"
+                    log.info(f"llmq: {directory.name} holds a damaged checkpoint ({problem}); {where}")
+        agreed = min_across(start)
+        if agreed != start and agreed >= 0 and start > 0:
+            log.info(f"llmq: continuing at layer {agreed}, the last layer every process finished")
+        with _writing(directory, agreed if agreed > 0 else 0):
+            if agreed <= 0:
+                if directory.is_dir():
+                    shutil.rmtree(directory)
+                directory.mkdir(parents=True)
+                _replace_file(directory / "run.json", lambda p: p.write_text(json.dumps({"fingerprint": fingerprint}) + "\n"))
+            else:
+                checkpoints.truncate(agreed)
+        return checkpoints
 
-    def damage(self, layer_count: int | None = None) -> str | None:
-        """What makes these checkpoints unusable, or None: a file that does not read back (truncated, empty, not
-        safetensors or JSON), a link, a missing tensor, a non-finite value, integer codes outside their grid,
-        scales that do not fit the weight's groups, the next layer's inputs missing."""
+    def resume_point(self, layer_count: int | None = None) -> tuple[int, str | None]:
+        """(the layer to continue at, what is damaged or None). Every file is read back and checked: a file that
+        does not read (truncated, empty, not safetensors or JSON), a link, a missing tensor, a non-finite value,
+        integer codes outside their grid, scales that do not fit the weight's groups, missing inputs. The run
+        continues at the first damaged layer when its inputs are on disk (the last two layers' are kept), else at
+        the last layer before it whose inputs are; -1: start over (run.json or the windows are damaged)."""
         current = "run.json"
         try:
             for path in self.directory.iterdir():
                 if path.is_symlink():
-                    return f"{path.name} is a symbolic link"
+                    return -1, f"{path.name} is a symbolic link"
             current = "samples.safetensors"
             if (self.directory / current).exists():
                 samples = load_file(self.directory / current)["samples"]
                 if samples.dim() != 2 or samples.is_floating_point() or not samples.numel() or int(samples.min()) < 0:
-                    return f"{current} holds no token windows"
-            count = self.finished()
-            for index in range(count):
-                current = f"layer-{index:05d}"
-                others, results, report = self.load_layer(index)
-                problem = _layer_damage(others, results, report)
-                if problem:
-                    return f"{current}: {problem}"
-            current = f"inputs-{count:05d}.safetensors"
-            if count and (layer_count is None or count < layer_count):
-                inputs = self.load_inputs(count)
-                if not inputs or not all(torch.isfinite(hidden).all() for hidden in inputs):
-                    return f"{current} holds no finite inputs"
+                    return -1, f"{current} holds no token windows"
+        except Exception as error:  # safetensors and the file system: every way a damaged file fails to read
+            return -1, f"{current}: {reason(error)}"
+        count, problem = self.finished(), None
+        for index in range(count):
+            problem = self._layer_problem(index)
+            if problem:
+                count = index
+                break
+        start, inputs_problem = self.start_with_inputs(count, layer_count)
+        return start, problem or inputs_problem
+
+    def start_with_inputs(self, limit: int, layer_count: int | None = None) -> tuple[int, str | None]:
+        """The last layer at or before `limit` whose inputs are on disk and sound (0: from the start), and what was
+        wrong with those after it."""
+        problem = None
+        for start in range(limit, 0, -1):
+            if layer_count is not None and start >= layer_count:
+                return start, problem  # every layer is finished: no inputs needed
+            problem = problem or self._inputs_problem(start)
+            if self._inputs_problem(start) is None:
+                return start, problem
+        return 0, problem
+
+    def restart_at(self, limit: int, why: str) -> int:
+        """Layer `limit`'s checkpoint cannot be used (`why`): continue at the last layer before it whose inputs are
+        on disk, agreed by every rank; returns that layer (0: from the start, the windows kept)."""
+        start = min_across(self.start_with_inputs(limit)[0])
+        log.info(f"llmq: {self.directory.name}: {why}; " + (f"continuing at layer {start}" if start else "starting over"))
+        with _writing(self.directory, start):
+            self.truncate(start)
+        return start
+
+    def _layer_problem(self, index: int) -> str | None:
+        current = f"layer-{index:05d}"
+        try:
+            problem = _layer_damage(*self.load_layer(index))
         except Exception as error:  # safetensors, JSON, records: every way a damaged file fails to read
             return f"{current}: {reason(error)}"
+        return f"{current}: {problem}" if problem else None
+
+    def _inputs_problem(self, index: int) -> str | None:
+        current = f"inputs-{index:05d}.safetensors"
+        try:
+            inputs = self.load_inputs(index)
+        except Exception as error:
+            return f"{current}: {reason(error)}"
+        if not inputs or not all(hidden.is_floating_point() and torch.isfinite(hidden).all() for hidden in inputs):
+            return f"{current} holds no finite inputs"
         return None
+
+    def truncate(self, start: int) -> None:
+        """Keep layers before `start` and the inputs of `start` and of the layer before; remove the rest (and
+        temporary files a killed run left)."""
+        for path in self.directory.iterdir():
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink()
+                continue
+            kind, _, number = path.stem.partition("-")
+            if kind in ("layer", "inputs") and number.isdigit():
+                index = int(number)
+                if index >= start if kind == "layer" else index not in (start - 1, start):
+                    path.unlink()
 
     @contextlib.contextmanager
     def guard(self):
@@ -192,10 +270,11 @@ class LayerCheckpoints:
         return load_file(path)["samples"], description
 
     def save_samples(self, samples: torch.Tensor, description: str) -> None:
-        _replace_file(self.directory / "samples.safetensors",
-                      lambda p: save_file({"samples": samples.contiguous()}, p))
-        run = {"fingerprint": self.fingerprint, "calibration": description}
-        _replace_file(self.directory / "run.json", lambda p: p.write_text(json.dumps(run) + "\n"))
+        with _writing(self.directory, 0):
+            _replace_file(self.directory / "samples.safetensors",
+                          lambda p: save_file({"samples": samples.contiguous()}, p))
+            run = {"fingerprint": self.fingerprint, "calibration": description}
+            _replace_file(self.directory / "run.json", lambda p: p.write_text(json.dumps(run) + "\n"))
 
     # layers --------------------------------------------------------------------------------------------------
     def finished(self) -> int:
@@ -207,16 +286,19 @@ class LayerCheckpoints:
 
     def save_layer(self, index: int, others: dict[str, torch.Tensor], results: dict[str, Quantized], report: dict,
                    next_inputs: list[torch.Tensor] | None) -> None:
-        """Layer `index` is done: its non-quantized tensors, quantized weights, report, and the next layer's inputs."""
-        if next_inputs is not None:
-            _replace_file(self.directory / f"inputs-{index + 1:05d}.safetensors", lambda p: save_file(
-                {f"batch.{i}": hidden.to("cpu").contiguous() for i, hidden in enumerate(next_inputs)}, p))
-        tensors = {f"layer.{name}": value.to("cpu").contiguous().clone() for name, value in others.items()}
-        described = {name: flatten(value, f"quantized.{name}", tensors) for name, value in results.items()}
-        _replace_file(self.directory / f"layer-{index:05d}.safetensors", lambda p: save_file(tensors, p))
-        meta = {"others": sorted(others), "quantized": described, "report": report}
-        _replace_file(self.directory / f"layer-{index:05d}.json", lambda p: p.write_text(json.dumps(meta)))
-        (self.directory / f"inputs-{index:05d}.safetensors").unlink(missing_ok=True)  # no longer needed
+        """Layer `index` is done: its non-quantized tensors, quantized weights, report, and the next layer's inputs.
+        The inputs of this layer stay until the next one is done too: a run whose last layer's checkpoint is damaged,
+        or whose ranks finished different layers, continues from the one before."""
+        with _writing(self.directory, index):
+            if next_inputs is not None:
+                _replace_file(self.directory / f"inputs-{index + 1:05d}.safetensors", lambda p: save_file(
+                    {f"batch.{i}": hidden.to("cpu").contiguous() for i, hidden in enumerate(next_inputs)}, p))
+            tensors = {f"layer.{name}": value.to("cpu").contiguous().clone() for name, value in others.items()}
+            described = {name: flatten(value, f"quantized.{name}", tensors) for name, value in results.items()}
+            _replace_file(self.directory / f"layer-{index:05d}.safetensors", lambda p: save_file(tensors, p))
+            meta = {"others": sorted(others), "quantized": described, "report": report}
+            _replace_file(self.directory / f"layer-{index:05d}.json", lambda p: p.write_text(json.dumps(meta)))
+        (self.directory / f"inputs-{index - 1:05d}.safetensors").unlink(missing_ok=True)  # no longer needed
 
     def load_layer(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Quantized], dict]:
         meta = json.loads((self.directory / f"layer-{index:05d}.json").read_text())

@@ -102,6 +102,10 @@ class Grid(ABC):
     def keep(self, weight: torch.Tensor) -> Quantized:
         raise NotImplementedError(f"{type(self).__name__} rounds; use fit()")
 
+    def mismatch(self, quantized: Quantized) -> str | None:
+        """Why `quantized` (read back from a run's checkpoint) is not what this grid makes, or None."""
+        return None
+
     def with_input_range(self, quantized: Quantized, absmax: torch.Tensor, histogram=None) -> Quantized:
         """`quantized` with the static input scale that the calibration inputs give: their largest |x| per input
         channel, and (when `input_histogram`) the AbsHistogram of every |x| (llmq/core/ranges.py)."""

@@ -105,6 +105,16 @@ def max_across(tensors: list[torch.Tensor]) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
 
 
+def min_across(value: int) -> int:
+    """The least of every rank's `value` (the same answer on every rank)."""
+    if world()[1] == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    box = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    return int(box.item())
+
+
 def deal_by_cost(costs: list[float]) -> list[int]:
     """The rank that does each job: the costliest first, each to the rank with the least work so far (the
     longest-processing-time rule); the same answer on every rank."""

@@ -24,6 +24,12 @@ class StaticInputScale:
     def input_histogram(self) -> bool:
         return self.scheme.static_inputs and self.scheme.act_range == "mse"
 
+    def mismatch(self, quantized) -> str | None:
+        if not isinstance(quantized, QuantizedTensor) or quantized.scheme != self.scheme:
+            made = quantized.scheme.name if isinstance(quantized, QuantizedTensor) else type(quantized).__name__
+            return f"quantized as {made}, not {self.scheme.name}"
+        return None
+
     def with_input_range(self, quantized: QuantizedTensor, absmax: torch.Tensor, histogram=None) -> QuantizedTensor:
         scale = static_input_scale(absmax, self.scheme, self.scale_dtype, histogram)
         return dataclasses.replace(quantized, input_scale=scale)

@@ -114,6 +114,11 @@ class KQuantGrid(Grid):
     def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> KQuantFit:
         return KQuantFit(self.qtype, weight, importance)
 
+    def mismatch(self, quantized) -> str | None:
+        if not isinstance(quantized, BlockTensor) or quantized.qtype != self.qtype:
+            return f"quantized as {getattr(quantized, 'qtype', type(quantized).__name__)}, not {self.qtype.name}"
+        return None
+
 
 class KQuantFit(GridFit):
     """The block codes of the search; integers of a column are rounded on that column's sub-block grid."""
