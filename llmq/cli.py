@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import re
 import signal
 import sys
@@ -270,7 +271,8 @@ def _config_from_recipe(args) -> QuantizeConfig:
 
 
 def _run_quantize(args) -> None:
-    from llmq.core.ranks import launched_by_torchrun, leave
+    from llmq.core.device import resolve_device
+    from llmq.core.ranks import check_launch, launched_by_torchrun, leave
     from llmq.run import check_ranks, default_out, method_and_target, quantize
 
     config = _config_from_recipe(args) if args.recipe else _config_from_flags(args)
@@ -278,6 +280,7 @@ def _run_quantize(args) -> None:
         raise LlmqError(f"--nproc must be 1 or more, not {args.nproc}")
     if args.nproc > 1 and not launched_by_torchrun():
         check_ranks(method_and_target(config)[0], args.nproc)  # a bad flag is one line here, not one per process
+        check_launch(args.nproc, resolve_device(config.run.device), config.run.windows())
         _launch_ranks(args.argv, args.nproc)
         return
     try:
@@ -395,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what a run cannot fix by itself, said in one line: the file system is full, over quota, or read-only
+FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -412,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
 
         rank = world()[0]
         print(f"llmq{f' (rank {rank})' if rank else ''}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in FULL_OR_READ_ONLY:
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"llmq: error: {error.strerror}{where}; no output was written (a quantize run's finished layers are "
+              "kept: free space, then the same command continues from them)", file=sys.stderr)
         return 2
     except Terminated:
         print("llmq: stopped by SIGTERM; no output was written", file=sys.stderr)

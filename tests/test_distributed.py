@@ -115,3 +115,72 @@ def test_ranks_whose_checkpoints_end_at_different_layers_agree_on_the_least(tmp_
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     assert not list(tmp_path.glob(".out.resume*"))
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+SLOW_LAYERS = """
+import time
+from llmq.calib.resume import LayerCheckpoints
+save_layer = LayerCheckpoints.save_layer
+def slowly(self, *args, **kwargs):
+    time.sleep(5)  # a run long enough to be killed in the middle
+    save_layer(self, *args, **kwargs)
+LayerCheckpoints.save_layer = slowly
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_no_rank_outlives_a_launcher_killed_outright(tmp_path, smollm2_tokenizer_dir, calib_file):
+    """`--nproc` ranks ran on as orphans after their launcher was SIGKILLed (28 of them slept on): each rank now
+    asks the kernel for SIGTERM when its launcher dies, and stops as on Ctrl-C, writing nothing."""
+    import time
+
+    model = save_tiny_model(tmp_path / "model", smollm2_tokenizer_dir, num_hidden_layers=4)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_LAYERS)
+    out = tmp_path / "orphan-check-out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        launcher = subprocess.Popen([sys.executable, "-m", "llmq", "quantize", str(model), "--method", "gptq",
+                                     "--group-size", "32", "--calib", str(calib_file), "--samples", "4", "--seqlen",
+                                     "64", "--nproc", "2", "--out", str(out)], stdout=subprocess.DEVNULL,
+                                    stderr=stderr, env=env)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / f".{out.name}.resume-rank1").exists():  # both ranks are at work
+        assert launcher.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.1)
+    assert len(_processes_naming(str(out))) == 3  # the launcher and its two ranks
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 15  # the ranks sleep 5 s a layer: 4 layers would take 20 s more
+    while _processes_naming(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_naming(str(out)) == []
+    assert not out.exists()
+
+
+def test_more_ranks_than_the_machine_runs_are_refused_before_any_starts(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # nothing may be written; if it were, not here
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert main(["quantize", "--nproc", "99", "--method", "rtn", "--out", "unused"]) == 2
+    assert "--nproc 99 is more than this machine's 2 CPU cores" in capsys.readouterr().err
+    monkeypatch.setattr(ranks, "available_memory", lambda: 512 << 20)
+    assert main(["quantize", "--nproc", "2", "--method", "rtn", "--out", "unused"]) == 2
+    assert "needs at least 0.8 GiB before any weight is read, and 0.5 GiB are available" in capsys.readouterr().err
+    monkeypatch.setattr(ranks, "available_memory", lambda: 64 << 30)
+    assert main(["quantize", "--nproc", "2", "--samples", "1", "--calib", "x.txt", "--out", "unused"]) == 2
+    assert "1 calibration windows cannot be shared by 2 processes" in capsys.readouterr().err

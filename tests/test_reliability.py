@@ -102,6 +102,75 @@ def test_overwrite_replaces_an_llmq_output(tmp_path, tiny_llama_dir):
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
 
 
+def test_overwrite_refuses_an_llmq_output_holding_a_foreign_file(capsys, tmp_path, tiny_llama_dir):
+    """Serious: --overwrite deleted files a user had put inside an llmq output. llmq.json lists the files llmq wrote;
+    a file it does not list is named and the run refused. A hand-written marker (no list) makes nothing deletable."""
+    out = tmp_path / "o"
+    assert main(["quantize", str(tiny_llama_dir), *RTN, "--out", str(out)]) == 0
+    assert "model.safetensors" in json.loads((out / "llmq.json").read_text())["files"]
+    (out / "notes").mkdir()
+    (out / "notes" / "mine.txt").write_text("mine")
+    before = snapshot(out)
+    code, line = run_cli(capsys, "quantize", tiny_llama_dir, *RTN, "--out", out, "--overwrite")
+    assert code == 2 and "also holds notes/mine.txt; move it out or choose another --out" in line, line
+    assert snapshot(out) == before
+
+    handmade = tmp_path / "handmade"
+    handmade.mkdir()
+    (handmade / "llmq.json").write_text('{"written_by": "llmq"}')
+    (handmade / "thesis.tex").write_text("mine")
+    code, line = run_cli(capsys, "quantize", tiny_llama_dir, *RTN, "--out", handmade, "--overwrite")
+    assert code == 2 and "lists its files" in line, line
+    assert (handmade / "thesis.tex").read_text() == "mine"
+
+
+def test_an_evaluated_output_can_still_be_overwritten(tmp_path, tiny_llama_dir, calib_file):
+    """`llmq eval --card` appends to the output's README.md: a file llmq listed, so --overwrite still replaces it."""
+    out = tmp_path / "o"
+    assert main(["quantize", str(tiny_llama_dir), *RTN, "--out", str(out)]) == 0
+    assert main(["eval", str(out), "--ppl", str(calib_file), "--windows", "1", "--seqlen", "32", "--card"]) == 0
+    assert main(["quantize", str(tiny_llama_dir), *RTN, "--bits", "3", "--out", str(out), "--overwrite"]) == 0
+
+
+def _fake_stage(parent: Path, name: str, pid: int, nonce: str = "0123456789abcdef", started="1") -> Path:
+    stage = parent / f".{name}.partial-{pid}-{nonce}"
+    stage.mkdir()
+    (stage / "model.safetensors").write_bytes(b"half")
+    (stage / ".llmq-stage").write_text(json.dumps({"nonce": nonce, "pid": pid, "started": started}))
+    return stage
+
+
+def test_stale_run_cleanup_removes_only_what_llmq_staged(monkeypatch, tmp_path, tiny_llama_dir):
+    """Serious: the clean-up of killed runs deleted every sibling named `.NAME.partial-*` / `.NAME.old-*`, the
+    user's own included. Only a directory whose record (nonce and pid, the name's) says llmq made it is removed;
+    a dead process's stage goes, and so does one whose pid now belongs to another process (another start time)."""
+    out = tmp_path / "o"
+    mine = [tmp_path / ".o.partial-backup", tmp_path / ".o.old-1-0123456789abcdef", tmp_path / ".o.partial-7-notes"]
+    for path in mine:
+        path.mkdir()
+        (path / "keep.txt").write_text("mine")
+    forged = _fake_stage(tmp_path, "o", 99999999, started=None)
+    (forged / ".llmq-stage").write_text(json.dumps({"nonce": "ffffffffffffffff", "pid": 99999999}))  # not the name's
+    dead = _fake_stage(tmp_path, "o", 99999998, nonce="00000000000000aa")  # no such process
+    reused = _fake_stage(tmp_path, "o", 1, nonce="00000000000000bb", started="-1")  # pid 1 lives, started otherwise
+    messages = []
+    monkeypatch.setattr("llmq.core.log.info", messages.append)
+    assert main(["quantize", str(tiny_llama_dir), *RTN, "--out", str(out)]) == 0
+    assert all((path / "keep.txt").read_text() == "mine" for path in mine) and forged.is_dir()
+    assert not dead.exists() and not reused.exists()
+    assert sum("llmq did not make it" in m for m in messages) == 2  # the old-named one and the forged one, once each
+
+
+def test_a_live_run_writing_the_same_output_is_refused(capsys, tmp_path, tiny_llama_dir):
+    from llmq.targets.atomic import _start_time
+
+    parent = os.getppid()
+    live = _fake_stage(tmp_path, "o", parent, nonce="00000000000000cc", started=_start_time(parent))
+    code, line = run_cli(capsys, "quantize", tiny_llama_dir, *RTN, "--out", tmp_path / "o")
+    assert code == 2 and f"another llmq run (process {parent}) is writing" in line, line
+    assert live.is_dir()
+
+
 def test_out_inside_the_input_model_is_refused(capsys, source):
     before = snapshot(source)
     code, line = run_cli(capsys, "quantize", source, *RTN, "--out", source / "quantized")
@@ -617,3 +686,69 @@ def test_a_sharded_index_cannot_point_outside_the_model_or_crash(damage, expect,
                          "--out", str(tmp_path / "o"))
     assert code == 2 and expect in line, line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (dict(num_hidden_layers=200000), "config.json says num_hidden_layers 200000, but the checkpoint holds 2 decoder"),
+    (dict(hidden_size=4194304), "config.json says hidden_size 4194304, but model.embed_tokens.weight is [49152, 64]"),
+])
+def test_a_config_its_checkpoint_contradicts_is_refused_before_building(edit, expect, sharded_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    """`num_hidden_layers: 200000` ran 101 s into 5.3 GB, `hidden_size: 4194304` asked for 412 GB: the config is
+    checked against the shards' headers before any model is built (sharded and single-file checkpoints)."""
+    from llmq.calib import lazy
+
+    built = []
+    monkeypatch.setattr(lazy, "build_lazy", lambda *args: built.append(args))
+    for model in (sharded_dir, _single_file_copy(sharded_dir, tmp_path)):
+        _edit_json(model / "config.json", lambda config: config.update(edit))
+        for argv in (["quantize", str(model), "--method", "rtn", "--out", str(tmp_path / "o")],
+                     ["quantize", str(model), "--method", "rtn", "--format", "gguf", "--type", "Q8_0",
+                      "--out", str(tmp_path / "o.gguf")]):
+            code, line = run_cli(capsys, *argv)
+            assert code == 2 and expect in line, line
+    assert not built
+
+
+def _single_file_copy(sharded: Path, tmp_path: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    single = tmp_path / "single"
+    single.mkdir()
+    tensors = {}
+    for path in sorted(sharded.glob("model-*.safetensors")):
+        tensors.update(load_file(path))
+    save_file(tensors, single / "model.safetensors", metadata={"format": "pt"})
+    for path in sharded.iterdir():
+        if path.suffix != ".safetensors" and path.name != "model.safetensors.index.json":
+            (single / path.name).write_bytes(path.read_bytes())
+    return single
+
+
+def test_an_integer_weight_in_a_float_checkpoint_is_refused(sharded_dir, tmp_path, capsys):
+    """An int32 weight was accepted (cast to the model's float type): a float checkpoint holds float weights."""
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((sharded_dir / "model.safetensors.index.json").read_text())
+    key, shard = next((k, v) for k, v in index["weight_map"].items() if k.endswith("layers.1.mlp.up_proj.weight"))
+    tensors = load_file(sharded_dir / shard)
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, sharded_dir / shard, metadata={"format": "pt"})
+    code, line = run_cli(capsys, "quantize", str(sharded_dir), "--method", "rtn", "--out", str(tmp_path / "o"))
+    assert code == 2 and f"stores {key} as I32; an unquantized checkpoint holds float weights" in line, line
+
+
+def test_a_full_disk_while_writing_the_output_is_one_line(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    """ENOSPC while the output is written (after the layers): one line naming the file, nothing left at --out."""
+    import errno
+
+    from llmq.targets import shards
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "model.safetensors"))
+
+    monkeypatch.setattr(shards.ShardWriter, "add", full)
+    assert main(["quantize", str(tiny_llama_dir), "--out", str(tmp_path / "out"), "--group-size", "32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("llmq: error: No space left on device writing ") and "Traceback" not in "".join(err)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

@@ -228,3 +228,40 @@ def test_a_linked_resume_directory_is_refused(three_layer_model, tmp_path, calib
         quantize(str(three_layer_model), out, QuantizeConfig.of(method="gptq", group_size=32, calib=str(calib_file),
                                                                 samples=8, seqlen=64, device="cpu"))
     assert list(elsewhere.iterdir()) == [] and not out.exists()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), PermissionError(1, "Operation not permitted")])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_finished_layers(error, three_layer_model,
+                                                                                       tmp_path, calib_file, monkeypatch):
+    """A full disk or an immutable resume directory was a traceback: one line naming where and why, the finished
+    layers stay, and the same command continues from them once there is room."""
+    from llmq.calib import resume
+    from llmq.core.errors import LlmqError
+
+    options = dict(method="gptq", group_size=32, calib=str(calib_file), samples=8, seqlen=64, device="cpu")
+    out = tmp_path / "out"
+    save_file = resume.save_file
+
+    def full_at_layer_1(tensors, path):
+        if "layer-00001" in str(path):
+            raise error
+        save_file(tensors, path)
+
+    monkeypatch.setattr(resume, "save_file", full_at_layer_1)
+    with pytest.raises(LlmqError, match=rf"cannot write the run's checkpoints in \S+\.out\.resume \({error.strerror}\); "
+                                        r"the 1 finished layers stay for the next run"):
+        quantize(str(three_layer_model), out, QuantizeConfig.of(**options))
+    left = resume_directory(out)
+    assert sorted(p.name for p in left.iterdir() if p.name.startswith("layer")) == ["layer-00000.json",
+                                                                                    "layer-00000.safetensors"]
+    assert not list(left.glob(".*.tmp")) and not out.exists()
+    monkeypatch.setattr(resume, "save_file", save_file)
+    from llmq.core import log
+    log.quiet = False
+    try:
+        quantize(str(three_layer_model), out, QuantizeConfig.of(**options))
+    finally:
+        log.quiet = True
+    whole = tmp_path / "whole"
+    quantize(str(three_layer_model), whole, QuantizeConfig.of(**options))
+    assert _weights_file(out).read_bytes() == _weights_file(whole).read_bytes()

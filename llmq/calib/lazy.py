@@ -82,6 +82,43 @@ def checkpoint_index(directory: Path) -> dict[str, Path] | None:
         return dict.fromkeys(f.keys(), single)
 
 
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
+
+
+def check_config_fits_checkpoint(directory: Path, config) -> None:
+    """Refuse, before the model is built, a config its own checkpoint contradicts: more decoder layers or a wider
+    embedding than the safetensors hold (a config of 200,000 layers or a hidden size of 4M would build for minutes
+    or ask for hundreds of GB), or a float model's weight stored as integers. Only the shards' headers are read."""
+    files = checkpoint_index(directory)
+    if not files:
+        return
+    text = getattr(config, "text_config", None) or config
+    layers, embedding = set(), None
+    quantized = getattr(config, "quantization_config", None) is not None
+    for path in sorted(set(files.values())):
+        with open_shard(path) as f:
+            for key in f.keys():
+                if (found := _LAYER_INDEX.search(key)) is not None:
+                    layers.add(int(found[1]))
+                if not (key.endswith(".weight") or key.endswith("_weight")):
+                    continue
+                tensor = f.get_slice(key)
+                if not quantized and tensor.get_dtype() not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
+                    raise LlmqError(f"{path.name} stores {key} as {tensor.get_dtype()}; an unquantized checkpoint holds "
+                                    "float weights: re-export it")
+                if embedding is None and key.endswith(_EMBEDDINGS) and len(tensor.get_shape()) == 2:
+                    embedding = (key, tuple(tensor.get_shape()))
+    expected = getattr(text, "num_hidden_layers", None)
+    if isinstance(expected, int) and layers and expected > len(layers):
+        raise LlmqError(f"config.json says num_hidden_layers {expected}, but the checkpoint holds {len(layers)} "
+                        "decoder layers; the config and the weights do not belong together")
+    hidden = getattr(text, "hidden_size", None)
+    if embedding is not None and isinstance(hidden, int) and hidden not in embedding[1]:
+        raise LlmqError(f"config.json says hidden_size {hidden}, but {embedding[0]} is {list(embedding[1])}; the "
+                        "config and the weights do not belong together")
+
+
 def _value_changing_conversion(model: nn.Module) -> str | None:
     """The first load-time conversion of this model that changes values (not a rename, not an expert stack)."""
     from transformers.conversion_mapping import get_model_conversion_mapping

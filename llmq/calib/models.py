@@ -312,6 +312,10 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
     if check_config is not None:
         check_config(config)
     causal_lm_class(config)
+    if path.exists():
+        from llmq.calib.lazy import check_config_fits_checkpoint
+
+        check_config_fits_checkpoint(path, config)
     if lazy:
         local = path if path.exists() else _hub_snapshot(name)
         model = None if local is None else _open_lazy(name, local, config, dtype, trust_remote_code)

@@ -72,6 +72,11 @@ class RunOptions:
     route_all_experts: bool = False  # MoE: every expert's statistics from every calibration token
     expert_min_tokens: int = 64  # MoE: an expert routed fewer tokens is calibrated on every token instead
 
+    def windows(self) -> int:
+        """The calibration windows a run asks for: --samples, else the fewest of the defaults it may take (without
+        --calib the run calibrates on wikitext2 when reachable, else on data-free windows)."""
+        return self.samples or (TEXT_WINDOWS[0] if self.calib else min(TEXT_WINDOWS[0], DATA_FREE_WINDOWS[0]))
+
 
 @dataclass
 class QuantizeConfig:

@@ -1,11 +1,14 @@
 """Outputs appear only when complete, and --overwrite replaces only what llmq itself wrote.
 
-- A run stages its output in a fresh, private directory beside the target (`.NAME.partial-PID-XXXX`) and
-  renames it into place only when complete; a failed or interrupted run (Ctrl-C, SIGTERM) removes it. A run
-  killed outright (SIGKILL) cannot; the next run for the same output removes what it left (its process is
-  gone) before any work starts.
-- `--overwrite` replaces only an llmq output: a directory holding llmq's marker file, or a GGUF file. Never
-  a directory holding the input model, never anything else: that is refused in one line.
+- A run stages its output in a fresh, private directory beside the target (`.NAME.partial-PID-NONCE`, holding
+  `.llmq-stage`: the process's id, its start time and the random nonce of the name) and renames it into place
+  only when complete; a failed or interrupted run (Ctrl-C, SIGTERM) removes it. A run killed outright (SIGKILL)
+  cannot; the next run for the same output removes what it left before any work starts, once the stage's own
+  record says llmq made it (nonce and name agree) and its process is gone (no process of that id, or one that
+  started at another time: the id was reused). Anything else with such a name is left alone.
+- `--overwrite` replaces only an llmq output: a directory whose marker file (`llmq.json`) lists every file in it
+  (llmq writes the list when the output is complete; a foreign file added since is named and refused), or a
+  GGUF file. Never a directory holding the input model, never anything else: that is refused in one line.
 - Nothing is written through an existing file or symbolic link: staged files are new (O_EXCL) in a private
   directory, and renames replace a name, never what a link points to.
 """
@@ -16,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,26 +29,49 @@ from llmq.core import __version__, log
 from llmq.core.errors import LlmqError
 
 MARKER = "llmq.json"  # in every directory llmq writes; what --overwrite recognises
+STAGE_RECORD = ".llmq-stage"  # in every staging directory: who made it (see the module's docstring)
 GGUF_MAGIC = b"GGUF"
-_STAGED = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?:(?P<pid>\d+)-)?[^/]*$")
+_STAGED = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)-(?P<nonce>[0-9a-f]{16})$")
 
 
 def write_marker(directory: Path, **fields) -> None:
     (directory / MARKER).write_text(json.dumps({"written_by": "llmq", "version": __version__, **fields}, indent=2) + "\n")
 
 
+def _list_files(directory: Path) -> None:
+    """Record in the marker every file of a complete output (what a later --overwrite may delete)."""
+    marker = directory / MARKER
+    if not marker.is_file():
+        return
+    fields = json.loads(marker.read_text())
+    fields["files"] = sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                             if not p.is_dir() and p != marker)
+    marker.write_text(json.dumps(fields, indent=2) + "\n")
+
+
+def foreign_files(path: Path) -> list[str] | None:
+    """For a directory llmq wrote: the files in it that its marker does not list ([] when none); None when it is
+    not an llmq output (no marker, a marker that is not llmq's or lists no files: written by hand or by hand-edit)."""
+    marker = path / MARKER
+    if path.is_symlink() or not path.is_dir() or marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        fields = json.loads(marker.read_text())
+        listed = set(fields["files"]) if fields.get("written_by") == "llmq" else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+    if listed is None or not all(isinstance(name, str) for name in listed):
+        return None
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                  if not p.is_dir() and p != marker and str(p.relative_to(path)) not in listed)
+
+
 def is_llmq_output(path: Path) -> bool:
-    """A directory with llmq's marker, or a GGUF file (what --overwrite may replace)."""
+    """A directory whose marker lists every file in it, or a GGUF file (what --overwrite may replace)."""
     if path.is_symlink():
         return False
     if path.is_dir():
-        marker = path / MARKER
-        if marker.is_symlink() or not marker.is_file():
-            return False
-        try:
-            return json.loads(marker.read_text()).get("written_by") == "llmq"
-        except (OSError, ValueError, AttributeError):
-            return False
+        return foreign_files(path) == []
     if path.is_file() and path.suffix == ".gguf":
         with open(path, "rb") as f:
             return f.read(4) == GGUF_MAGIC
@@ -54,6 +81,16 @@ def is_llmq_output(path: Path) -> bool:
 def _inside(path: Path, directory: Path) -> bool:
     path, directory = path.resolve(), directory.resolve()
     return path == directory or directory in path.parents
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (Linux: clock ticks since boot, /proc/PID/stat field 22), None if unknown: with
+    the pid, what tells a live run from an unrelated process that got its id later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -66,24 +103,43 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stage_record(entry: Path, match: re.Match) -> dict | None:
+    """The record llmq left in a staging directory, if this is one llmq made (its nonce and pid are the name's)."""
+    record = entry / STAGE_RECORD
+    if entry.is_symlink() or not entry.is_dir() or record.is_symlink() or not record.is_file():
+        return None
+    try:
+        fields = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(fields, dict) or (fields.get("nonce"), fields.get("pid")) != (match["nonce"], int(match["pid"])):
+        return None
+    return fields
+
+
+_LEFT_ALONE: set[Path] = set()
+
+
 def remove_stale_stages(target: Path) -> None:
-    """Remove what killed runs left while staging `target`; refuse if a live run is writing it now."""
+    """Remove what killed llmq runs left while staging `target`; refuse if a live run is writing it now. Only
+    directories whose own record says llmq made them are touched."""
     parent = target.parent
     if not parent.is_dir():
         return
     for entry in parent.iterdir():
         match = _STAGED.match(entry.name)
-        if match is None or match["name"] != target.name:
+        if match is None or match["name"] != target.name or int(match["pid"]) == os.getpid():
             continue
-        pid = int(match["pid"]) if match["pid"] else None
-        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+        record = _stage_record(entry, match)
+        if record is None:
+            if entry not in _LEFT_ALONE:  # said once: the output is checked again when it is staged
+                _LEFT_ALONE.add(entry)
+                log.info(f"llmq: left {entry.name} alone: it is named like a staging directory but llmq did not make it")
+            continue
+        pid = int(match["pid"])
+        if _pid_alive(pid) and record.get("started") in (None, _start_time(pid)):
             raise LlmqError(f"another llmq run (process {pid}) is writing {target}; wait for it or choose another --out")
-        if pid == os.getpid():
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        shutil.rmtree(entry, ignore_errors=True)
         log.info(f"llmq: removed {entry.name}, left by an interrupted run")
 
 
@@ -101,7 +157,7 @@ def check_output(target: str | os.PathLike, overwrite: bool, kind: OutputKind,
                  inputs: tuple[Path, ...] = ()) -> None:
     """Refuse, before any work, an output that cannot or must not be written; clean what killed runs left."""
     target = Path(target)
-    longest = _name_max(target.parent) - len(f"..partial-{os.getpid()}-xxxxxxxx.tensors")  # the staging names
+    longest = _name_max(target.parent) - len(f"..partial-{os.getpid()}-{'x' * 16}.tensors")  # the staging names
     if len(target.name.encode()) > longest:
         raise LlmqError(f"--out {target.name[:40]}... is {len(target.name.encode())} bytes long; names of at most "
                         f"{longest} fit here (llmq stages the output under a longer temporary name)")
@@ -144,22 +200,36 @@ def _check_existing(path: Path, overwrite: bool, kind: OutputKind, inputs: tuple
     for source in inputs:
         if _inside(source, path):
             raise LlmqError(f"--overwrite would delete {path}, which holds the input model {source}; choose another --out")
+    if path.is_dir() and (foreign := foreign_files(path)):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise LlmqError(f"--overwrite replaces only what llmq wrote, and {path} also holds {shown}; move "
+                        f"{'them' if len(foreign) > 1 else 'it'} out or choose another --out")
     if path.suffix == ".gguf" or path.is_dir():
         if not is_llmq_output(path):
-            raise LlmqError(f"--overwrite replaces only what llmq wrote (a directory with {MARKER}, or a .gguf file); "
-                            f"{path} is neither: choose another --out")
+            raise LlmqError(f"--overwrite replaces only what llmq wrote (a directory whose {MARKER} lists its files, "
+                            f"or a .gguf file); {path} is neither: choose another --out")
 
 
-def _stage_directory(target: Path) -> Path:
+def _stage_directory(target: Path, kind: str = "partial") -> Path:
+    """A new private directory beside `target` named `.NAME.KIND-PID-NONCE`, holding its record (STAGE_RECORD)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-    return tmp
+    pid = os.getpid()
+    while True:
+        nonce = secrets.token_hex(8)
+        stage = target.parent / f".{target.name}.{kind}-{pid}-{nonce}"
+        try:
+            stage.mkdir(mode=0o700)
+            break
+        except FileExistsError:
+            continue
+    (stage / STAGE_RECORD).write_text(json.dumps({"nonce": nonce, "pid": pid, "started": _start_time(pid)}) + "\n")
+    return stage
 
 
 def _replace(source: Path, target: Path) -> None:
     """Move `source` to `target`; an existing target (already checked: ours, or --overwrite) goes away after."""
     if target.is_dir() and not target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+        old = _stage_directory(target, "old")
         os.replace(target, old / "previous")
         os.replace(source, target)
         shutil.rmtree(old, ignore_errors=True)
@@ -178,6 +248,8 @@ def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
     try:
         yield tmp
+        (tmp / STAGE_RECORD).unlink()
+        _list_files(tmp)
         for written in tmp.rglob("*"):  # some writers (safetensors) make files 0600: give them the umask's mode
             if written.is_file() and not written.is_symlink():
                 written.chmod(0o666 & ~umask)
@@ -199,6 +271,7 @@ def atomic_output_file(target: str | os.PathLike, overwrite: bool = False, side_
         staged = stage / target.name
         yield staged, stage
         os.chmod(staged, 0o644)  # files in a private directory: make the result look like any other file
+        (stage / STAGE_RECORD).unlink()
         for side in sorted(stage.iterdir()):
             if side != staged:
                 os.chmod(side, 0o644)
