@@ -347,7 +347,7 @@ def _run_eval(args) -> None:
     if args.ppl is None and args.tasks is None:
         raise LlmqError("nothing to evaluate: pass --ppl FILE|wikitext2, --tasks T1,T2 (lm-eval), or both")
     if args.ppl is not None:
-        from llmq.calib.text import HUB_EVAL_DATASETS, check_text_source
+        from llmq.calib.text import HUB_EVAL_DATASETS, check_text_source, check_token_ids
 
         check_text_source(args.ppl, HUB_EVAL_DATASETS, "--ppl")  # before the model loads
     if args.tasks is not None:
@@ -364,8 +364,11 @@ def _run_eval(args) -> None:
         if args.ppl is None:
             return
     windows = evaluation_windows(tokenizer, args.ppl, args.seqlen, args.windows)
+    check_token_ids(windows, model.get_input_embeddings().num_embeddings)
     kl_base = _kl_base(args.model, args.kl)
     base = load_for_eval(kl_base, args.device)[0] if kl_base else None
+    if base is not None:
+        check_token_ids(windows, base.get_input_embeddings().num_embeddings, f"KL base {kl_base}")
     result = evaluate(model, windows, base, args.device)
     line = (f"{Path(args.ppl).name}, {result.windows} windows x {args.seqlen} tokens: "
             f"perplexity {result.perplexity:.4f}")

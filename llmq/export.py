@@ -17,8 +17,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 from torch import nn
-from transformers import AutoTokenizer
 
+from llmq.calib.models import model_tokenizer
 from llmq.core import log
 from llmq.core.device import human_size
 from llmq.core.errors import LlmqError
@@ -106,7 +106,7 @@ def export_checkpoint(directory: str | Path, out: str | Path, overwrite: bool = 
         raise LlmqError(f"{directory} is {quant_format} (8-bit weights with quantized activations, or FP8), which GGUF "
                         "does not hold; quantize the original model with --format gguf --type Q8_0 instead")
     model = load(directory, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    tokenizer = model_tokenizer(str(directory))
     config = language_config(model.config)
     gguf_name_of = model_name_map(model)
     encoded: list[tuple[str, str, EncodedTensor]] = []  # (HF name, GGUF name, tensor): assemble_tensors stacks experts
@@ -201,6 +201,6 @@ def export_bitnet_gguf(directory: str | Path, out: str | Path, gguf_type: str = 
     check_gguf_output(directory, out, overwrite)
     model = load_bitnet(directory, torch.float32)
     densify(model)
-    size = write_plain_gguf(model, AutoTokenizer.from_pretrained(directory, trust_remote_code=False), gguf_type, out, overwrite)
+    size = write_plain_gguf(model, model_tokenizer(str(directory)), gguf_type, out, overwrite)
     log.info(f"llmq: wrote {out} ({gguf_type.upper()}, from ternary checkpoint {Path(directory).name}): {human_size(size)}")
     return size

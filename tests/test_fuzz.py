@@ -151,3 +151,83 @@ def test_damaged_gguf_is_refused_or_run_by_llamacpp(tmp_path, tiny_gguf):
         if case["outcome"] == "ran":
             assert np.allclose(case["scores"], reference["scores"]), case
     assert sum(case["outcome"] == "refused" for case in cases) >= CASES // 2, cases
+
+
+def test_damaged_sharded_index_is_refused_or_read_exactly(tmp_path, tiny_llama_dir):
+    """The index of a sharded checkpoint, damaged (flipped bytes anywhere in its JSON, truncated): refused in one
+    line or read into exactly the undamaged weights, lazily or whole."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sharded = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, trust_remote_code=False)
+    model.save_pretrained(sharded, max_shard_size="2MB")
+    AutoTokenizer.from_pretrained(tiny_llama_dir, trust_remote_code=False).save_pretrained(sharded)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    data = (sharded / "model.safetensors.index.json").read_bytes()
+    for lazy, seed in ((False, 5), (True, 6)):
+        def read(copy, lazy=lazy):
+            loaded = load_model(str(copy), lazy=lazy)[0]
+            weights = getattr(loaded, "llmq_lazy", None)
+            if weights is not None:  # a lazy model's layers are on disk until asked for: read them all
+                weights.load_all()
+            return loaded
+
+        outcomes = read_damaged_copies(tmp_path / f"lazy{lazy}", sharded, "model.safetensors.index.json",
+                                       damaged_copies(data, len(data), seed=seed), read, reference)
+        assert "refused" in outcomes, outcomes
+
+
+KILL_AFTER_LAYER_1 = r"""
+import os, signal, sys, json
+import llmq
+from llmq.calib.resume import LayerCheckpoints
+from llmq.core import log
+log.quiet = True
+save_layer = LayerCheckpoints.save_layer
+def save_then_die(self, index, *args, **kwargs):
+    save_layer(self, index, *args, **kwargs)
+    if index == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+LayerCheckpoints.save_layer = save_then_die
+llmq.quantize(sys.argv[1], sys.argv[2], llmq.QuantizeConfig.of(**json.loads(sys.argv[3])))
+"""
+
+
+def test_damaged_resume_checkpoints_are_refused_or_resumed_exactly(tmp_path, smollm2_tokenizer_dir, calib_file):
+    """A killed run's checkpoints, one file damaged per case (flipped bytes in a safetensors header or anywhere in a
+    JSON file, or truncated): the rerun either refuses in one line or writes exactly an uninterrupted run's bytes
+    (having continued from the last good layer or started over); never a traceback, never other weights."""
+    import signal
+
+    from conftest import save_tiny_model
+
+    from llmq.calib.resume import resume_directory
+
+    model = save_tiny_model(tmp_path / "model", smollm2_tokenizer_dir, num_hidden_layers=3)
+    options = dict(method="gptq", group_size=32, calib=str(calib_file), samples=8, seqlen=64, device="cpu")
+    whole = tmp_path / "whole"
+    quantize(str(model), whole, QuantizeConfig.of(**options))
+    killed = tmp_path / "killed"
+    run = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER_1, str(model), str(killed), json.dumps(options)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    left = resume_directory(killed)
+    names = ["layer-00000.safetensors", "layer-00001.json", "inputs-00002.safetensors", "samples.safetensors",
+             "run.json", "layer-00001.safetensors", "inputs-00001.safetensors", "layer-00000.json"]
+    rng_seed, outcomes = 11, []
+    for case, name in enumerate(names * 2):
+        data = (left / name).read_bytes()
+        end = _header_end(data) if name.endswith(".safetensors") else len(data)
+        what, damaged = list(damaged_copies(data, end, seed=rng_seed + case, cases=case % 3 + 1))[-1]
+        out = tmp_path / f"case{case}"
+        shutil.copytree(left, resume_directory(out))
+        (resume_directory(out) / name).write_bytes(damaged)
+        try:
+            quantize(str(model), out, QuantizeConfig.of(**options))
+        except LlmqError:
+            outcomes.append("refused")
+            continue
+        assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes(), \
+            f"{name}, {what}: wrote other weights"
+        outcomes.append("written")
+    assert outcomes.count("written") >= len(outcomes) // 2, outcomes  # damage is mostly recovered from

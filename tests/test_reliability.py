@@ -752,3 +752,43 @@ def test_a_full_disk_while_writing_the_output_is_one_line(tmp_path, tiny_llama_d
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("llmq: error: No space left on device writing ") and "Traceback" not in "".join(err)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def _break_truncated(tokenizer: dict, path: Path) -> None:
+    path.write_text(json.dumps(tokenizer)[:1000])
+
+
+def _break_model_type(tokenizer: dict, path: Path) -> None:
+    tokenizer["model"]["type"] = "Nonsense"
+    path.write_text(json.dumps(tokenizer))
+
+
+def _break_vocabulary(tokenizer: dict, path: Path) -> None:
+    del tokenizer["model"]["vocab"]
+    path.write_text(json.dumps(tokenizer))
+
+
+def _id_past_the_embedding(tokenizer: dict, path: Path) -> None:
+    tokenizer["model"]["vocab"]["hello"] = 10**6
+    path.write_text(json.dumps(tokenizer))
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (_break_truncated, "has no usable tokenizer (JSONDecodeError"),
+    (_break_model_type, "has no usable tokenizer (Exception: data did not match"),
+    (_break_vocabulary, "has no usable tokenizer (Exception: Missing vocab"),
+    (_id_past_the_embedding, "the tokenizer gives token id 1000000 but the model's embedding has 49152 rows"),
+])
+def test_eval_with_a_broken_tokenizer_is_one_line(damage, expect, tmp_path, tiny_llama_dir, rtn_checkpoint, capsys):
+    """`llmq eval` on a malformed tokenizer.json or one giving ids past the embedding was a traceback (quantize gave
+    one line): one line for a float model and for a quantized one."""
+    import shutil
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 200)
+    for source in (tiny_llama_dir, rtn_checkpoint):
+        model = tmp_path / f"broken-{source.name}"
+        shutil.copytree(source, model)
+        damage(json.loads((model / "tokenizer.json").read_text()), model / "tokenizer.json")
+        code, line = run_cli(capsys, "eval", model, "--ppl", text, "--windows", "1", "--seqlen", "32")
+        assert code == 2 and expect in line, line

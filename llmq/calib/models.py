@@ -320,7 +320,7 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
         local = path if path.exists() else _hub_snapshot(name)
         model = None if local is None else _open_lazy(name, local, config, dtype, trust_remote_code)
         if model is not None:
-            return model, _tokenizer(name, str(local), trust_remote_code), path.resolve().name if path.exists() else name
+            return model, model_tokenizer(name, str(local), trust_remote_code), path.resolve().name if path.exists() else name
     log.info(f"llmq: loading {name}")
     try:
         # mismatched sizes are recorded rather than raised, so that check_loading_info can name them
@@ -331,7 +331,7 @@ def load_model(name: str | None, dtype: torch.dtype | str = "auto", trust_remote
                         "damaged: re-download or re-export it") from None
     check_loading_info(name, info)
     check_finite(model, cast_from=str(getattr(config, "dtype", None) or "").removeprefix("torch.") or None)
-    tokenizer = _tokenizer(name, source, trust_remote_code)
+    tokenizer = model_tokenizer(name, source, trust_remote_code)
     # The card names a hub id as is, a local checkpoint by its directory name (never a path from this machine).
     return model.eval(), tokenizer, path.resolve().name if path.exists() else name
 
@@ -355,9 +355,10 @@ def _hub_snapshot(name: str) -> Path | None:
     return local if any(local.glob("*.safetensors")) else None
 
 
-def _tokenizer(name: str, source: str, trust_remote_code: bool):
+def model_tokenizer(name: str, source: str | None = None, trust_remote_code: bool = False):
+    """The model's tokenizer; a missing or damaged one (bad JSON, an unknown model type, no vocabulary) is one line."""
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source or name, trust_remote_code=trust_remote_code)
     except Exception as error:
         raise LlmqError(f"{name!r} has no usable tokenizer ({reason(error)}); add its tokenizer files") from None
 

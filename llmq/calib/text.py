@@ -212,6 +212,14 @@ def self_generated_samples(model, tokenizer, samples: int, seqlen: int, device, 
     return out[:, :seqlen].cpu()
 
 
+def check_token_ids(ids: torch.Tensor, rows: int, model: str = "model") -> None:
+    """Token ids the embedding has no row for (a tokenizer from another model, or a damaged tokenizer.json) are one
+    line, before any forward pass."""
+    if ids.numel() and int(ids.max()) >= rows:
+        raise LlmqError(f"the tokenizer gives token id {int(ids.max())} but the {model}'s embedding has {rows} rows: "
+                        "tokenizer and model do not belong together; give the model's own tokenizer")
+
+
 def calibration_samples(model, tokenizer, source: str | None, samples: int | None, seqlen: int | None,
                         device) -> tuple[torch.Tensor, str]:
     """Token windows for calibration and a one-line description of where they came from.
@@ -244,7 +252,5 @@ def calibration_samples(model, tokenizer, source: str | None, samples: int | Non
     samples, seqlen = samples or TEXT_WINDOWS[0], seqlen or TEXT_WINDOWS[1]
     ids = tokenize_text(tokenizer, text)
     rows = model.get_input_embeddings().num_embeddings
-    if ids.numel() and int(ids.max()) >= rows:
-        raise LlmqError(f"the tokenizer gives token id {int(ids.max())} but the model's embedding has {rows} rows: "
-                        "tokenizer and model do not belong together; give the model's own tokenizer")
+    check_token_ids(ids, rows)
     return sample_windows(ids, samples, seqlen), description

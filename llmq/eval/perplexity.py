@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
-from llmq.calib.models import EMBEDDED_DEFAULT, check_model_files, load_model, unreadable_config
+from llmq.calib.models import EMBEDDED_DEFAULT, check_model_files, load_model, model_tokenizer, unreadable_config
 from llmq.calib.text import evaluation_text, tokenize_text
 from llmq.core import log
 from llmq.core.errors import LlmqError
@@ -36,7 +36,7 @@ def is_quantized_dir(name: str) -> bool:
 def load_for_eval(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer): llmq-packed when `name` is a quantized directory, else a plain float model."""
     if is_quantized_dir(name):
-        return load(name, device=device, dtype=dtype), AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        return load(name, device=device, dtype=dtype), model_tokenizer(name)
     model, tokenizer, _ = load_model(None if name in ("embedded", EMBEDDED_DEFAULT) else name, dtype)
     return model.to(device), tokenizer
 
