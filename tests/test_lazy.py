@@ -50,6 +50,32 @@ def test_a_lazy_run_writes_the_bytes_a_whole_model_run_writes(model_type, option
         assert lazy[name] == whole[name], name
 
 
+@pytest.mark.parametrize("options", [dict(method="gptq", group_size=32),
+                                     dict(method="gptq", format="gguf", gguf_type="Q4_K_M")])
+def test_a_model_with_tied_embeddings_is_read_a_layer_at_a_time(options, tmp_path, smollm2_tokenizer_dir, calib_file,
+                                                                 monkeypatch, capsys):
+    """Tied embeddings (Llama-3.2-1B/3B, Qwen2.5 up to 3B, every Gemma and SmolLM) made the whole model load:
+    `lm_head.weight` is not on disk. The skeleton is tied as from_pretrained ties it, the head is read under the
+    embedding's name, and the head lets go of the embedding's memory with it once calibration is done."""
+    model = save_tiny_model(tmp_path / "tied", smollm2_tokenizer_dir, tie_word_embeddings=True)
+    heads = []
+    release = LazyWeights.release_globals
+
+    def watching(self):
+        release(self)
+        heads.append(self.model.get_output_embeddings().weight.is_meta)
+
+    monkeypatch.setattr(LazyWeights, "release_globals", watching)
+    options = dict(options, calib=str(calib_file))
+    suffix = ".gguf" if options.get("format") == "gguf" else ""
+    lazy = _run(model, tmp_path / f"lazy{suffix}", options, True, monkeypatch)
+    err = capsys.readouterr().err
+    assert "each read from its safetensors when the run reaches it" in err and "whole" not in err, err
+    assert heads == [True]
+    whole = _run(model, tmp_path / f"whole{suffix}", options, False, monkeypatch)
+    assert lazy == whole
+
+
 def test_a_lazy_run_holds_one_decoder_layer_at_a_time(tmp_path, smollm2_tokenizer_dir, calib_file, monkeypatch):
     model = save_tiny_model(tmp_path / "m", smollm2_tokenizer_dir, num_hidden_layers=4)
     in_memory = []

@@ -136,6 +136,7 @@ class LazyWeights:
     def __init__(self, model: nn.Module, files: dict[str, Path], disk_names: dict[str, str], dtype: torch.dtype):
         self.model, self.files, self.dtype = model, files, dtype
         self.disk_names = disk_names  # model tensor name -> on-disk name
+        self.aliases = _shared_names(model)  # another name of a shared tensor -> the name it is stored under
         self.layers_path, layers = find_decoder_layers(model)
         self.layer_count = len(layers)
         pattern = re.compile(rf"^{re.escape(self.layers_path)}\.(\d+)\.")
@@ -193,6 +194,8 @@ class LazyWeights:
 
     def release_globals(self) -> None:
         self._release(self.outside)
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()  # the head too: else it would hold the embedding's memory through the run
 
     def mismatched(self) -> list[tuple[str, list[int], list[int]]]:
         """(name, shape on disk, shape the config makes) of every tensor whose shapes differ (from the headers)."""
@@ -241,7 +244,10 @@ class LazyWeights:
 
     def tensor(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """`value` (the model's tensor `name`), read from disk when it is not in memory."""
-        return self.read([name])[name] if value.is_meta else value
+        if not value.is_meta:
+            return value
+        stored = self.aliases.get(name, name)
+        return self.read([stored])[stored]
 
 
 def lazy_weights(model: nn.Module) -> LazyWeights | None:
@@ -254,6 +260,17 @@ def tensor_of(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
     return value if weights is None else weights.tensor(name, value)
 
 
+def _shared_names(model: nn.Module) -> dict[str, str]:
+    """Every other name of a tensor several modules share (a tied head) -> its first name, the one on disk."""
+    first, aliases = {}, {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return aliases
+
+
 def build_lazy(directory: Path, config, model_class, dtype: torch.dtype, trust_remote_code: bool):
     """(skeleton model with LazyWeights attached as `model.llmq_lazy`, None) or (None, why it cannot be lazy)."""
     from accelerate import init_empty_weights
@@ -264,6 +281,8 @@ def build_lazy(directory: Path, config, model_class, dtype: torch.dtype, trust_r
     with init_empty_weights():
         model = model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # the head shares the embedding's tensor, as from_pretrained makes it: one on disk
     changing = _value_changing_conversion(model)
     if changing is not None:
         return None, f"transformers converts its tensors on load ({changing})"
@@ -275,7 +294,7 @@ def build_lazy(directory: Path, config, model_class, dtype: torch.dtype, trust_r
     disk_names = {names[key]: key for key in files}
     if len(disk_names) != len(files):
         return None, "several on-disk tensors fill one model tensor"
-    wanted = [name for name, _ in model.named_parameters()]
+    wanted = [name for name, _ in model.named_parameters()]  # a tensor shared by several modules: its first name
     wanted += [name for name, _ in model.named_buffers() if name in model.state_dict()]
     missing = [name for name in wanted if name not in disk_names]
     if missing:
