@@ -145,7 +145,8 @@ LayerCheckpoints.save_layer = slowly
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_no_rank_outlives_a_launcher_killed_outright(tmp_path, smollm2_tokenizer_dir, calib_file):
     """`--nproc` ranks ran on as orphans after their launcher was SIGKILLed (28 of them slept on): each rank now
-    asks the kernel for SIGTERM when its launcher dies, and stops as on Ctrl-C, writing nothing."""
+    asks the kernel to kill it when its launcher dies (SIGKILL: a rank blocked in a collective runs no handler), and
+    nothing is written."""
     import time
 
     model = save_tiny_model(tmp_path / "model", smollm2_tokenizer_dir, num_hidden_layers=4)

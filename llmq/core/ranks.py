@@ -73,19 +73,21 @@ def available_memory() -> int | None:
 
 
 def die_with_launcher() -> None:
-    """A rank ends when the process that started it ends (Linux: the kernel sends it SIGTERM, which stops a run as
-    Ctrl-C does), so that a launcher killed outright leaves no rank running on."""
+    """A rank ends when the process that started it ends (Linux: the kernel sends it SIGKILL), so that a launcher
+    killed outright leaves no rank running on. SIGKILL, not SIGTERM: a rank blocked in a collective waiting for a
+    peer cannot run a signal handler, and what a killed rank leaves (its stage, its checkpoints) the next run
+    cleans up or resumes from. A launcher stopped by SIGTERM or Ctrl-C still stops its ranks through torchrun."""
     import ctypes
     import signal
 
     launcher = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return  # not Linux: torchrun's own monitoring is all there is
     if os.getppid() != launcher:  # the launcher was gone before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def join(device: torch.device) -> torch.device:
