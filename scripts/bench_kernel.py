@@ -81,8 +81,8 @@ def _random_w4(n: int, k: int, group: int = 128):
 
 
 def gpu_table() -> list[dict]:
-    from llmq.runtime.kernels.build import load_extension
     from llmq.runtime.kernels import fragments
+    from llmq.runtime.kernels.build import load_extension
     from llmq.runtime.kernels.cuda import choose_path, w4_linear_cuda
 
     extension = load_extension()

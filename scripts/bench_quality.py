@@ -167,11 +167,11 @@ def run_row(name: str, reference: Path, work: Path, windows: int, llmc_python: s
     """Quantize (unless unquantized) and evaluate one row; runs inside its own process."""
     import torch
 
+    from llmq import QuantizeConfig, quantize
     from llmq.core import log
-    from llmq.targets.card import append_evaluation
     from llmq.core.errors import LlmqError
     from llmq.eval import evaluate, evaluation_windows, load_for_eval
-    from llmq import QuantizeConfig, quantize
+    from llmq.targets.card import append_evaluation
 
     log.quiet = True
     torch.manual_seed(0)

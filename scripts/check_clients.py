@@ -44,10 +44,10 @@ def main() -> None:
     import tempfile
 
     import torch
+    from transformers import AutoTokenizer
 
     import llmq
     from llmq.eval import evaluate, evaluation_windows
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=False)
     windows = evaluation_windows(tokenizer, str(args.text), args.seqlen, args.windows)

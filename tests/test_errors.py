@@ -5,9 +5,9 @@ import torch
 from conftest import save_tiny_model
 
 import llmq
+from llmq import QuantizeConfig, quantize
 from llmq.cli import main
 from llmq.core.errors import LlmqError
-from llmq import QuantizeConfig, quantize
 
 
 def run_cli(capsys, *argv):

@@ -8,15 +8,15 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny_model, transformers_logits
 
 import llmq
 from llmq import QuantizeConfig, quantize
 from llmq.cli import main
-from llmq.core.scheme import QuantScheme, scheme_with_preset
 from llmq.core.errors import LlmqError
+from llmq.core.scheme import QuantScheme, scheme_with_preset
 from llmq.targets.compressed_tensors import quantization_config
 
-from conftest import save_tiny_model, transformers_logits
 
 @pytest.mark.parametrize("group, widths, expected", [
     (128, [576, 1536], 64),      # SmolLM2-135M under the default group: 64 throughout (96 divides 576 but not 1536)

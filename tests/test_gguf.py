@@ -11,11 +11,11 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, LlamaFileType
 from gguf import quants as gguf_quants
 
+from llmq import QuantizeConfig, quantize
 from llmq.core.errors import LlmqError
 from llmq.methods.grids.blocks import BLOCK_TYPES, decode_tensor
-from llmq.targets.gguf.mixtures import MIXTURES, get_mixture
 from llmq.methods.grids.kquant_search import encode_bytes
-from llmq import QuantizeConfig, quantize
+from llmq.targets.gguf.mixtures import MIXTURES, get_mixture
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the llama.cpp client these tests need")
 from llmq.eval.llamacpp import llamacpp_quantize_file, llamacpp_quantize_tensor, open_llama

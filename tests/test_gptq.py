@@ -5,8 +5,7 @@ import torch
 from conftest import quantize_matrix
 
 from llmq.calib.statistics import HessianCollector
-from llmq.core.scheme import QuantScheme
-from llmq.core.scheme import dequantize_values, quantize_values
+from llmq.core.scheme import QuantScheme, dequantize_values, quantize_values
 from llmq.methods.grids.integer import group_qparams
 
 

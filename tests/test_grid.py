@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import quantize_matrix
 
 from llmq.core.errors import LlmqError

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmq.targets.packing import pack_int32
+from llmq.core.scheme import QuantScheme
 from llmq.runtime.kernels import cuda as cuda_kernels
 from llmq.runtime.kernels import fragments
 from llmq.runtime.kernels.cpu import INT4_MAX_ROWS
-from llmq.core.scheme import QuantScheme
 from llmq.runtime.modeling import QuantLinear, kernel_path
+from llmq.targets.packing import pack_int32
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "llmq" / "runtime" / "kernels" / "cuda"
 

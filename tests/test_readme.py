@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CALIB_TEXT, save_tiny_model
 
 from llmq.cli import build_parser, main
-
-from conftest import CALIB_TEXT, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

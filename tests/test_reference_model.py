@@ -9,11 +9,11 @@ import torch
 from conftest import CALIB_TEXT, TEST_TEXT, quantize_matrix
 
 from llmq import load
+from llmq.calib.models import load_embedded_default
 from llmq.calib.text import read_text_file, sample_windows, tokenize_text
 from llmq.cli import main
-from llmq.eval import evaluate, evaluation_windows
 from llmq.core.scheme import QuantScheme
-from llmq.calib.models import load_embedded_default
+from llmq.eval import evaluate, evaluation_windows
 
 pytestmark = pytest.mark.slow
 # float32: on CPUs without native bf16 (no AMX / AVX512-BF16) bf16 matmuls run ~4.7x slower than float32

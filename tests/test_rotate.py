@@ -126,9 +126,10 @@ def test_rotated_checkpoint_is_plain_and_runs_as_the_original(tmp_path, smollm2_
     llmq.load runs: at 8 bits its logits are the original model's within rounding, so every rotated tensor
     (embeddings, head, norms, the quantized Linears) reached the file. At 3 bits on a model with loud channels
     the rotation lowers the output error against plain GPTQ."""
-    import llmq
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import llmq
 
     model_dir = save_tiny_model(tmp_path / "tied", smollm2_tokenizer_dir, loud_channels=20.0, tie_word_embeddings=True)
     with torch.no_grad():
@@ -155,9 +156,10 @@ def test_rotated_checkpoint_is_plain_and_runs_as_the_original(tmp_path, smollm2_
 def test_rotated_moe_checkpoint_runs_as_the_original(tmp_path, smollm2_tokenizer_dir, calib_file):
     """A MoE model through rotate+gptq at 8 bits: the rotated router (kept in 16 bits) and every expert reach the
     file, and llmq.load runs it as the original within rounding."""
-    import llmq
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
+
+    import llmq
 
     model_dir = save_tiny_model(tmp_path / "moe", smollm2_tokenizer_dir, model_type="qwen3_moe", loud_channels=20.0)
     with torch.no_grad():

@@ -5,17 +5,17 @@ import json
 
 import pytest
 import torch
+from conftest import transformers_logits
 
 import llmq
 from llmq import QuantizeConfig, quantize
+from llmq.calib.statistics import RangeCollector
 from llmq.cli import main
 from llmq.core.errors import LlmqError
-from llmq.calib.statistics import RangeCollector
 from llmq.core.scheme import PRESETS, QuantScheme, static_input_scale
 from llmq.methods.grids.fp8 import Fp8Grid, fp8_round
 from llmq.runtime.w8 import W8Linear, quantize_rows
 
-from conftest import transformers_logits
 
 def test_fp8_grid_codes_are_e4m3_values_and_the_error_is_half_a_step():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 0, 64)[:, None]

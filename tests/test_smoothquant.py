@@ -79,9 +79,9 @@ def test_scales_are_the_papers_formula():
 
 def test_smoothing_lowers_static_w8a8_output_error(tmp_path, smollm2_tokenizer_dir, calib_file):
     """On a model with loud channels, static per-tensor W8A8 loses less with SmoothQuant than without."""
-    import llmq
-
     from safetensors.torch import load_file, save_file
+
+    import llmq
 
     model_dir = save_tiny_model(tmp_path / "loud", smollm2_tokenizer_dir)
     state = load_file(model_dir / "model.safetensors")  # 4 channels of every norm 30x louder

@@ -8,7 +8,7 @@ from conftest import save_tiny_model
 
 from llmq import QuantizeConfig, quantize
 from llmq.cli import main
-from llmq.core.scheme import QuantScheme, QuantizedTensor
+from llmq.core.scheme import QuantizedTensor, QuantScheme
 from llmq.methods.tune import ScaledCodes
 
 IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(5))
@@ -34,9 +34,10 @@ def test_tuning_lowers_the_kl_and_keeps_the_codes(tmp_path, smollm2_tokenizer_di
     """GPTQ W2 g32 on a tiny Llama with loud channels, with and without 30 tuning steps: the tuned file's packed
     integers and zero points are the untuned one's, its scales differ, and its KL to the original on held-out
     tokens is lower (measured: 0.095 -> 0.059)."""
-    import llmq
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    import llmq
 
     model_dir = save_tiny_model(tmp_path / "m", smollm2_tokenizer_dir, loud_channels=20.0)
     with torch.no_grad():

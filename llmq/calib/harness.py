@@ -30,6 +30,7 @@ from llmq.calib.lazy import lazy_weights
 from llmq.calib.resume import LayerCheckpoints
 from llmq.calib.statistics import new_collector
 from llmq.core import log
+from llmq.core.device import return_freed_memory
 from llmq.core.interfaces import Grid, Method, Quantized
 from llmq.core.layers import DecoderLayout, LinearGroup
 from llmq.core.ranks import deal_by_cost, min_across, share, world
@@ -298,6 +299,7 @@ def quantize_layers(
             weights.release_layer(index, keep={name for name in weights.layer_tensors(index)
                                                if name.removesuffix(".weight") not in layer_results})
             layer_results = parts = None  # on disk now: not held while the next layer is read and solved
+        return_freed_memory()
         if on_layer is not None:
             on_layer(report)
     return results if weights is None else CheckpointedResults(checkpoints, layout.layers, len(layers))

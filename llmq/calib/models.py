@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import importlib.util
+import json
 import os
 import re
 import shutil

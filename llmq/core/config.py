@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from llmq.core.errors import LlmqError
 from llmq.core.scheme import QuantScheme, scheme_with_preset
 
-
 # Calibration windows x tokens when --samples / --seqlen are not given: from text, GPTQ's usual 128 x 512; data-free
 # (text the model writes itself, when no --calib is given and no dataset can be had), fewer and shorter, since
 # generating them dominates a small model's run (scripts/first_run_options.py measured it: docs/guide/first-run.md).

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 
 import torch
 from torch import nn
@@ -73,3 +75,21 @@ def small_linear_algebra(device: torch.device, rows: int = 0):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the memory freed since the last call back to the system (glibc's malloc_trim). Tensors freed in a
+    layer leave holes in the C heap that later, differently sized tensors do not fill: without this a lazy run's
+    resident memory grew ~14 MB a layer on a 1024-wide model (scripts/memory_by_depth.py); with it, it stays flat.
+    Costs about a millisecond; called once per decoder layer."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -6,8 +6,8 @@ from llmq.core.config import QuantizeConfig
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Method
 from llmq.targets.base import RunReport, Target
-from llmq.targets.bnb import BitsAndBytesTarget
 from llmq.targets.bitnet import BitNetTarget
+from llmq.targets.bnb import BitsAndBytesTarget
 from llmq.targets.compressed_tensors import CompressedTensorsTarget
 from llmq.targets.gguf.target import GGUFTarget
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmq.targets.packing import unpack_int32
 from llmq.runtime.kernels.reference import dequantize_packed
+from llmq.targets.packing import unpack_int32
 
 # at or below this many activation rows the int4 kernel beats dequantize + GEMM (measured as described above)
 INT4_MAX_ROWS = {torch.bfloat16: 128, torch.float32: 2, torch.float16: 1}

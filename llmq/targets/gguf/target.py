@@ -9,8 +9,8 @@ by its planned type, metadata and tokenizer (llmq/targets/gguf/writer.py).
 from __future__ import annotations
 
 import contextlib
-import json
 import itertools
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,8 +32,8 @@ from llmq.targets.gguf.mixtures import get_mixture, plan_types
 from llmq.targets.gguf.writer import (
     EncodedTensor,
     SpilledTensors,
-    encode_float,
     assemble_tensors,
+    encode_float,
     expert_count,
     exported_tensors,
     gguf_arch,
