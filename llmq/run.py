@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmq.calib.arch import check_config, decoder_layout, quantizable_linears
+from llmq.calib.coverage import decoder_coverage
 from llmq.calib.harness import ExpertPolicy, capture_layer_inputs, quantize_layers
 from llmq.calib.lazy import lazy_weights
 from llmq.calib.models import EMBEDDED_BASE_ID, EMBEDDED_DEFAULT, base_license, load_model, resolve_dtype
@@ -51,6 +52,7 @@ class QuantizeResult:
     relative_weight_error: float
     calibration: str
     stage_seconds: dict[str, float]  # where the time went (llmq/core/timing.py): load, statistics, column sweep, ...
+    quantized_fraction: float = 1.0  # of the decoder's matrix weights, the share stored quantized (calib/coverage.py)
 
 
 def _calibrate(model, tokenizer, layout, method: Method, config: QuantizeConfig, device,
@@ -165,7 +167,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             weights.load_globals()
     with stage_clock("discovery"):
         layout = decoder_layout(hf_model, device, folds=method.folds)
-    linears = target.quantizable(hf_model, quantizable_linears(hf_model, layout))
+    discovered = quantizable_linears(hf_model, layout)
+    linears = target.quantizable(hf_model, discovered)
     layout = layout.only(linears)
     target.check_model(hf_model, linears)
     size_before = tensor_bytes(hf_model)
@@ -197,6 +200,9 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             if weights is not None:  # the layers need none of them; the writer reads them from disk
                 weights.release_globals()
             plan = target.plan(hf_model, linears, storage_dtype, calibrated)
+            coverage = decoder_coverage(hf_model, layout, set(discovered), set(linears), plan)
+            if coverage.note():
+                log.info(coverage.note())
             errors = []
             experts = ExpertPolicy(config.run.route_all_experts, config.run.expert_min_tokens)
             teacher = frozen_teacher(hf_model) if config.method.tune_steps else None
@@ -231,6 +237,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     seconds = time.perf_counter() - started
     log.info(f"llmq: wrote {out} ({target.describe()}, {method.name}; calibration: {calibration}): "
              f"{human_size(size_before)} -> {human_size(size_after)} ({size_before / max(size_after, 1):.2f}x smaller), "
-             f"{seconds:.0f} s, mean relative weight error {error:.2e}")
+             f"{seconds:.0f} s, mean relative weight error {error:.2e}, {coverage.fraction:.1%} of the decoder's matrix "
+             "weights stored quantized")
     log.info(f"llmq: time by stage: {stage_clock.summary()}")
-    return QuantizeResult(out, size_before, size_after, seconds, error, calibration, dict(stage_clock.seconds))
+    return QuantizeResult(out, size_before, size_after, seconds, error, calibration, dict(stage_clock.seconds),
+                          coverage.fraction)

@@ -213,6 +213,26 @@ def test_moe_checkpoints_name_experts_as_the_hub_does(model_type, matrix):
     routers = [n.removesuffix(".weight") for n in names if n.endswith((
         "mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight", "feed_forward.router.weight"))]
     assert routers and set(routers) <= set(config["ignore"]), (routers, config["ignore"])
+    # the summary's share of the decoder's matrix weights stored quantized: all but the routers where experts are
+    # written per expert; GPT-OSS's fused experts stay in bfloat16 and its run says so (llmq/calib/coverage.py)
+    fraction = summaries[(model_type, "gptq")].quantized_fraction
+    assert fraction >= 0.95 if model_type in EXPERT_TENSOR else fraction < 0.5, (model_type, fraction)
+
+
+def test_a_run_that_leaves_most_weights_unquantized_says_which_and_why(tmp_path, smollm2_tokenizer_dir, capsys,
+                                                                        monkeypatch):
+    """GPT-OSS into compressed-tensors came out with its experts in bfloat16 and nothing in the summary said how
+    much: the summary gives the share, and above 5% left unquantized one line names them and the reason."""
+    monkeypatch.setattr("llmq.core.log.quiet", False)
+    source = save_tiny_model(tmp_path / "gpt_oss", smollm2_tokenizer_dir, "gpt_oss")
+    result = quantize(str(source), tmp_path / "o", QuantizeConfig.of(method="rtn", group_size=32, device="cpu"))
+    err = capsys.readouterr().err
+    assert result.quantized_fraction == pytest.approx(0.111, abs=0.01)
+    assert ("88.9% of the decoder's matrix weights stay unquantized: 88.7% in a layout this format cannot store "
+            "quantized (mlp.experts.<e>.gate_proj.weight") in err, err
+    assert "11.1% of the decoder's matrix weights stored quantized" in err
+    gguf = quantize(str(source), tmp_path / "o.gguf", QuantizeConfig.of(method="rtn", format="gguf", device="cpu"))
+    assert gguf.quantized_fraction > 0.99
 
 
 def test_experts_without_routed_tokens_are_calibrated_on_every_token(tmp_path, smollm2_tokenizer_dir, calib_file):
