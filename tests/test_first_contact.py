@@ -216,3 +216,17 @@ def test_eval_reports_the_unquantized_perplexity_of_the_same_windows(tiny_llama_
     assert base == 0 and "unquantized perplexity" in line
     ours, theirs = float(line.rsplit("unquantized perplexity ", 1)[1]), float(base_line.rsplit("perplexity ", 1)[1])
     assert abs(ours / theirs - 1) < 1e-4
+
+
+def test_a_linear_narrower_than_any_group_is_kept_per_channel_not_refused(tmp_path, smollm2_tokenizer_dir):
+    """An MLA kv_b_proj 16 wide (a small DeepSeek-V3 config) refused the whole run: it is stored with one scale per
+    output channel in a config group of its own, the other Linears in the largest group dividing them, for
+    compressed-tensors and GGUF alike."""
+    model = save_tiny_model(tmp_path / "mla", smollm2_tokenizer_dir, "deepseek_v3", kv_lora_rank=16)
+    out = quantize(str(model), tmp_path / "o", QuantizeConfig.of(method="rtn", device="cpu")).out
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    strategies = {target: group["weights"]["strategy"] for group in groups for target in group["targets"]}
+    assert strategies["re:.*\\.self_attn\\.kv_b_proj$"] == "channel"
+    assert strategies["re:.*\\.self_attn\\.q_b_proj$"] == "group"
+    assert quantize(str(model), tmp_path / "o.gguf", QuantizeConfig.of(method="rtn", format="gguf",
+                                                                       device="cpu")).quantized_fraction > 0.9
