@@ -159,8 +159,9 @@ class LayerCheckpoints:
                     where = f"continuing at layer {start}" if start > 0 else "starting over"
                     log.info(f"llmq: {directory.name} holds a damaged checkpoint ({problem}); {where}")
         agreed = min_across(start)
-        if agreed != start and agreed >= 0 and start > 0:
-            log.info(f"llmq: continuing at layer {agreed}, the last layer every process finished")
+        if agreed < start:  # another rank's checkpoints end earlier, or are not usable
+            log.info(f"llmq: continuing at layer {agreed}, the last layer every process finished" if agreed > 0 else
+                     "llmq: another process of this run has no usable checkpoints; starting over")
         with _writing(directory, agreed if agreed > 0 else 0):
             if agreed <= 0:
                 if directory.is_dir():
@@ -205,9 +206,10 @@ class LayerCheckpoints:
         for start in range(limit, 0, -1):
             if layer_count is not None and start >= layer_count:
                 return start, problem  # every layer is finished: no inputs needed
-            problem = problem or self._inputs_problem(start)
-            if self._inputs_problem(start) is None:
+            found = self._inputs_problem(start)
+            if found is None:
                 return start, problem
+            problem = problem or found
         return 0, problem
 
     def restart_at(self, limit: int, why: str) -> int:

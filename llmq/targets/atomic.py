@@ -93,6 +93,13 @@ def _start_time(pid: int) -> str | None:
     return stat.rpartition(")")[2].split()[19]
 
 
+def _same_process(pid: int, started: str | None) -> bool:
+    """Whether live process `pid` is the one that recorded `started`; when either start time is unknown, assume it
+    is (never delete a live run's stage)."""
+    now = _start_time(pid)
+    return started is None or now is None or now == started
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -137,7 +144,7 @@ def remove_stale_stages(target: Path) -> None:
                 log.info(f"llmq: left {entry.name} alone: it is named like a staging directory but llmq did not make it")
             continue
         pid = int(match["pid"])
-        if _pid_alive(pid) and record.get("started") in (None, _start_time(pid)):
+        if _pid_alive(pid) and _same_process(pid, record.get("started")):
             raise LlmqError(f"another llmq run (process {pid}) is writing {target}; wait for it or choose another --out")
         shutil.rmtree(entry, ignore_errors=True)
         log.info(f"llmq: removed {entry.name}, left by an interrupted run")
