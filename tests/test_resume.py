@@ -153,6 +153,25 @@ def _code_of_100(left):
     save_file(tensors, left / "layer-00000.safetensors")
 
 
+def _rerun(model, out, options, capsys) -> str:
+    """Quantize again with the log on; what it said."""
+    from llmq.core import log
+
+    capsys.readouterr()
+    log.quiet = False
+    try:
+        quantize(str(model), out, QuantizeConfig.of(**options))
+    finally:
+        log.quiet = True
+    return capsys.readouterr().err
+
+
+def _assert_writes_the_uninterrupted_bytes(model, out, options, tmp_path):
+    whole = tmp_path / "whole"
+    quantize(str(model), whole, QuantizeConfig.of(**options))
+    assert _weights_file(out).read_bytes() == _weights_file(whole).read_bytes()
+
+
 def _kill_after_layer(model, out, layer, options):
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER, str(model), str(out), str(layer),
                              json.dumps(options)], capture_output=True, text=True, timeout=600, check=False)
@@ -175,46 +194,28 @@ def test_a_damaged_checkpoint_is_named_and_the_run_continues_from_the_last_good_
     code of 100, written into the output with rc 0): each is read back and checked, named in one line, and the run
     continues at the last good layer whose inputs are on disk (the last two layers' inputs are kept), or starts
     over, and writes what an uninterrupted run writes."""
-    from llmq.core import log
-
     options = dict(method="gptq", group_size=32, calib=str(calib_file), samples=8, seqlen=64, device="cpu")
     out = tmp_path / "out"
     _kill_after_layer(three_layer_model, out, 1, options)
     damage(resume_directory(out))
-    log.quiet = False
-    try:
-        quantize(str(three_layer_model), out, QuantizeConfig.of(**options))
-    finally:
-        log.quiet = True
-    err = capsys.readouterr().err
+    err = _rerun(three_layer_model, out, options, capsys)
     assert "holds a damaged checkpoint (" in err and named in err and then in err, err
     assert ("resuming: 1 of 3 layers" in err) == (then == "continuing at layer 1"), err
-    whole = tmp_path / "whole"
-    quantize(str(three_layer_model), whole, QuantizeConfig.of(**options))
-    assert _weights_file(out).read_bytes() == _weights_file(whole).read_bytes()
+    _assert_writes_the_uninterrupted_bytes(three_layer_model, out, options, tmp_path)
 
 
 def test_a_layer_of_another_group_size_is_not_trusted(three_layer_model, tmp_path, calib_file, capsys):
     """A checkpointed layer copied from a run with other settings (its fingerprint cannot tell) was written into the
     output with rc 0: every restored weight is checked against the grid this run's plan gives it."""
-    from llmq.core import log
-
     options = dict(method="gptq", group_size=32, calib=str(calib_file), samples=8, seqlen=64, device="cpu")
     out, other = tmp_path / "out", tmp_path / "other"
     _kill_after_layer(three_layer_model, out, 1, options)
     _kill_after_layer(three_layer_model, other, 1, dict(options, group_size=64))
     for name in ("layer-00001.json", "layer-00001.safetensors"):
         (resume_directory(out) / name).write_bytes((resume_directory(other) / name).read_bytes())
-    log.quiet = False
-    try:
-        quantize(str(three_layer_model), out, QuantizeConfig.of(**options))
-    finally:
-        log.quiet = True
-    err = capsys.readouterr().err
+    err = _rerun(three_layer_model, out, options, capsys)
     assert "in layer-00001 is quantized as W4A16 g64 asym, not W4A16 g32 asym; continuing at layer 1" in err, err
-    whole = tmp_path / "whole"
-    quantize(str(three_layer_model), whole, QuantizeConfig.of(**options))
-    assert _weights_file(out).read_bytes() == _weights_file(whole).read_bytes()
+    _assert_writes_the_uninterrupted_bytes(three_layer_model, out, options, tmp_path)
 
 
 def test_a_linked_resume_directory_is_refused(three_layer_model, tmp_path, calib_file):
@@ -232,7 +233,8 @@ def test_a_linked_resume_directory_is_refused(three_layer_model, tmp_path, calib
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), PermissionError(1, "Operation not permitted")])
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_finished_layers(error, three_layer_model,
-                                                                                       tmp_path, calib_file, monkeypatch):
+                                                                                       tmp_path, calib_file, monkeypatch,
+                                                                                       capsys):
     """A full disk or an immutable resume directory was a traceback: one line naming where and why, the finished
     layers stay, and the same command continues from them once there is room."""
     from llmq.calib import resume
@@ -256,12 +258,5 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_finished_
                                                                                     "layer-00000.safetensors"]
     assert not list(left.glob(".*.tmp")) and not out.exists()
     monkeypatch.setattr(resume, "save_file", save_file)
-    from llmq.core import log
-    log.quiet = False
-    try:
-        quantize(str(three_layer_model), out, QuantizeConfig.of(**options))
-    finally:
-        log.quiet = True
-    whole = tmp_path / "whole"
-    quantize(str(three_layer_model), whole, QuantizeConfig.of(**options))
-    assert _weights_file(out).read_bytes() == _weights_file(whole).read_bytes()
+    assert "resuming: 1 of 3 layers" in _rerun(three_layer_model, out, options, capsys)
+    _assert_writes_the_uninterrupted_bytes(three_layer_model, out, options, tmp_path)
