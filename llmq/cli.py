@@ -148,6 +148,10 @@ def _quantize_parser(sub) -> None:
     run.add_argument("--expert-min-tokens", type=int, default=RunOptions.expert_min_tokens,
                      help="MoE: an expert routed fewer calibration tokens is calibrated on every token instead "
                           f"(default {RunOptions.expert_min_tokens})")
+    run.add_argument("--model-free", action="store_true", default=RunOptions.model_free,
+                     help="round each weight straight from the checkpoint's safetensors without building the model "
+                          "(round-to-nearest, compressed-tensors; automatic for a model_type transformers does not "
+                          "know)")
     run.add_argument("--nproc", type=int, default=1,
                      help="processes (torch.distributed, one node): calibration windows shared out, statistics summed, "
                           "solves dealt out by cost, rank 0 writes; the same as `torchrun --nproc-per-node N -m llmq "

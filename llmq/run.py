@@ -36,6 +36,7 @@ from llmq.core.scheme import CAST_TYPES
 from llmq.core.timing import stage_clock
 from llmq.methods import build_method
 from llmq.methods.tune import TuneSettings, frozen_teacher, tune_scales
+from llmq.model_free import check_model_free, has_no_model_class, quantize_model_free
 from llmq.targets import RunReport, Target, build_target, default_method
 
 
@@ -142,6 +143,19 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     if not str(out).strip():  # Path("") is "." (the current directory): refused, never written into
         raise LlmqError("--out is empty; name the output, or leave --out out for a name made from the model's")
     config = config or QuantizeConfig()
+    local = Path(model).expanduser() if model else None
+    unknown = has_no_model_class(local) if local is not None and local.is_dir() else None
+    if config.run.model_free and (local is None or not local.is_dir()):
+        raise LlmqError("--model-free reads a local checkpoint directory's safetensors; name the directory")
+    if config.run.model_free or unknown:
+        why = "--model-free" if config.run.model_free else f"transformers has no class for model_type {unknown!r}"
+        check_model_free(config, why)
+        if unknown:
+            log.info(f"llmq: {why}: quantizing it model-free (each weight rounded from the safetensors)")
+        done = quantize_model_free(str(local) if local is not None else "", out, config, overwrite)
+        return QuantizeResult(Path(out), done.size_before, done.size_after, done.seconds, 0.0,
+                              "none (model-free round-to-nearest)", {"model-free": done.seconds},
+                              done.quantized_fraction)
     method, target = method_and_target(config)
     if config.run.calib is not None:
         check_calib_source(config.run.calib)
@@ -151,7 +165,6 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
         log.quiet = True  # rank 0 reports for all
     ranks.check_threads()
     out = Path(out)
-    local = Path(model).expanduser() if model else None
     target.check_output(out, overwrite, inputs=(local,) if local is not None and local.exists() else ())
     started = time.perf_counter()
     stage_clock.reset()

@@ -70,6 +70,7 @@ class RunOptions:
     dtype: str = "auto"  # compute/storage dtype of the unquantized parts; auto: the checkpoint's
     route_all_experts: bool = False  # MoE: every expert's statistics from every calibration token
     expert_min_tokens: int = 64  # MoE: an expert routed fewer tokens is calibrated on every token instead
+    model_free: bool = False  # round each weight from the safetensors, no model built (data-free schemes only)
 
     def windows(self) -> int:
         """The calibration windows a run asks for: --samples, else the fewest of the defaults it may take (without

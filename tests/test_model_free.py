@@ -1,0 +1,82 @@
+"""Model-free quantization (llmq/model_free.py): a checkpoint rounded tensor by tensor from its safetensors, no model
+built; the tensors and the config are those of the model-class path, and transformers loads the result."""
+
+import json
+
+import pytest
+import torch
+from conftest import save_tiny_model
+from safetensors.torch import load_file
+
+from llmq import QuantizeConfig, quantize
+from llmq.cli import main
+
+
+def _tensors(out):
+    tensors = {}
+    for path in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def _groups(out):
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    return {name: group for name, group in config["config_groups"].items()}, sorted(config["ignore"])
+
+
+@pytest.mark.parametrize("model_type, options", [
+    ("llama", dict(group_size=32)),
+    ("llama", dict(scheme="W8A16")),
+    ("llama", dict(scheme="FP8_DYNAMIC")),
+    ("llama", dict()),  # the default group of 128 does not divide the 64-wide Linears: the same fallback
+    ("qwen3_moe", dict(group_size=32)),  # per-expert tensors, the router left out and listed in `ignore`
+])
+def test_model_free_writes_the_model_class_paths_tensors(model_type, options, tmp_path, smollm2_tokenizer_dir):
+    model = save_tiny_model(tmp_path / model_type, smollm2_tokenizer_dir, model_type)
+    with_class = quantize(str(model), tmp_path / "class", QuantizeConfig.of(method="rtn", device="cpu", **options))
+    free = quantize(str(model), tmp_path / "free", QuantizeConfig.of(model_free=True, **options))
+    one, other = _tensors(with_class.out), _tensors(free.out)
+    assert one.keys() == other.keys()
+    for name in one:
+        assert one[name].dtype == other[name].dtype and torch.equal(one[name], other[name]), name
+    assert _groups(with_class.out) == _groups(free.out)
+    assert free.quantized_fraction == pytest.approx(with_class.quantized_fraction, abs=1e-9)
+    assert json.loads((free.out / "llmq.json").read_text())["model_free"] is True
+
+
+def test_a_model_type_transformers_does_not_know_is_quantized_model_free(tmp_path, smollm2_tokenizer_dir, capsys,
+                                                                        monkeypatch):
+    """Day 0: a model_type transformers has no class for could not be quantized at all. A data-free scheme is
+    rounded from the safetensors (said in one line); the files are a Llama's under another name, so once the
+    model_type is put back, transformers loads them with the model-class output's logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = save_tiny_model(tmp_path / "llama", smollm2_tokenizer_dir)
+    config_path = model / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, model_type="brand_new_lm", architectures=["BrandNewForCausalLM"])))
+    monkeypatch.setattr("llmq.core.log.quiet", False)
+    capsys.readouterr()
+    assert main(["quantize", str(model), "--group-size", "32", "--out", str(tmp_path / "free")]) == 0
+    assert "transformers has no class for model_type 'brand_new_lm': quantizing it model-free" in capsys.readouterr().err
+    code = main(["quantize", str(model), "--method", "gptq", "--calib", "x.txt", "--out", str(tmp_path / "no")])
+    assert code == 2 and "a run without the model rounds each weight alone" in capsys.readouterr().err
+
+    config_path.write_text(json.dumps(config))
+    for path in (tmp_path / "free" / "config.json",):
+        written = json.loads(path.read_text())
+        path.write_text(json.dumps(dict(written, model_type=config["model_type"], architectures=config["architectures"])))
+    quantize(str(model), tmp_path / "class", QuantizeConfig.of(method="rtn", group_size=32, device="cpu"))
+    ids = torch.arange(100, 164).reshape(2, 32)
+    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=torch.float32)(ids).logits
+              for out in ("free", "class")]
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_model_free_refuses_what_needs_the_model(tmp_path, tiny_llama_dir, capsys):
+    for flags in (["--method", "gptq"], ["--format", "gguf"], ["--scheme", "FP8"], ["--calib", "x.txt"]):
+        code = main(["quantize", str(tiny_llama_dir), "--model-free", *flags, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and "--model-free: a run without the model rounds each weight alone" in err, (flags, err)
+    assert main(["quantize", "--model-free", "--out", str(tmp_path / "o")]) == 2
+    assert "--model-free reads a local checkpoint directory" in capsys.readouterr().err
