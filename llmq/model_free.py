@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from llmq.calib.lazy import _LAYER_INDEX, checkpoint_index, open_shard
+from llmq.calib.lazy import LAYER_INDEX, checkpoint_index, open_shard
 from llmq.calib.models import check_model_files
 from llmq.core import log
 from llmq.core.config import QuantizeConfig
@@ -37,7 +37,7 @@ from llmq.core.errors import LlmqError
 from llmq.methods.grids.fp8 import Fp8Grid
 from llmq.methods.grids.integer import IntegerGrid
 from llmq.targets.atomic import OutputKind, atomic_output_dir, check_output, write_marker
-from llmq.targets.compressed_tensors import _EXPERT, packed_tensors, quantization_config
+from llmq.targets.compressed_tensors import EXPERT_NAME, packed_tensors, quantization_config
 from llmq.targets.shards import ShardWriter
 
 ROUTERS = re.compile(r"(^|\.)(gate|router)(\.|$)|router")
@@ -73,7 +73,7 @@ def check_model_free(config: QuantizeConfig, why: str) -> None:
 
 def _selected(name: str, shape: list[int], dtype: str, ignore: list[re.Pattern]) -> bool:
     module = name.removesuffix(".weight")
-    return (name.endswith(".weight") and len(shape) == 2 and dtype in FLOATS and _LAYER_INDEX.search(name) is not None
+    return (name.endswith(".weight") and len(shape) == 2 and dtype in FLOATS and LAYER_INDEX.search(name) is not None
             and not ROUTERS.search(module.rsplit(".", 1)[-1]) and "router" not in module
             and not any(pattern.search(module) for pattern in ignore))
 
@@ -116,7 +116,7 @@ def quantize_model_free(model: str, out: str | Path, config: QuantizeConfig, ove
     if size != scheme.group_size:
         log.info(f"llmq: --group-size {scheme.group_size} does not divide every Linear; using groups of {size}")
         scheme = dataclasses.replace(scheme, group_size=size)
-    if not scheme.symmetric and any(_EXPERT.search(k) for k in chosen):
+    if not scheme.symmetric and any(EXPERT_NAME.search(k) for k in chosen):
         scheme = dataclasses.replace(scheme, symmetric=True)
         log.info("llmq: mixture-of-experts model: writing a symmetric grid (--sym), the one transformers and vLLM "
                  "load for experts")
@@ -162,7 +162,7 @@ def quantize_model_free(model: str, out: str | Path, config: QuantizeConfig, ove
                      base_model=directory.name)
     seconds = time.perf_counter() - started
     total = sum(math.prod(shape) for k, (shape, dtype) in shapes.items() if len(shape) >= 2
-                and _LAYER_INDEX.search(k) and dtype in FLOATS)
+                and LAYER_INDEX.search(k) and dtype in FLOATS)
     fraction = sum(math.prod(shapes[k][0]) for k in chosen) / max(total, 1)
     log.info(f"llmq: wrote {out} (compressed-tensors, {scheme.name}, rtn, model-free): {human_size(size_before)} -> "
              f"{human_size(size_after)}, {seconds:.0f} s, {fraction:.1%} of the decoder's matrix weights stored "

@@ -82,7 +82,7 @@ def checkpoint_index(directory: Path) -> dict[str, Path] | None:
         return dict.fromkeys(f.keys(), single)
 
 
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")  # a tensor inside a numbered decoder layer
 _EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
 
 
@@ -99,7 +99,7 @@ def check_config_fits_checkpoint(directory: Path, config) -> None:
     for path in sorted(set(files.values())):
         with open_shard(path) as f:
             for key in f.keys():
-                if (found := _LAYER_INDEX.search(key)) is not None:
+                if (found := LAYER_INDEX.search(key)) is not None:
                     layers.add(int(found[1]))
                 if not (key.endswith(".weight") or key.endswith("_weight")):
                     continue

@@ -47,7 +47,7 @@ from llmq.targets.shards import ShardWriter
 
 FORMAT = "pack-quantized"
 UNPACKED_FORMATS = {"int": "int-quantized", "float": "float-quantized"}
-_EXPERT = re.compile(r"\.experts\.\d+\.")  # a routed expert's Linear (llmq/calib/experts.py names them so)
+EXPERT_NAME = re.compile(r"\.experts\.\d+\.")  # a routed expert's Linear (llmq/calib/experts.py names them so)
 TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale")
 
 
@@ -346,7 +346,7 @@ def ignored_linears(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> 
 def without_fused_experts(model: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
     """The Linears this format can hold: experts that checkpoints of this model keep fused (GPT-OSS, Llama 4) have
     no per-expert packed layout that transformers loads, so they stay in the model's dtype, said in one line."""
-    disk = checkpoint_names(model, [name for name in linears if _EXPERT.search(name)])
+    disk = checkpoint_names(model, [name for name in linears if EXPERT_NAME.search(name)])
     fused = {name for name, on_disk in disk.items() if on_disk is None}
     if fused:
         log.info(f"llmq: {model.config.model_type} checkpoints store the {len(fused)} expert projections fused; "
@@ -432,7 +432,7 @@ class CompressedTensorsTarget(Target):
             self.group_note = describe_groups(linears, scheme.group_size, chosen, scheme.symmetric)
             self.config.scheme = dataclasses.replace(scheme, group_size=chosen)
             log.info(f"llmq: {self.group_note} (--strict-groups refuses instead)")
-        if not self.config.scheme.symmetric and any(_EXPERT.search(name) for name in linears):
+        if not self.config.scheme.symmetric and any(EXPERT_NAME.search(name) for name in linears):
             # transformers (5.24) drops zero points when it merges dequantized experts, and vLLM's WNA16 MoE
             # kernels take symmetric weights only: an asymmetric MoE checkpoint would load in neither.
             self.config.scheme = dataclasses.replace(self.config.scheme, symmetric=True)
