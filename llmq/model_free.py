@@ -9,8 +9,8 @@ Which tensors are rounded is decided by name, as llmq's discovery would decide o
 `*.weight` inside a numbered decoder layer (`*.layers.N.*`, `*.h.N.*`, `*.blocks.N.*`), except routers
 (`*.gate.weight`, `*router*`) and what `ignore` patterns name (regular expressions matched against the tensor's
 module name). Embeddings, the head and norms stay as they are and unquantized Linears are listed in the config's
-`ignore`, as the model-class path writes them. The group size falls back as there (`fitting_group_size`; a width
-no group divides keeps one scale per channel), and experts (`.experts.N.`) make the grid symmetric.
+`ignore`, as the model-class path writes them. The group size and the symmetric grid for experts are decided by
+the model-class path's own rule (compressed_tensors.fitted_scheme, --strict-groups included).
 
 The tensors are the model-class path's (tests/test_model_free.py compares every one on models both can run);
 their order in the file follows the checkpoint's, so the files are not byte-identical.
@@ -37,7 +37,7 @@ from llmq.core.errors import LlmqError
 from llmq.methods.grids.fp8 import Fp8Grid
 from llmq.methods.grids.integer import IntegerGrid
 from llmq.targets.atomic import OutputKind, atomic_output_dir, check_output, write_marker
-from llmq.targets.compressed_tensors import EXPERT_NAME, packed_tensors, quantization_config
+from llmq.targets.compressed_tensors import fitted_scheme, packed_tensors, quantization_config
 from llmq.targets.shards import ShardWriter
 
 ROUTERS = re.compile(r"(^|\.)(gate|router)(\.|$)|router")
@@ -110,16 +110,8 @@ def quantize_model_free(model: str, out: str | Path, config: QuantizeConfig, ove
     if not chosen:
         raise LlmqError(f"no decoder matrix weights found in {directory} (2-D *.weight tensors under *.layers.N.); "
                         "nothing to quantize")
-    scheme = config.scheme
-    widths = [shapes[k][0][1] for k in chosen]
-    size = scheme.fitting_group_size(widths) if scheme.group_size != -1 else -1
-    if size != scheme.group_size:
-        log.info(f"llmq: --group-size {scheme.group_size} does not divide every Linear; using groups of {size}")
-        scheme = dataclasses.replace(scheme, group_size=size)
-    if not scheme.symmetric and any(EXPERT_NAME.search(k) for k in chosen):
-        scheme = dataclasses.replace(scheme, symmetric=True)
-        log.info("llmq: mixture-of-experts model: writing a symmetric grid (--sym), the one transformers and vLLM "
-                 "load for experts")
+    widths = {k.removesuffix(".weight"): shapes[k][0][1] for k in chosen}
+    scheme = fitted_scheme(config.scheme, widths, config.target.strict_groups)[0]  # as the model-class path does
     chosen_set = set(chosen)
     raw = json.loads((directory / "config.json").read_text())
     storage = {"BF16": torch.bfloat16, "F16": torch.float16}.get(shapes[chosen[0]][1], torch.float32)

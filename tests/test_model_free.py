@@ -80,3 +80,6 @@ def test_model_free_refuses_what_needs_the_model(tmp_path, tiny_llama_dir, capsy
         assert code == 2 and "--model-free: a run without the model rounds each weight alone" in err, (flags, err)
     assert main(["quantize", "--model-free", "--out", str(tmp_path / "o")]) == 2
     assert "--model-free reads a local checkpoint directory" in capsys.readouterr().err
+    # the group-size rule is the model-class path's own (compressed_tensors.fitted_scheme): --strict-groups holds
+    assert main(["quantize", str(tiny_llama_dir), "--model-free", "--strict-groups", "--out", str(tmp_path / "o")]) == 2
+    assert "--strict-groups is set" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -250,17 +250,42 @@ def _check_unpacked_tensors(name: str, tensors: dict[str, torch.Tensor], scheme:
                         f"{tuple(input_scale.shape)}; the checkpoint is damaged: re-create it")
 
 
-def describe_groups(linears: Mapping[str, nn.Linear], requested: int, chosen: int, symmetric: bool) -> str:
+def fitted_scheme(scheme: QuantScheme, widths: Mapping[str, int], strict: bool) -> tuple[QuantScheme, str | None]:
+    """The scheme written for Linears of these input widths (name -> in_features), and the group note for the
+    model card: the group size they all take (fitting_group_size), said in one line, or refused with
+    --strict-groups (`strict`); a symmetric grid when any is a routed expert. Shared by the model-class path
+    (check_model) and the model-free one (llmq/model_free.py)."""
+    note = None
+    if scheme.group_size != -1 and any(width % scheme.group_size for width in widths.values()):
+        chosen = scheme.fitting_group_size(widths.values())
+        if strict:
+            name = next(name for name, width in widths.items() if width % scheme.group_size)
+            raise LlmqError(f"--group-size {scheme.group_size} does not divide {name} (in_features {widths[name]}) "
+                            f"and --strict-groups is set; use --group-size {chosen}, or drop --strict-groups to let "
+                            "llmq choose it")
+        note = describe_groups(widths, scheme.group_size, chosen, scheme.symmetric)
+        scheme = dataclasses.replace(scheme, group_size=chosen)
+        log.info(f"llmq: {note} (--strict-groups refuses instead)")
+    if not scheme.symmetric and any(EXPERT_NAME.search(name) for name in widths):
+        # transformers (5.24) drops zero points when it merges dequantized experts, and vLLM's WNA16 MoE
+        # kernels take symmetric weights only: an asymmetric MoE checkpoint would load in neither.
+        scheme = dataclasses.replace(scheme, symmetric=True)
+        log.info("llmq: mixture-of-experts model: writing a symmetric grid (--sym), the one transformers and "
+                 "vLLM load for experts")
+    return scheme, note
+
+
+def describe_groups(widths: Mapping[str, int], requested: int, chosen: int, symmetric: bool) -> str:
     """One sentence: the group size the run takes instead of the requested one, and the Linears left per channel
-    (with what that means for transformers when the grid is asymmetric)."""
+    (with what that means for transformers when the grid is asymmetric). `widths`: Linear name -> in_features."""
     odd = {}
-    for name, linear in linears.items():
-        if linear.in_features % requested:
-            odd.setdefault(linear.in_features, []).append(name)
-    widths = ", ".join(f"{len(names)} Linears {width} wide ({_module_suffix(names[0])}, ...)"
-                       for width, names in sorted(odd.items()))
-    said = f"--group-size {requested} does not divide {widths}"
-    per_channel = sorted({linear.in_features for linear in linears.values() if linear.in_features % chosen})
+    for name, width in widths.items():
+        if width % requested:
+            odd.setdefault(width, []).append(name)
+    said = ", ".join(f"{len(names)} Linears {width} wide ({_module_suffix(names[0])}, ...)"
+                     for width, names in sorted(odd.items()))
+    said = f"--group-size {requested} does not divide {said}"
+    per_channel = sorted({width for width in widths.values() if width % chosen})
     if chosen != requested:
         said += f"; using groups of {chosen} for every Linear, the largest that divides them"
     if per_channel:
@@ -421,23 +446,9 @@ class CompressedTensorsTarget(Target):
         return without_fused_experts(model, linears)
 
     def check_model(self, model, linears) -> None:
-        scheme = self.config.scheme
-        if scheme.group_size != -1 and any(linear.in_features % scheme.group_size for linear in linears.values()):
-            chosen = scheme.fitting_group_size(linear.in_features for linear in linears.values())
-            if self.config.target.strict_groups:
-                name = next(name for name, linear in linears.items() if linear.in_features % scheme.group_size)
-                raise LlmqError(f"--group-size {scheme.group_size} does not divide {name} (in_features "
-                                f"{linears[name].in_features}) and --strict-groups is set; use --group-size {chosen}, "
-                                "or drop --strict-groups to let llmq choose it")
-            self.group_note = describe_groups(linears, scheme.group_size, chosen, scheme.symmetric)
-            self.config.scheme = dataclasses.replace(scheme, group_size=chosen)
-            log.info(f"llmq: {self.group_note} (--strict-groups refuses instead)")
-        if not self.config.scheme.symmetric and any(EXPERT_NAME.search(name) for name in linears):
-            # transformers (5.24) drops zero points when it merges dequantized experts, and vLLM's WNA16 MoE
-            # kernels take symmetric weights only: an asymmetric MoE checkpoint would load in neither.
-            self.config.scheme = dataclasses.replace(self.config.scheme, symmetric=True)
-            log.info("llmq: mixture-of-experts model: writing a symmetric grid (--sym), the one transformers and "
-                     "vLLM load for experts")
+        widths = {name: linear.in_features for name, linear in linears.items()}
+        self.config.scheme, self.group_note = fitted_scheme(self.config.scheme, widths,
+                                                            self.config.target.strict_groups)
 
     def plan(self, model, linears, storage_dtype, calibrated) -> Plan:
         # one grid for all: a group's Linears are rounded as one stacked matrix, one pass of the method
