@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from llmq.calib.lazy import LAYER_INDEX, checkpoint_index, open_shard
+from llmq.calib.lazy import FLOAT_DTYPES, LAYER_INDEX, checkpoint_index, open_shard
 from llmq.calib.models import check_model_files
 from llmq.core import log
 from llmq.core.config import QuantizeConfig
@@ -40,8 +40,6 @@ from llmq.targets.atomic import OutputKind, atomic_output_dir, check_output, wri
 from llmq.targets.compressed_tensors import fitted_scheme, packed_tensors, quantization_config
 from llmq.targets.shards import ShardWriter
 
-ROUTERS = re.compile(r"(^|\.)(gate|router)(\.|$)|router")
-FLOATS = ("F64", "F32", "F16", "BF16")
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")  # tokenizer, generation, chat files
 
 
@@ -73,8 +71,9 @@ def check_model_free(config: QuantizeConfig, why: str) -> None:
 
 def _selected(name: str, shape: list[int], dtype: str, ignore: list[re.Pattern]) -> bool:
     module = name.removesuffix(".weight")
-    return (name.endswith(".weight") and len(shape) == 2 and dtype in FLOATS and LAYER_INDEX.search(name) is not None
-            and not ROUTERS.search(module.rsplit(".", 1)[-1]) and "router" not in module
+    router = module.rsplit(".", 1)[-1] == "gate" or "router" in module  # MoE routers stay as they are
+    return (name.endswith(".weight") and len(shape) == 2 and dtype in FLOAT_DTYPES
+            and LAYER_INDEX.search(name) is not None and not router
             and not any(pattern.search(module) for pattern in ignore))
 
 
@@ -154,7 +153,7 @@ def quantize_model_free(model: str, out: str | Path, config: QuantizeConfig, ove
                      base_model=directory.name)
     seconds = time.perf_counter() - started
     total = sum(math.prod(shape) for k, (shape, dtype) in shapes.items() if len(shape) >= 2
-                and LAYER_INDEX.search(k) and dtype in FLOATS)
+                and LAYER_INDEX.search(k) and dtype in FLOAT_DTYPES)
     fraction = sum(math.prod(shapes[k][0]) for k in chosen) / max(total, 1)
     log.info(f"llmq: wrote {out} (compressed-tensors, {scheme.name}, rtn, model-free): {human_size(size_before)} -> "
              f"{human_size(size_after)}, {seconds:.0f} s, {fraction:.1%} of the decoder's matrix weights stored "

@@ -83,6 +83,7 @@ def checkpoint_index(directory: Path) -> dict[str, Path] | None:
 
 
 LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")  # a tensor inside a numbered decoder layer
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the float types a model's weights come in
 _EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
 
 
@@ -104,7 +105,7 @@ def check_config_fits_checkpoint(directory: Path, config) -> None:
                 if not (key.endswith(".weight") or key.endswith("_weight")):
                     continue
                 tensor = f.get_slice(key)
-                if not quantized and tensor.get_dtype() not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
+                if not quantized and tensor.get_dtype() not in (*FLOAT_DTYPES, "F8_E4M3", "F8_E5M2"):
                     raise LlmqError(f"{path.name} stores {key} as {tensor.get_dtype()}; an unquantized checkpoint holds "
                                     "float weights: re-export it")
                 if embedding is None and key.endswith(_EMBEDDINGS) and len(tensor.get_shape()) == 2:
