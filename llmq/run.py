@@ -214,8 +214,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
                 weights.release_globals()
             plan = target.plan(hf_model, linears, storage_dtype, calibrated)
             coverage = decoder_coverage(hf_model, layout, set(discovered), set(linears), plan)
-            if coverage.note():
-                log.info(coverage.note())
+            if (note := coverage.note()) is not None:
+                log.info(note)
             errors = []
             experts = ExpertPolicy(config.run.route_all_experts, config.run.expert_min_tokens)
             teacher = frozen_teacher(hf_model) if config.method.tune_steps else None

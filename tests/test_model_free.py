@@ -68,7 +68,8 @@ def test_a_model_type_transformers_does_not_know_is_quantized_model_free(tmp_pat
         path.write_text(json.dumps(dict(written, model_type=config["model_type"], architectures=config["architectures"])))
     quantize(str(model), tmp_path / "class", QuantizeConfig.of(method="rtn", group_size=32, device="cpu"))
     ids = torch.arange(100, 164).reshape(2, 32)
-    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=torch.float32)(ids).logits
+    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=torch.float32,
+                                                   trust_remote_code=False)(ids).logits
               for out in ("free", "class")]
     assert torch.equal(logits[0], logits[1])
 
