@@ -2,7 +2,7 @@
 
 For each Linear of one Llama-3-8B decoder layer (random weights N(0, 0.02), a Hessian from random correlated
 activations of `--tokens` tokens), GPTQ W4 g128 (symmetric, act-order: llmq's defaults) runs twice on the same
-inputs: once as llmq does it (one reversed Cholesky + a triangular inverse; the sweep in sub-blocks on
+inputs: once as llmq does it (one reversed Cholesky of the Hessian, no inverse; the sweep in sub-blocks on
 transposed blocks) and once with the reference's steps (Cholesky, cholesky_inverse, Cholesky; a rank-1 update of
 the whole block per column). Prints seconds per stage for both, their ratio, and how many of the integers
 agree (the two are the same sums in another order: equal up to a rounding decision that float rounding flips,
@@ -34,22 +34,6 @@ LINEARS = {  # name: (out_features, in_features) of Llama-3-8B
 }
 
 
-def reference_factor(hessian: torch.Tensor, damp: float, order: torch.Tensor) -> torch.Tensor:
-    """The reference gptq.py's three factorizations, of H in visiting order (no retry: these Hessians are damped
-    enough, and have no dead inputs)."""
-    damped = hessian[order][:, order]
-    damped.diagonal().add_(damp * damped.diagonal().mean())
-    lower = torch.linalg.cholesky(damped)
-    del damped
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    return torch.linalg.cholesky(inverse, upper=True)
-
-
-def reference_sweep(W, Hinv, block_size, round_column, sub_block=None, errors=None):
-    gptq.reference_sweep(W, Hinv, block_size, round_column, errors)
-
-
 def hessian(features: int, tokens: int, seed: int) -> HessianCollector:
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(features, 64, generator=g)  # correlated channels, as a transformer's
@@ -61,9 +45,10 @@ def hessian(features: int, tokens: int, seed: int) -> HessianCollector:
 
 def solve(weight, stats, reference: bool):
     """(integers, {stage: seconds}) of one GPTQ run, llmq's or the reference's steps."""
-    saved = gptq.inverse_hessian_cholesky, gptq.error_feedback_sweep
+    saved = {name: getattr(gptq, name) for name in gptq.REFERENCE_ROUTE}
     if reference:
-        gptq.inverse_hessian_cholesky, gptq.error_feedback_sweep = reference_factor, reference_sweep
+        for name, step in gptq.REFERENCE_ROUTE.items():
+            setattr(gptq, name, step)
     try:
         stage_clock.reset()
         stats.derived.clear()  # each route makes its own factor
@@ -71,11 +56,12 @@ def solve(weight, stats, reference: bool):
         result = method.quantize(weight, stats, IntegerGrid(QuantScheme(4, 128, True), torch.bfloat16))
         return result, dict(stage_clock.seconds)
     finally:
-        gptq.inverse_hessian_cholesky, gptq.error_feedback_sweep = saved
+        for name, step in saved.items():
+            setattr(gptq, name, step)
 
 
 def thread_table(sizes=(576, 1536, 4096, 8192)) -> None:
-    """Seconds of llmq's factorization (a Cholesky and a triangular inverse) on one thread and on all of them."""
+    """Seconds of llmq's factorization (one Cholesky) on one thread and on all of them."""
     import contextlib
 
     threads = torch.get_num_threads()
@@ -87,9 +73,9 @@ def thread_table(sizes=(576, 1536, 4096, 8192)) -> None:
         seconds = []
         for count in (1, threads):
             torch.set_num_threads(count)
-            gptq.inverse_hessian_cholesky(H, 0.01)  # warm-up
+            gptq.hessian_factor(H, 0.01)  # warm-up
             started = time.perf_counter()
-            gptq.inverse_hessian_cholesky(H, 0.01)
+            gptq.hessian_factor(H, 0.01)
             seconds.append(time.perf_counter() - started)
         torch.set_num_threads(threads)
         print(f"| {rows} | {seconds[0]:.3f} | {seconds[1]:.3f} | {seconds[0] / seconds[1]:.2f}x |", flush=True)

@@ -79,3 +79,45 @@ def test_bad_scheme_values_are_refused():
         QuantScheme(5, 128, True)
     with pytest.raises(LlmqError, match="--group-size 100"):
         QuantScheme(4, 100, True)
+
+
+def _grids():
+    from gguf import GGMLQuantizationType as T
+
+    from llmq.methods.grids.fp8 import Fp8Grid
+    from llmq.methods.grids.integer import IntegerGrid
+    from llmq.methods.grids.kquant import KQuantGrid
+    from llmq.methods.grids.nf4 import Nf4Grid
+    from llmq.methods.grids.ternary import TernaryGrid, TernaryScheme
+
+    return {
+        "int4 g32 sym": IntegerGrid(QuantScheme(4, 32, True), torch.bfloat16),
+        "int3 g64 asym": IntegerGrid(QuantScheme(3, 64, False), torch.float16),
+        "q4_k (scale and minimum)": KQuantGrid(T.Q4_K),
+        "q6_k (scale only)": KQuantGrid(T.Q6_K),
+        "q3_k": KQuantGrid(T.Q3_K),
+        "nf4": Nf4Grid(QuantScheme(4, 64, True), torch.bfloat16),
+        "fp8": Fp8Grid(QuantScheme(8, -1, True, weight_type="float"), torch.bfloat16),
+        "ternary": TernaryGrid(TernaryScheme("group", 64), torch.bfloat16),
+    }
+
+
+@pytest.mark.parametrize("name", list(_grids()))
+def test_round_column_is_round_then_value_bit_for_bit(name):
+    """GPTQ's sweep rounds through GridFit.round_column, which grids override with faster paths: each must give the
+    integers of round() and the values of value(), exactly, on columns moved off the fitted weights (after a
+    refit too, where the grid has one)."""
+    from llmq.core.interfaces import GridFit
+
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 256, generator=g) * 0.05
+    fit = _grids()[name].fit(weight, torch.rand(256, generator=g) + 0.1)
+    if fit.refit_group_size:
+        fit.refit(fit.refit_group_size, weight[:, fit.refit_group_size : 2 * fit.refit_group_size] * 1.7)
+    moved = weight + torch.randn(24, 256, generator=g) * 0.02
+    for column in (0, 5, 31, 32, 100, 255):
+        fast_integers, plain_integers = torch.empty(24), torch.empty(24)
+        fast = fit.round_column(moved[:, column].contiguous(), column, fast_integers)
+        plain = GridFit.round_column(fit, moved[:, column].contiguous(), column, plain_integers)
+        assert torch.equal(fast_integers, plain_integers) and torch.equal(fast, plain)
+        assert torch.equal(plain_integers, fit.round(moved[:, column : column + 1], torch.tensor([column]))[:, 0])

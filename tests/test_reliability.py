@@ -793,3 +793,19 @@ def test_eval_with_a_broken_tokenizer_is_one_line(damage, expect, tmp_path, tiny
         damage(json.loads((model / "tokenizer.json").read_text()), model / "tokenizer.json")
         code, line = run_cli(capsys, "eval", model, "--ppl", text, "--windows", "1", "--seqlen", "32")
         assert code == 2 and expect in line, line
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_all_finite_finds_a_nan_or_inf_anywhere(dtype):
+    """The finite check of every layer read (llmq/core/device.py: one aminmax per chunk): a NaN, +Inf or -Inf in
+    any chunk, the last value included, is found; finite tensors (and an empty one) pass."""
+    from llmq.core.device import all_finite
+
+    values = torch.randn(1000).to(dtype)
+    assert all_finite(values, chunk=64) and all_finite(values[:0])
+    bad = [float("nan")] if dtype == torch.float8_e4m3fn else [float("nan"), float("inf"), -float("inf")]
+    for value in bad:
+        for where in (0, 500, 999):
+            spoiled = values.clone()
+            spoiled[where] = value
+            assert not all_finite(spoiled, chunk=64), (value, where)

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from llmq.calib.models import EMBEDDED_DEFAULT, embedded_gguf
 from llmq.core import __version__, log
+from llmq.core.device import all_finite
 from llmq.core.errors import LlmqError, reason
 from llmq.core.interfaces import Quantized
 from llmq.core.ranks import min_across, world
@@ -87,11 +88,11 @@ def _layer_damage(others: dict, results: dict, report: dict) -> str | None:
     if not isinstance(report, dict) or not all(isinstance(v, (int, float)) and abs(v) < 1e12 for v in report.values()):
         return "its report is not a set of numbers"
     for name, tensor in others.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             return f"{name} holds NaN or Inf"
     for name, result in results.items():
         tensors = [t for t in getattr(result, "__dict__", {}).values() if isinstance(t, torch.Tensor)]
-        if any(t.is_floating_point() and not torch.isfinite(t.float()).all() for t in tensors):
+        if any(t.is_floating_point() and not all_finite(t) for t in tensors):
             return f"{name} holds NaN or Inf"
         if isinstance(result, QuantizedTensor) and result.qweight.dtype == torch.int8:
             scheme, (rows, columns) = result.scheme, result.qweight.shape
@@ -235,7 +236,7 @@ class LayerCheckpoints:
             inputs = self.load_inputs(index)
         except Exception as error:
             return f"{current}: {reason(error)}"
-        if not inputs or not all(hidden.is_floating_point() and torch.isfinite(hidden).all() for hidden in inputs):
+        if not inputs or not all(hidden.is_floating_point() and all_finite(hidden) for hidden in inputs):
             return f"{current} holds no finite inputs"
         return None
 

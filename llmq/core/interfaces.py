@@ -78,6 +78,15 @@ class GridFit(ABC):
     def value(self, q: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """The float32 values integers q of those columns decode to."""
 
+    def round_column(self, w: torch.Tensor, column: int, integers: torch.Tensor) -> torch.Tensor:
+        """Round one column w [rows] of the fitted matrix (column `column`): its integers into `integers` [rows],
+        its decoded values returned; the same numbers as round() and value(). GPTQ's sweep calls this once per
+        column, so grids override it with a path that neither gathers parameters nor allocates what it need not."""
+        columns = torch.tensor([column], device=w.device)
+        q = self.round(w[:, None], columns)
+        integers.copy_(q[:, 0])
+        return self.value(q, columns)[:, 0]
+
     def refit(self, column: int, w: torch.Tensor) -> None:
         """Fit again the parameters of the group starting at `column`, from its current weights w [rows, group]."""
         raise NotImplementedError(f"{type(self).__name__} has fixed parameters")

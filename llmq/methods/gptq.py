@@ -1,8 +1,9 @@
 """GPTQ (Frantar et al., 2022): round one column at a time and push the rounding error onto the columns not yet
 rounded, weighted by the inverse Hessian of the layer's reconstruction loss ||WX - QX||^2, H = 2 X X^T.
 
-Follows the reference `gptq.py`: Cholesky factor of the damped inverse Hessian, lazy updates in blocks of
-columns, dead inputs (H_ii = 0) zeroed. It rounds onto any grid (llmq/core/interfaces.py): the grid is
+Follows the reference `gptq.py` (lazy updates in blocks of columns, dead inputs (H_ii = 0) zeroed), with its
+updates written with the Cholesky factor of the damped Hessian itself rather than of its inverse (no inverse:
+hessian_factor). It rounds onto any grid (llmq/core/interfaces.py): the grid is
 fitted up front on the original (dead-zeroed) weights, and each column is then rounded on its own group's or
 sub-block's parameters, so the result is an ordinary tensor of that grid (a compressed-tensors group, a GGUF
 k-quant block). With --act-order the columns are visited in order of decreasing H_ii and each column keeps its
@@ -31,25 +32,6 @@ from llmq.core.interfaces import Grid, Method, Quantized
 from llmq.core.timing import stage_clock
 
 
-def invert_lower_triangular_(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
-    """Invert a lower-triangular matrix in place, by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]].
-
-    n^3/3 multiply-adds in matrix products (a triangular solve against the identity does n^3), and no
-    second matrix of L's size: the largest temporary is a quarter of it.
-    """
-    n = L.shape[0]
-    if n <= leaf:
-        eye = torch.eye(n, dtype=L.dtype, device=L.device)
-        L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
-        return L
-    half = n // 2 if n < 4 * leaf else (n // 2) // leaf * leaf
-    A, C, D = L[:half, :half], L[half:, :half], L[half:, half:]
-    invert_lower_triangular_(A, leaf)
-    invert_lower_triangular_(D, leaf)
-    C.copy_(torch.mm(torch.mm(D, C), A).neg_())
-    return L
-
-
 def flip_in_place_(square: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
     """Reverse both axes of a square matrix in place, row- or column-major (either way: reverse its storage), chunk
     by chunk from both ends, so no second matrix of its size is made."""
@@ -63,25 +45,29 @@ def flip_in_place_(square: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
     return square
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, order: torch.Tensor | None = None) -> torch.Tensor:
-    """Upper Cholesky factor U of (H' + damp * mean(diag H') * I)^-1, so that H'^-1 = U^T U, where H' is H with its
-    rows and columns in visiting `order` (default: as they are) and each dead input's H_ii (0) set to 1; raises
-    damping until it exists. `hessian` itself is not changed (the group's other Linears share it).
+def hessian_factor(hessian: torch.Tensor, damp: float, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper-triangular R with R R^T = H' + damp * mean(diag H') * I, where H' is H with its rows and columns in
+    visiting `order` (default: as they are) and each dead input's H_ii (0) set to 1; raises damping until it
+    exists. `hessian` itself is not changed (the group's other Linears share it).
 
-    One Cholesky factorization of H' with its rows and columns reversed, J H' J = L L^T (J the reversal): then
-    H' = (J L J)(J L J)^T with J L J upper triangular, so H'^-1 = U^T U with U = J L^-1 J. A Cholesky and a
-    triangular inverse: half the work of the reference's Cholesky, inverse, Cholesky (Llama-3-8B's down_proj,
-    14336 rows, on 2 cores: 30 s instead of 62 s). One matrix the size of H is alive besides H (822 MB each
-    there): the reordered copy is made in one indexing step, damped, factorized and inverted in place. LAPACK
-    factorizes in place only a column-major matrix (a row-major one is copied first), so the symmetric copy is
-    handed over transposed: the same matrix, in the storage LAPACK wants.
+    The reference gptq.py's factor U of the inverse, H'^-1 = U^T U, is R^-1 (inverse_factor_), and GPTQ needs
+    it only where a group is re-fitted on columns the sweep has not reached (act-order with sweep-fitted
+    groups): elsewhere error_feedback_sweep runs on R itself (Chen et al., 2025: GPTQ is Babai's nearest-plane
+    algorithm on that factor), with no inverse at all. R is one Cholesky factorization of H' with its rows and
+    columns reversed: if J H' J = L L^T (J the reversal), then R = J L J. One matrix the size of H is alive
+    besides H (822 MB each for Llama-3-8B's down_proj): the reordered copy is made in one indexing step, damped
+    and factorized in place. LAPACK factorizes in place only a column-major matrix (a row-major one is copied
+    first), so the symmetric copy is handed over transposed: the same matrix, in the storage LAPACK wants.
     """
     n = hessian.shape[0]
     order = torch.arange(n, device=hessian.device) if order is None else order
     reverse = order.flip(0)
     info = torch.empty((), dtype=torch.int32, device=hessian.device)
     while damp <= 10:
-        damped = hessian[reverse[:, None], reverse[None, :]].mT  # J H' J, the one copy, column-major
+        damped = torch.empty_like(hessian)
+        for start in range(0, n, 512):  # row by row, a chunk at a time: twice as fast as one 2-D gather
+            torch.index_select(hessian[reverse[start : start + 512]], 1, reverse, out=damped[start : start + 512])
+        damped = damped.mT  # J H' J (H is symmetric), the one copy, column-major
         diagonal = damped.diagonal()
         diagonal[diagonal == 0] = 1  # dead inputs: their weights are zeroed, their row of H' made harmless
         diagonal.add_(damp * diagonal.mean())
@@ -89,65 +75,153 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, order: torch.Te
         with small_linear_algebra(hessian.device, n):
             torch.linalg.cholesky_ex(damped, out=(damped, info))  # damped now holds L (its upper half untouched)
             if info == 0:
-                return flip_in_place_(invert_lower_triangular_(damped.tril_()))
+                return flip_in_place_(damped.tril_())
         del damped  # overwritten by the failed factorization: made again with more damping
         log.info(f"GPTQ: Hessian not positive definite with damping {damp:g}; retrying with {damp * 10:g}")
         damp *= 10
     raise LlmqError("GPTQ: the Hessian stays singular even with heavy damping; check the calibration data for NaN/Inf")
 
 
+def lower_times(T: torch.Tensor, B: torch.Tensor, out: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """out = T @ B for a lower-triangular T, by halves: [[T11, 0], [T21, T22]] [B1; B2] = [T11 B1; T21 B1 + T22 B2].
+    Half the multiply-adds of a dense product (the zeros are never multiplied), in matrix products."""
+    n = T.shape[0]
+    if n <= leaf:
+        return torch.mm(T, B, out=out)
+    h = n // 2
+    lower_times(T[:h, :h], B[:h], out[:h], leaf)
+    lower_times(T[h:, h:], B[h:], out[h:], leaf).addmm_(T[h:, :h], B[:h])
+    return out
+
+
+def times_lower(B: torch.Tensor, T: torch.Tensor, out: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """out = B @ T for a lower-triangular T: [B1 B2] [[T11, 0], [T21, T22]] = [B1 T11 + B2 T21, B2 T22]."""
+    n = T.shape[0]
+    if n <= leaf:
+        return torch.mm(B, T, out=out)
+    h = n // 2
+    times_lower(B[:, h:], T[h:, h:], out[:, h:], leaf)
+    times_lower(B[:, :h], T[:h, :h], out[:, :h], leaf).addmm_(B[:, h:], T[h:, :h])
+    return out
+
+
+def invert_lower_triangular_(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """Invert a lower-triangular matrix in place, by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]].
+
+    n^3/3 multiply-adds, all in matrix products that skip the triangles' zeros (lower_times, times_lower), and no
+    second matrix of L's size: the largest temporary is a quarter of it.
+    """
+    n = L.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        L.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+        return L
+    half = n // 2 if n < 4 * leaf else (n // 2) // leaf * leaf
+    A, C, D = L[:half, :half], L[half:, :half], L[half:, half:]
+    invert_lower_triangular_(A, leaf)
+    invert_lower_triangular_(D, leaf)
+    DC = lower_times(D, C, torch.empty_like(C))
+    times_lower(DC, A, C).neg_()  # C is read only by the first product
+    return L
+
+
+def inverse_factor_(R: torch.Tensor) -> torch.Tensor:
+    """R^-1 in place, for R upper-triangular: the reference gptq.py's factor U of H'^-1 = U^T U. R^T is a
+    lower-triangular view of the same storage, and inverting it in place leaves (R^-1)^T there: R^-1 read as R."""
+    with small_linear_algebra(R.device, R.shape[0]):
+        invert_lower_triangular_(R.mT)
+    return R
+
+
 SUB_BLOCK = 16  # columns rounded between two matrix-product updates of the rest of a block
 
 
-def error_feedback_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, round_column,
-                         sub_block: int = SUB_BLOCK, errors: torch.Tensor | None = None) -> None:
+def error_feedback_sweep(W: torch.Tensor, factor: torch.Tensor, block_size: int, round_column,
+                         sub_block: int = SUB_BLOCK, errors: torch.Tensor | None = None, original=None) -> None:
     """GPTQ's loop over the columns of W (already in visiting order), in lazy blocks, updating W in place.
 
-    round_column(col, block, i) rounds column i of the current block (column col of W) and returns its
-    dequantized values; the rounding error, divided by the inverse Hessian's diagonal, is pushed onto the
-    columns not yet rounded. The reference pushes it onto the rest of the block column by column (a rank-1
-    update of rows x block values per column) and beyond the block once per block. Here the same updates
-    are grouped once more: column by column only within a sub-block of `sub_block` columns, then onto the
-    rest of the block in one matrix product, so the per-column work is rows x sub_block instead of rows x
-    block, and the block is held transposed so that a column is contiguous in memory. The same sums in
-    another order: equal to the reference to float rounding (tests/test_gptq.py). A dynamic group must
-    start at a sub-block (sub_block divides the group size): its refit reads columns that only then are
-    up to date. `errors` ([columns, rows], optional) receives each column's error as the sweep makes it, so
-    round_column may read the errors of every column visited before it.
+    round_column(col, block, i) rounds column i of the current block (held as [columns, rows]; column col of W) and
+    returns its dequantized values q_col. Two forms of the same updates, by the factor given:
+    - `original` given (original(i1, i2): W's original columns i1..i2-1 as [columns, rows]) and `factor` R
+      (hessian_factor): each column j is rounded from w_j + sum_{i<j} d_i R_ij / R_jj, where d_i is column i's
+      original weights minus its rounded values (Babai's nearest-plane form: no inverse of the Hessian);
+    - otherwise `factor` is U = R^-1 (the reference's): column i's error (w_i - q_i) / U_ii is pushed onto each
+      later column j times U_ij. Only this form's partial sums are GPTQ's optimal update of the columns not yet
+      rounded (what a group re-fitted before the sweep reaches all its columns must read).
+    Both reach the same value of each column when it is rounded (W0 = Q + E U, so E = (W0 - Q) R). The updates
+    are made lazily: column by column only within a sub-block of `sub_block` columns, then onto the rest of the
+    block in one matrix product, then beyond the block in one more; the block is held transposed so that a
+    column is contiguous in memory. Equal to the reference loop to float rounding (tests/test_gptq.py). A
+    dynamic group must start at a sub-block (sub_block divides the group size): its refit reads columns that
+    only then are up to date. `errors` ([columns, rows], optional) receives each column's pushed error as the
+    sweep makes it, so round_column may read the errors of every column visited before it.
     """
     cols = W.shape[1]
+    babai = original is not None
+    minus_reciprocal = factor.diagonal().reciprocal().neg_() if babai else None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         block = W[:, i1:i2].T.contiguous()  # [columns, rows]
-        columns = block.T  # the [rows, columns] view round_column reads
+        before = original(i1, i2) if babai else block
         block_errors = torch.empty_like(block) if errors is None else errors[i1:i2]
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        # this block's rows of the update matrix, from column i1 on: U, or -R D^-1 (D = diag R)
+        F = factor[i1:i2, i1:].mul(minus_reciprocal[i1:]) if babai else factor[i1:i2, i1:]
+        diagonal = None if babai else F.diagonal().tolist()  # U_ii, as numbers: no tensor indexing per column
         for j1 in range(0, i2 - i1, sub_block):
             j2 = min(j1 + sub_block, i2 - i1)
             for i in range(j1, j2):
-                err = torch.sub(block[i], round_column(i1 + i, columns, i)).div_(Hinv1[i, i])
-                block[i + 1 : j2].addr_(Hinv1[i, i + 1 : j2], err, alpha=-1)
-                block_errors[i] = err
-            block[j2:].addmm_(Hinv1[j1:j2, j2:].T, block_errors[j1:j2], alpha=-1)
-        W[:, i2:].addmm_(block_errors.T, Hinv[i1:i2, i2:], alpha=-1)
+                err = torch.sub(before[i], round_column(i1 + i, block, i), out=block_errors[i])
+                if not babai:
+                    err.div_(diagonal[i])
+                block[i + 1 : j2].addr_(F[i, i + 1 : j2], err, alpha=-1)
+            block[j2:].addmm_(F[j1:j2, j2 : i2 - i1].T, block_errors[j1:j2], alpha=-1)
+        W[:, i2:].addmm_(block_errors.T, F[:, i2 - i1 :], alpha=-1)
+
+
+def group_as_reached(current: torch.Tensor, original: torch.Tensor, R: torch.Tensor, start: int) -> torch.Tensor:
+    """The columns start.. of a group (contiguous in visiting order), [rows, size], as the reference GPTQ has
+    updated them when it reaches the first: from the Babai-form sweep's partial sums `current` and their
+    `original` weights. Those partial sums hold w_j + A_j / R_jj, A = sum_{i<start} d_i R_i: the reference's
+    partial state is w + A R_GG^-1 (R's inverse is upper triangular, so only the group's own block enters)."""
+    stop = start + current.shape[1]
+    R_group = R[start:stop, start:stop]
+    pushed = (current - original).mul_(R_group.diagonal())
+    return torch.linalg.solve_triangular(R_group, pushed, upper=True, left=False).add_(original)
+
+
+def reference_factor(hessian: torch.Tensor, damp: float, order: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference gptq.py's factor U of H'^-1 = U^T U (Cholesky, inverse, Cholesky; H' as in hessian_factor,
+    no damping retry): with reference_sweep and reference_feedback_so_far, the route llmq's is tested against
+    (REFERENCE_ROUTE: given this, GPTQ uses it as U wherever it would use R or U)."""
+    order = torch.arange(hessian.shape[0], device=hessian.device) if order is None else order
+    damped = hessian[order][:, order]
+    diagonal = damped.diagonal()
+    diagonal[diagonal == 0] = 1
+    diagonal.add_(damp * diagonal.mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
 
 
 def reference_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, round_column,
-                    errors: torch.Tensor | None = None) -> None:
-    """The loop of the reference gptq.py (rank-1 update of the whole block per column, on W's strided columns):
-    what error_feedback_sweep is tested against (tests/test_gptq.py) and timed against
-    (scripts/bench_gptq_sweep.py). `errors` as in error_feedback_sweep."""
+                    sub_block: int | None = None, errors: torch.Tensor | None = None, original=None) -> None:
+    """The loop of the reference gptq.py on its factor U (reference_factor): the error of column i,
+    (w_i - q_i) / U_ii, pushed onto the rest of the block by a rank-1 update per column, on W's strided columns,
+    and beyond the block once per block. `errors` receives those errors; `original` is not needed."""
     for i1 in range(0, W.shape[1], block_size):
         i2 = min(i1 + block_size, W.shape[1])
         block, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         block_errors = torch.zeros_like(block)
         for i in range(i2 - i1):
-            err = (block[:, i] - round_column(i1 + i, block, i)) / Hinv1[i, i]
+            err = (block[:, i] - round_column(i1 + i, block.T, i)) / Hinv1[i, i]
             block[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
             block_errors[:, i] = err
             if errors is not None:
                 errors[i1 + i] = err
         W[:, i2:] -= block_errors.matmul(Hinv[i1:i2, i2:])
+
+
+# the reference gptq.py's factor and loop, in place of llmq's (tests/test_gptq.py, scripts/bench_gptq_sweep.py)
+REFERENCE_ROUTE = {"hessian_factor": reference_factor, "inverse_factor_": lambda U: U,
+                   "error_feedback_sweep": reference_sweep, "group_as_reached": lambda current, *_: current}
 
 
 def aligned_block(block_size: int, group_size: int) -> int:
@@ -175,44 +249,57 @@ class GPTQ(Method):
             order = torch.argsort(torch.where(dead, 1.0, H.diagonal()), descending=True)
         # q, k and v (gate and up) share one Hessian, so one factor: the order, too, comes from the Hessian alone
         derived = getattr(stats, "derived", {})
-        key = ("gptq inverse Hessian factor", opts.damp, opts.act_order)
-        if key not in derived:
+        key = ("gptq Hessian factor", opts.damp, opts.act_order)
+        inverse_key = key + ("inverse",)
+        if key not in derived and inverse_key not in derived:
             with stage_clock("factorization"):
-                derived[key] = inverse_hessian_cholesky(H, opts.damp, order)
-        Hinv = derived[key]
+                derived[key] = hessian_factor(H, opts.damp, order)
         # fitted after the factorization, whose copy of H is the run's largest allocation, so as not to add to it
         fit = grid.fit(W, stats.importance())  # parameters from the (dead-zeroed) original weights
         size = fit.refit_group_size if opts.group_fit == "sweep" else None
         in_order = size is not None and not opts.act_order  # each group met whole, at its first column
         scattered = size is not None and opts.act_order  # a group's columns met anywhere in the sweep
+        if scattered and inverse_key not in derived:  # refits read partial sums only U's form has (the sweep)
+            with stage_clock("factorization"):
+                derived[inverse_key] = inverse_factor_(derived.pop(key))  # the group's other parts need the same
+        factor = derived[inverse_key] if scattered else derived[key]
         if opts.act_order:
             W = W[:, order]
-        integers = torch.zeros_like(W)
+        integers = W.new_empty(W.shape[1], W.shape[0])  # by visiting position: [columns, rows]
+        column_at = order.tolist()  # visiting position -> column (a list: no device sync per column)
+        position_of = torch.argsort(order)  # column of the weight -> visiting position
         errors = None
         if scattered:
             errors = W.new_empty(W.shape[1], W.shape[0])  # the sweep's error per visiting position
-            position_of = torch.argsort(order)  # column of the weight -> visiting position
-            group_at = (order // size).tolist()  # visiting position -> group (a list: no device sync per column)
             fitted = set()  # groups met so far
 
+        def original(i1: int, i2: int) -> torch.Tensor:
+            """Visiting positions i1..i2-1 of the dead-zeroed original weights, [columns, rows]."""
+            columns = order[i1:i2]
+            return weight[:, columns].float().masked_fill_(dead[columns], 0).T.contiguous()
+
         def round_column(position: int, block: torch.Tensor, i: int) -> torch.Tensor:
-            column = order[position : position + 1]
-            if in_order and position % size == 0:
-                fit.refit(position, block[:, i : i + size])  # the group's columns, all in this block and up to date
-            elif scattered and (group := group_at[position]) not in fitted:
+            column = column_at[position]
+            if in_order and position % size == 0:  # the group's columns, all in this block, as GPTQ has made them
+                fit.refit(position, group_as_reached(block[i : i + size].T, original(position, position + size).T,
+                                                     factor, position))
+            elif scattered and (group := column // size) not in fitted:
                 # the group's columns are scattered over the sweep, some not yet updated in place (lazy blocks):
-                # as GPTQ has made them so far, each is its original minus every visited column's error times Hinv
+                # as GPTQ has made them so far, each is its original minus every visited column's error times U
                 fitted.add(group)
                 columns = slice(group * size, (group + 1) * size)
-                original = weight[:, columns].float().masked_fill(dead[columns], 0)
-                fit.refit(group * size, original - errors[:position].T @ Hinv[:position, position_of[columns]])
-            q = fit.round(block[:, i : i + 1], column)
-            integers[:, column] = q
-            return fit.value(q, column)[:, 0]
+                original_columns = weight[:, columns].float().masked_fill(dead[columns], 0)
+                fit.refit(group * size, original_columns - errors[:position].T @ factor[:position, position_of[columns]])
+            return fit.round_column(block[i], column, integers[position])
 
         block, sub_block = opts.block_size, SUB_BLOCK
         if in_order:  # a group starts a block's sub-block: the reference's dynamic groups
             block, sub_block = aligned_block(block, size), math.gcd(SUB_BLOCK, size)
         with stage_clock("column sweep"):
-            error_feedback_sweep(W, Hinv, block, round_column, sub_block, errors)
-        return fit.result(integers)
+            error_feedback_sweep(W, factor, block, round_column, sub_block, errors, None if scattered else original)
+        if not opts.act_order:
+            return fit.result(integers.T)
+        for start in range(0, W.shape[1], 1024):  # back into the weight's column order, in W (spent): no new matrix
+            columns = slice(start, start + 1024)
+            W[:, columns] = integers[position_of[columns]].T
+        return fit.result(W)

@@ -132,6 +132,13 @@ class KQuantFit(GridFit):
         self.scale = scale.to(weight.device)
         self.minimum = None if minimum is None else minimum.to(weight.device)
         self.device = weight.device
+        # per sub-block, contiguous over the rows (round_column): scale, its inverse as round() takes it, minimum
+        self._by_sub_block = (self.scale.T.contiguous(), self._inverse(self.scale).T.contiguous(),
+                              None if self.minimum is None else self.minimum.T.contiguous())
+
+    @staticmethod
+    def _inverse(scale: torch.Tensor) -> torch.Tensor:
+        return torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
 
     def _parameters(self, columns: torch.Tensor):
         sub = columns // self.block.sub_size
@@ -142,13 +149,13 @@ class KQuantFit(GridFit):
 
     def position(self, w, columns):
         scale, minimum = self._parameters(columns)
-        inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+        inverse = self._inverse(scale)
         return w * inverse + self.block.zero if minimum is None else (w + minimum) * inverse
 
     def round(self, w, columns):
         # the same operations as the search's own re-rounding (kquant_search.round_to_grid), per column
         scale, minimum = self._parameters(columns)
-        inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+        inverse = self._inverse(scale)
         if minimum is None:
             return torch.mul(w, inverse).round_().add_(self.block.zero).clamp_(0, self.block.qmax)
         return torch.add(w, minimum).mul_(inverse).round_().clamp_(0, self.block.qmax)
@@ -159,6 +166,16 @@ class KQuantFit(GridFit):
     def value(self, q, columns):
         scale, minimum = self._parameters(columns)
         return scale * (q - self.block.zero) if minimum is None else scale * q - minimum
+
+    def round_column(self, w, column, integers):
+        sub = column // self.block.sub_size
+        scale, inverse = self._by_sub_block[0][sub], self._by_sub_block[1][sub]
+        if self.minimum is None:
+            q = torch.mul(w, inverse, out=integers).round_().add_(self.block.zero).clamp_(0, self.block.qmax)
+            return scale * (q - self.block.zero)
+        minimum = self._by_sub_block[2][sub]
+        q = torch.add(w, minimum, out=integers).mul_(inverse).round_().clamp_(0, self.block.qmax)
+        return scale * q - minimum
 
     def result(self, integers: torch.Tensor) -> BlockTensor:
         codes = replace(self.codes, L=narrow_integers(integers.to("cpu")).reshape(-1, self.block.block_size))
