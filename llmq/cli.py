@@ -126,6 +126,10 @@ def _quantize_parser(sub) -> None:
     target.add_argument("--strict-groups", action="store_true", default=TargetOptions.strict_groups,
                         help="refuse a model with a Linear the --group-size does not divide, instead of taking a "
                              "smaller group size that divides them all")
+    target.add_argument("--ignore", action="append", default=None, metavar="NAME",
+                        help="leave these Linears unquantized (compressed-tensors; repeatable): a module name or its "
+                             "trailing part (lm_head, mlp.down_proj), or re:EXPRESSION matched from the start of the "
+                             "full name (re:.*layers\\.0\\..*); they are listed in the config's ignore")
     target.add_argument("--type", dest="gguf_type", default=TargetOptions.gguf_type,
                         help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, F16, BF16, F32 "
                              "(default Q4_K_M); TQ1_0 or TQ2_0 (default) with --method bitnet")

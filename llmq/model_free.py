@@ -7,13 +7,14 @@ and writes a compressed-tensors checkpoint; peak memory is one tensor and its pa
 
 Which tensors are rounded is decided by name, as llmq's discovery would decide on a model: a 2-D floating-point
 `*.weight` inside a numbered decoder layer (`*.layers.N.*`, `*.h.N.*`, `*.blocks.N.*`), except routers
-(`*.gate.weight`, `*router*`) and what `ignore` patterns name (regular expressions matched against the tensor's
-module name). Embeddings, the head and norms stay as they are and unquantized Linears are listed in the config's
-`ignore`, as the model-class path writes them. The group size and the symmetric grid for experts are decided by
+(`*.gate.weight`, `*router*`) and the modules --ignore names (llmq/core/config.py's is_ignored, as on the
+model-class path, against the checkpoint's names). Embeddings, the head and norms stay as they are and
+unquantized Linears are listed in the config's `ignore`, as the model-class path writes them. The group size and the symmetric grid for experts are decided by
 the model-class path's own rule (compressed_tensors.fitted_scheme, --strict-groups included).
 
-The tensors are the model-class path's (tests/test_model_free.py compares every one on models both can run);
-their order in the file follows the checkpoint's, so the files are not byte-identical.
+The files are the model-class path's, byte for byte, on the models both can run (tests/test_model_free.py;
+llmq/targets/shards.py lays a shard's tensors out in name order whatever order they come in). Beyond one 5 GB
+shard the split between shards follows the order tensors come in, which differs between the two paths.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +31,7 @@ import torch
 from llmq.calib.lazy import FLOAT_DTYPES, LAYER_INDEX, checkpoint_index, open_shard
 from llmq.calib.models import check_model_files
 from llmq.core import log
-from llmq.core.config import QuantizeConfig
+from llmq.core.config import QuantizeConfig, is_ignored
 from llmq.core.device import human_size
 from llmq.core.errors import LlmqError
 from llmq.methods.grids.fp8 import Fp8Grid
@@ -69,12 +69,11 @@ def check_model_free(config: QuantizeConfig, why: str) -> None:
                         "--format and static-input schemes")
 
 
-def _selected(name: str, shape: list[int], dtype: str, ignore: list[re.Pattern]) -> bool:
+def _selected(name: str, shape: list[int], dtype: str, ignore: tuple[str, ...]) -> bool:
     module = name.removesuffix(".weight")
     router = module.rsplit(".", 1)[-1] == "gate" or "router" in module  # MoE routers stay as they are
     return (name.endswith(".weight") and len(shape) == 2 and dtype in FLOAT_DTYPES
-            and LAYER_INDEX.search(name) is not None and not router
-            and not any(pattern.search(module) for pattern in ignore))
+            and LAYER_INDEX.search(name) is not None and not router and not is_ignored(module, ignore))
 
 
 @dataclasses.dataclass
@@ -85,8 +84,7 @@ class ModelFreeRun:
     quantized_fraction: float  # of the decoder's matrix weights
 
 
-def quantize_model_free(model: str, out: str | Path, config: QuantizeConfig, overwrite: bool = False,
-                        ignore: tuple[str, ...] = ()) -> ModelFreeRun:
+def quantize_model_free(model: str, out: str | Path, config: QuantizeConfig, overwrite: bool = False) -> ModelFreeRun:
     """Quantize the checkpoint in directory `model` into `out` without building the model (module docstring)."""
     directory, out = Path(model).expanduser(), Path(out)
     if not (directory / "config.json").is_file():
@@ -97,7 +95,6 @@ def quantize_model_free(model: str, out: str | Path, config: QuantizeConfig, ove
         raise LlmqError(f"{directory} holds no safetensors; a model-free run reads safetensors only")
     check_output(out, overwrite, OutputKind(directory=True), inputs=(directory,))
     started = time.perf_counter()
-    patterns = [re.compile(p) for p in ignore]
 
     shapes = {}
     for path in sorted(set(files.values())):
@@ -105,7 +102,7 @@ def quantize_model_free(model: str, out: str | Path, config: QuantizeConfig, ove
             for key in f.keys():
                 tensor = f.get_slice(key)
                 shapes[key] = (list(tensor.get_shape()), tensor.get_dtype())
-    chosen = [k for k, (shape, dtype) in shapes.items() if _selected(k, shape, dtype, patterns)]
+    chosen = [k for k, (shape, dtype) in shapes.items() if _selected(k, shape, dtype, config.target.ignore)]
     if not chosen:
         raise LlmqError(f"no decoder matrix weights found in {directory} (2-D *.weight tensors under *.layers.N.); "
                         "nothing to quantize")

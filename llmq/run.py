@@ -28,7 +28,7 @@ from llmq.calib.models import EMBEDDED_BASE_ID, EMBEDDED_DEFAULT, base_license, 
 from llmq.calib.resume import LayerCheckpoints, run_fingerprint
 from llmq.calib.text import calibration_samples, check_calib_source
 from llmq.core import log, ranks
-from llmq.core.config import QuantizeConfig
+from llmq.core.config import QuantizeConfig, is_ignored
 from llmq.core.device import human_size, resolve_device, tensor_bytes
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Method, ModelContext
@@ -132,6 +132,19 @@ def default_out(model: str | None, config: QuantizeConfig) -> str:
     return method_and_target(config)[1].default_out(base)
 
 
+def without_ignored(linears: dict, patterns: tuple[str, ...]) -> dict:
+    """The Linears --ignore does not name; says how many it leaves unquantized, and which pattern names none."""
+    if not patterns:
+        return linears
+    ignored = [name for name in linears if is_ignored(name, patterns)]
+    for pattern in patterns:
+        if not any(is_ignored(name, (pattern,)) for name in linears):
+            log.info(f"llmq: --ignore {pattern} names no Linear of this model (they are named like {next(iter(linears))})")
+    if ignored:
+        log.info(f"llmq: --ignore leaves {len(ignored)} Linears unquantized (first: {ignored[0]})")
+    return {name: linear for name, linear in linears.items() if name not in ignored}
+
+
 def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None = None,
              overwrite: bool = False, trust_remote_code: bool = False) -> QuantizeResult:
     """Quantize `model` (hub id, local directory, or None for the embedded default) into `out` (a directory, or a
@@ -180,7 +193,7 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             weights.load_globals()
     with stage_clock("discovery"):
         layout = decoder_layout(hf_model, device, folds=method.folds)
-    discovered = quantizable_linears(hf_model, layout)
+    discovered = without_ignored(quantizable_linears(hf_model, layout), config.target.ignore)
     linears = target.quantizable(hf_model, discovered)
     layout = layout.only(linears)
     target.check_model(hf_model, linears)

@@ -218,3 +218,35 @@ def test_data_free_calibration_when_no_text_can_be_had(offline_messages, tmp_pat
                  "--out", str(out)]) == 0
     assert any("data-free" in m for m in messages)
     assert "data-free (model-generated), 2 x 16 tokens" in (out / "README.md").read_text()
+
+
+def test_ignore_leaves_the_named_linears_as_they_were(tmp_path, tiny_llama_dir, calib_file, capsys, monkeypatch):
+    """--ignore (a module name's trailing part, or re:EXPRESSION from the start of the full name): those Linears
+    keep their weights bit for bit, are listed in the config's ignore, and the rest are quantized as without it.
+    A pattern that names nothing is said; a bad expression, or --ignore into GGUF, is one line before any work."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr("llmq.core.log.quiet", False)
+    out = tmp_path / "o"
+    code = main(["quantize", str(tiny_llama_dir), "--method", "gptq", "--calib", str(calib_file), "--samples", "4",
+                 "--seqlen", "32", "--group-size", "32", "--ignore", "mlp.down_proj", "--ignore",
+                 r"re:model\.layers\.0\.self_attn\.[qk]_proj$", "--ignore", "no_such_module", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    source, written = load_file(tiny_llama_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    layers = json.loads((tiny_llama_dir / "config.json").read_text())["num_hidden_layers"]
+    kept = [f"model.layers.{i}.mlp.down_proj" for i in range(layers)]
+    kept += ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+    for name in kept:
+        assert torch.equal(written[f"{name}.weight"], source[f"{name}.weight"]), name
+        assert f"{name}.weight_packed" not in written
+    assert "model.layers.1.self_attn.q_proj.weight_packed" in written  # only layer 0's q/k were named
+    assert "model.layers.0.self_attn.v_proj.weight_packed" in written
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert set(kept) <= set(ignore)
+    assert f"--ignore leaves {len(kept)} Linears unquantized" in err
+    assert "--ignore no_such_module names no Linear of this model" in err
+    for flags, message in ((["--ignore", "re:(unclosed"], "--ignore 're:(unclosed' is not a regular expression"),
+                           (["--format", "gguf", "--ignore", "lm_head"], "a GGUF file's tensor types come from")):
+        code = main(["quantize", str(tiny_llama_dir), *flags, "--out", str(tmp_path / "x.gguf")])
+        assert code == 2 and message in capsys.readouterr().err

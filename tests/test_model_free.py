@@ -2,6 +2,8 @@
 built; the tensors and the config are those of the model-class path, and transformers loads the result."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ def _groups(out):
 
 @pytest.mark.parametrize("model_type, options", [
     ("llama", dict(group_size=32)),
+    ("llama", dict(group_size=32, ignore=("mlp.down_proj", r"re:.*layers\.0\.self_attn\.[qk]_proj"))),
     ("llama", dict(scheme="W8A16")),
     ("llama", dict(scheme="FP8_DYNAMIC")),
     ("llama", dict()),  # the default group of 128 does not divide the 64-wide Linears: the same fallback
@@ -39,6 +42,9 @@ def test_model_free_writes_the_model_class_paths_tensors(model_type, options, tm
     assert one.keys() == other.keys()
     for name in one:
         assert one[name].dtype == other[name].dtype and torch.equal(one[name], other[name]), name
+    files = sorted(path.name for path in with_class.out.glob("*.safetensors"))
+    assert files == sorted(path.name for path in free.out.glob("*.safetensors"))
+    assert all((with_class.out / name).read_bytes() == (free.out / name).read_bytes() for name in files)
     assert _groups(with_class.out) == _groups(free.out)
     assert free.quantized_fraction == pytest.approx(with_class.quantized_fraction, abs=1e-9)
     assert json.loads((free.out / "llmq.json").read_text())["model_free"] is True
@@ -48,9 +54,7 @@ def test_a_model_type_transformers_does_not_know_is_quantized_model_free(tmp_pat
                                                                         monkeypatch):
     """Day 0: a model_type transformers has no class for could not be quantized at all. A data-free scheme is
     rounded from the safetensors (said in one line); the files are a Llama's under another name, so once the
-    model_type is put back, transformers loads them with the model-class output's logits."""
-    from transformers import AutoModelForCausalLM
-
+    model_type is put back, transformers loads them (in a fresh process) with the model-class output's logits."""
     model = save_tiny_model(tmp_path / "llama", smollm2_tokenizer_dir)
     config_path = model / "config.json"
     config = json.loads(config_path.read_text())
@@ -67,10 +71,12 @@ def test_a_model_type_transformers_does_not_know_is_quantized_model_free(tmp_pat
         written = json.loads(path.read_text())
         path.write_text(json.dumps(dict(written, model_type=config["model_type"], architectures=config["architectures"])))
     quantize(str(model), tmp_path / "class", QuantizeConfig.of(method="rtn", group_size=32, device="cpu"))
-    ids = torch.arange(100, 164).reshape(2, 32)
-    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=torch.float32,
-                                                   trust_remote_code=False)(ids).logits
-              for out in ("free", "class")]
+    script = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+              "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=False)\n"
+              "torch.save(model(torch.arange(100, 164).reshape(2, 32)).logits, sys.argv[2])\n")
+    for out in ("free", "class"):  # each in a fresh process, as a user loads it
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / out), str(tmp_path / f"{out}.pt")], check=True)
+    logits = [torch.load(tmp_path / f"{out}.pt", weights_only=True) for out in ("free", "class")]
     assert torch.equal(logits[0], logits[1])
 
 

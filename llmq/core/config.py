@@ -12,6 +12,7 @@ These dataclasses are the one source of defaults: the CLI builds its flags from 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from llmq.core.errors import LlmqError
@@ -56,6 +57,18 @@ class TargetOptions:
     format: str = "auto"
     gguf_type: str | None = None  # the GGUF mixture; None: Q4_K_M, or TQ2_0 for ternary methods
     strict_groups: bool = False  # refuse a Linear the group size does not divide (default: a smaller group for it)
+    ignore: tuple[str, ...] = ()  # Linears left unquantized (compressed-tensors): names, or "re:" expressions
+
+    def __post_init__(self):
+        self.ignore = tuple(self.ignore or ())  # from a recipe's JSON list, or an unset CLI flag
+
+
+def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether --ignore names this module: a pattern is a module name (`lm_head`, or a trailing part of one:
+    `mlp.down_proj` names every layer's), or `re:` and a regular expression matched from the start of the full
+    name (llm-compressor's convention: `re:.*self_attn.*`)."""
+    return any(re.match(pattern[3:], name) if pattern.startswith("re:") else name == pattern
+               or name.endswith("." + pattern) for pattern in patterns)
 
 
 @dataclass
@@ -148,6 +161,12 @@ class QuantizeConfig:
                             "below 1 (e.g. 1e-4)")
         if method.group_fit not in GROUP_FITS:
             raise LlmqError(f"--group-fit {method.group_fit} is unknown; use one of {', '.join(GROUP_FITS)}")
+        for pattern in self.target.ignore:
+            try:
+                re.compile(pattern[3:] if pattern.startswith("re:") else "")
+            except re.error as error:
+                raise LlmqError(f"--ignore {pattern!r} is not a regular expression ({error}); write re:EXPRESSION "
+                                "or a module name such as mlp.down_proj") from None
         if not 1 <= method.sink_weight <= 1e4:
             raise LlmqError(f"--sink-weight {method.sink_weight} is out of range; use 1 (off) to a few hundred, e.g. 16")
 

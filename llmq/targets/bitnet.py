@@ -173,7 +173,8 @@ class BitNetTarget(Target):
         if self.config.method.ternary_scale != "tensor":
             raise LlmqError(f"transformers' BitNet layout holds one scale per tensor, not per "
                             f"{self.config.method.ternary_scale}; use --ternary-scale tensor or --format gguf")
-        unused = self.config.changed("scheme") + self.config.changed("method", "mse") + self.config.changed("target", "gguf_type")
+        unused = (self.config.changed("scheme") + self.config.changed("method", "mse")
+                  + self.config.changed("target", "gguf_type", "ignore"))
         if unused:
             raise LlmqError(f"{', '.join(unused)} do not apply to transformers' BitNet layout (ternary weights, one "
                             "scale per tensor); drop them")

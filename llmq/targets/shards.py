@@ -3,7 +3,8 @@
 A safetensors file is its header (8-byte little-endian length, then JSON naming every tensor's dtype, shape and
 byte range) followed by the tensors' bytes. The header comes first but can only be written once every tensor of
 the file is known, so each shard's bytes go to a scratch file as they come, and when the shard is full (5 GB,
-as transformers shards) the header is written and the bytes copied after it. When all tensors are in, the
+as transformers shards) the header is written and the bytes copied after it, in the order of the tensors' names
+(so a shard's bytes do not depend on the order tensors were added in). When all tensors are in, the
 shards get their final names, `model.safetensors` alone or `model-0000k-of-0000n.safetensors` with the index
 `model.safetensors.index.json` that transformers and vLLM read. Memory: one tensor and a copy buffer.
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -44,14 +44,34 @@ class _Shard:
         self.size += data.numel()
 
     def finish(self) -> None:
+        """Header, then the tensors' bytes in the order of their names, whatever order they came in: a shard's bytes
+        depend only on what it holds (the model-class and model-free paths add tensors in different orders)."""
         self.data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # the tensor bytes start 8-aligned, as safetensors writes them
+        header, offset = {}, 0
+        for name in sorted(self.header):
+            entry = self.header[name]
+            start, stop = entry["data_offsets"]
+            header[name] = {**entry, "data_offsets": [offset, offset + stop - start]}
+            offset += stop - start
+        encoded = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the tensor bytes start 8-aligned, as safetensors writes them
         with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(data, out, _COPY_BUFFER)
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            for name in header:
+                start, stop = self.header[name]["data_offsets"]
+                data.seek(start)
+                _copy_bytes(data, out, stop - start)
         self.data_path.unlink()
+
+
+def _copy_bytes(source, destination, count: int) -> None:
+    while count > 0:
+        chunk = source.read(min(count, _COPY_BUFFER))
+        if not chunk:
+            raise OSError(f"{source.name} ended {count} bytes early")
+        destination.write(chunk)
+        count -= len(chunk)
 
 
 class ShardWriter:

@@ -137,6 +137,9 @@ class GGUFTarget(Target):
 
     def check(self) -> None:
         mixture, method, options = self.mixture, self.method, self.config.method
+        if self.config.target.ignore:
+            raise LlmqError("--ignore leaves Linears unquantized in compressed-tensors outputs; a GGUF file's tensor "
+                            "types come from its --type mixture: drop --ignore or use --format compressed-tensors")
         if mixture.ternary and not method.ternary:
             raise LlmqError(f"--type {mixture.name} holds ternary weights; quantize with --method bitnet")
         if method.ternary and not mixture.ternary:
