@@ -6,10 +6,14 @@ inputs: once as llmq does it (one reversed Cholesky of the Hessian, no inverse; 
 transposed blocks) and once with the reference's steps (Cholesky, cholesky_inverse, Cholesky; a rank-1 update of
 the whole block per column). Prints seconds per stage for both, their ratio, and how many of the integers
 agree (the two are the same sums in another order: equal up to a rounding decision that float rounding flips,
-after which the two sweeps push different errors) and the ratio of GPTQ's own loss tr((W - Q) H (W - Q)^T).
+after which the two sweeps push different errors) and the ratio of GPTQ's own loss tr((W - Q) H (W - Q)^T). The
+"floor" columns are the seconds the arithmetic alone takes at this machine's measured float32 rates (matrix
+products and Cholesky): what is left above them is Python, memory traffic and the per-column rounding.
 
     python scripts/bench_gptq_sweep.py                 # the whole layer (about 4 minutes on 2 cores)
     python scripts/bench_gptq_sweep.py --only q_proj   # one Linear
+    python scripts/bench_gptq_sweep.py --grid q4_k     # onto GGUF's Q4_K blocks (no inverse: Babai's form)
+    python scripts/bench_gptq_sweep.py --no-act-order  # the integer grid's dynamic groups (no inverse either)
     python scripts/bench_gptq_sweep.py --threads       # llmq's factorization on 1 thread vs all, by size: where
                                                        # llmq/core/device.py's SMALL_MATRIX threshold comes from
 """
@@ -43,7 +47,15 @@ def hessian(features: int, tokens: int, seed: int) -> HessianCollector:
     return stats
 
 
-def solve(weight, stats, reference: bool):
+def make_grid(name: str):
+    from gguf import GGMLQuantizationType as T
+
+    from llmq.methods.grids.kquant import KQuantGrid
+
+    return KQuantGrid(T.Q4_K) if name == "q4_k" else IntegerGrid(QuantScheme(4, 128, True), torch.bfloat16)
+
+
+def solve(weight, stats, reference: bool, grid: str = "int", act_order: bool = True):
     """(integers, {stage: seconds}) of one GPTQ run, llmq's or the reference's steps."""
     saved = {name: getattr(gptq, name) for name in gptq.REFERENCE_ROUTE}
     if reference:
@@ -52,8 +64,8 @@ def solve(weight, stats, reference: bool):
     try:
         stage_clock.reset()
         stats.derived.clear()  # each route makes its own factor
-        method = gptq.GPTQ(MethodOptions(act_order=True))
-        result = method.quantize(weight, stats, IntegerGrid(QuantScheme(4, 128, True), torch.bfloat16))
+        method = gptq.GPTQ(MethodOptions(act_order=act_order))
+        result = method.quantize(weight, stats, make_grid(grid))
         return result, dict(stage_clock.seconds)
     finally:
         for name, step in saved.items():
@@ -81,6 +93,33 @@ def thread_table(sizes=(576, 1536, 4096, 8192)) -> None:
         print(f"| {rows} | {seconds[0]:.3f} | {seconds[1]:.3f} | {seconds[0] / seconds[1]:.2f}x |", flush=True)
 
 
+def machine_rates() -> tuple[float, float]:
+    """This machine's float32 rates, flop/s: a 4096-square matrix product and a 4096-row Cholesky (best of 3)."""
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    spd = a @ a.T + 4096 * torch.eye(4096)
+    rates = []
+    for work, flops in ((lambda: torch.mm(a, b), 2 * 4096**3), (lambda: torch.linalg.cholesky(spd), 4096**3 / 3)):
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            work()
+            best = min(best, time.perf_counter() - started)
+        rates.append(flops / best)
+    return rates[0], rates[1]
+
+
+def floors(rows: int, cols: int, inverse: bool, gemm: float, cholesky: float) -> tuple[float, float]:
+    """Seconds the arithmetic of one solve takes at this machine's rates: the factorization (a Cholesky, n^3/3
+    multiply-adds, and, where the sweep needs the inverse's factor, a triangular inverse, n^3/3 more) and the
+    sweep's updates (rows x cols^2 / 2 multiply-adds, all in matrix products), nothing else."""
+    factorization = cols**3 / 3 / cholesky + (2 * cols**3 / 3 / gemm if inverse else 0.0)
+    return factorization, rows * cols**2 / gemm
+
+
+def integers_of(quantized) -> torch.Tensor:
+    return quantized.qweight if hasattr(quantized, "qweight") else quantized.codes.L
+
+
 def gptq_loss(weight, quantized, stats) -> float:
     """GPTQ's own objective, tr((W - Q) H (W - Q)^T)."""
     error = weight - quantized.dequantize()
@@ -92,17 +131,24 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="calibration tokens behind each Hessian")
     parser.add_argument("--only", choices=LINEARS, action="append", help="only these Linears")
     parser.add_argument("--threads", action="store_true", help="only the factorization's 1-thread vs all table")
+    parser.add_argument("--grid", choices=("int", "q4_k"), default="int",
+                        help="int: W4 g128 sym (compressed-tensors); q4_k: GGUF's Q4_K blocks")
+    parser.add_argument("--no-act-order", dest="act_order", action="store_false",
+                        help="visit the columns in order (with the integer grid: the reference's dynamic groups)")
     args = parser.parse_args()
     if args.threads:
         thread_table()
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPTQ W4 g128 sym act-order, "
-          f"Hessians of {args.tokens} random tokens")
-    header = ("| Linear | shape | factorization ref s | llmq s | ratio | column sweep ref s | llmq s | ratio "
+    gemm, cholesky = machine_rates()
+    inverse = args.grid == "int" and args.act_order  # groups re-fitted mid-sweep: the sweep needs U = R^-1
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPTQ onto {args.grid} "
+          f"{'with' if args.act_order else 'without'} act-order, Hessians of {args.tokens} random tokens; this "
+          f"machine: {gemm / 1e9:.0f} GFLOP/s in matrix products, {cholesky / 1e9:.0f} in Cholesky (float32)")
+    header = ("| Linear | shape | factorization ref s | llmq s | floor s | column sweep ref s | llmq s | floor s "
               "| integers equal | GPTQ loss llmq / ref |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    totals = {"ref": [0.0, 0.0], "llmq": [0.0, 0.0]}
+    totals: dict[str, list[float]] = {}
     hessians: dict[int, HessianCollector] = {}
     for seed, (name, (rows, cols)) in enumerate(LINEARS.items()):
         if args.only and name not in args.only:
@@ -110,22 +156,21 @@ def main() -> None:
         if cols not in hessians:
             hessians = {cols: hessian(cols, args.tokens, seed)}  # one at a time: down_proj's is 822 MB
         weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
-        ref_q, ref = solve(weight, hessians[cols], reference=True)
-        ours_q, ours = solve(weight, hessians[cols], reference=False)
-        equal = (ref_q.qweight == ours_q.qweight).float().mean().item()
+        ref_q, ref = solve(weight, hessians[cols], True, args.grid, args.act_order)
+        ours_q, ours = solve(weight, hessians[cols], False, args.grid, args.act_order)
+        floor_f, floor_s = floors(rows, cols, inverse, gemm, cholesky)
+        equal = (integers_of(ref_q) == integers_of(ours_q)).float().mean().item()
         loss_ratio = gptq_loss(weight, ours_q, hessians[cols]) / gptq_loss(weight, ref_q, hessians[cols])
         f_ref, f_ours = ref.get("factorization", 0.0), ours.get("factorization", 0.0)
         s_ref, s_ours = ref.get("column sweep", 0.0), ours.get("column sweep", 0.0)
-        totals["ref"][0] += f_ref
-        totals["ref"][1] += s_ref
-        totals["llmq"][0] += f_ours
-        totals["llmq"][1] += s_ours
-        print(f"| {name} | {rows}x{cols} | {f_ref:.2f} | {f_ours:.2f} | {f_ref / f_ours:.2f}x | {s_ref:.2f} | "
-              f"{s_ours:.2f} | {s_ref / s_ours:.2f}x | {equal:.5f} | {loss_ratio:.4f} |", flush=True)
+        for key, values in (("ref", (f_ref, s_ref)), ("llmq", (f_ours, s_ours)), ("floor", (floor_f, floor_s))):
+            totals[key] = [a + b for a, b in zip(totals.get(key, [0.0, 0.0]), values)]
+        print(f"| {name} | {rows}x{cols} | {f_ref:.2f} | {f_ours:.2f} | {floor_f:.2f} | {s_ref:.2f} | "
+              f"{s_ours:.2f} | {floor_s:.2f} | {equal:.5f} | {loss_ratio:.4f} |", flush=True)
         del ref_q, ours_q, weight
-    (fr, sr), (fo, so) = totals["ref"], totals["llmq"]
-    if fo and so:
-        print(f"| all | one layer | {fr:.1f} | {fo:.1f} | {fr / fo:.2f}x | {sr:.1f} | {so:.1f} | {sr / so:.2f}x | | |")
+    (fr, sr), (fo, so), (ff, sf) = totals["ref"], totals["llmq"], totals["floor"]
+    print(f"| all | one layer | {fr:.1f} | {fo:.1f} | {ff:.1f} | {sr:.1f} | {so:.1f} | {sf:.1f} | | |")
+    print("(each Linear factorizes here; in a run q/k/v and gate/up share one factorization)")
 
 
 if __name__ == "__main__":

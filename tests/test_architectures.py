@@ -216,6 +216,7 @@ def test_moe_checkpoints_name_experts_as_the_hub_does(model_type, matrix):
     # the summary's share of the decoder's matrix weights stored quantized: all but the routers where experts are
     # written per expert; GPT-OSS's fused experts stay in bfloat16 and its run says so (llmq/calib/coverage.py)
     fraction = summaries[(model_type, "gptq")].quantized_fraction
+    print(f"{model_type}: {fraction:.2%} of the decoder's matrix weights stored quantized")  # pytest -s shows it
     assert fraction >= 0.95 if model_type in EXPERT_TENSOR else fraction < 0.5, (model_type, fraction)
 
 

@@ -264,3 +264,30 @@ def test_parts_sharing_a_hessian_share_one_factorization(monkeypatch):
     together = [gptq.GPTQ(MethodOptions()).quantize(w, shared, grid).dequantize() for w in parts]
     assert len(calls) == 1
     assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
+def test_parts_on_grids_needing_either_factor_share_a_hessian():
+    """A group's parts may sit on grids of both kinds: the integer grid re-fitted in an act-order sweep needs the
+    inverse's factor U, a GGUF block grid runs on R itself. Whichever comes first, each part comes out as alone."""
+    from gguf import GGMLQuantizationType as T
+
+    from llmq.core.config import MethodOptions
+    from llmq.methods import gptq
+    from llmq.methods.grids.integer import IntegerGrid
+    from llmq.methods.grids.kquant import KQuantGrid
+
+    x = correlated_inputs(features=256)
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(2))
+    grids = [IntegerGrid(QuantScheme(4, 32, True), torch.float32), KQuantGrid(T.Q4_K)]
+
+    def collector():
+        stats = HessianCollector(256, torch.device("cpu"))
+        stats.add(x)
+        return stats
+
+    alone = [gptq.GPTQ(MethodOptions()).quantize(w, collector(), grid).dequantize() for grid in grids]
+    for ordered in (grids, grids[::-1]):
+        shared = collector()
+        together = [gptq.GPTQ(MethodOptions()).quantize(w, shared, grid).dequantize() for grid in ordered]
+        expected = alone if ordered is grids else alone[::-1]
+        assert all(torch.equal(a, b) for a, b in zip(expected, together))

@@ -55,8 +55,8 @@ def hessian_factor(hessian: torch.Tensor, damp: float, order: torch.Tensor | Non
     groups): elsewhere error_feedback_sweep runs on R itself (Chen et al., 2025: GPTQ is Babai's nearest-plane
     algorithm on that factor), with no inverse at all. R is one Cholesky factorization of H' with its rows and
     columns reversed: if J H' J = L L^T (J the reversal), then R = J L J. One matrix the size of H is alive
-    besides H (822 MB each for Llama-3-8B's down_proj): the reordered copy is made in one indexing step, damped
-    and factorized in place. LAPACK factorizes in place only a column-major matrix (a row-major one is copied
+    besides H (822 MB each for Llama-3-8B's down_proj): the reordered copy is gathered a chunk of rows at a
+    time, damped and factorized in place. LAPACK factorizes in place only a column-major matrix (a row-major one is copied
     first), so the symmetric copy is handed over transposed: the same matrix, in the storage LAPACK wants.
     """
     n = hessian.shape[0]
@@ -262,6 +262,9 @@ class GPTQ(Method):
         if scattered and inverse_key not in derived:  # refits read partial sums only U's form has (the sweep)
             with stage_clock("factorization"):
                 derived[inverse_key] = inverse_factor_(derived.pop(key))  # the group's other parts need the same
+        elif not scattered and key not in derived:  # another part of the group, on another grid, took U
+            with stage_clock("factorization"):
+                derived[key] = hessian_factor(H, opts.damp, order)
         factor = derived[inverse_key] if scattered else derived[key]
         if opts.act_order:
             W = W[:, order]
@@ -297,8 +300,6 @@ class GPTQ(Method):
             block, sub_block = aligned_block(block, size), math.gcd(SUB_BLOCK, size)
         with stage_clock("column sweep"):
             error_feedback_sweep(W, factor, block, round_column, sub_block, errors, None if scattered else original)
-        if not opts.act_order:
-            return fit.result(integers.T)
         for start in range(0, W.shape[1], 1024):  # back into the weight's column order, in W (spent): no new matrix
             columns = slice(start, start + 1024)
             W[:, columns] = integers[position_of[columns]].T
