@@ -11,6 +11,7 @@ bf16 at 32 layers); `--layers K` cuts the depth for quick runs (per-layer number
     python scripts/bench_scale.py --format gguf --type Q4_K_M     # the same into a GGUF file
     python scripts/bench_scale.py --device cuda --samples 128 --seqlen 2048
     python scripts/bench_scale.py --layers 2 --nproc 2                # 2 ranks (torchrun, gloo on the CPU)
+    python scripts/bench_scale.py --model-free                    # RTN W4 g128 without building the model
 
 Columns: per-layer seconds split into statistics (the forward passes that collect each group's Hessian),
 solve (GPTQ's factorization, column sweep and rounding), next inputs (the quantized layer run on every
@@ -118,6 +119,8 @@ def run_child(args) -> dict:
     if args.format == "gguf":
         options = dict(method=args.method, format="gguf", gguf_type=args.type, calib=options["calib"],
                        samples=args.samples, seqlen=args.seqlen, device=args.device, dtype=args.dtype)
+    if args.model_free:  # round-to-nearest from the safetensors, no model, no calibration
+        options = dict(model_free=True, bits=4, group_size=args.group_size, symmetric=True)
     sampler = RssByStage()
     started = time.perf_counter()
     with sampler:
@@ -138,6 +141,8 @@ def table_row(args, layers: int, r: dict) -> str:
     per_layer = [sum(r["stages"].get(s, 0.0) for s in names) / layers for names in STAGES.values()]
     what = (f"{args.method} W4 g{args.group_size} sym" if args.format == "compressed-tensors"
             else f"{args.method} GGUF {args.type}")
+    if args.model_free:
+        what, args.samples, args.seqlen = f"model-free RTN W4 g{args.group_size} sym", 0, 0
     gpu = f"{r['peak_gpu_gb']:.1f}" if "peak_gpu_gb" in r else "-"
     ranks = f", {args.nproc} ranks" if args.nproc > 1 else ""
     return (f"| {args.shape} x {layers} layers | {what} | {args.samples} x {args.seqlen} | {args.device} {args.dtype}{ranks} | "
@@ -161,6 +166,8 @@ def main() -> None:
                         help="what the layers compute in (float32 on CPUs without bf16 hardware: 4-5x faster)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="ranks (torch.distributed under torchrun; gloo on the CPU), each with cores/N threads")
+    parser.add_argument("--model-free", action="store_true",
+                        help="compressed-tensors round-to-nearest from the safetensors, no model built (llmq/model_free.py)")
     parser.add_argument("--keep", action="store_true", help="keep the quantized output")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

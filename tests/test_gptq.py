@@ -291,3 +291,21 @@ def test_parts_on_grids_needing_either_factor_share_a_hessian():
         together = [gptq.GPTQ(MethodOptions()).quantize(w, shared, grid).dequantize() for grid in ordered]
         expected = alone if ordered is grids else alone[::-1]
         assert all(torch.equal(a, b) for a, b in zip(expected, together))
+
+
+def test_a_wide_hessian_summed_in_tiles_is_the_whole_sum_and_symmetric():
+    """Inputs of 2048 features or more are summed in the lower triangle of 4 x 4 tiles (10/16 of the products)
+    and mirrored when the Hessian is read: it must equal 2 E[x x^T] and be exactly symmetric; importance (the
+    diagonal) is right before and after."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 50, 2050, generator=g)
+    collector = HessianCollector(2050, torch.device("cpu"))
+    collector.add(x)
+    collector.add(x[:1] * 2)
+    every = torch.cat([x, x[:1] * 2]).reshape(-1, 2050).double()
+    reference = 2 * every.T @ every / every.shape[0]
+    before = collector.importance()
+    H = collector.hessian()
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H.double(), reference, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(before, collector.importance()) and torch.allclose(2 * before.double(), reference.diagonal())
