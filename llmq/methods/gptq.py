@@ -137,11 +137,12 @@ SUB_BLOCK = 16  # columns rounded between two matrix-product updates of the rest
 
 
 def error_feedback_sweep(W: torch.Tensor, factor: torch.Tensor, block_size: int, round_column,
-                         sub_block: int = SUB_BLOCK, errors: torch.Tensor | None = None, original=None) -> None:
+                         sub_block: int = SUB_BLOCK, original=None) -> None:
     """GPTQ's loop over the columns of W (already in visiting order), in lazy blocks, updating W in place.
 
-    round_column(col, block, i) rounds column i of the current block (held as [columns, rows]; column col of W) and
-    returns its dequantized values q_col. Two forms of the same updates, by the factor given:
+    round_column(col, block, i, block_errors) rounds column i of the current block (held as [columns, rows]; column
+    col of W) and returns its dequantized values q_col; block_errors ([columns, rows]) holds the errors this block
+    pushed so far (rows 0..i-1), W every column as of the block's start. Two forms of the same updates, by the factor given:
     - `original` given (original(i1, i2): W's original columns i1..i2-1 as [columns, rows]) and `factor` R
       (hessian_factor): each column j is rounded from w_j + sum_{i<j} d_i R_ij / R_jj, where d_i is column i's
       original weights minus its rounded values (Babai's nearest-plane form: no inverse of the Hessian);
@@ -153,8 +154,7 @@ def error_feedback_sweep(W: torch.Tensor, factor: torch.Tensor, block_size: int,
     block in one matrix product, then beyond the block in one more; the block is held transposed so that a
     column is contiguous in memory. Equal to the reference loop to float rounding (tests/test_gptq.py). A
     dynamic group must start at a sub-block (sub_block divides the group size): its refit reads columns that
-    only then are up to date. `errors` ([columns, rows], optional) receives each column's pushed error as the
-    sweep makes it, so round_column may read the errors of every column visited before it.
+    only then are up to date.
     """
     cols = W.shape[1]
     babai = original is not None
@@ -163,14 +163,14 @@ def error_feedback_sweep(W: torch.Tensor, factor: torch.Tensor, block_size: int,
         i2 = min(i1 + block_size, cols)
         block = W[:, i1:i2].T.contiguous()  # [columns, rows]
         before = original(i1, i2) if babai else block
-        block_errors = torch.empty_like(block) if errors is None else errors[i1:i2]
+        block_errors = torch.empty_like(block)
         # this block's rows of the update matrix, from column i1 on: U, or -R D^-1 (D = diag R)
         F = factor[i1:i2, i1:].mul(minus_reciprocal[i1:]) if babai else factor[i1:i2, i1:]
         diagonal = None if babai else F.diagonal().tolist()  # U_ii, as numbers: no tensor indexing per column
         for j1 in range(0, i2 - i1, sub_block):
             j2 = min(j1 + sub_block, i2 - i1)
             for i in range(j1, j2):
-                err = torch.sub(before[i], round_column(i1 + i, block, i), out=block_errors[i])
+                err = torch.sub(before[i], round_column(i1 + i, block, i, block_errors), out=block_errors[i])
                 if not babai:
                     err.div_(diagonal[i])
                 block[i + 1 : j2].addr_(F[i, i + 1 : j2], err, alpha=-1)
@@ -202,20 +202,18 @@ def reference_factor(hessian: torch.Tensor, damp: float, order: torch.Tensor | N
 
 
 def reference_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, round_column,
-                    sub_block: int | None = None, errors: torch.Tensor | None = None, original=None) -> None:
+                    sub_block: int | None = None, original=None) -> None:
     """The loop of the reference gptq.py on its factor U (reference_factor): the error of column i,
     (w_i - q_i) / U_ii, pushed onto the rest of the block by a rank-1 update per column, on W's strided columns,
-    and beyond the block once per block. `errors` receives those errors; `original` is not needed."""
+    and beyond the block once per block; round_column as error_feedback_sweep's (`original` is not needed)."""
     for i1 in range(0, W.shape[1], block_size):
         i2 = min(i1 + block_size, W.shape[1])
         block, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         block_errors = torch.zeros_like(block)
         for i in range(i2 - i1):
-            err = (block[:, i] - round_column(i1 + i, block.T, i)) / Hinv1[i, i]
+            err = (block[:, i] - round_column(i1 + i, block.T, i, block_errors.T)) / Hinv1[i, i]
             block[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
             block_errors[:, i] = err
-            if errors is not None:
-                errors[i1 + i] = err
         W[:, i2:] -= block_errors.matmul(Hinv[i1:i2, i2:])
 
 
@@ -271,35 +269,33 @@ class GPTQ(Method):
         integers = W.new_empty(W.shape[1], W.shape[0])  # by visiting position: [columns, rows]
         column_at = order.tolist()  # visiting position -> column (a list: no device sync per column)
         position_of = torch.argsort(order)  # column of the weight -> visiting position
-        errors = None
-        if scattered:
-            errors = W.new_empty(W.shape[1], W.shape[0])  # the sweep's error per visiting position
-            fitted = set()  # groups met so far
+        fitted = set()  # groups met so far (scattered)
 
         def original(i1: int, i2: int) -> torch.Tensor:
             """Visiting positions i1..i2-1 of the dead-zeroed original weights, [columns, rows]."""
             columns = order[i1:i2]
             return weight[:, columns].float().masked_fill_(dead[columns], 0).T.contiguous()
 
-        def round_column(position: int, block: torch.Tensor, i: int) -> torch.Tensor:
+        def round_column(position: int, block: torch.Tensor, i: int, block_errors: torch.Tensor) -> torch.Tensor:
             column = column_at[position]
             if in_order and position % size == 0:  # the group's columns, all in this block, as GPTQ has made them
                 fit.refit(position, group_as_reached(block[i : i + size].T, original(position, position + size).T,
                                                      factor, position))
             elif scattered and (group := column // size) not in fitted:
-                # the group's columns are scattered over the sweep, some not yet updated in place (lazy blocks):
-                # as GPTQ has made them so far, each is its original minus every visited column's error times U
+                # the group's columns are scattered over the sweep. As GPTQ has made them so far, each is its original
+                # minus every visited column's error times U: W holds that for the columns visited before this block
+                # (the lazy sweep updates W once per block), so only this block's errors so far are to take off
                 fitted.add(group)
-                columns = slice(group * size, (group + 1) * size)
-                original_columns = weight[:, columns].float().masked_fill(dead[columns], 0)
-                fit.refit(group * size, original_columns - errors[:position].T @ factor[:position, position_of[columns]])
+                start = position - i
+                positions = position_of[group * size : (group + 1) * size]
+                fit.refit(group * size, W[:, positions] - block_errors[:i].T @ factor[start:position, positions])
             return fit.round_column(block[i], column, integers[position])
 
         block, sub_block = opts.block_size, SUB_BLOCK
         if in_order:  # a group starts a block's sub-block: the reference's dynamic groups
             block, sub_block = aligned_block(block, size), math.gcd(SUB_BLOCK, size)
         with stage_clock("column sweep"):
-            error_feedback_sweep(W, factor, block, round_column, sub_block, errors, None if scattered else original)
+            error_feedback_sweep(W, factor, block, round_column, sub_block, None if scattered else original)
         for start in range(0, W.shape[1], 1024):  # back into the weight's column order, in W (spent): no new matrix
             columns = slice(start, start + 1024)
             W[:, columns] = integers[position_of[columns]].T
