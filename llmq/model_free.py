@@ -9,8 +9,9 @@ Which tensors are rounded is decided by name, as llmq's discovery would decide o
 `*.weight` inside a numbered decoder layer (`*.layers.N.*`, `*.h.N.*`, `*.blocks.N.*`), except routers
 (`*.gate.weight`, `*router*`) and the modules --ignore names (llmq/core/config.py's is_ignored, as on the
 model-class path, against the checkpoint's names). Embeddings, the head and norms stay as they are and
-unquantized Linears are listed in the config's `ignore`, as the model-class path writes them. The group size and the symmetric grid for experts are decided by
-the model-class path's own rule (compressed_tensors.fitted_scheme, --strict-groups included).
+unquantized Linears are listed in the config's `ignore`, as the model-class path writes them. The group size
+and the symmetric grid for experts are decided by the model-class path's own rule
+(compressed_tensors.fitted_scheme, --strict-groups included).
 
 The files are the model-class path's, byte for byte, on the models both can run (tests/test_model_free.py;
 llmq/targets/shards.py lays a shard's tensors out in name order whatever order they come in). Beyond one 5 GB

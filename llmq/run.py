@@ -134,7 +134,7 @@ def default_out(model: str | None, config: QuantizeConfig) -> str:
 
 def without_ignored(linears: dict, patterns: tuple[str, ...]) -> dict:
     """The Linears --ignore does not name; says how many it leaves unquantized, and which pattern names none."""
-    if not patterns:
+    if not patterns or not linears:
         return linears
     ignored = [name for name in linears if is_ignored(name, patterns)]
     for pattern in patterns:
@@ -142,7 +142,8 @@ def without_ignored(linears: dict, patterns: tuple[str, ...]) -> dict:
             log.info(f"llmq: --ignore {pattern} names no Linear of this model (they are named like {next(iter(linears))})")
     if ignored:
         log.info(f"llmq: --ignore leaves {len(ignored)} Linears unquantized (first: {ignored[0]})")
-    return {name: linear for name, linear in linears.items() if name not in ignored}
+    kept = set(linears) - set(ignored)
+    return {name: linear for name, linear in linears.items() if name in kept}
 
 
 def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None = None,

@@ -14,6 +14,7 @@ products and Cholesky): what is left above them is Python, memory traffic and th
     python scripts/bench_gptq_sweep.py --only q_proj   # one Linear
     python scripts/bench_gptq_sweep.py --grid q4_k     # onto GGUF's Q4_K blocks (no inverse: Babai's form)
     python scripts/bench_gptq_sweep.py --no-act-order  # the integer grid's dynamic groups (no inverse either)
+    python scripts/bench_gptq_sweep.py --floor         # one layer's FLOP-rate floor at this machine's rates
     python scripts/bench_gptq_sweep.py --threads       # llmq's factorization on 1 thread vs all, by size: where
                                                        # llmq/core/device.py's SMALL_MATRIX threshold comes from
 """
@@ -116,6 +117,20 @@ def floors(rows: int, cols: int, inverse: bool, gemm: float, cholesky: float) ->
     return factorization, rows * cols**2 / gemm
 
 
+def layer_floor(gemm: float, cholesky: float) -> None:
+    """The arithmetic of one Llama-3-8B layer's GPTQ solve at these rates, with and without the inverse's factor."""
+    print(f"this machine: {gemm / 1e9:.0f} GFLOP/s in float32 matrix products, {cholesky / 1e9:.0f} in Cholesky")
+    print("| route | factorization floor s/layer | sweep floor s/layer | solve floor s/layer |")
+    print("|---|---|---|---|")
+    for route, inverse in (("act-order, groups fitted in the sweep (needs U)", True), ("R only (Babai)", False)):
+        factor = sweep = 0.0
+        for name, (rows, cols) in LINEARS.items():
+            f, w = floors(rows, cols, inverse, gemm, cholesky)
+            factor += 0.0 if name in ("k_proj", "v_proj", "up_proj") else f  # they share q's and gate's factor
+            sweep += w
+        print(f"| {route} | {factor:.1f} | {sweep:.1f} | {factor + sweep:.1f} |")
+
+
 def integers_of(quantized) -> torch.Tensor:
     return quantized.qweight if hasattr(quantized, "qweight") else quantized.codes.L
 
@@ -135,11 +150,17 @@ def main() -> None:
                         help="int: W4 g128 sym (compressed-tensors); q4_k: GGUF's Q4_K blocks")
     parser.add_argument("--no-act-order", dest="act_order", action="store_false",
                         help="visit the columns in order (with the integer grid: the reference's dynamic groups)")
+    parser.add_argument("--floor", action="store_true",
+                        help="only the FLOP-rate floor of one decoder layer's solve (as a run makes it: q/k/v and "
+                             "gate/up share one factorization), from this machine's measured rates; seconds")
     args = parser.parse_args()
     if args.threads:
         thread_table()
         return
     gemm, cholesky = machine_rates()
+    if args.floor:
+        layer_floor(gemm, cholesky)
+        return
     inverse = args.grid == "int" and args.act_order  # groups re-fitted mid-sweep: the sweep needs U = R^-1
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPTQ onto {args.grid} "
           f"{'with' if args.act_order else 'without'} act-order, Hessians of {args.tokens} random tokens; this "

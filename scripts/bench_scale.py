@@ -182,6 +182,12 @@ def main() -> None:
     layers = args.layers or FULL_DEPTH[args.shape]
     model = write_checkpoint(args.work / f"llama-{args.shape}-{layers}l", args.shape, layers)
     out = args.work / (f"out-{args.shape}-{layers}l" + (f"-{args.type}.gguf" if args.format == "gguf" else ""))
+    # a bench measures a whole run: checkpoints an interrupted run left would be restored instead of quantized
+    from llmq.calib.resume import resume_directory
+
+    if resume_directory(out).exists():
+        print(f"removing {resume_directory(out)} (an earlier run's checkpoints)", file=sys.stderr)
+        subprocess.run(["rm", "-rf", str(resume_directory(out))], check=True)
     # the child does not take --nproc: under torchrun, its argparse would read it as its own --nproc-per-node
     passed = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc") and sys.argv[i] != "--nproc"]
     command = [sys.executable, __file__, "--child", "--model", str(model), "--out", str(out), *passed]

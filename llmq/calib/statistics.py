@@ -123,8 +123,7 @@ class HessianCollector(RangeCollector):
         exact_bf16 = x.dtype == torch.bfloat16 and x.device.type == "cpu"
         with _exact_bf16_products() if exact_bf16 else contextlib.nullcontext():
             xf = x.float()
-            bounds = self._tiles()
-            for i, (a, b) in enumerate(bounds):  # the lower triangle of tiles only: hessian() mirrors it
+            for a, b in self._tiles():  # the lower triangle of tiles only: hessian() mirrors it
                 self.sum_xxt[a:, a:b].addmm_(xf[:, a:].T, xf[:, a:b])
 
     def _tiles(self) -> list[tuple[int, int]]:

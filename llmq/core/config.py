@@ -67,8 +67,8 @@ def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
     """Whether --ignore names this module: a pattern is a module name (`lm_head`, or a trailing part of one:
     `mlp.down_proj` names every layer's), or `re:` and a regular expression matched from the start of the full
     name (llm-compressor's convention: `re:.*self_attn.*`)."""
-    return any(re.match(pattern[3:], name) if pattern.startswith("re:") else name == pattern
-               or name.endswith("." + pattern) for pattern in patterns)
+    return any(re.match(pattern[3:], name) if pattern.startswith("re:")
+               else (name == pattern or name.endswith("." + pattern)) for pattern in patterns)
 
 
 @dataclass
@@ -161,9 +161,9 @@ class QuantizeConfig:
                             "below 1 (e.g. 1e-4)")
         if method.group_fit not in GROUP_FITS:
             raise LlmqError(f"--group-fit {method.group_fit} is unknown; use one of {', '.join(GROUP_FITS)}")
-        for pattern in self.target.ignore:
+        for pattern in (p for p in self.target.ignore if p.startswith("re:")):
             try:
-                re.compile(pattern[3:] if pattern.startswith("re:") else "")
+                re.compile(pattern[3:])
             except re.error as error:
                 raise LlmqError(f"--ignore {pattern!r} is not a regular expression ({error}); write re:EXPRESSION "
                                 "or a module name such as mlp.down_proj") from None

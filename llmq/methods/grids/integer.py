@@ -110,11 +110,8 @@ class IntegerFit(GridFit):
         self.group_size = grid.scheme.group_size_for(weight.shape[1])
         self.scale, self.zero = group_qparams(weight, grid.scheme, grid.scale_dtype, mse=grid.mse)
         self.refit_group_size = None if grid.scheme.group_size == -1 else self.group_size
-        self._by_group = self._transposed()
-
-    def _transposed(self):
-        """(scale, zero) as [groups, rows]: a group's parameters contiguous, for round_column."""
-        return self.scale.T.contiguous(), None if self.zero is None else self.zero.T.contiguous()
+        # (scale, zero) as [groups, rows]: a group's parameters contiguous, for round_column
+        self._by_group = (self.scale.T.contiguous(), None if self.zero is None else self.zero.T.contiguous())
 
     def _parameters(self, columns: torch.Tensor):
         groups = columns // self.group_size
@@ -150,12 +147,10 @@ class IntegerFit(GridFit):
     def refit(self, column: int, w: torch.Tensor) -> None:
         """Dynamic groups (GPTQ without act-order): parameters from the weights as updated so far."""
         s, z = group_qparams(w, self.grid.scheme, self.grid.scale_dtype, mse=self.grid.mse)
-        self.scale[:, column // self.group_size] = s[:, 0]
+        group = column // self.group_size
+        self.scale[:, group] = self._by_group[0][group] = s[:, 0]
         if self.zero is not None:
-            self.zero[:, column // self.group_size] = z[:, 0]
-        self._by_group[0][column // self.group_size] = s[:, 0]
-        if self.zero is not None:
-            self._by_group[1][column // self.group_size] = z[:, 0]
+            self.zero[:, group] = self._by_group[1][group] = z[:, 0]
 
     def result(self, integers: torch.Tensor) -> QuantizedTensor:
         return to_quantized_tensor(integers, self.scale, self.zero, self.grid.scheme, self.grid.scale_dtype)
