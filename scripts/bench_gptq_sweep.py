@@ -95,11 +95,14 @@ def thread_table(sizes=(576, 1536, 4096, 8192)) -> None:
 
 
 def machine_rates() -> tuple[float, float]:
-    """This machine's float32 rates, flop/s: a 4096-square matrix product and a 4096-row Cholesky (best of 3)."""
+    """This machine's float32 rates, flop/s (best of 3): a 4096-square matrix product and an 8192-row Cholesky
+    (LAPACK's rate still climbs with the size: 4096 rows understate it by a third here)."""
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-    spd = a @ a.T + 4096 * torch.eye(4096)
+    x = torch.randn(8192, 8192)
+    spd = x @ x.T + 8192 * torch.eye(8192)
+    del x
     rates = []
-    for work, flops in ((lambda: torch.mm(a, b), 2 * 4096**3), (lambda: torch.linalg.cholesky(spd), 4096**3 / 3)):
+    for work, flops in ((lambda: torch.mm(a, b), 2 * 4096**3), (lambda: torch.linalg.cholesky(spd), 8192**3 / 3)):
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()
@@ -111,9 +114,9 @@ def machine_rates() -> tuple[float, float]:
 
 def floors(rows: int, cols: int, inverse: bool, gemm: float, cholesky: float) -> tuple[float, float]:
     """Seconds the arithmetic of one solve takes at this machine's rates: the factorization (a Cholesky, n^3/3
-    multiply-adds, and, where the sweep needs the inverse's factor, a triangular inverse, n^3/3 more) and the
+    flops, and, where the sweep needs the inverse's factor, a triangular inverse, n^3/3 flops more) and the
     sweep's updates (rows x cols^2 / 2 multiply-adds, all in matrix products), nothing else."""
-    factorization = cols**3 / 3 / cholesky + (2 * cols**3 / 3 / gemm if inverse else 0.0)
+    factorization = cols**3 / 3 / cholesky + (cols**3 / 3 / gemm if inverse else 0.0)  # n^3/3 flops each
     return factorization, rows * cols**2 / gemm
 
 
