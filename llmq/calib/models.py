@@ -147,8 +147,7 @@ def _convert_embedded(dtype: torch.dtype, directory: str):
         packed, loading = AutoModelForCausalLM.from_pretrained(
             directory, gguf_file=_EMBEDDED_GGUF, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
             trust_remote_code=False, output_loading_info=True)
-        if loading.get("missing_keys"):  # a damaged tensor name: transformers would start that weight from noise
-            raise ValueError(f"it holds no {sorted(loading['missing_keys'])[0]}")
+        check_loading_info(_EMBEDDED_GGUF, loading)  # a damaged tensor name would leave a weight random
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=_EMBEDDED_GGUF, trust_remote_code=False)
     except Exception as error:  # gguf-py and transformers raise many kinds on a damaged file: all mean the same
         raise LlmqError(f"the embedded model's GGUF file cannot be read ({reason(error)}); reinstall it: "
