@@ -131,7 +131,8 @@ def _quantize_parser(sub) -> None:
                              "trailing part (lm_head, mlp.down_proj), or re:EXPRESSION matched from the start of the "
                              "full name (re:.*layers\\.0\\..*); they are listed in the config's ignore")
     target.add_argument("--type", dest="gguf_type", default=TargetOptions.gguf_type,
-                        help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, F16, BF16, F32 "
+                        help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
+                             "IQ4_NL, IQ4_XS, MXFP4_MOE, F16, BF16, F32 "
                              "(default Q4_K_M); TQ1_0 or TQ2_0 (default) with --method bitnet")
 
     run = p.add_argument_group("run")

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 
 from llmq.core.interfaces import Grid, GridFit
 from llmq.core.records import record
-from llmq.methods.grids.blocks import Codes, block_type
+from llmq.methods.grids.blocks import Codes, block_type, level_table
 from llmq.methods.grids.kquant_search import encode, grid_of
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
@@ -104,7 +104,8 @@ class FloatGrid(Grid):
 
 
 class KQuantGrid(Grid):
-    """One GGUF block type (Q2_K..Q6_K, Q4_0..Q8_0, TQ1_0/TQ2_0); its fit is llmq's block search."""
+    """One GGUF block type (Q2_K..Q6_K, Q4_0..Q8_0, TQ1_0/TQ2_0, IQ4_NL/IQ4_XS/MXFP4); its fit is llmq's block
+    search."""
 
     weighted = True
 
@@ -112,7 +113,8 @@ class KQuantGrid(Grid):
         self.qtype = qtype
 
     def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> KQuantFit:
-        return KQuantFit(self.qtype, weight, importance)
+        fit = LevelFit if block_type(self.qtype).levels is not None else KQuantFit
+        return fit(self.qtype, weight, importance)
 
     def mismatch(self, quantized) -> str | None:
         if not isinstance(quantized, BlockTensor) or quantized.qtype != self.qtype:
@@ -180,3 +182,32 @@ class KQuantFit(GridFit):
     def result(self, integers: torch.Tensor) -> BlockTensor:
         codes = replace(self.codes, L=narrow_integers(integers.to("cpu")).reshape(-1, self.block.block_size))
         return BlockTensor(self.qtype, codes, self.shape)
+
+
+class LevelFit(KQuantFit):
+    """A codebook type's (IQ4_NL, IQ4_XS, MXFP4) block scales from the search; a weight is rounded to the nearest
+    level of w / scale on its sub-block (w = scale * levels[L]), with the encoder's own arithmetic."""
+
+    def __init__(self, qtype: T, weight: torch.Tensor, importance: torch.Tensor | None):
+        super().__init__(qtype, weight, importance)
+        table = level_table(self.block)
+        self.table = replace(table, **{name: getattr(table, name).to(self.device)
+                                       for name in ("values", "sorted_values", "code_of_sorted", "bounds")})
+
+    def position(self, w, columns):
+        """w in units of its sub-block's scale (the levels' axis, not the codes')."""
+        scale, _ = self._parameters(columns)
+        return w * self._inverse(scale)
+
+    def round(self, w, columns):
+        return self.table.nearest(self.position(w, columns)).float()
+
+    def value(self, q, columns):
+        scale, _ = self._parameters(columns)
+        return scale * self.table.values.index_select(0, q.long().reshape(-1)).reshape(q.shape)
+
+    def round_column(self, w, column, integers):
+        sub = column // self.block.sub_size
+        index = self.table.index(w * self._by_sub_block[1][sub])
+        integers.copy_(self.table.code(index))
+        return self._by_sub_block[0][sub] * self.table.level(index)

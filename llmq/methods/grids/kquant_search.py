@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 from llmq.methods.grids.blocks import QK_K, BlockType, Codes, block_type, fp16
+from llmq.methods.grids.levels_search import encode_iq4_nl, encode_iq4_xs, encode_mxfp4, round_to_levels
 
 _INF = float("inf")
 
@@ -318,6 +319,9 @@ def _with_integers(cls: type[BlockType], codes: Codes, x: torch.Tensor) -> Codes
     scale, minimum = cls.grid(codes)
     nb = x.shape[0]
     xs = x.reshape(nb, -1, cls.sub_size)
+    if cls.levels is not None:
+        codes.L = round_to_levels(cls, xs, scale).reshape(nb, cls.block_size)
+        return codes
     codes.L = round_to_grid(xs, scale, minimum, cls.zero, cls.qmax).reshape(nb, cls.block_size).to(torch.int32)
     return codes
 
@@ -335,6 +339,9 @@ _ENCODERS = {
     T.Q8_0: _via_gguf_py,
     T.TQ1_0: _via_gguf_py,
     T.TQ2_0: _via_gguf_py,
+    T.IQ4_NL: encode_iq4_nl,
+    T.IQ4_XS: encode_iq4_xs,
+    T.MXFP4: encode_mxfp4,
 }
 
 QUANTIZED_TYPES = tuple(_ENCODERS)

@@ -3,7 +3,9 @@
 The rules follow llama.cpp's src/llama-quant.cpp (llama_tensor_get_type): a default type per mixture, more
 bits for attn_v / ffn_down in chosen layers, Q6_K (or Q8_0) for the output matrix and for tied embeddings, and
 a fallback to a 32-wide type when a row length is not a multiple of 256 (Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0, Q4_K
--> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when not even 32 divides it).
+-> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; F16 when not even 32 divides it). IQ4_NL / IQ4_XS give
+attn_v Q5_K under grouped-query attention (4+ query heads per KV head) and, without an importance matrix, the
+first eighth of ffn_down Q5_K; MXFP4_MOE puts routed experts in MXFP4 and every other matrix in Q8_0.
 Mixture-of-experts files: expert tensors (ffn_*_exps, 3-D) and shared experts (ffn_*_shexp) follow the rule of
 their projection by layer; routers (ffn_gate_inp) are never quantized; models with exactly 8 experts (the
 Mixtral case) get Q8_0 attn_k / attn_v and a Q5_K attn_output in the low mixtures.
@@ -45,6 +47,12 @@ MIXTURES = {m.name: m for m in [
     Mixture("Q6_K", T.Q6_K, LlamaFileType.MOSTLY_Q6_K),
     Mixture("Q8_0", T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     Mixture("Q4_0", T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    Mixture("Q4_1", T.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    Mixture("Q5_0", T.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    Mixture("Q5_1", T.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    Mixture("IQ4_NL", T.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
+    Mixture("IQ4_XS", T.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
+    Mixture("MXFP4_MOE", T.MXFP4, LlamaFileType.MOSTLY_MXFP4_MOE),  # MXFP4 experts, Q8_0 for everything else
     Mixture("TQ1_0", T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0),  # ternary (BitNet b1.58) weights only
     Mixture("TQ2_0", T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
     Mixture("F16", T.F16, LlamaFileType.MOSTLY_F16),
@@ -53,7 +61,7 @@ MIXTURES = {m.name: m for m in [
 ]}
 
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.TQ1_0: T.Q4_0,
-             T.TQ2_0: T.Q4_0}
+             T.TQ2_0: T.Q4_0, T.IQ4_XS: T.IQ4_NL}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -89,13 +97,15 @@ def _mixture_type(mix: str, qtype: T, name: str, n_layers: int, n_gqa: int, tied
     layer = int(layer_match.group(1)) if layer_match else -1
     kind = _kind(name) if layer_match else name.removesuffix(".weight")
     if kind == "output" or (tied and kind == "token_embd"):
-        return T.Q8_0 if qtype == T.Q8_0 else T.Q6_K  # the row-length check happens in the caller
+        return T.Q8_0 if qtype in (T.Q8_0, T.MXFP4) else T.Q6_K  # the row-length check happens in the caller
+    if mix == "MXFP4_MOE":  # routed experts (3-D) in MXFP4, as GPT-OSS ships them; every other matrix Q8_0
+        return T.MXFP4 if name.endswith("_exps.weight") else T.Q8_0
     if kind == "token_embd" and mix in ("TQ1_0", "TQ2_0"):
         return T.Q4_K
     if n_expert == 8 and kind in ("attn_v", "attn_qkv", "attn_kv_b", "attn_k"):
         return T.Q8_0  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
     if n_expert == 8 and kind == "attn_output":
-        return T.Q5_K if mix in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else qtype
+        return T.Q5_K if mix in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS") else qtype
     if kind in ("attn_v", "attn_qkv", "attn_kv_b"):
         if mix == "Q2_K":
             return T.Q4_K if n_gqa >= 4 else T.Q3_K
@@ -106,6 +116,8 @@ def _mixture_type(mix: str, qtype: T, name: str, n_layers: int, n_gqa: int, tied
         if mix in ("Q4_K_M", "Q5_K_M") and _use_more_bits(v_index, n_layers):
             return T.Q6_K
         if mix == "Q4_K_S" and v_index < 4:
+            return T.Q5_K
+        if mix in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
             return T.Q5_K
         return qtype
     if kind == "ffn_down":
@@ -119,8 +131,10 @@ def _mixture_type(mix: str, qtype: T, name: str, n_layers: int, n_gqa: int, tied
             return T.Q6_K
         if mix == "Q4_K_S" and layer < n_layers // 8:
             return T.Q5_K
-        if mix == "Q4_0" and has_imatrix and layer < n_layers // 8:
-            return T.Q4_1
+        if mix in ("IQ4_NL", "IQ4_XS") and not has_imatrix and layer < n_layers // 8:
+            return T.Q5_K
+        if mix in ("Q4_0", "Q5_0") and has_imatrix and layer < n_layers // 8:  # llama.cpp: Q4_0/Q5_0 "go crazy" there
+            return T.Q4_1 if mix == "Q4_0" else T.Q5_1
         return qtype
     if kind == "attn_output":
         return {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(mix, qtype)
