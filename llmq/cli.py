@@ -130,6 +130,12 @@ def _quantize_parser(sub) -> None:
                         help="leave these Linears unquantized (compressed-tensors; repeatable): a module name or its "
                              "trailing part (lm_head, mlp.down_proj), or re:EXPRESSION matched from the start of the "
                              "full name (re:.*layers\\.0\\..*); they are listed in the config's ignore")
+    target.add_argument("--imatrix", default=TargetOptions.imatrix, metavar="FILE",
+                        help="GGUF: weigh the rounding by llama.cpp's importance matrix FILE (llama-imatrix's GGUF or "
+                             "legacy .dat) instead of calibrating here (round-to-nearest only)")
+    target.add_argument("--save-imatrix", default=TargetOptions.save_imatrix, metavar="FILE",
+                        help="GGUF: also write this run's activation statistics as llama.cpp's importance matrix "
+                             "(GGUF; legacy format when FILE ends in .dat), for llama-quantize --imatrix")
     target.add_argument("--type", dest="gguf_type", default=TargetOptions.gguf_type,
                         help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
                              "IQ4_NL, IQ4_XS, MXFP4_MOE, F16, BF16, F32 "

@@ -109,6 +109,10 @@ def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
         if unused:
             raise LlmqError(f"{', '.join(unused)} apply to --method bitnet only; drop them")
     target = build_target(config, method)
+    imatrix_flags = config.changed("target", "imatrix", "save_imatrix")
+    if imatrix_flags and target.name != "gguf":
+        raise LlmqError(f"{', '.join(imatrix_flags)} read or write llama.cpp's importance matrix: they apply to "
+                        "--format gguf only")
     scheme = config.scheme
     if config.method.tune_steps and (target.name != "compressed-tensors" or scheme.weight_type != "int"
                                      or scheme.act_bits is not None):
@@ -218,6 +222,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             checkpoints = LayerCheckpoints.open(out, fingerprint, len(hf_model.get_submodule(layout.layers)))
         with checkpoints.guard() if checkpoints is not None else contextlib.nullcontext():
             inputs, calibration = None, notes or "none (round-to-nearest needs no data)"
+            if config.target.imatrix is not None:
+                calibration = f"importance matrix {Path(config.target.imatrix).name} (read, not collected)"
             samples = None
             if calibrated:
                 with stage_clock("calibration inputs"):
@@ -235,7 +241,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             teacher = frozen_teacher(hf_model) if config.method.tune_steps else None
             quantized = quantize_layers(hf_model, layout, method, plan, inputs, device, target.search_scheme,
                                         on_layer=lambda report: errors.append(report.relative_weight_error),
-                                        experts=experts, checkpoints=checkpoints)
+                                        experts=experts, checkpoints=checkpoints,
+                                        statistics=getattr(plan, "statistics", None))
             if experts.fell_back:
                 calibration += (f"; {experts.fell_back} of {experts.experts} expert Linear groups were routed fewer than "
                                 f"{experts.min_tokens} calibration tokens and were calibrated on every token instead")
@@ -250,7 +257,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
             report = RunReport(out, model_id, method.name, calibration, size_before, time.perf_counter() - started,
                                device.type, str(storage_dtype).removeprefix("torch."), error,
                                None if samples is None else hashlib.sha256(samples.numpy().tobytes()).hexdigest(),
-                               recipe_model(model), base_license(model))
+                               recipe_model(model), base_license(model),
+                               None if samples is None else tuple(samples.shape))
             target.report = report  # what the output's recipe (llmq.json) records
             size_after = 0
             if ranks.is_main():

@@ -190,8 +190,10 @@ def _solve_parts(method: Method, parts: list[Part], weights: list[torch.Tensor],
 
 
 def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: Method, plan: Plan, inputs,
-                    device, experts: ExpertPolicy) -> tuple[dict[str, Quantized], float, float]:
-    """Quantize one group of Linears sharing an input; returns ({full name: quantized weight}, error sums)."""
+                    device, experts: ExpertPolicy,
+                    statistics: dict | None = None) -> tuple[dict[str, Quantized], float, float]:
+    """Quantize one group of Linears sharing an input; returns ({full name: quantized weight}, error sums). With
+    `statistics`, each Linear's input importance (mean x² per channel) and token count go into it."""
     names = group.linears
     linears = dict(zip((f"{prefix}.{name}" for name in names), (layer.get_submodule(name) for name in names)))
     first = next(iter(linears.values()))
@@ -208,6 +210,9 @@ def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: M
                 experts.fell_back += 1
                 stats = new_collector(statistic, first.in_features, device, method.options.sink_weight, histogram)
                 _collect(layer, first, inputs, stats, True)
+    if statistics is not None and stats is not None and stats.importance() is not None:
+        importance = stats.importance().float().cpu()
+        statistics.update({name: (importance, float(stats.tokens)) for name in linears})
     weight = torch.cat([linear.weight for linear in linears.values()]).float()
     part_rows = [sum(linears[name].out_features for name in part.linears) for part in parts]
     weights = list(weight.split(part_rows))  # views: each part's rows
@@ -243,6 +248,7 @@ def quantize_layers(
     on_layer: Callable[[LayerReport], None] | None = None,
     experts: ExpertPolicy | None = None,
     checkpoints: LayerCheckpoints | None = None,
+    statistics: dict[str, tuple[torch.Tensor, float]] | None = None,
 ) -> dict[str, Quantized]:
     """Quantize every discovered Linear in place (weights replaced by their dequantized values).
 
@@ -250,7 +256,8 @@ def quantize_layers(
     With `checkpoints`, layers an interrupted run finished are restored instead of quantized again, and each
     layer is checkpointed when done (llmq/calib/resume.py). A lazy model (llmq/calib/lazy.py) reads each layer
     when it is reached and lets go of its quantized weights once checkpointed: the results are then read back
-    from the checkpoints, a layer at a time, when the target writes them.
+    from the checkpoints, a layer at a time, when the target writes them. With `statistics` (a dict), every
+    calibrated Linear's input importance and token count go into it (checkpointed too: --save-imatrix).
     """
     if method.needs_data and inputs is None:
         raise ValueError(f"method {method.name} needs calibration inputs")
@@ -262,7 +269,7 @@ def quantize_layers(
     results: dict[str, Quantized] = {}
     with stage_clock("checkpoints"):
         start = _restore_finished_layers(layers, layout, plan, inputs, checkpoints, results, experts, on_layer,
-                                         keep_results=weights is None)
+                                         keep_results=weights is None, statistics=statistics)
     for index in log.progress(range(start, len(layers)), desc=f"{method.name} layers", unit="layer",
                               initial=start, total=len(layers)):
         if weights is not None:
@@ -277,8 +284,10 @@ def quantize_layers(
         err_num = err_den = 0.0
         prefix = f"{layout.layers}.{index}"
         layer_results, fell_back, seen = {}, experts.fell_back, experts.experts
+        layer_statistics = None if statistics is None else {}
         for group in layer_map.groups:
-            parts, num, den = _quantize_group(layer, prefix, group, method, plan, inputs, device, experts)
+            parts, num, den = _quantize_group(layer, prefix, group, method, plan, inputs, device, experts,
+                                              layer_statistics)
             layer_results.update(parts)
             err_num, err_den = err_num + num, err_den + den
         next_layer = inputs is not None and index < len(layers) - 1
@@ -292,7 +301,9 @@ def quantize_layers(
             with stage_clock("checkpoints"):
                 counts = {"experts": experts.experts - seen, "experts_fell_back": experts.fell_back - fell_back}
                 _save_layer(checkpoints, index, layer, prefix, layer_results, report, counts,
-                            [item.hidden for item in inputs] if next_layer else None)
+                            [item.hidden for item in inputs] if next_layer else None, layer_statistics)
+        if statistics is not None:
+            statistics.update(layer_statistics)
         if weights is None:
             results.update(layer_results)
         else:  # only the small tensors stay (norms AWQ folded into): the writer reads them from the model
@@ -351,18 +362,20 @@ class CheckpointedResults(Mapping):
 
 
 def _save_layer(checkpoints: LayerCheckpoints, index: int, layer: nn.Module, prefix: str,
-                layer_results: dict[str, Quantized], report: LayerReport, counts: dict, next_inputs) -> None:
+                layer_results: dict[str, Quantized], report: LayerReport, counts: dict, next_inputs,
+                statistics: dict | None = None) -> None:
     """Checkpoint a finished layer: its quantized weights, every other tensor it holds (norms AWQ folded into),
     its report and the next layer's inputs."""
     quantized_weights = {f"{name.removeprefix(prefix + '.')}.weight" for name in layer_results}
     others = {name: t for name, t in layer.state_dict().items() if name not in quantized_weights}
     checkpoints.save_layer(index, others, layer_results,
-                           {"relative_weight_error": report.relative_weight_error, **counts}, next_inputs)
+                           {"relative_weight_error": report.relative_weight_error, **counts}, next_inputs, statistics)
 
 
 def _restore_finished_layers(layers: nn.ModuleList, layout: DecoderLayout, plan: Plan, inputs: list[LayerInput] | None,
                              checkpoints: LayerCheckpoints | None, results: dict[str, Quantized],
-                             experts: ExpertPolicy, on_layer, keep_results: bool) -> int:
+                             experts: ExpertPolicy, on_layer, keep_results: bool,
+                             statistics: dict | None = None) -> int:
     """Put back the layers an interrupted run finished, as it left them; returns the first layer left to do.
     Without `keep_results` (a lazy model) only their small tensors are put back, and their results stay on disk.
     A layer quantized onto another grid than this run's plan (a checkpoint copied from another run) is not
@@ -393,6 +406,8 @@ def _restore_finished_layers(layers: nn.ModuleList, layout: DecoderLayout, plan:
             results.update(layer_results)
         experts.experts += report["experts"]
         experts.fell_back += report["experts_fell_back"]
+        if statistics is not None:
+            statistics.update(checkpoints.load_statistics(index))
         if on_layer is not None:
             on_layer(LayerReport(index, report["relative_weight_error"]))
     if inputs is not None and start < len(layers):

@@ -30,6 +30,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llmq.calib.models import EMBEDDED_DEFAULT, embedded_gguf
@@ -226,6 +227,8 @@ class LayerCheckpoints:
         current = f"layer-{index:05d}"
         try:
             problem = _layer_damage(*self.load_layer(index))
+            if problem is None and any(not all_finite(t) for t, _ in self.load_statistics(index).values()):
+                problem = "its input statistics hold NaN or Inf"
         except Exception as error:  # safetensors, JSON, records: every way a damaged file fails to read
             return f"{current}: {reason(error)}"
         return f"{current}: {problem}" if problem else None
@@ -288,8 +291,10 @@ class LayerCheckpoints:
         return count
 
     def save_layer(self, index: int, others: dict[str, torch.Tensor], results: dict[str, Quantized], report: dict,
-                   next_inputs: list[torch.Tensor] | None) -> None:
-        """Layer `index` is done: its non-quantized tensors, quantized weights, report, and the next layer's inputs.
+                   next_inputs: list[torch.Tensor] | None,
+                   statistics: dict[str, tuple[torch.Tensor, float]] | None = None) -> None:
+        """Layer `index` is done: its non-quantized tensors, quantized weights, report, the next layer's inputs and
+        (when kept, for --save-imatrix) its Linears' input statistics.
         The inputs of this layer stay until the next one is done too: a run whose last layer's checkpoint is damaged,
         or whose ranks finished different layers, continues from the one before."""
         with _writing(self.directory, index):
@@ -298,8 +303,11 @@ class LayerCheckpoints:
                     {f"batch.{i}": hidden.to("cpu").contiguous() for i, hidden in enumerate(next_inputs)}, p))
             tensors = {f"layer.{name}": value.to("cpu").contiguous().clone() for name, value in others.items()}
             described = {name: flatten(value, f"quantized.{name}", tensors) for name, value in results.items()}
+            for name, (importance, _) in (statistics or {}).items():
+                tensors[f"statistics.{name}"] = importance.to("cpu").contiguous().clone()
             _replace_file(self.directory / f"layer-{index:05d}.safetensors", lambda p: save_file(tensors, p))
-            meta = {"others": sorted(others), "quantized": described, "report": report}
+            meta = {"others": sorted(others), "quantized": described, "report": report,
+                    "statistics": {name: tokens for name, (_, tokens) in (statistics or {}).items()}}
             _replace_file(self.directory / f"layer-{index:05d}.json", lambda p: p.write_text(json.dumps(meta)))
         (self.directory / f"inputs-{index - 1:05d}.safetensors").unlink(missing_ok=True)  # no longer needed
 
@@ -309,6 +317,14 @@ class LayerCheckpoints:
         others = {name: tensors[f"layer.{name}"] for name in meta["others"]}
         results = {name: unflatten(description, tensors) for name, description in meta["quantized"].items()}
         return others, results, meta["report"]
+
+    def load_statistics(self, index: int) -> dict[str, tuple[torch.Tensor, float]]:
+        """The input statistics layer `index` kept ({} for a checkpoint that kept none)."""
+        meta = json.loads((self.directory / f"layer-{index:05d}.json").read_text())
+        if not meta.get("statistics"):
+            return {}
+        with safe_open(self.directory / f"layer-{index:05d}.safetensors", "pt") as f:
+            return {name: (f.get_tensor(f"statistics.{name}"), tokens) for name, tokens in meta["statistics"].items()}
 
     def quantized_names(self, index: int) -> list[str]:
         """The Linears layer `index` quantized (full names), without reading its tensors."""

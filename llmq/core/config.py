@@ -58,6 +58,8 @@ class TargetOptions:
     gguf_type: str | None = None  # the GGUF mixture; None: Q4_K_M, or TQ2_0 for ternary methods
     strict_groups: bool = False  # refuse a Linear the group size does not divide (default: a smaller group for it)
     ignore: tuple[str, ...] = ()  # Linears left unquantized (compressed-tensors): names, or "re:" expressions
+    imatrix: str | None = None  # GGUF: llama.cpp's importance matrix file, read instead of calibrating
+    save_imatrix: str | None = None  # GGUF: write the run's activation statistics as llama.cpp's imatrix file
 
     def __post_init__(self):
         self.ignore = tuple(self.ignore or ())  # from a recipe's JSON list, or an unset CLI flag

@@ -45,6 +45,7 @@ class RunReport:
     calibration_sha256: str | None = None  # of the calibration windows' token ids; None when no data was used
     model: str | None = None  # the MODEL argument a recipe repeats: a hub id; None for the embedded default or a path
     license: str | None = None  # the base model's license (its card's), inherited by the output's card when known
+    windows: tuple[int, int] | None = None  # calibration windows x tokens per window; None when no data was used
 
 
 @dataclass

@@ -109,12 +109,13 @@ class KQuantGrid(Grid):
 
     weighted = True
 
-    def __init__(self, qtype: T):
-        self.qtype = qtype
+    def __init__(self, qtype: T, importance: torch.Tensor | None = None):
+        """`importance`: the input importance to weigh the fit by when the method brings none (an imatrix file's)."""
+        self.qtype, self.importance = qtype, importance
 
     def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> KQuantFit:
         fit = LevelFit if block_type(self.qtype).levels is not None else KQuantFit
-        return fit(self.qtype, weight, importance)
+        return fit(self.qtype, weight, importance if importance is not None else self.importance)
 
     def mismatch(self, quantized) -> str | None:
         if not isinstance(quantized, BlockTensor) or quantized.qtype != self.qtype:

@@ -26,8 +26,9 @@ from llmq.core.scheme import QuantScheme
 from llmq.methods.grids.kquant import FLOAT_TYPES, BlockTensor, FloatGrid, FloatTensor, KQuantGrid
 from llmq.methods.grids.kquant_search import QUANTIZED_TYPES, encode_bytes
 from llmq.methods.grids.ternary import ProjectedGrid, TernaryGrid, ternary_scheme
-from llmq.targets.atomic import OutputKind, atomic_output_file
+from llmq.targets.atomic import OutputKind, atomic_output_file, check_output
 from llmq.targets.base import RunReport, Stage, Target
+from llmq.targets.gguf.imatrix import Imatrix, imatrix_entries, read_imatrix, write_imatrix
 from llmq.targets.gguf.mixtures import get_mixture, plan_types
 from llmq.targets.gguf.writer import (
     EncodedTensor,
@@ -35,6 +36,7 @@ from llmq.targets.gguf.writer import (
     assemble_tensors,
     encode_float,
     expert_count,
+    expert_slot,
     exported_tensors,
     gguf_arch,
     gguf_names,
@@ -50,6 +52,12 @@ _SEARCH_BITS = {T.Q2_K: 2, T.Q3_K: 3, T.Q4_K: 4, T.Q5_K: 4, T.Q4_0: 4, T.Q6_K: 8
 TQ_BLOCK = 256  # weights per TQ1_0 / TQ2_0 block: one scale each
 
 
+def _slot(linear: str) -> int | None:
+    """An expert Linear's index among its layer's experts (its row of an imatrix's expert tensor), else None."""
+    slot = expert_slot(f"{linear}.weight")
+    return None if slot is None else slot[1]
+
+
 def permute_rows(config, gguf_name: str, data):
     """Rows of an encoded tensor in the order llama.cpp's graph wants (rows are whole blocks, so this is exact)."""
     perm = row_permutation(config, gguf_name, data.shape[0])
@@ -57,17 +65,22 @@ def permute_rows(config, gguf_name: str, data):
 
 
 class GGUFPlan:
-    """Every parameter's GGUF name and type, and the grid of each decoder Linear (one part per Linear)."""
+    """Every parameter's GGUF name and type, and the grid of each decoder Linear (one part per Linear).
+    `importance`: Linear name -> its input importance read from an imatrix file (--imatrix); `statistics`: a dict
+    the harness fills with each Linear's calibration statistics when they are to be saved (--save-imatrix)."""
 
-    def __init__(self, names: dict[str, str], types: dict[str, T], grid_for_type):
+    def __init__(self, names: dict[str, str], types: dict[str, T], grid_for_type,
+                 importance: dict[str, torch.Tensor] | None = None, save_statistics: bool = False):
         self.names, self.types, self._grid_for_type = names, types, grid_for_type
+        self.importance = importance or {}
+        self.statistics: dict[str, tuple[torch.Tensor, float]] | None = {} if save_statistics else None
 
     def type_of(self, module: str) -> T:
         return self.types[self.names[f"{module}.weight"]]
 
     def __call__(self, linears: list[str]) -> list[Part]:
         # each Linear its own part: q, k and v may get different types
-        return [Part((name,), self._grid_for_type(self.type_of(name))) for name in linears]
+        return [Part((name,), self._grid_for_type(self.type_of(name), self.importance.get(name))) for name in linears]
 
 
 def tensor_plan(model, mixture, has_imatrix: bool) -> tuple[dict[str, str], dict[str, T]]:
@@ -134,9 +147,12 @@ class GGUFTarget(Target):
         self.mixture = get_mixture(config.target.gguf_type or ("TQ2_0" if method.ternary else "Q4_K_M"))
         # ternary weights are held exactly (no weighting to do); a k-quant search weighs by the imatrix
         self.weighted = not self.mixture.ternary
+        self.imatrix: Imatrix | None = None  # --imatrix, read by check()
+        self._imported: dict[str, torch.Tensor | None] = {}  # its importance per Linear, matched by check_model()
 
     def check(self) -> None:
         mixture, method, options = self.mixture, self.method, self.config.method
+        self._check_imatrix_flags()
         if self.config.target.ignore:
             raise LlmqError("--ignore leaves Linears unquantized in compressed-tensors outputs; a GGUF file's tensor "
                             "types come from its --type mixture: drop --ignore or use --format compressed-tensors")
@@ -166,6 +182,25 @@ class GGUFTarget(Target):
             raise LlmqError(f"--method {method.name} cannot write GGUF {mixture.name}: its search needs an integer grid "
                             "and that type has none; use a quantized --type such as Q4_K_M")
 
+    def _check_imatrix_flags(self) -> None:
+        read, save, method = self.config.target.imatrix, self.config.target.save_imatrix, self.method
+        if read is not None:
+            if method.name != "rtn":
+                raise LlmqError(f"--imatrix weighs round-to-nearest by llama.cpp's statistics; --method {method.name} "
+                                "needs the calibration inputs themselves: pass --calib FILE instead of --imatrix")
+            if self.config.run.calib is not None:
+                raise LlmqError("--imatrix and --calib both give the rounding its statistics; pass one of them")
+            if save is not None:
+                raise LlmqError("--save-imatrix writes the statistics this run collects, and with --imatrix it "
+                                "collects none; drop --save-imatrix (the file you pass already is one)")
+            self.imatrix = read_imatrix(read)
+        if save is not None:
+            if method.name not in ("rtn", "gptq"):
+                raise LlmqError(f"--save-imatrix keeps the statistics of the model's own inputs; --method "
+                                f"{method.name} transforms them first. Use --method rtn or gptq with --save-imatrix")
+            if method.name == "rtn" and self.config.run.calib is None:
+                raise LlmqError("--save-imatrix writes the statistics a calibrated run collects: add --calib FILE")
+
     @property
     def search_scheme(self) -> QuantScheme | None:
         bits = _SEARCH_BITS.get(self.mixture.default)
@@ -173,7 +208,14 @@ class GGUFTarget(Target):
 
     def check_model(self, model, linears) -> None:
         gguf_arch(language_config(model.config))
-        gguf_names(model)  # every tensor has a llama.cpp name, or a one-line error now
+        names = gguf_names(model)  # every tensor has a llama.cpp name, or a one-line error now
+        if self.imatrix is not None:  # every entry fits its Linear, or a one-line error now
+            self._imported = {name: self.imatrix.importance(names[f"{name}.weight"], _slot(name), linear.in_features)
+                              for name, linear in linears.items()}
+            missing = [name for name, importance in self._imported.items() if importance is None]
+            if missing:
+                log.info(f"llmq: --imatrix has no entry for {len(missing)} of {len(linears)} Linears (first: "
+                         f"{names[missing[0] + '.weight']}); they are rounded without importance, as llama-quantize does")
         if self.method.ternary:
             scheme = ternary_scheme(self.config)
             for name, linear in linears.items():
@@ -187,6 +229,12 @@ class GGUFTarget(Target):
         if out.suffix != ".gguf":
             raise LlmqError(f"--format gguf writes one file; name it *.gguf (not --out {out})")
         super().check_output(out, overwrite, inputs)
+        save = self.config.target.save_imatrix
+        if save is not None:
+            if Path(save).resolve() == out.resolve():
+                raise LlmqError(f"--save-imatrix {save} is the --out file; give the importance matrix its own name "
+                                "(model.imatrix.gguf)")
+            check_output(Path(save), overwrite, OutputKind(directory=False), inputs)
 
     @contextlib.contextmanager
     def staging(self, out: Path, overwrite: bool):
@@ -195,14 +243,15 @@ class GGUFTarget(Target):
             yield Stage(tmp, lambda name: stage / name)
 
     def plan(self, model, linears, storage_dtype: torch.dtype, calibrated: bool) -> GGUFPlan:
-        names, types = tensor_plan(model, self.mixture, has_imatrix=calibrated)
+        names, types = tensor_plan(model, self.mixture, has_imatrix=calibrated or self.imatrix is not None)
         ternary = TernaryGrid(ternary_scheme(self.config), storage_dtype) if self.method.ternary else None
 
-        def grid_for_type(qtype: T) -> Grid:
-            grid = FloatGrid(qtype) if qtype in FLOAT_TYPES else KQuantGrid(qtype)
+        def grid_for_type(qtype: T, importance: torch.Tensor | None = None) -> Grid:
+            grid = FloatGrid(qtype) if qtype in FLOAT_TYPES else KQuantGrid(qtype, importance)
             return grid if ternary is None else ProjectedGrid(ternary, grid)
 
-        return GGUFPlan(names, types, grid_for_type)
+        imported = {name: importance for name, importance in self._imported.items() if importance is not None}
+        return GGUFPlan(names, types, grid_for_type, imported, self.config.target.save_imatrix is not None)
 
     def write(self, path, model, tokenizer, plan: GGUFPlan, quantized, report: RunReport) -> int:
         left_out = [name for name, _ in model.named_parameters() if name not in plan.names]
@@ -215,11 +264,25 @@ class GGUFTarget(Target):
             tensors = encode_tensors(model, plan.names, plan.types, quantized, spill)
             # general.name is the model's own name: llama.cpp switches tokenizer rules on names (one containing
             # "phi3" expects Phi-3's special tokens), so an output file's name must not leak into it
-            return write_gguf(path, model, tokenizer, tensors, self.mixture.file_type,
+            size = write_gguf(path, model, tokenizer, tensors, self.mixture.file_type,
                               name=report.base_model.rstrip("/").rpartition("/")[2],
                               recipe=json.dumps(self.recipe_fields(report)))
         finally:
             spill.remove()
+        if plan.statistics is not None:
+            self._save_imatrix(plan, report)
+        return size
+
+    def _save_imatrix(self, plan: GGUFPlan, report: RunReport) -> None:
+        """--save-imatrix: the statistics the harness collected, in llama.cpp's layout (written complete, then renamed)."""
+        save = Path(self.config.target.save_imatrix)
+        entries = imatrix_entries(plan.statistics, plan.names, expert_slot)
+        if not entries:
+            raise LlmqError(f"--save-imatrix: this run collected no input statistics to write ({report.calibration})")
+        windows, tokens = report.windows or (0, 0)
+        write_imatrix(save, entries, report.calibration, windows, tokens)
+        log.info(f"llmq: wrote {save}: llama.cpp importance matrix of {len(entries)} tensors "
+                 f"({'legacy .dat' if save.suffix == '.dat' else 'GGUF'}), for llama-quantize --imatrix")
 
     def describe(self) -> str:
         return f"GGUF {self.mixture.name}"
