@@ -46,7 +46,7 @@ from llmq.core import log
 from llmq.core.errors import LlmqError
 from llmq.eval.llamacpp import llamacpp_perplexity, llamacpp_quantize_tensor
 from llmq.methods.grids.kquant_search import QUANTIZED_TYPES, encode_bytes
-from llmq.targets.gguf.mixtures import get_mixture
+from llmq.targets.gguf.mixtures import IMATRIX_MIXTURES, get_mixture
 from llmq.targets.gguf.target import tensor_plan
 
 CALIB = DATA / "wikitext2_valid_calib.txt"
@@ -128,6 +128,15 @@ def speed(reference: Path) -> None:
         print(f"| {name} | {weights / 1e6:.1f} M | {ours / weights * 1e9:.0f} | {theirs / weights * 1e9:.0f} |")
 
 
+def _not_applicable(mixture: str, encoder: str) -> str | None:
+    """Why an encoder cannot make a mixture (llama.cpp's and llmq's own refusals), or None."""
+    if mixture in IMATRIX_MIXTURES and encoder in ("llama.cpp", "llmq"):
+        return "needs an importance matrix"
+    if mixture.startswith(("IQ2", "IQ3")) and encoder == "llmq GPTQ":
+        return "GPTQ does not round onto the lattice types yet"
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", default=["Q6_K", "Q4_K_M", "Q3_K_M", "Q4_0"])
@@ -179,10 +188,17 @@ def main() -> None:
     for mixture in args.types:
         for encoder in args.encoders:
             path = out_dir / f"{mixture}-{encoder.replace(' ', '-').replace('.', '')}.gguf"
+            why_not = _not_applicable(mixture, encoder)
+            if why_not:
+                print(json.dumps({"row": encoder, "mixture": mixture, "skipped": why_not}), flush=True)
+                continue
             started = time.perf_counter()
             if encoder == "llama.cpp":
                 tools.quantize(f32, path, mixture)
             elif encoder == "llama.cpp imatrix":
+                if imatrix is None and (out_dir / "imatrix-llamacpp.gguf").exists():
+                    imatrix = out_dir / "imatrix-llamacpp.gguf"  # an earlier invocation's (delete it to redo it)
+                    print(json.dumps({"imatrix": str(imatrix), "reused": True}), flush=True)
                 if imatrix is None:
                     imatrix = out_dir / "imatrix-llamacpp.gguf"
                     partial = out_dir / "imatrix-llamacpp.partial.gguf"  # llama-imatrix saves as it goes

@@ -15,18 +15,20 @@ from llmq import QuantizeConfig, quantize
 from llmq.core.errors import LlmqError
 from llmq.methods.grids.blocks import BLOCK_TYPES, decode_tensor
 from llmq.methods.grids.kquant_search import encode_bytes
-from llmq.targets.gguf.mixtures import MIXTURES, get_mixture
+from llmq.targets.gguf.mixtures import IMATRIX_MIXTURES, MIXTURES, get_mixture
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the llama.cpp client these tests need")
 from llmq.eval.llamacpp import llamacpp_quantize_file, llamacpp_quantize_tensor, open_llama
 
 ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.IQ4_XS,
              T.MXFP4]
-TERNARY = [T.TQ1_0, T.TQ2_0]  # for BitNet weights: encoded with gguf-py's (= llama.cpp's) absmax rule
+TERNARY = [T.TQ1_0, T.TQ2_0]
+LATTICE = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S]  # codebook entries of 8 or 4 weights
+NEEDS_IMPORTANCE = (T.IQ2_XXS, T.IQ2_XS)  # llama.cpp's quantizer aborts without an importance matrix  # for BitNet weights: encoded with gguf-py's (= llama.cpp's) absmax rule
 # relative error bounds for the test weights (measured values are ~20% below; a wrong layout decodes to ~1)
 BOUND = {T.Q2_K: 0.38, T.Q3_K: 0.26, T.Q4_K: 0.12, T.Q5_K: 0.06, T.Q6_K: 0.04, T.Q4_0: 0.19, T.Q4_1: 0.12,
          T.Q5_0: 0.09, T.Q5_1: 0.06, T.Q8_0: 0.012, T.TQ1_0: 0.95, T.TQ2_0: 0.95, T.IQ4_NL: 0.16, T.IQ4_XS: 0.16,
-         T.MXFP4: 0.2}
+         T.MXFP4: 0.2, T.IQ2_XXS: 0.65, T.IQ2_XS: 0.55, T.IQ2_S: 0.52, T.IQ3_XXS: 0.4, T.IQ3_S: 0.3}
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -40,7 +42,7 @@ def _weights(rows, cols, seed=0):
     return w
 
 
-@pytest.mark.parametrize("qtype", ALL_TYPES + TERNARY, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES + TERNARY + LATTICE, ids=lambda t: t.name)
 def test_our_bytes_decode_identically_in_gguf_py(qtype):
     w = _weights(48, 512, seed=int(qtype))
     importance = torch.rand(512, generator=torch.Generator().manual_seed(5)) ** 4 + 0.01
@@ -54,11 +56,15 @@ def test_our_bytes_decode_identically_in_gguf_py(qtype):
         assert rel < BOUND[qtype]
 
 
-@pytest.mark.parametrize("qtype", ALL_TYPES + TERNARY, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES + TERNARY + LATTICE, ids=lambda t: t.name)
 def test_llamacpp_bytes_decode_identically_in_llmq(qtype):
     w = _weights(32, 768, seed=3)
-    data = llamacpp_quantize_tensor(w.numpy(), qtype)
+    data = llamacpp_quantize_tensor(w.numpy(), qtype, np.ones(768, np.float32) if qtype in NEEDS_IMPORTANCE else None)
     assert _same_bits(decode_tensor(data, qtype, (32, 768)).numpy(), gguf_quants.dequantize(data, qtype))
+    if qtype in LATTICE:  # their codes read back into llmq's and packed again: the same bytes
+        cls = BLOCK_TYPES[qtype]
+        blocks = torch.from_numpy(data).reshape(-1, cls.type_size)
+        assert torch.equal(cls.pack(cls.unpack(blocks)), blocks)
 
 
 def _error(data, qtype, w, importance):
@@ -67,12 +73,12 @@ def _error(data, qtype, w, importance):
     return float((((decoded - w.numpy()) ** 2) * weight).sum())
 
 
-@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES + LATTICE, ids=lambda t: t.name)
 @pytest.mark.parametrize("shape", [(64, 256), (96, 1024), (16, 2560)])
 def test_reconstruction_no_worse_than_llamacpp_random(qtype, shape):
     w = _weights(*shape, seed=shape[1])
     importance = torch.rand(shape[1], generator=torch.Generator().manual_seed(6)) ** 4 + 0.01
-    for imp in (None, importance):
+    for imp in (importance,) if qtype in NEEDS_IMPORTANCE else (None, importance):
         ours = _error(encode_bytes(w, qtype, imp), qtype, w, imp)
         theirs = _error(llamacpp_quantize_tensor(w.numpy(), qtype, None if imp is None else imp.numpy()), qtype, w, imp)
         assert ours <= theirs, (qtype.name, imp is not None, ours / theirs)
@@ -106,16 +112,16 @@ def test_reconstruction_no_worse_than_llamacpp_on_reference_weights(reference_st
     for name, w in tensors.items():
         w = w.float()
         importance = w.new_tensor(np.random.default_rng(0).random(w.shape[1]) ** 4 + 0.01)
-        for qtype in ALL_TYPES:
+        for qtype in ALL_TYPES + LATTICE:
             if w.shape[1] % BLOCK_TYPES[qtype].block_size:
                 continue
-            for imp in (None, importance):
+            for imp in (importance,) if qtype in NEEDS_IMPORTANCE else (None, importance):
                 ours = _error(encode_bytes(w, qtype, imp), qtype, w, imp)
                 theirs = _error(llamacpp_quantize_tensor(w.numpy(), qtype, None if imp is None else imp.numpy()),
                                 qtype, w, imp)
                 ratios[(name, qtype.name, imp is not None)] = ours / theirs
     assert max(ratios.values()) <= 1.0, ratios
-    assert len(ratios) == 2 * (13 + 7)  # 576 wide: the 32-wide types only
+    assert len(ratios) == 2 * (13 + 5) - 2 + 2 * 7  # 576 wide: the 32-wide types only
 
 
 # ---- files -------------------------------------------------------------------------------------------------
@@ -141,13 +147,30 @@ def _types(path):
     return {t.name: t.tensor_type for t in GGUFReader(path).tensors}
 
 
+@pytest.fixture(scope="module")
+def mixture_imatrix(mixture_f32, tmp_path_factory):
+    """A random importance matrix for every matrix of the mixture model: (llmq's file, llama.cpp's entries)."""
+    from llmq.targets.gguf.imatrix import ImatrixEntry, write_imatrix
+
+    g = torch.Generator().manual_seed(11)
+    entries = {t.name: ImatrixEntry(torch.rand(1, int(t.shape[0]), generator=g) + 0.01, torch.ones(1))
+               for t in GGUFReader(mixture_f32).tensors if len(t.shape) == 2 and "token_embd" not in t.name}
+    path = tmp_path_factory.mktemp("imatrix") / "mixture.imatrix.gguf"
+    write_imatrix(path, entries, "random", 1, 1)
+    return path, {name: entry.sums.numpy() for name, entry in entries.items()}
+
+
 @pytest.mark.parametrize("mixture", [m for m in MIXTURES if m not in ("F16", "BF16", "F32")])
-def test_mixture_types_match_llama_quantize(mixture, mixture_model, mixture_f32, tmp_path):
+def test_mixture_types_match_llama_quantize(mixture, mixture_model, mixture_f32, mixture_imatrix, tmp_path):
+    """Every mixture, and with an importance matrix those that need one (llama.cpp's rules differ with one)."""
     ours = tmp_path / "llmq.gguf"
     method = "bitnet" if mixture.startswith("TQ") else "rtn"  # TQ types hold ternary weights only
-    quantize(str(mixture_model), ours, QuantizeConfig.of(method=method, format="gguf", gguf_type=mixture, device="cpu"))
+    with_imatrix = mixture in IMATRIX_MIXTURES
+    quantize(str(mixture_model), ours, QuantizeConfig.of(method=method, format="gguf", gguf_type=mixture, device="cpu",
+                                                         imatrix=str(mixture_imatrix[0]) if with_imatrix else None))
     theirs = tmp_path / "llamacpp.gguf"
-    llamacpp_quantize_file(mixture_f32, theirs, MIXTURES[mixture].file_type)
+    llamacpp_quantize_file(mixture_f32, theirs, MIXTURES[mixture].file_type,
+                           imatrix=mixture_imatrix[1] if with_imatrix else None)
     assert _types(ours) == _types(theirs)
     # llama.cpp's bytes of every type in the mixture decode in llmq exactly as in gguf-py (one tensor per type)
     first_of_type = {t.tensor_type: t for t in reversed(GGUFReader(theirs).tensors)}
@@ -285,11 +308,26 @@ def _dequantized_into(model, path) -> None:
         param.data = values
 
 
+def _random_imatrix(source, tmp_path) -> str:
+    """An importance matrix of random values for every matrix of the model at `source` (what the mixtures that
+    need one take here: the short test vocabulary cannot read calibration text)."""
+    from llmq.targets.gguf.imatrix import ImatrixEntry, write_imatrix
+
+    f32 = tmp_path / "for-imatrix.f32.gguf"
+    quantize(str(source), f32, QuantizeConfig.of(method="rtn", format="gguf", gguf_type="F32", device="cpu"))
+    g = torch.Generator().manual_seed(12)
+    entries = {t.name: ImatrixEntry(torch.rand(1, int(t.shape[0]), generator=g) + 0.01, torch.ones(1))
+               for t in GGUFReader(f32).tensors if len(t.shape) == 2}
+    write_imatrix(tmp_path / "random.imatrix.gguf", entries, "random", 1, 1)
+    return str(tmp_path / "random.imatrix.gguf")
+
+
 _WIDE = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256)  # rows a 256-wide block fits
 # every architecture in a k-quant and Q8_0; every other type llmq writes on one model (MXFP4_MOE on MoE models,
 # where its experts are MXFP4)
 _RUNS = ([(model_type, gguf_type, {}) for gguf_type in ("Q8_0", "Q4_K_M") for model_type in _ARCHS]
-         + [("llama", gguf_type, _WIDE) for gguf_type in ("Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS")]
+         + [("llama", gguf_type, _WIDE) for gguf_type in ("Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "IQ2_XXS",
+                                                           "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_S")]
          + [("qwen3_moe", "MXFP4_MOE", {}),
             # at gpt_oss's default test size (hidden 64, experts 128 wide) llama.cpp 0.3.36 computes MXFP4 experts
             # 23-33% off the weights' logits, for llama-quantize's own MXFP4_MOE file of the same weights too
@@ -306,7 +344,9 @@ def test_quantized_files_run_in_llamacpp_with_the_logits_of_their_weights(model_
     source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, model_type, **SHORT_VOCAB,
                              **_GGUF_SIZES.get(model_type, {}), **sizes)
     out = tmp_path / f"{model_type}.{gguf_type}.gguf"  # the file's name does not reach general.name
-    quantize(str(source), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type=gguf_type, device="cpu"))
+    imatrix = _random_imatrix(source, tmp_path) if gguf_type in IMATRIX_MIXTURES else None
+    quantize(str(source), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type=gguf_type, device="cpu",
+                                                 imatrix=imatrix))
     model = _load_float(source)
     ids = torch.randint(0, ARCH_VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -350,6 +390,14 @@ def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_pa
                                                                           device="cpu"))
     assert not (tmp_path / "x.gguf").exists()
     assert LlamaFileType.MOSTLY_Q4_K_M == MIXTURES["Q4_K_M"].file_type
+    # the mixtures llama.cpp makes only with an importance matrix, and GPTQ on the lattice types (a column at a time)
+    for options, message in [(dict(gguf_type="IQ2_XXS"), "only with an importance matrix"),
+                             (dict(gguf_type="IQ3_XS"), "only with an importance matrix"),
+                             (dict(gguf_type="IQ3_S", method="gptq"), "cannot write IQ3_S yet")]:
+        with pytest.raises(LlmqError, match=message) as refused:
+            quantize(str(tiny_llama_dir), tmp_path / "x.gguf", QuantizeConfig.of(format="gguf", device="cpu", **options))
+        assert "\n" not in str(refused.value)
+    assert not (tmp_path / "x.gguf").exists()
 
 
 @pytest.mark.parametrize(("model_type", "overrides", "message"), [

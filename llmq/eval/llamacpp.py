@@ -114,13 +114,23 @@ def llamacpp_quantize_tensor(weight: np.ndarray, qtype, importance: np.ndarray |
     return out
 
 
-def llamacpp_quantize_file(source, target, file_type: int, threads: int | None = None) -> None:
-    """llama-quantize: re-encode a GGUF file into a mixture (file_type: gguf.LlamaFileType)."""
+def llamacpp_quantize_file(source, target, file_type: int, threads: int | None = None,
+                           imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama-quantize: re-encode a GGUF file into a mixture (file_type: gguf.LlamaFileType); `imatrix`: GGUF
+    tensor name -> importance (mean x², every expert's row in one vector), as llama-quantize --imatrix passes it."""
     import ctypes
 
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)
     params.nthread = threads or _threads()
+    if imatrix:
+        arrays = {name: np.ascontiguousarray(values, dtype=np.float32).reshape(-1) for name, values in imatrix.items()}
+        entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()  # terminated by an empty entry
+        for entry, (name, values) in zip(entries, arrays.items()):
+            entry.name = name.encode()
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = values.size
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise LlmqError(f"llama.cpp could not quantize {source}")

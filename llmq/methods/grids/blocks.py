@@ -39,6 +39,7 @@ class Codes:
     sc: torch.Tensor | None = None  # [n, n_sub] integer sub-block scales (k-quants)
     dmin: torch.Tensor | None = None  # [n] super-scale of the mins (asymmetric k-quants) or the fp16 min (Q4_1/Q5_1)
     m: torch.Tensor | None = None  # [n, n_sub] integer sub-block mins (asymmetric k-quants)
+    signs: torch.Tensor | None = None  # [n, block_size / 8] sign masks, bit k set = weight k negative (lattice types)
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,9 @@ class BlockType:
     zero: int | None = None  # symmetric types: the integer that decodes to 0; None: asymmetric (scale * L - min)
     levels: tuple[int, ...] | None = None  # codebook types: w = scale * levels[L] (non-uniform; see LevelBlockType)
 
-    def __init_subclass__(cls, qtype: GGMLQuantizationType):
+    def __init_subclass__(cls, qtype: GGMLQuantizationType | None):
+        if qtype is None:  # a family's base class (lattice.LatticeBlockType), not a type of its own
+            return
         cls.qtype = qtype
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[qtype]
         BLOCK_TYPES[qtype] = cls
@@ -171,7 +174,7 @@ class LevelTable:
             units = self.bounds.double() * resolution
             if torch.equal(units, units.round()) and units.abs().max() < 4096:
                 lo, hi = int(units.min()), int(units.max())
-                steps = torch.arange(lo - 1, hi + 1, dtype=torch.float64)
+                steps = torch.arange(lo - 1, hi + 1, dtype=torch.float64, device=self.bounds.device)
                 object.__setattr__(self, "resolution", resolution)  # (a frozen dataclass)
                 object.__setattr__(self, "offset", 1 - lo)
                 object.__setattr__(self, "lookup", torch.bucketize(steps, units, right=True))
@@ -653,3 +656,6 @@ def decode_tensor(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
         raw = raw.copy()
     bytes_ = torch.from_numpy(raw).reshape(shape[0], -1)
     return block_type(qtype).decode(bytes_).reshape(shape)
+
+
+from llmq.methods.grids import lattice  # noqa: E402,F401  (registers the lattice i-quants; it builds on this module)

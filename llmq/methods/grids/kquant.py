@@ -22,6 +22,7 @@ from llmq.core.interfaces import Grid, GridFit
 from llmq.core.records import record
 from llmq.methods.grids.blocks import Codes, block_type, level_table
 from llmq.methods.grids.kquant_search import encode, grid_of
+from llmq.methods.grids.lattice import LATTICE_TYPES
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
@@ -30,12 +31,13 @@ record(T)  # a BlockTensor's block type, in checkpoints by name
 
 
 def narrow_integers(L: torch.Tensor) -> torch.Tensor:
-    """Block integers as uint8 (checked: a value outside 0..255 would wrap silently)."""
-    if L.dtype == torch.uint8:
+    """Block integers as uint8, or int16 for the lattice types' codebook indices (up to 1023); checked: a value
+    outside the narrow type would wrap silently."""
+    if L.dtype in (torch.uint8, torch.int16):
         return L
-    if L.numel() and (L.min() < 0 or L.max() > 255):
-        raise ValueError(f"block integers outside 0..255 ({L.min().item()}..{L.max().item()})")
-    return L.to(torch.uint8)
+    if L.numel() and (L.min() < 0 or L.max() > 1023):
+        raise ValueError(f"block integers outside 0..1023 ({L.min().item()}..{L.max().item()})")
+    return L.to(torch.uint8 if not L.numel() or L.max() <= 255 else torch.int16)
 
 
 @record
@@ -64,7 +66,7 @@ class BlockTensor:
         blocks = slice(rows.start * per_row, rows.stop * per_row)
         cut = lambda t: None if t is None else t[blocks].clone()
         codes = Codes(d=cut(self.codes.d), L=cut(self.codes.L), sc=cut(self.codes.sc), dmin=cut(self.codes.dmin),
-                      m=cut(self.codes.m))
+                      m=cut(self.codes.m), signs=cut(self.codes.signs))
         return BlockTensor(self.qtype, codes, (rows.stop - rows.start, self.shape[1]))
 
     def to_bytes(self) -> np.ndarray:
@@ -113,7 +115,9 @@ class KQuantGrid(Grid):
         """`importance`: the input importance to weigh the fit by when the method brings none (an imatrix file's)."""
         self.qtype, self.importance = qtype, importance
 
-    def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> KQuantFit:
+    def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> GridFit:
+        if self.qtype in LATTICE_TYPES:
+            return LatticeFit(self.qtype, weight, importance if importance is not None else self.importance)
         fit = LevelFit if block_type(self.qtype).levels is not None else KQuantFit
         return fit(self.qtype, weight, importance if importance is not None else self.importance)
 
@@ -212,3 +216,24 @@ class LevelFit(KQuantFit):
         index = self.table.index(w * self._by_sub_block[1][sub])
         integers.copy_(self.table.code(index))
         return self._by_sub_block[0][sub] * self.table.level(index)
+
+
+class LatticeFit(GridFit):
+    """A lattice i-quant's codes from its encoder (llmq/methods/grids/lattice_search.py). Its integers are codebook
+    entries of 8 or 4 weights, not one per weight: round-to-nearest takes them whole, and a method that rounds a
+    column at a time (GPTQ) has no column of its own to round, so it is refused before any work (GGUF target)."""
+
+    def __init__(self, qtype: T, weight: torch.Tensor, importance: torch.Tensor | None):
+        self.qtype, self.shape = qtype, tuple(weight.shape)
+        self.codes = encode(weight, qtype, None if importance is None else importance.cpu())
+
+    def nearest(self) -> torch.Tensor:
+        return self.codes.L.float()  # the codebook indices, [blocks, groups]: what result() takes back
+
+    def _per_column(self, *_):
+        raise NotImplementedError(f"{self.qtype.name} rounds groups of weights, not columns")
+
+    position = round = clamp = value = round_column = _per_column
+
+    def result(self, integers: torch.Tensor) -> BlockTensor:
+        return BlockTensor(self.qtype, replace(self.codes, L=integers.to("cpu", torch.int32)), self.shape)

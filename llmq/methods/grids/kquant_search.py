@@ -26,6 +26,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 from llmq.methods.grids.blocks import QK_K, BlockType, Codes, block_type, fp16
+from llmq.methods.grids.lattice import LATTICE_TYPES
+from llmq.methods.grids.lattice_search import encode_lattice
 from llmq.methods.grids.levels_search import encode_iq4_nl, encode_iq4_xs, encode_mxfp4, round_to_levels
 
 _INF = float("inf")
@@ -342,6 +344,7 @@ _ENCODERS = {
     T.IQ4_NL: encode_iq4_nl,
     T.IQ4_XS: encode_iq4_xs,
     T.MXFP4: encode_mxfp4,
+    **{qtype: encode_lattice for qtype in LATTICE_TYPES},
 }
 
 QUANTIZED_TYPES = tuple(_ENCODERS)
@@ -367,7 +370,7 @@ def encode(weight: torch.Tensor, qtype: T, importance: torch.Tensor | None = Non
 
 def _cat_codes(parts: list[Codes]) -> Codes:
     cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
-    return Codes(d=cat("d"), L=cat("L"), sc=cat("sc"), dmin=cat("dmin"), m=cat("m"))
+    return Codes(d=cat("d"), L=cat("L"), sc=cat("sc"), dmin=cat("dmin"), m=cat("m"), signs=cat("signs"))
 
 
 def encode_bytes(weight: torch.Tensor, qtype: T, importance: torch.Tensor | None = None) -> np.ndarray:

@@ -53,6 +53,14 @@ MIXTURES = {m.name: m for m in [
     Mixture("IQ4_NL", T.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
     Mixture("IQ4_XS", T.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
     Mixture("MXFP4_MOE", T.MXFP4, LlamaFileType.MOSTLY_MXFP4_MOE),  # MXFP4 experts, Q8_0 for everything else
+    Mixture("IQ2_XXS", T.IQ2_XXS, LlamaFileType.MOSTLY_IQ2_XXS),
+    Mixture("IQ2_XS", T.IQ2_XS, LlamaFileType.MOSTLY_IQ2_XS),
+    Mixture("IQ2_S", T.IQ2_XS, LlamaFileType.MOSTLY_IQ2_S),  # (llama.cpp's IQ2_S mixture is mostly IQ2_XS)
+    Mixture("IQ2_M", T.IQ2_S, LlamaFileType.MOSTLY_IQ2_M),
+    Mixture("IQ3_XXS", T.IQ3_XXS, LlamaFileType.MOSTLY_IQ3_XXS),
+    Mixture("IQ3_XS", T.IQ3_S, LlamaFileType.MOSTLY_IQ3_XS),
+    Mixture("IQ3_S", T.IQ3_S, LlamaFileType.MOSTLY_IQ3_S),
+    Mixture("IQ3_M", T.IQ3_S, LlamaFileType.MOSTLY_IQ3_M),
     Mixture("TQ1_0", T.TQ1_0, LlamaFileType.MOSTLY_TQ1_0),  # ternary (BitNet b1.58) weights only
     Mixture("TQ2_0", T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
     Mixture("F16", T.F16, LlamaFileType.MOSTLY_F16),
@@ -61,7 +69,14 @@ MIXTURES = {m.name: m for m in [
 ]}
 
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.TQ1_0: T.Q4_0,
-             T.TQ2_0: T.Q4_0, T.IQ4_XS: T.IQ4_NL}
+             T.TQ2_0: T.Q4_0, T.IQ4_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL,
+             T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL}
+# mixtures llama.cpp's rules take apart from the rest (its "low-bit" branch)
+_LOW_BIT = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")
+# types llama-quantize refuses to make without an importance matrix (tensor_requires_imatrix), and the mixtures
+# that put some decoder tensor in one of them
+NEEDS_IMATRIX = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS)
+IMATRIX_MIXTURES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -97,15 +112,22 @@ def _mixture_type(mix: str, qtype: T, name: str, n_layers: int, n_gqa: int, tied
     layer = int(layer_match.group(1)) if layer_match else -1
     kind = _kind(name) if layer_match else name.removesuffix(".weight")
     if kind == "output" or (tied and kind == "token_embd"):
+        if mix in _LOW_BIT + ("IQ3_XXS",):
+            return T.Q5_K
         return T.Q8_0 if qtype in (T.Q8_0, T.MXFP4) else T.Q6_K  # the row-length check happens in the caller
     if mix == "MXFP4_MOE":  # routed experts (3-D) in MXFP4, as GPT-OSS ships them; every other matrix Q8_0
         return T.MXFP4 if name.endswith("_exps.weight") else T.Q8_0
     if kind == "token_embd" and mix in ("TQ1_0", "TQ2_0"):
         return T.Q4_K
+    if kind == "token_embd":
+        return {"IQ2_XXS": T.Q2_K, "IQ2_XS": T.Q2_K, "IQ2_S": T.IQ3_S, "IQ2_M": T.IQ3_S, "IQ3_XXS": T.IQ3_S}.get(mix, qtype)
+    if mix in _LOW_BIT:
+        return _low_bit_type(mix, qtype, kind, layer, n_layers, n_gqa, n_expert)
     if n_expert == 8 and kind in ("attn_v", "attn_qkv", "attn_kv_b", "attn_k"):
         return T.Q8_0  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
     if n_expert == 8 and kind == "attn_output":
-        return T.Q5_K if mix in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS") else qtype
+        return T.Q5_K if mix in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS", "IQ3_XS",
+                                 "IQ3_XXS", "IQ3_S", "IQ3_M") else qtype
     if kind in ("attn_v", "attn_qkv", "attn_kv_b"):
         if mix == "Q2_K":
             return T.Q4_K if n_gqa >= 4 else T.Q3_K
@@ -119,7 +141,13 @@ def _mixture_type(mix: str, qtype: T, name: str, n_layers: int, n_gqa: int, tied
             return T.Q5_K
         if mix in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
             return T.Q5_K
+        if mix == "IQ3_XXS":
+            return T.Q4_K if n_gqa >= 4 else T.IQ3_XXS if has_imatrix else T.IQ3_S
+        if (mix in ("IQ3_XS", "IQ3_S") and n_gqa >= 4) or mix == "IQ3_M":
+            return T.Q4_K
         return qtype
+    if kind in ("attn_k", "attn_q") and mix in ("IQ3_XS", "IQ3_XXS"):
+        return T.IQ3_XXS if mix == "IQ3_XS" else T.IQ2_S
     if kind == "ffn_down":
         if mix == "Q2_K":
             return T.Q3_K
@@ -135,9 +163,31 @@ def _mixture_type(mix: str, qtype: T, name: str, n_layers: int, n_gqa: int, tied
             return T.Q5_K
         if mix in ("Q4_0", "Q5_0") and has_imatrix and layer < n_layers // 8:  # llama.cpp: Q4_0/Q5_0 "go crazy" there
             return T.Q4_1 if mix == "Q4_0" else T.Q5_1
+        if mix == "IQ3_XXS" and not has_imatrix:
+            return T.Q4_K if layer < n_layers // 8 else T.Q3_K
+        if mix == "IQ3_M" and (layer < n_layers // 8 or (n_expert == 8 and _use_more_bits(layer, n_layers))):
+            return T.Q4_K
         return qtype
     if kind == "attn_output":
-        return {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(mix, qtype)
+        return {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K, "IQ3_XXS": T.IQ3_S, "IQ3_M": T.Q4_K}.get(mix, qtype)
+    if kind in ("ffn_gate", "ffn_up") and mix == "IQ3_XS" and n_layers // 8 <= layer < 7 * n_layers // 8:
+        return T.IQ3_XXS
+    return qtype
+
+
+def _low_bit_type(mix: str, qtype: T, kind: str, layer: int, n_layers: int, n_gqa: int, n_expert: int) -> T:
+    """llama.cpp's rules for IQ2_XXS, IQ2_XS, IQ2_S and IQ2_M (apart from the output and embedding rules)."""
+    richer = T.IQ3_S if mix in ("IQ2_S", "IQ2_M") else T.Q2_K  # what attn_v and the first ffn_down get
+    if kind in ("attn_v", "attn_qkv", "attn_kv_b"):
+        return T.Q4_K if n_gqa >= 4 or n_expert >= 4 else richer
+    if n_expert == 8 and kind == "attn_k":
+        return T.Q4_K
+    if kind == "ffn_down":
+        return richer if layer < n_layers // 8 else qtype
+    if kind == "attn_output":
+        if n_expert == 8:
+            return T.Q5_K
+        return T.IQ3_S if mix in ("IQ2_S", "IQ2_M") else qtype
     return qtype
 
 

@@ -29,7 +29,7 @@ from llmq.methods.grids.ternary import ProjectedGrid, TernaryGrid, ternary_schem
 from llmq.targets.atomic import OutputKind, atomic_output_file, check_output
 from llmq.targets.base import RunReport, Stage, Target
 from llmq.targets.gguf.imatrix import Imatrix, imatrix_entries, read_imatrix, write_imatrix
-from llmq.targets.gguf.mixtures import get_mixture, plan_types
+from llmq.targets.gguf.mixtures import IMATRIX_MIXTURES, NEEDS_IMATRIX, get_mixture, plan_types
 from llmq.targets.gguf.writer import (
     EncodedTensor,
     SpilledTensors,
@@ -153,6 +153,14 @@ class GGUFTarget(Target):
     def check(self) -> None:
         mixture, method, options = self.mixture, self.method, self.config.method
         self._check_imatrix_flags()
+        if mixture.name in IMATRIX_MIXTURES and not (self.config.run.calib or self.imatrix or method.needs_data):
+            raise LlmqError(f"--type {mixture.name} puts tensors in {', '.join(t.name for t in NEEDS_IMATRIX)}, which "
+                            "llama.cpp makes only with an importance matrix (so does llmq); add --calib FILE or "
+                            "--imatrix FILE")
+        if mixture.name.startswith(("IQ2", "IQ3")) and method.name != "rtn":
+            raise LlmqError(f"--method {method.name} cannot write {mixture.name} yet: its lattice types round groups of "
+                            "8 or 4 weights at once, and llmq's GPTQ/AWQ round one column at a time; use --method rtn "
+                            "with --calib FILE (importance-weighted, as llama.cpp)")
         if self.config.target.ignore:
             raise LlmqError("--ignore leaves Linears unquantized in compressed-tensors outputs; a GGUF file's tensor "
                             "types come from its --type mixture: drop --ignore or use --format compressed-tensors")

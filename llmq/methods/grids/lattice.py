@@ -1,0 +1,274 @@
+"""GGUF's lattice i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S): bit layouts and decoding.
+
+A super-block of 256 weights has one fp16 scale d and a 4-bit scale code per sub-block. Its weights come in
+groups of 8 (IQ2) or 4 (IQ3), each group one entry of a fixed codebook of non-negative magnitudes (points of
+the E8 lattice for IQ2, of a cubic one for IQ3) with a sign per weight:
+
+    w = db[sub] * codebook[index[group]][k] * (-1 if sign bit k else 1)
+
+The signs come in masks of 8. IQ2_XXS, IQ2_XS and IQ3_XXS store 7 bits of each mask: the 8th makes the
+number of negatives even (gguf-py's `ksigns` table), so an encoder must choose signs of even parity. The
+codebooks are gguf-py's (`init_grid`), the same numbers llama.cpp's kernels use; `values` decodes with
+gguf-py's float32 operations in its order, so decoding is bit-exact with `gguf.quants.dequantize`.
+
+Codes of a lattice block: d [n], L = codebook indices [n, groups], sc = scale codes [n, sub-blocks],
+signs = 8-bit sign masks [n, block_size / 8].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from llmq.methods.grids.blocks import BlockType, Codes, _f16_bytes, _read_f16, _split, deinterleave, interleave
+
+
+class LatticeBlockType(BlockType, qtype=None):
+    """A lattice type: `group` weights per codebook entry, `sub_size` weights per scale code, `parity`: 7 stored
+    sign bits per 8 weights (even number of negatives)."""
+
+    group: int
+    parity: bool
+    _codebook: torch.Tensor | None = None
+
+    def __init_subclass__(cls, qtype):
+        super().__init_subclass__(qtype=qtype)
+        cls._codebook = None
+
+    @classmethod
+    def codebook(cls) -> torch.Tensor:
+        """float32 [entries, group] magnitudes (gguf-py's grid for this type)."""
+        if cls._codebook is None:
+            reference = gguf_quants._type_traits[cls.qtype]
+            reference.init_grid()
+            cls._codebook = torch.from_numpy(np.ascontiguousarray(reference.grid.reshape(-1, cls.group)).copy())
+        return cls._codebook
+
+    @classmethod
+    def sub_scale(cls, d: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+        """The scale of each sub-block, [n, n_sub], as gguf-py computes it from d [n] and the codes."""
+        raise NotImplementedError
+
+    @classmethod
+    def scale_factor(cls, sc: torch.Tensor) -> torch.Tensor:
+        """sub_scale / d for codes sc (float): what an encoder inverts."""
+        return cls.sub_scale(torch.ones(sc.shape[:-1]), sc)
+
+    @classmethod
+    def grid(cls, codes: Codes):
+        return cls.sub_scale(codes.d, codes.sc), None
+
+    @classmethod
+    def values(cls, codes: Codes) -> torch.Tensor:
+        n = codes.d.shape[0]
+        db = cls.sub_scale(codes.d, codes.sc)  # [n, n_sub]
+        magnitudes = cls.codebook().index_select(0, codes.L.reshape(-1).long()).reshape(n, -1, cls.sub_size)
+        bits = (codes.signs.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
+        signs = torch.where(bits == 0, 1.0, -1.0).reshape(n, -1, cls.sub_size)
+        return (db.unsqueeze(-1) * magnitudes * signs).reshape(n, cls.block_size)
+
+
+def _u32_bytes(x: torch.Tensor) -> torch.Tensor:
+    """int64 [..., k] (values below 2^32) -> uint8 [..., 4k], little-endian."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int64)
+    return ((x.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(*x.shape[:-1], -1)
+
+
+def _read_u32(data: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 4k] -> int64 [..., k]."""
+    b = data.to(torch.int64).reshape(*data.shape[:-1], -1, 4)
+    return (b << torch.arange(0, 32, 8, dtype=torch.int64)).sum(-1)
+
+
+def _seven_bit_signs(masks: torch.Tensor) -> torch.Tensor:
+    """Sign masks [..., 4] -> the 28 bits IQ2_XXS / IQ3_XXS store (7 per mask; the 8th is parity)."""
+    return ((masks.to(torch.int64) & 127) << (7 * torch.arange(4, dtype=torch.int64))).sum(-1)
+
+
+def _parity_masks(seven: torch.Tensor) -> torch.Tensor:
+    """7 stored bits -> the full 8-bit mask (bit 7 set when the 7 bits hold an odd number of negatives)."""
+    seven = seven.to(torch.int32) & 127
+    odd = (((seven.unsqueeze(-1) >> torch.arange(7, dtype=torch.int32)) & 1).sum(-1)) & 1
+    return seven | (odd << 7)
+
+
+class IQ2_XXS(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_XXS):
+    """66 bytes / 256 weights (2.06 bits). Per sub-block of 32, two uint32:
+
+        a = codebook indices of its 4 groups of 8 (one byte each)
+        b = 7 sign bits of each group (bits 0-6, 7-13, 14-20, 21-27) | scale code << 28
+        db = d * (0.5 + sc) * 0.25,   codebook: 256 points of 8 magnitudes in {8, 25, 43}
+    """
+
+    sub_size, qmax, group, parity = 32, 255, 8, True
+
+    @classmethod
+    def sub_scale(cls, d, sc):
+        return d[:, None] * (0.5 + sc.to(torch.float32)) * 0.25
+
+    @classmethod
+    def pack(cls, codes):
+        n = codes.d.shape[0]
+        index = codes.L.to(torch.int64).reshape(n, 8, 4)
+        a = (index << torch.arange(0, 32, 8, dtype=torch.int64)).sum(-1)
+        b = _seven_bit_signs(codes.signs.reshape(n, 8, 4)) | (codes.sc.to(torch.int64) << 28)
+        return torch.cat([_f16_bytes(codes.d), _u32_bytes(torch.stack([a, b], -1).reshape(n, 16))], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        d, qs = _split(data, [2, 64])
+        words = _read_u32(qs).reshape(n, 8, 2)
+        a, b = words[..., 0], words[..., 1]
+        index = (a.unsqueeze(-1) >> torch.arange(0, 32, 8, dtype=torch.int64)) & 0xFF
+        signs = _parity_masks((b.unsqueeze(-1) >> (7 * torch.arange(4, dtype=torch.int64))) & 127)
+        return Codes(d=_read_f16(d), L=index.reshape(n, 32).to(torch.int32), sc=(b >> 28).to(torch.int32),
+                     signs=signs.reshape(n, 32))
+
+
+class IQ2_XS(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_XS):
+    """74 bytes / 256 weights (2.31 bits).
+
+        d          : fp16
+        qs[32]     : uint16 per group of 8: codebook index (9 bits) | 7 sign bits << 9
+        scales[8]  : two 4-bit codes per byte (sub-blocks of 16: low nibble first)
+        db = d * (0.5 + sc) * 0.25,   codebook: 512 points of 8 magnitudes in {8, 25, 43}
+    """
+
+    sub_size, qmax, group, parity = 16, 511, 8, True
+
+    @classmethod
+    def sub_scale(cls, d, sc):
+        return d[:, None] * (0.5 + sc.to(torch.float32)) * 0.25
+
+    @classmethod
+    def pack(cls, codes):
+        words = codes.L.to(torch.int32) | ((codes.signs.to(torch.int32) & 127) << 9)
+        qs = torch.stack([words & 0xFF, words >> 8], -1).reshape(words.shape[0], 64).to(torch.uint8)
+        return torch.cat([_f16_bytes(codes.d), qs, interleave(_pairs(codes.sc), 4, 8)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        d, qs, scales = _split(data, [2, 64, 8])
+        words = qs.to(torch.int32).reshape(n, 32, 2)
+        words = words[..., 0] | (words[..., 1] << 8)
+        return Codes(d=_read_f16(d), L=words & 511, sc=_unpairs(deinterleave(scales, 4, 2)),
+                     signs=_parity_masks(words >> 9))
+
+
+def _pairs(sc: torch.Tensor) -> torch.Tensor:
+    """Codes [n, 2k] -> the order interleave(.., 4, k) packs as byte j = sc[2j] | sc[2j+1] << 4."""
+    n = sc.shape[0]
+    return sc.to(torch.int32).reshape(n, -1, 2).transpose(1, 2).reshape(n, -1)
+
+
+def _unpairs(values: torch.Tensor) -> torch.Tensor:
+    n = values.shape[0]
+    return values.reshape(n, 2, -1).transpose(1, 2).reshape(n, -1)
+
+
+class IQ2_S(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_S):
+    """82 bytes / 256 weights (2.56 bits).
+
+        d          : fp16
+        qs[32]     : low 8 bits of each group's codebook index
+        signs[32]  : the 8 sign bits of each group of 8
+        qh[8]      : high 2 bits of the indices of groups 4i..4i+3 (bits 0-1, 2-3, 4-5, 6-7)
+        scales[8]  : two 4-bit codes per byte (sub-blocks of 16)
+        db = d * (0.5 + sc) * 0.25,   codebook: 1024 points of 8 magnitudes in {8, 25, 43}
+    """
+
+    sub_size, qmax, group, parity = 16, 1023, 8, False
+
+    @classmethod
+    def sub_scale(cls, d, sc):
+        return d[:, None] * (0.5 + sc.to(torch.float32)) * 0.25
+
+    @classmethod
+    def pack(cls, codes):
+        index = codes.L.to(torch.int32)
+        n = index.shape[0]
+        high = interleave((index >> 8).reshape(n, 8, 4).transpose(1, 2).reshape(n, 32), 2, 8)
+        return torch.cat([_f16_bytes(codes.d), (index & 0xFF).to(torch.uint8), codes.signs.to(torch.uint8), high,
+                          interleave(_pairs(codes.sc), 4, 8)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        d, qs, signs, qh, scales = _split(data, [2, 32, 32, 8, 8])
+        high = deinterleave(qh, 2, 4).reshape(n, 4, 8).transpose(1, 2).reshape(n, 32)
+        return Codes(d=_read_f16(d), L=qs.to(torch.int32) | (high << 8), sc=_unpairs(deinterleave(scales, 4, 2)),
+                     signs=signs.to(torch.int32))
+
+
+class IQ3_XXS(LatticeBlockType, qtype=GGMLQuantizationType.IQ3_XXS):
+    """98 bytes / 256 weights (3.06 bits).
+
+        d          : fp16
+        qs[64]     : codebook index of each group of 4
+        8 x uint32 : per sub-block of 32, 7 sign bits of each of its 4 masks of 8 | scale code << 28
+        db = d * (0.5 + sc) * 0.5,   codebook: 256 points of 4 magnitudes in {4, 12, 20, 28, 36, 44, 52, 62}
+    """
+
+    sub_size, qmax, group, parity = 32, 255, 4, True
+
+    @classmethod
+    def sub_scale(cls, d, sc):
+        return d[:, None] * (0.5 + sc.to(torch.float32)) * 0.5
+
+    @classmethod
+    def pack(cls, codes):
+        n = codes.d.shape[0]
+        words = _seven_bit_signs(codes.signs.reshape(n, 8, 4)) | (codes.sc.to(torch.int64) << 28)
+        return torch.cat([_f16_bytes(codes.d), codes.L.to(torch.uint8), _u32_bytes(words)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        d, qs, rest = _split(data, [2, 64, 32])
+        words = _read_u32(rest)
+        signs = _parity_masks((words.unsqueeze(-1) >> (7 * torch.arange(4, dtype=torch.int64))) & 127)
+        return Codes(d=_read_f16(d), L=qs.to(torch.int32), sc=(words >> 28).to(torch.int32), signs=signs.reshape(n, 32))
+
+
+class IQ3_S(LatticeBlockType, qtype=GGMLQuantizationType.IQ3_S):
+    """110 bytes / 256 weights (3.44 bits).
+
+        d          : fp16
+        qs[64]     : low 8 bits of each group of 4's codebook index
+        qh[8]      : bit k of byte i = high bit of group 8i + k
+        signs[32]  : the 8 sign bits of each 8 weights
+        scales[4]  : two 4-bit codes per byte (sub-blocks of 32)
+        db = d * (1 + 2 sc),   codebook: 512 points of 4 magnitudes in {1, 3, ..., 15}
+    """
+
+    sub_size, qmax, group, parity = 32, 511, 4, False
+
+    @classmethod
+    def sub_scale(cls, d, sc):
+        return d[:, None] * (1 + 2 * sc.to(torch.float32))
+
+    @classmethod
+    def pack(cls, codes):
+        index = codes.L.to(torch.int32)
+        n = index.shape[0]
+        high = interleave((index >> 8).reshape(n, 8, 8).transpose(1, 2).reshape(n, 64), 1, 8)
+        return torch.cat([_f16_bytes(codes.d), (index & 0xFF).to(torch.uint8), high, codes.signs.to(torch.uint8),
+                          interleave(_pairs(codes.sc), 4, 4)], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        d, qs, qh, signs, scales = _split(data, [2, 64, 8, 32, 4])
+        high = deinterleave(qh, 1, 8).reshape(n, 8, 8).transpose(1, 2).reshape(n, 64)
+        return Codes(d=_read_f16(d), L=qs.to(torch.int32) | (high << 8), sc=_unpairs(deinterleave(scales, 4, 2)),
+                     signs=signs.to(torch.int32))
+
+
+LATTICE_TYPES = (GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS, GGMLQuantizationType.IQ2_S,
+                 GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S)
+
+__all__ = ["LATTICE_TYPES", "LatticeBlockType"]

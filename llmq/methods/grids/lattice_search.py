@@ -1,0 +1,152 @@
+"""Encoders for GGUF's lattice i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; layouts in lattice.py).
+
+Each group of 8 (or 4) weights becomes one codebook entry of magnitudes times a scale, with a sign per weight.
+Minimizing the importance-weighted squared error Σ w (s·g·sign - x)² splits into:
+
+1. Signs: the sign of each weight, except that types with 7 stored sign bits need an even number of negatives
+   per 8 weights; where the count is odd, the weight that costs least to get wrong (smallest w·x², as
+   llama.cpp chooses) takes the other sign, and its target magnitude becomes -|x|: the codebook search then
+   gives it the smallest magnitude that fits (llama.cpp searches on |x| and so leaves that weight's full error).
+2. Sub-block scales: for a ladder of candidate scales (the sub-block's largest target on the codebook's larger
+   magnitudes), each group takes its nearest codebook entry (weighted, by one matrix product against the whole
+   codebook), and the weighted least-squares scale for those entries is scored; the best is re-searched once.
+3. Scale codes: the sub-block scales become 4-bit codes under one fp16 super-scale, chosen among candidates by
+   the error its rounded scales cost (Σ w g² · Δscale², the quadratic of the fit), each code then trying its
+   neighbours the same way; finally every group is searched again under its stored scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmq.methods.grids.blocks import Codes, fp16
+from llmq.methods.grids.lattice import LatticeBlockType
+
+_CHUNK = 1 << 14  # groups per codebook search: [chunk, entries] distances (64 MB at 1024 entries)
+_LADDER = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25]  # candidate scales, as fractions of the largest target's fit
+
+
+class _OnGrid:
+    """The codebook as a subset of all combinations of its magnitudes: `bounds` between neighbouring magnitudes,
+    `entry[combination]` the codebook index of a combination (-1 when it is not in the codebook)."""
+
+    def __init__(self, book: torch.Tensor):
+        magnitudes = torch.unique(book)
+        self.bounds = (magnitudes[1:] + magnitudes[:-1]) / 2
+        self.powers = len(magnitudes) ** torch.arange(book.shape[1])
+        self.entry = torch.full((len(magnitudes) ** book.shape[1],), -1, dtype=torch.int64)
+        self.entry[self.combination(book)] = torch.arange(book.shape[0])
+
+    def combination(self, target: torch.Tensor) -> torch.Tensor:
+        """The combination of each row's nearest magnitudes (a tie goes to the smaller one)."""
+        level = (target.unsqueeze(-1) > self.bounds).sum(-1)
+        return (level * self.powers).sum(-1)
+
+
+_ON_GRID: dict = {}
+
+
+def nearest_entries(cls: type[LatticeBlockType], target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Index [G] of the codebook entry nearest to each target [G, group] (magnitudes in units of the scale), by
+    Σ weight (entry - target)². The distance is a sum over weights, so each weight's nearest magnitude together
+    make the nearest combination of all; where that combination is a codebook entry it is the answer (most
+    groups: no search). The others are searched against the whole codebook: argmin of weight·entry² -
+    2 (weight·target)·entry, one matrix product."""
+    book = cls.codebook()
+    if cls.qtype not in _ON_GRID:
+        _ON_GRID[cls.qtype] = _OnGrid(book)
+    out = _ON_GRID[cls.qtype].entry[_ON_GRID[cls.qtype].combination(target)]
+    off = (out < 0).nonzero().squeeze(-1)
+    if off.numel():
+        out[off] = _searched(book, target[off], weight[off])
+    return out
+
+
+def _searched(book: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    squares, book_t = book.square().T.contiguous(), book.T.contiguous()
+    out = torch.empty(target.shape[0], dtype=torch.int64)
+    for start in range(0, target.shape[0], _CHUNK):
+        t, w = target[start:start + _CHUNK], weight[start:start + _CHUNK]
+        distance = (w @ squares).sub_((w * t) @ book_t, alpha=2)
+        out[start:start + _CHUNK] = distance.argmin(-1)
+    return out
+
+
+def _signs(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target magnitudes [nb, block], sign masks [nb, block / 8]) per the parity rule above."""
+    nb = x.shape[0]
+    negative = (x < 0).reshape(nb, -1, 8)
+    target = x.abs().reshape(nb, -1, 8)
+    if cls.parity:
+        odd = negative.sum(-1) % 2 == 1
+        cheapest = (w.reshape(nb, -1, 8) * target.square()).argmin(-1, keepdim=True)
+        flip = torch.zeros_like(negative).scatter_(-1, cheapest, True) & odd.unsqueeze(-1)
+        negative = negative ^ flip
+        target = torch.where(flip, -target, target)
+    masks = (negative.to(torch.int32) << torch.arange(8, dtype=torch.int32)).sum(-1)
+    return target.reshape(nb, -1), masks
+
+
+def _fit(cls, target, w, scale):
+    """Nearest entries under `scale` [nb, n_sub]; returns (indices [nb, groups], Σwtg, Σwg² per sub-block)."""
+    nb, n_sub = scale.shape
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    scaled = (target.reshape(nb, n_sub, -1) * inverse.unsqueeze(-1)).reshape(-1, cls.group)
+    index = nearest_entries(cls, scaled, w.reshape(-1, cls.group)).reshape(nb, -1)
+    g = cls.codebook().index_select(0, index.reshape(-1)).reshape(nb, n_sub, -1)
+    wt = (w * target).reshape(nb, n_sub, -1)
+    return index, (wt * g).sum(-1), (w.reshape(nb, n_sub, -1) * g.square()).sum(-1)
+
+
+def encode_lattice(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor) -> Codes:
+    """Codes of blocks x [nb, 256] under element weights w [nb, 256]."""
+    nb = x.shape[0]
+    n_sub = cls.block_size // cls.sub_size
+    target, masks = _signs(cls, x, w)
+    peak = target.reshape(nb, n_sub, -1).amax(-1)
+    top = cls.codebook().max().item()
+    best_score = torch.full((nb, n_sub), -1.0)
+    best_scale, best_curvature = torch.zeros(nb, n_sub), torch.ones(nb, n_sub)
+    candidates = [peak / (top * fraction) for fraction in _LADDER]
+    for round_ in range(2):
+        for scale in candidates:
+            _, sxg, sgg = _fit(cls, target, w, scale)
+            fitted = torch.where(sgg > 0, sxg / sgg.clamp_min(1e-30), torch.zeros_like(sxg))
+            score = torch.where(fitted > 0, sxg * fitted, torch.zeros_like(sxg))
+            better = score > best_score
+            best_score = torch.where(better, score, best_score)
+            best_scale = torch.where(better, fitted.clamp_min(0), best_scale)
+            best_curvature = torch.where(better, sgg, best_curvature)
+        candidates = [best_scale.clone()]  # the winner's entries refitted: searched once more
+    d, sc = _scale_codes(cls, best_scale, best_curvature)
+    stored = cls.sub_scale(d, sc)
+    index, _, _ = _fit(cls, target, w, stored)
+    return Codes(d=d, L=index.to(torch.int32), sc=sc, signs=masks)
+
+
+def _scale_codes(cls, scale: torch.Tensor, curvature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 super-scale d [nb] and 4-bit codes [nb, n_sub] whose scales best match `scale`, weighing each
+    sub-block's mismatch by its curvature Σ w g²."""
+    factors = cls.scale_factor(torch.arange(16, dtype=torch.int32).reshape(1, 16)).reshape(16)  # scale / d per code
+    peak = scale.amax(-1)
+
+    def codes_for(d):
+        ratio = scale / torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)
+        return (ratio.unsqueeze(-1) - factors).abs().argmin(-1).to(torch.int32)
+
+    def cost(d, sc):
+        return (curvature * (d.unsqueeze(-1) * factors[sc.long()] - scale).square()).sum(-1)
+
+    best_d = fp16(peak / factors[-1])
+    best_sc = codes_for(best_d)
+    best = cost(best_d, best_sc)
+    for fraction in (0.8, 0.85, 0.9, 0.95, 1.05, 1.1):
+        d = fp16(peak / (factors[-1] * fraction))
+        sc = codes_for(d)
+        c = cost(d, sc)
+        take = c < best
+        best, best_d, best_sc = torch.where(take, c, best), torch.where(take, d, best_d), torch.where(take[:, None], sc, best_sc)
+    return best_d, best_sc
+
+
+__all__ = ["encode_lattice", "nearest_entries"]
