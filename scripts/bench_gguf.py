@@ -132,8 +132,6 @@ def _not_applicable(mixture: str, encoder: str) -> str | None:
     """Why an encoder cannot make a mixture (llama.cpp's and llmq's own refusals), or None."""
     if mixture in IMATRIX_MIXTURES and encoder in ("llama.cpp", "llmq"):
         return "needs an importance matrix"
-    if mixture.startswith(("IQ2", "IQ3")) and encoder == "llmq GPTQ":
-        return "GPTQ does not round onto the lattice types yet"
     return None
 
 

@@ -242,12 +242,16 @@ class GPTQ(Method):
         dead = H.diagonal() == 0
         W[:, dead] = 0
 
+        # a grid that rounds `vector` columns together (the lattice i-quants) is visited a whole vector at a time
+        vector = getattr(grid, "vector_size", 1)
         order = torch.arange(W.shape[1], device=W.device)  # visiting position -> column of the weight
-        if opts.act_order:  # decreasing H_ii, a dead input's counted as 1
-            order = torch.argsort(torch.where(dead, 1.0, H.diagonal()), descending=True)
+        if opts.act_order:  # decreasing H_ii, a dead input's counted as 1 (vectors: by their sum, in place inside)
+            importance = torch.where(dead, 1.0, H.diagonal()).reshape(-1, vector).sum(-1)
+            first = torch.argsort(importance, descending=True) * vector
+            order = (first[:, None] + torch.arange(vector, device=W.device)).reshape(-1)
         # q, k and v (gate and up) share one Hessian, so one factor: the order, too, comes from the Hessian alone
         derived = getattr(stats, "derived", {})
-        key = ("gptq Hessian factor", opts.damp, opts.act_order)
+        key = ("gptq Hessian factor", opts.damp, opts.act_order, vector)
         inverse_key = key + ("inverse",)
         if key not in derived and inverse_key not in derived:
             with stage_clock("factorization"):
@@ -276,8 +280,19 @@ class GPTQ(Method):
             columns = order[i1:i2]
             return weight[:, columns].float().masked_fill_(dead[columns], 0).T.contiguous()
 
+        weight_of = None  # vector grids: each visiting position's error weight R_jj² = 1 / U_jj² (its cost in the objective)
+        if vector > 1:
+            weight_of = factor.diagonal().square() if not scattered else factor.diagonal().square().reciprocal()
+        rounded = {}  # vector grids: the values of the vector being visited, by position
+
         def round_column(position: int, block: torch.Tensor, i: int, block_errors: torch.Tensor) -> torch.Tensor:
             column = column_at[position]
+            if vector > 1:  # the whole vector when the sweep reaches its first column, as GPTQ has made it so far
+                if position % vector == 0:
+                    values = fit.round_group(block[i : i + vector], column, weight_of[position : position + vector])
+                    rounded.update(zip(range(position, position + vector), values))
+                integers[position].zero_()  # (the grid keeps its own codes)
+                return rounded.pop(position)
             if in_order and position % size == 0:  # the group's columns, all in this block, as GPTQ has made them
                 fit.refit(position, group_as_reached(block[i : i + size].T, original(position, position + size).T,
                                                      factor, position))
@@ -294,6 +309,8 @@ class GPTQ(Method):
         block, sub_block = opts.block_size, SUB_BLOCK
         if in_order:  # a group starts a block's sub-block: the reference's dynamic groups
             block, sub_block = aligned_block(block, size), math.gcd(SUB_BLOCK, size)
+        if vector > 1:  # a vector within one sub-block: its columns are current when its first one is reached
+            block, sub_block = aligned_block(block, vector), math.lcm(sub_block, vector)
         with stage_clock("column sweep"):
             error_feedback_sweep(W, factor, block, round_column, sub_block, None if scattered else original)
         for start in range(0, W.shape[1], 1024):  # back into the weight's column order, in W (spent): no new matrix

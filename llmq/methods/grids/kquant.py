@@ -115,6 +115,11 @@ class KQuantGrid(Grid):
         """`importance`: the input importance to weigh the fit by when the method brings none (an imatrix file's)."""
         self.qtype, self.importance = qtype, importance
 
+    @property
+    def vector_size(self) -> int:
+        """Columns GPTQ rounds together: 8 for the lattice types (LatticeFit), else 1."""
+        return LatticeFit.vector_size if self.qtype in LATTICE_TYPES else 1
+
     def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> GridFit:
         if self.qtype in LATTICE_TYPES:
             return LatticeFit(self.qtype, weight, importance if importance is not None else self.importance)
@@ -220,20 +225,45 @@ class LevelFit(KQuantFit):
 
 class LatticeFit(GridFit):
     """A lattice i-quant's codes from its encoder (llmq/methods/grids/lattice_search.py). Its integers are codebook
-    entries of 8 or 4 weights, not one per weight: round-to-nearest takes them whole, and a method that rounds a
-    column at a time (GPTQ) has no column of its own to round, so it is refused before any work (GGUF target)."""
+    entries of 8 or 4 weights with a sign mask per 8, not one integer per weight: round-to-nearest takes the
+    encoder's codes whole; GPTQ rounds `vector_size` columns at a time (round_group) onto the sub-block scales the
+    encoder chose, and those codes replace the encoder's. The codes live in the fit; result() ignores its
+    argument (the per-column integers GPTQ keeps are not this grid's)."""
+
+    vector_size = 8  # columns rounded together: one sign mask (IQ2: one codebook entry; IQ3: two)
 
     def __init__(self, qtype: T, weight: torch.Tensor, importance: torch.Tensor | None):
-        self.qtype, self.shape = qtype, tuple(weight.shape)
+        self.qtype, self.shape, self.device = qtype, tuple(weight.shape), weight.device
+        self.block = block_type(qtype)
         self.codes = encode(weight, qtype, None if importance is None else importance.cpu())
+        rows, cols = self.shape
+        # per row and sub-block, the stored scale; codes by (row, group of 8 columns) for round_group
+        self.scale = self.block.sub_scale(self.codes.d, self.codes.sc).reshape(rows, -1)
+        self.L = self.codes.L.reshape(rows, -1, 8 // self.block.group)  # [rows, cols / 8, entries per 8]
+        self.signs = self.codes.signs.reshape(rows, -1)  # [rows, cols / 8]
 
     def nearest(self) -> torch.Tensor:
-        return self.codes.L.float()  # the codebook indices, [blocks, groups]: what result() takes back
+        return torch.zeros(self.shape)
 
     def _per_column(self, *_):
-        raise NotImplementedError(f"{self.qtype.name} rounds groups of weights, not columns")
+        raise NotImplementedError(f"{self.qtype.name} rounds {self.vector_size} columns at a time (round_group)")
 
-    position = round = clamp = value = round_column = _per_column
+    position = round = clamp = value = _per_column
+
+    def round_column(self, w, column, integers):
+        raise NotImplementedError(f"{self.qtype.name} rounds {self.vector_size} columns at a time (round_group)")
+
+    def round_group(self, w: torch.Tensor, column: int, weight: torch.Tensor) -> torch.Tensor:
+        """Round columns column..column+7 (w: [8, rows], their current values) by Σ weight_k (x - q)², weight [8]
+        per column; returns their decoded values [8, rows] and keeps their codes."""
+        from llmq.methods.grids.lattice_search import group_codes
+
+        x = w.T.to("cpu", torch.float32)  # [rows, 8]
+        scale = self.scale[:, column // self.block.sub_size]
+        index, masks, values = group_codes(self.block, x, weight.to("cpu", torch.float32).expand_as(x), scale)
+        self.L[:, column // 8] = index.to(self.L.dtype)
+        self.signs[:, column // 8] = masks.to(self.signs.dtype)
+        return values.T.to(w.device)
 
     def result(self, integers: torch.Tensor) -> BlockTensor:
-        return BlockTensor(self.qtype, replace(self.codes, L=integers.to("cpu", torch.int32)), self.shape)
+        return BlockTensor(self.qtype, self.codes, self.shape)

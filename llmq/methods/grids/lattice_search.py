@@ -124,6 +124,21 @@ def encode_lattice(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor
     return Codes(d=d, L=index.to(torch.int32), sc=sc, signs=masks)
 
 
+def group_codes(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor,
+                scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sign group (8 weights) of each row x [rows, 8] under its stored scale [rows], weights w [rows, 8]:
+    (codebook indices [rows, 8 / group], sign masks [rows], decoded values [rows, 8]). GPTQ's rounding step."""
+    target, masks = _signs(cls, x, w)
+    masks = masks.reshape(-1)
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    index = nearest_entries(cls, (target * inverse[:, None]).reshape(-1, cls.group), w.reshape(-1, cls.group))
+    index = index.reshape(x.shape[0], -1)
+    magnitudes = cls.codebook().index_select(0, index.reshape(-1)).reshape(x.shape)
+    bits = (masks.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
+    values = scale[:, None] * magnitudes * torch.where(bits == 0, 1.0, -1.0)
+    return index, masks, values
+
+
 def _scale_codes(cls, scale: torch.Tensor, curvature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 super-scale d [nb] and 4-bit codes [nb, n_sub] whose scales best match `scale`, weighing each
     sub-block's mismatch by its curvature Σ w g²."""
@@ -149,4 +164,4 @@ def _scale_codes(cls, scale: torch.Tensor, curvature: torch.Tensor) -> tuple[tor
     return best_d, best_sc
 
 
-__all__ = ["encode_lattice", "nearest_entries"]
+__all__ = ["encode_lattice", "group_codes", "nearest_entries"]

@@ -157,10 +157,6 @@ class GGUFTarget(Target):
             raise LlmqError(f"--type {mixture.name} puts tensors in {', '.join(t.name for t in NEEDS_IMATRIX)}, which "
                             "llama.cpp makes only with an importance matrix (so does llmq); add --calib FILE or "
                             "--imatrix FILE")
-        if mixture.name.startswith(("IQ2", "IQ3")) and method.name != "rtn":
-            raise LlmqError(f"--method {method.name} cannot write {mixture.name} yet: its lattice types round groups of "
-                            "8 or 4 weights at once, and llmq's GPTQ/AWQ round one column at a time; use --method rtn "
-                            "with --calib FILE (importance-weighted, as llama.cpp)")
         if self.config.target.ignore:
             raise LlmqError("--ignore leaves Linears unquantized in compressed-tensors outputs; a GGUF file's tensor "
                             "types come from its --type mixture: drop --ignore or use --format compressed-tensors")
