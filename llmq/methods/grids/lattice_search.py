@@ -8,8 +8,8 @@ Minimizing the importance-weighted squared error Σ w (s·g·sign - x)² splits 
    llama.cpp chooses) takes the other sign, and its target magnitude becomes -|x|: the codebook search then
    gives it the smallest magnitude that fits (llama.cpp searches on |x| and so leaves that weight's full error).
 2. Sub-block scales: for a ladder of candidate scales (the sub-block's largest target on the codebook's larger
-   magnitudes), each group takes its nearest codebook entry (weighted, by one matrix product against the whole
-   codebook), and the weighted least-squares scale for those entries is scored; the best is re-searched once.
+   magnitudes), each group takes its nearest codebook entry (weighted; see nearest_entries), and the weighted
+   least-squares scale for those entries is scored; the best is re-searched once.
 3. Scale codes: the sub-block scales become 4-bit codes under one fp16 super-scale, chosen among candidates by
    the error its rounded scales cost (Σ w g² · Δscale², the quadratic of the fit), each code then trying its
    neighbours the same way; finally every group is searched again under its stored scale.
@@ -26,16 +26,25 @@ _CHUNK = 1 << 14  # groups per codebook search: [chunk, entries] distances (64 M
 _LADDER = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25]  # candidate scales, as fractions of the largest target's fit
 
 
+_NEIGHBOURS = 32  # codebook entries searched for a combination that is not one (llama.cpp's neighbour lists)
+
+
 class _OnGrid:
     """The codebook as a subset of all combinations of its magnitudes: `bounds` between neighbouring magnitudes,
-    `entry[combination]` the codebook index of a combination (-1 when it is not in the codebook)."""
+    `entry[combination]` the codebook index of a combination (-1 when it is not in the codebook), and for every
+    combination its `_NEIGHBOURS` nearest codebook entries (plain distance) as `neighbours[combination]`."""
 
     def __init__(self, book: torch.Tensor):
         magnitudes = torch.unique(book)
         self.bounds = (magnitudes[1:] + magnitudes[:-1]) / 2
         self.powers = len(magnitudes) ** torch.arange(book.shape[1])
-        self.entry = torch.full((len(magnitudes) ** book.shape[1],), -1, dtype=torch.int64)
+        count = len(magnitudes) ** book.shape[1]
+        self.entry = torch.full((count,), -1, dtype=torch.int64)
         self.entry[self.combination(book)] = torch.arange(book.shape[0])
+        digits = torch.arange(count)[:, None] // self.powers % len(magnitudes)
+        points = magnitudes[digits]  # every combination's magnitudes [count, group]
+        distance = torch.cdist(points, book)
+        self.neighbours = distance.topk(min(_NEIGHBOURS, book.shape[0]), largest=False).indices
 
     def combination(self, target: torch.Tensor) -> torch.Tensor:
         """The combination of each row's nearest magnitudes (a tie goes to the smaller one)."""
@@ -49,26 +58,31 @@ _ON_GRID: dict = {}
 def nearest_entries(cls: type[LatticeBlockType], target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Index [G] of the codebook entry nearest to each target [G, group] (magnitudes in units of the scale), by
     Σ weight (entry - target)². The distance is a sum over weights, so each weight's nearest magnitude together
-    make the nearest combination of all; where that combination is a codebook entry it is the answer (most
-    groups: no search). The others are searched against the whole codebook: argmin of weight·entry² -
-    2 (weight·target)·entry, one matrix product."""
+    make the nearest combination of all; where that combination is a codebook entry it is the answer. Otherwise
+    the combination's 32 nearest entries (by plain distance, precomputed as llama.cpp's neighbour lists are) are
+    searched with the weights. (Searching the whole codebook instead measured 2.5-6x slower on 256 x 1024
+    weights, for errors at most 0.7% lower.)"""
     book = cls.codebook()
     if cls.qtype not in _ON_GRID:
         _ON_GRID[cls.qtype] = _OnGrid(book)
-    out = _ON_GRID[cls.qtype].entry[_ON_GRID[cls.qtype].combination(target)]
+    grid = _ON_GRID[cls.qtype]
+    combination = grid.combination(target)
+    out = grid.entry[combination]
     off = (out < 0).nonzero().squeeze(-1)
     if off.numel():
-        out[off] = _searched(book, target[off], weight[off])
+        out[off] = _searched(book, grid.neighbours[combination[off]], target[off], weight[off])
     return out
 
 
-def _searched(book: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    squares, book_t = book.square().T.contiguous(), book.T.contiguous()
+def _searched(book: torch.Tensor, candidates: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The weighted-nearest of each row's candidate entries [G, k] (indices into book) to its target [G, group]."""
     out = torch.empty(target.shape[0], dtype=torch.int64)
     for start in range(0, target.shape[0], _CHUNK):
-        t, w = target[start:start + _CHUNK], weight[start:start + _CHUNK]
-        distance = (w @ squares).sub_((w * t) @ book_t, alpha=2)
-        out[start:start + _CHUNK] = distance.argmin(-1)
+        c = candidates[start:start + _CHUNK]
+        points = book.index_select(0, c.reshape(-1)).reshape(*c.shape, book.shape[1])
+        t, w = target[start:start + _CHUNK, None], weight[start:start + _CHUNK, None]
+        distance = points.sub_(t).square_().mul_(w).sum(-1)
+        out[start:start + _CHUNK] = c.gather(1, distance.argmin(-1, keepdim=True)).squeeze(1)
     return out
 
 
