@@ -19,7 +19,7 @@ Rows per mixture:
     python scripts/bench_gguf.py                       # Q6_K Q4_K_M Q3_K_M Q4_0, 50 chunks
     python scripts/bench_gguf.py --types Q4_K_M --encoders llama.cpp llmq --chunks 150
     python scripts/bench_gguf.py --scorer python       # no tools: llama-cpp-python, llama.cpp's protocol, no KL
-    python scripts/bench_gguf.py --speed               # seconds per billion weights of the Q4_K_M encoder
+    python scripts/bench_gguf.py --speed --types Q4_K_M IQ4_XS   # encoder seconds per 1e9 weights; whole runs' wall time
 """
 
 from __future__ import annotations
@@ -103,6 +103,27 @@ def python_perplexity(path: Path, chunks: int) -> dict:
     return {"ppl": llamacpp_perplexity(path, text, 512, chunks)[0]}
 
 
+def whole_run_speed(reference: Path, tools: LlamaCppTools, out_dir: Path, mixtures: list[str]) -> None:
+    """Wall time of a whole plain run: `llmq quantize` as a user starts it (a new process: imports, model load,
+    encoding, writing) against `llama-quantize` on the F32 file of the same model (its own start-up included),
+    both with every thread of the machine."""
+    f32 = out_dir / "F32.gguf"
+    if not f32.exists():
+        llmq_file(reference, f32, "F32", "rtn", None)
+    print(f"| mixture | llmq quantize s | llama-quantize s | ratio |  ({torch.get_num_threads()} threads)")
+    print("|---|---:|---:|---:|")
+    for mixture in mixtures:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "llmq", "quantize", str(reference), "--format", "gguf", "--type", mixture,
+                        "--out", str(out_dir / f"speed-{mixture}.gguf"), "--overwrite"], check=True,
+                       capture_output=True)
+        ours = time.perf_counter() - started
+        started = time.perf_counter()
+        tools.quantize(f32, out_dir / f"speed-{mixture}-llamacpp.gguf", mixture)
+        theirs = time.perf_counter() - started
+        print(f"| {mixture} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.1f}x |", flush=True)
+
+
 def speed(reference: Path) -> None:
     """Seconds per billion weights: llmq's encoder (torch, all threads) vs llama.cpp's (ggml_quantize_chunk, 1 thread)."""
     from transformers import AutoModelForCausalLM
@@ -158,6 +179,7 @@ def main() -> None:
     reference = reference_model(args.work)
     if args.speed:
         speed(reference)
+        whole_run_speed(reference, LlamaCppTools(args.tools, torch.get_num_threads()), args.work / "gguf", args.types)
         return
     needs_tools = args.scorer == "llama.cpp" or any(e.startswith("llama.cpp") for e in args.encoders)
     tools = LlamaCppTools(args.tools, torch.get_num_threads()) if needs_tools else None

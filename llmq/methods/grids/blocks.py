@@ -386,6 +386,16 @@ class Q6_K(BlockType, qtype=GGMLQuantizationType.Q6_K):
         return Codes(d=_read_f16(d), L=L, sc=scales.contiguous().view(torch.int8).to(torch.int32))
 
 
+def _scale_and_nibbles(codes: Codes) -> torch.Tensor:
+    """Q4_0 and IQ4_NL: an fp16 scale, then 16 bytes of nibbles."""
+    return torch.cat([_f16_bytes(codes.d), _nibbles(codes.L)], dim=1)
+
+
+def _read_scale_and_nibbles(data: torch.Tensor) -> Codes:
+    d, qs = _split(data, [2, 16])
+    return Codes(d=_read_f16(d), L=deinterleave(qs, 4, 2))
+
+
 def _nibbles(L: torch.Tensor) -> torch.Tensor:
     """32 weights -> 16 bytes: byte j holds L[j] (low nibble) and L[j+16] (high nibble)."""
     return interleave(L & 0xF, 4, 16)
@@ -409,12 +419,11 @@ class Q4_0(BlockType, qtype=GGMLQuantizationType.Q4_0):
 
     @classmethod
     def pack(cls, codes):
-        return torch.cat([_f16_bytes(codes.d), _nibbles(codes.L)], dim=1)
+        return _scale_and_nibbles(codes)
 
     @classmethod
     def unpack(cls, data):
-        d, qs = _split(data, [2, 16])
-        return Codes(d=_read_f16(d), L=deinterleave(qs, 4, 2))
+        return _read_scale_and_nibbles(data)
 
 
 class Q4_1(BlockType, qtype=GGMLQuantizationType.Q4_1):
@@ -569,12 +578,11 @@ class IQ4_NL(BlockType, qtype=GGMLQuantizationType.IQ4_NL):
 
     @classmethod
     def pack(cls, codes):
-        return torch.cat([_f16_bytes(codes.d), _nibbles(codes.L)], dim=1)
+        return _scale_and_nibbles(codes)
 
     @classmethod
     def unpack(cls, data):
-        d, qs = _split(data, [2, 16])
-        return Codes(d=_read_f16(d), L=deinterleave(qs, 4, 2))
+        return _read_scale_and_nibbles(data)
 
 
 class IQ4_XS(BlockType, qtype=GGMLQuantizationType.IQ4_XS):

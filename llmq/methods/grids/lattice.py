@@ -46,10 +46,13 @@ class LatticeBlockType(BlockType, qtype=None):
             cls._codebook = torch.from_numpy(np.ascontiguousarray(reference.grid.reshape(-1, cls.group)).copy())
         return cls._codebook
 
+    scale_step: float  # a sub-block's scale is d * (0.5 + code) * scale_step
+
     @classmethod
     def sub_scale(cls, d: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
-        """The scale of each sub-block, [n, n_sub], as gguf-py computes it from d [n] and the codes."""
-        raise NotImplementedError
+        """The scale of each sub-block, [n, n_sub], from d [n] and the codes: d * (0.5 + sc) * step, as gguf-py
+        computes it (IQ3_S's d * (1 + 2 sc) is the same number: a factor of 2 rounds nothing)."""
+        return d[:, None] * (0.5 + sc.to(torch.float32)) * cls.scale_step
 
     @classmethod
     def scale_factor(cls, sc: torch.Tensor) -> torch.Tensor:
@@ -102,11 +105,7 @@ class IQ2_XXS(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_XXS):
         db = d * (0.5 + sc) * 0.25,   codebook: 256 points of 8 magnitudes in {8, 25, 43}
     """
 
-    sub_size, qmax, group, parity = 32, 255, 8, True
-
-    @classmethod
-    def sub_scale(cls, d, sc):
-        return d[:, None] * (0.5 + sc.to(torch.float32)) * 0.25
+    sub_size, qmax, group, parity, scale_step = 32, 255, 8, True, 0.25
 
     @classmethod
     def pack(cls, codes):
@@ -137,11 +136,7 @@ class IQ2_XS(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_XS):
         db = d * (0.5 + sc) * 0.25,   codebook: 512 points of 8 magnitudes in {8, 25, 43}
     """
 
-    sub_size, qmax, group, parity = 16, 511, 8, True
-
-    @classmethod
-    def sub_scale(cls, d, sc):
-        return d[:, None] * (0.5 + sc.to(torch.float32)) * 0.25
+    sub_size, qmax, group, parity, scale_step = 16, 511, 8, True, 0.25
 
     @classmethod
     def pack(cls, codes):
@@ -181,11 +176,7 @@ class IQ2_S(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_S):
         db = d * (0.5 + sc) * 0.25,   codebook: 1024 points of 8 magnitudes in {8, 25, 43}
     """
 
-    sub_size, qmax, group, parity = 16, 1023, 8, False
-
-    @classmethod
-    def sub_scale(cls, d, sc):
-        return d[:, None] * (0.5 + sc.to(torch.float32)) * 0.25
+    sub_size, qmax, group, parity, scale_step = 16, 1023, 8, False, 0.25
 
     @classmethod
     def pack(cls, codes):
@@ -213,11 +204,7 @@ class IQ3_XXS(LatticeBlockType, qtype=GGMLQuantizationType.IQ3_XXS):
         db = d * (0.5 + sc) * 0.5,   codebook: 256 points of 4 magnitudes in {4, 12, 20, 28, 36, 44, 52, 62}
     """
 
-    sub_size, qmax, group, parity = 32, 255, 4, True
-
-    @classmethod
-    def sub_scale(cls, d, sc):
-        return d[:, None] * (0.5 + sc.to(torch.float32)) * 0.5
+    sub_size, qmax, group, parity, scale_step = 32, 255, 4, True, 0.5
 
     @classmethod
     def pack(cls, codes):
@@ -245,11 +232,7 @@ class IQ3_S(LatticeBlockType, qtype=GGMLQuantizationType.IQ3_S):
         db = d * (1 + 2 sc),   codebook: 512 points of 4 magnitudes in {1, 3, ..., 15}
     """
 
-    sub_size, qmax, group, parity = 32, 511, 4, False
-
-    @classmethod
-    def sub_scale(cls, d, sc):
-        return d[:, None] * (1 + 2 * sc.to(torch.float32))
+    sub_size, qmax, group, parity, scale_step = 32, 511, 4, False, 2.0
 
     @classmethod
     def pack(cls, codes):

@@ -81,9 +81,8 @@ def _stored_error(cls: type[BlockType], codes: Codes, x: torch.Tensor, w: torch.
     return (w * (cls.values(codes) - x).pow(2)).sum(-1)
 
 
-def encode_iq4_nl(cls: type[BlockType], x: torch.Tensor, w: torch.Tensor) -> Codes:
-    peak = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
-    candidates = [fp16(fit_level_scale(cls, x, w)), fp16(peak / level_table(cls).sorted_values[0])]
+def _best_scale(cls: type[BlockType], x: torch.Tensor, w: torch.Tensor, candidates: list[torch.Tensor]) -> Codes:
+    """Per block, the candidate stored scale d whose rounding gives the least weighted error."""
     best, best_err = None, None
     for d in candidates:
         codes = _with_levels(cls, Codes(d=d, L=torch.empty(0)), x)
@@ -95,6 +94,11 @@ def encode_iq4_nl(cls: type[BlockType], x: torch.Tensor, w: torch.Tensor) -> Cod
         best_err = torch.where(take, err, best_err)
         best.d, best.L = torch.where(take, codes.d, best.d), torch.where(take[:, None], codes.L, best.L)
     return best
+
+
+def encode_iq4_nl(cls: type[BlockType], x: torch.Tensor, w: torch.Tensor) -> Codes:
+    peak = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    return _best_scale(cls, x, w, [fp16(fit_level_scale(cls, x, w)), fp16(peak / level_table(cls).sorted_values[0])])
 
 
 _SUPER_STEPS = [0.0] + [0.1 * k for k in range(-4, 5) if k != 0]
@@ -134,18 +138,7 @@ def encode_mxfp4(cls: type[BlockType], x: torch.Tensor, w: torch.Tensor) -> Code
     amax = x.abs().amax(-1)
     # the exponent that puts amax between 0.75 and 1.5 times the top level (12 * 2^(e - 128))
     e0 = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2 + 127, torch.zeros_like(amax)).clamp_(0, 254)
-    best, best_err = None, None
-    for delta in (0, -1, 1):
-        e = (e0 + delta).clamp(0, 254)
-        codes = _with_levels(cls, Codes(d=e8m0_half(e), L=torch.empty(0)), x)
-        err = _stored_error(cls, codes, x, w)
-        if best is None:
-            best, best_err = codes, err
-            continue
-        take = err < best_err
-        best_err = torch.where(take, err, best_err)
-        best.d, best.L = torch.where(take, codes.d, best.d), torch.where(take[:, None], codes.L, best.L)
-    return best
+    return _best_scale(cls, x, w, [e8m0_half((e0 + delta).clamp(0, 254)) for delta in (0, -1, 1)])
 
 
 __all__ = ["encode_iq4_nl", "encode_iq4_xs", "encode_mxfp4", "fit_level_scale", "level_error", "round_to_levels"]
