@@ -664,6 +664,3 @@ def decode_tensor(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
         raw = raw.copy()
     bytes_ = torch.from_numpy(raw).reshape(shape[0], -1)
     return block_type(qtype).decode(bytes_).reshape(shape)
-
-
-from llmq.methods.grids import lattice  # noqa: E402,F401  (registers the lattice i-quants; it builds on this module)
