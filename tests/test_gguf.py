@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_model
+from gguf import GGML_QUANT_SIZES, GGUFReader, LlamaFileType
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, LlamaFileType
 from gguf import quants as gguf_quants
 
 from llmq import QuantizeConfig, quantize
@@ -360,7 +360,8 @@ def test_quantized_files_run_in_llamacpp_with_the_logits_of_their_weights(model_
     assert np.abs(got - expected).max() / scale < 0.03
     assert np.abs(original - expected).max() / scale > 1e-3  # the weights were quantized
     main = MIXTURES[gguf_type].default
-    assert main in {t.tensor_type for t in GGUFReader(out).tensors}, f"no tensor of {main.name} was written"
+    if sizes or GGML_QUANT_SIZES[main][0] == 32:  # (the default tiny models' 64-wide rows take 256-wide types' fallbacks)
+        assert main in {t.tensor_type for t in GGUFReader(out).tensors}, f"no tensor of {main.name} was written"
 
 
 @pytest.mark.parametrize("model_type, overrides", [("llama", dict(tie_word_embeddings=True)), ("qwen3_moe", {}), ("phi", {})])
