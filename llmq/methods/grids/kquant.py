@@ -243,7 +243,7 @@ class LatticeFit(GridFit):
         self.signs = self.codes.signs.reshape(rows, -1)  # [rows, cols / 8]
 
     def nearest(self) -> torch.Tensor:
-        return torch.zeros(self.shape)
+        return torch.empty(0)  # no integer per weight: the encoder's codes, kept in the fit, are the result
 
     def _per_column(self, *_):
         raise NotImplementedError(f"{self.qtype.name} rounds {self.vector_size} columns at a time (round_group)")
