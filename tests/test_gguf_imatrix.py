@@ -159,6 +159,17 @@ def test_imatrix_flags_refuse_what_cannot_hold_in_one_line(calibrated, wide_mode
         assert not out.exists()
 
 
+def test_a_lattice_tensor_missing_from_the_imatrix_is_refused(calibrated, wide_model, tmp_path):
+    """As llama-quantize: a tensor the mixture makes IQ2_XS with no importance entry is one line, before any work."""
+    entries = _entries(calibrated[1])
+    del entries["blk.1.ffn_up.weight"]
+    partial = tmp_path / "partial.imatrix.gguf"
+    write_imatrix(partial, entries, "calib", 8, 64)
+    with pytest.raises(LlmqError, match="no entry for blk.1.ffn_up.weight .* makes IQ2_XS") as refused:
+        _run(wide_model, tmp_path / "out.gguf", gguf_type="IQ2_XS", imatrix=str(partial))
+    assert "\n" not in str(refused.value) and not (tmp_path / "out.gguf").exists()
+
+
 def test_a_killed_run_saves_the_whole_imatrix_on_resume(wide_model, calib_file, tmp_path):
     """The statistics of the layers an interrupted run finished come back from its checkpoints."""
     options = dict(method="gptq", format="gguf", gguf_type="Q4_K_M", calib=str(calib_file), samples=8, seqlen=64,

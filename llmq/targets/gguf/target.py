@@ -248,6 +248,13 @@ class GGUFTarget(Target):
 
     def plan(self, model, linears, storage_dtype: torch.dtype, calibrated: bool) -> GGUFPlan:
         names, types = tensor_plan(model, self.mixture, has_imatrix=calibrated or self.imatrix is not None)
+        lacking = [name for name, importance in self._imported.items()
+                   if importance is None and types[names[f"{name}.weight"]] in NEEDS_IMATRIX]
+        if lacking:  # llama-quantize refuses these too ("missing importance matrix ... very low-bit quantization")
+            first = names[f"{lacking[0]}.weight"]
+            raise LlmqError(f"--imatrix has no entry for {first} ({len(lacking)} tensors in all), which --type "
+                            f"{self.mixture.name} makes {types[first].name}: a type llama.cpp makes only with "
+                            "importance; pass an importance matrix made for this model, or --calib FILE")
         ternary = TernaryGrid(ternary_scheme(self.config), storage_dtype) if self.method.ternary else None
 
         def grid_for_type(qtype: T, importance: torch.Tensor | None = None) -> Grid:
