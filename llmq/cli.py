@@ -138,8 +138,8 @@ def _quantize_parser(sub) -> None:
                              "(GGUF; legacy format when FILE ends in .dat), for llama-quantize --imatrix")
     target.add_argument("--type", dest="gguf_type", default=TargetOptions.gguf_type,
                         help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
-                             "IQ4_NL, IQ4_XS, IQ3_M/S/XS/XXS, IQ2_M/S/XS/XXS (IQ2_*, IQ3_XS/XXS need --calib or "
-                             "--imatrix), MXFP4_MOE, F16, BF16, F32 "
+                             "IQ4_NL, IQ4_XS, IQ3_M/S/XS/XXS, IQ2_M/S/XS/XXS, IQ1_M/S (IQ1_*, IQ2_*, IQ3_XS/XXS need "
+                             "--calib or --imatrix), MXFP4_MOE, F16, BF16, F32 "
                              "(default Q4_K_M); TQ1_0 or TQ2_0 (default) with --method bitnet")
 
     run = p.add_argument_group("run")

@@ -23,12 +23,12 @@ from llmq.eval.llamacpp import llamacpp_quantize_file, llamacpp_quantize_tensor,
 ALL_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.IQ4_XS,
              T.MXFP4]
 TERNARY = [T.TQ1_0, T.TQ2_0]
-LATTICE = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S]  # codebook entries of 8 or 4 weights
-NEEDS_IMPORTANCE = (T.IQ2_XXS, T.IQ2_XS)  # llama.cpp's quantizer aborts without an importance matrix  # for BitNet weights: encoded with gguf-py's (= llama.cpp's) absmax rule
+LATTICE = [T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S]  # codebook entries of 8 or 4 weights
+NEEDS_IMPORTANCE = (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS)  # llama.cpp's quantizer aborts without importance  # for BitNet weights: encoded with gguf-py's (= llama.cpp's) absmax rule
 # relative error bounds for the test weights (measured values are ~20% below; a wrong layout decodes to ~1)
 BOUND = {T.Q2_K: 0.38, T.Q3_K: 0.26, T.Q4_K: 0.12, T.Q5_K: 0.06, T.Q6_K: 0.04, T.Q4_0: 0.19, T.Q4_1: 0.12,
          T.Q5_0: 0.09, T.Q5_1: 0.06, T.Q8_0: 0.012, T.TQ1_0: 0.95, T.TQ2_0: 0.95, T.IQ4_NL: 0.16, T.IQ4_XS: 0.16,
-         T.MXFP4: 0.2, T.IQ2_XXS: 0.65, T.IQ2_XS: 0.55, T.IQ2_S: 0.52, T.IQ3_XXS: 0.4, T.IQ3_S: 0.3}
+         T.MXFP4: 0.2, T.IQ1_S: 0.75, T.IQ1_M: 0.68, T.IQ2_XXS: 0.65, T.IQ2_XS: 0.55, T.IQ2_S: 0.52, T.IQ3_XXS: 0.4, T.IQ3_S: 0.3}
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -121,7 +121,7 @@ def test_reconstruction_no_worse_than_llamacpp_on_reference_weights(reference_st
                                 qtype, w, imp)
                 ratios[(name, qtype.name, imp is not None)] = ours / theirs
     assert max(ratios.values()) <= 1.0, ratios
-    assert len(ratios) == 2 * (13 + 5) - 2 + 2 * 7  # 576 wide: the 32-wide types only
+    assert len(ratios) == 2 * (13 + 7) - 4 + 2 * 7  # 576 wide: the 32-wide types only
 
 
 # ---- files -------------------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ _WIDE = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256) 
 # where its experts are MXFP4)
 _RUNS = ([(model_type, gguf_type, {}) for gguf_type in ("Q8_0", "Q4_K_M") for model_type in _ARCHS]
          + [("llama", gguf_type, _WIDE) for gguf_type in ("Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "IQ2_XXS",
-                                                           "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_S")]
+                                                           "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")]
          + [("qwen3_moe", "MXFP4_MOE", {}),
             # at gpt_oss's default test size (hidden 64, experts 128 wide) llama.cpp 0.3.36 computes MXFP4 experts
             # 23-33% off the weights' logits, for llama-quantize's own MXFP4_MOE file of the same weights too
@@ -476,7 +476,8 @@ def test_gptq_on_grid_beats_weighted_rounding(qtype):
     result = GPTQ(MethodOptions(act_order=True)).quantize(w, stats, KQuantGrid(qtype))
     compensated = result.dequantize()
     error = lambda q: ((q - w) @ x.T).pow(2).sum().item()
-    assert error(compensated) < 0.8 * error(rounded)
+    # (IQ1's {-1, 0, 1} entries leave GPTQ less to trade: measured 0.76-0.80x)
+    assert error(compensated) < (0.9 if qtype in (T.IQ1_S, T.IQ1_M) else 0.8) * error(rounded)
     # an ordinary tensor of that type: packing round-trips and llama.cpp's decoder agrees
     assert _same_bits(gguf_quants.dequantize(result.to_bytes(), qtype), compensated.numpy())
 

@@ -22,7 +22,7 @@ from llmq.core.interfaces import Grid, GridFit
 from llmq.core.records import record
 from llmq.methods.grids.blocks import Codes, block_type, level_table
 from llmq.methods.grids.kquant_search import encode, grid_of
-from llmq.methods.grids.lattice import LATTICE_TYPES
+from llmq.methods.grids.lattice import LATTICE_TYPES, IQ1BlockType
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
@@ -31,12 +31,12 @@ record(T)  # a BlockTensor's block type, in checkpoints by name
 
 
 def narrow_integers(L: torch.Tensor) -> torch.Tensor:
-    """Block integers as uint8, or int16 for the lattice types' codebook indices (up to 1023); checked: a value
+    """Block integers as uint8, or int16 for the lattice types' codebook indices (up to 2047); checked: a value
     outside the narrow type would wrap silently."""
     if L.dtype in (torch.uint8, torch.int16):
         return L
-    if L.numel() and (L.min() < 0 or L.max() > 1023):
-        raise ValueError(f"block integers outside 0..1023 ({L.min().item()}..{L.max().item()})")
+    if L.numel() and (L.min() < 0 or L.max() > 2047):
+        raise ValueError(f"block integers outside 0..2047 ({L.min().item()}..{L.max().item()})")
     return L.to(torch.uint8 if not L.numel() or L.max() <= 255 else torch.int16)
 
 
@@ -256,13 +256,21 @@ class LatticeFit(GridFit):
     def round_group(self, w: torch.Tensor, column: int, weight: torch.Tensor) -> torch.Tensor:
         """Round columns column..column+7 (w: [8, rows], their current values) by Σ weight_k (x - q)², weight [8]
         per column; returns their decoded values [8, rows] and keeps their codes."""
-        from llmq.methods.grids.lattice_search import group_codes
+        from llmq.methods.grids.lattice_search import group_codes, iq1_group_codes
 
         x = w.T.to("cpu", torch.float32)  # [rows, 8]
+        weight = weight.to("cpu", torch.float32).expand_as(x)
         scale = self.scale[:, column // self.block.sub_size]
-        index, masks, values = group_codes(self.block, x, weight.to("cpu", torch.float32).expand_as(x), scale)
+        if issubclass(self.block, IQ1BlockType):  # signs are shifts: one per sub-block (IQ1_S, kept) or per group
+            shared = self.block.delta_size > 8
+            sign_column = column // self.block.delta_size
+            index, signs, values = iq1_group_codes(self.block, x, weight, scale,
+                                                   self.signs[:, sign_column] if shared else None)
+            self.signs[:, sign_column] = signs.to(self.signs.dtype)
+        else:
+            index, signs, values = group_codes(self.block, x, weight, scale)
+            self.signs[:, column // 8] = signs.to(self.signs.dtype)
         self.L[:, column // 8] = index.to(self.L.dtype)
-        self.signs[:, column // 8] = masks.to(self.signs.dtype)
         return values.T.to(w.device)
 
     def result(self, integers: torch.Tensor) -> BlockTensor:

@@ -27,7 +27,7 @@ from gguf import quants as gguf_quants
 
 from llmq.methods.grids.blocks import QK_K, BlockType, Codes, block_type, fp16
 from llmq.methods.grids.lattice import LATTICE_TYPES
-from llmq.methods.grids.lattice_search import encode_lattice
+from llmq.methods.grids.lattice_search import encode_iq1, encode_lattice
 from llmq.methods.grids.levels_search import encode_iq4_nl, encode_iq4_xs, encode_mxfp4, round_to_levels
 
 _INF = float("inf")
@@ -345,6 +345,8 @@ _ENCODERS = {
     T.IQ4_XS: encode_iq4_xs,
     T.MXFP4: encode_mxfp4,
     **{qtype: encode_lattice for qtype in LATTICE_TYPES},
+    T.IQ1_S: encode_iq1,
+    T.IQ1_M: encode_iq1,
 }
 
 QUANTIZED_TYPES = tuple(_ENCODERS)

@@ -251,7 +251,102 @@ class IQ3_S(LatticeBlockType, qtype=GGMLQuantizationType.IQ3_S):
                      signs=signs.to(torch.int32))
 
 
+class IQ1BlockType(LatticeBlockType, qtype=None):
+    """IQ1_S / IQ1_M: signed codebook entries of 8 weights in {-1, 0, 1}, shifted by +-1/8 (`signs`: 1 = -1/8),
+    w = d * (2 sc + 1) * (codebook[index][k] + shift), 3-bit scale codes."""
+
+    group, parity, delta = 8, False, 0.125
+    delta_size: int  # weights sharing one shift
+
+    @classmethod
+    def sub_scale(cls, d, sc):
+        return d[:, None] * (2 * sc.to(torch.float32) + 1)
+
+    @classmethod
+    def values(cls, codes: Codes) -> torch.Tensor:
+        n = codes.d.shape[0]
+        dl = cls.sub_scale(codes.d, codes.sc)
+        grid = cls.codebook().index_select(0, codes.L.reshape(-1).long()).reshape(n, -1, cls.delta_size)
+        shift = torch.where(codes.signs == 0, cls.delta, -cls.delta).to(torch.float32).unsqueeze(-1)
+        shifted = (grid + shift).reshape(n, -1, cls.sub_size)
+        return (dl.unsqueeze(-1) * shifted).reshape(n, cls.block_size)
+
+
+class IQ1_S(IQ1BlockType, qtype=GGMLQuantizationType.IQ1_S):
+    """50 bytes / 256 weights (1.56 bits).
+
+        d        : fp16
+        qs[32]   : low 8 bits of each group of 8's codebook index (11 bits)
+        qh[8]    : uint16 per sub-block of 32: high 3 bits of its 4 indices (bits 0-2, 3-5, 6-8, 9-11),
+                   scale code (bits 12-14), shift sign (bit 15)
+        w = d * (2 sc + 1) * (codebook[index] +- 1/8),   codebook: 2048 points of 8 values in {-1, 0, 1}
+    """
+
+    sub_size, qmax, delta_size = 32, 2047, 32
+
+    @classmethod
+    def pack(cls, codes):
+        n = codes.d.shape[0]
+        index = codes.L.to(torch.int64)
+        high = ((index >> 8).reshape(n, 8, 4) << (3 * torch.arange(4, dtype=torch.int64))).sum(-1)
+        qh = high | (codes.sc.to(torch.int64) << 12) | (codes.signs.to(torch.int64) << 15)
+        qh_bytes = torch.stack([qh & 0xFF, qh >> 8], -1).reshape(n, 16).to(torch.uint8)
+        return torch.cat([_f16_bytes(codes.d), (index & 0xFF).to(torch.uint8), qh_bytes], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        d, qs, qh = _split(data, [2, 32, 16])
+        qh = qh.to(torch.int64).reshape(n, 8, 2)
+        qh = qh[..., 0] | (qh[..., 1] << 8)
+        high = (qh.unsqueeze(-1) >> (3 * torch.arange(4, dtype=torch.int64))) & 7
+        index = qs.to(torch.int64) | (high.reshape(n, 32) << 8)
+        return Codes(d=_read_f16(d), L=index.to(torch.int32), sc=((qh >> 12) & 7).to(torch.int32),
+                     signs=(qh >> 15).to(torch.int32))
+
+
+class IQ1_M(IQ1BlockType, qtype=GGMLQuantizationType.IQ1_M):
+    """56 bytes / 256 weights (1.75 bits).
+
+        qs[32]     : low 8 bits of each group of 8's codebook index
+        qh[16]     : a nibble per group (low nibble first): high 3 bits of its index, shift sign in bit 3
+        scales[4]  : uint16 each: four 3-bit scale codes (one per 16 weights) in bits 0-11, and in bits 12-15
+                     a nibble of the fp16 d (scales[k] holds bits 4k..4k+3)
+        w = d * (2 sc + 1) * (codebook[index] +- 1/8)
+    """
+
+    sub_size, qmax, delta_size = 16, 2047, 8
+
+    @classmethod
+    def pack(cls, codes):
+        n = codes.d.shape[0]
+        index = codes.L.to(torch.int32)
+        nibbles = (index >> 8) | (codes.signs.to(torch.int32) << 3)  # [n, 32]
+        qh = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8)
+        d_bits = codes.d.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+        sc = codes.sc.to(torch.int64).reshape(n, 4, 4)
+        words = (sc << (3 * torch.arange(4, dtype=torch.int64))).sum(-1)
+        words |= ((d_bits[:, None] >> (4 * torch.arange(4, dtype=torch.int64))) & 0xF) << 12
+        scales = torch.stack([words & 0xFF, words >> 8], -1).reshape(n, 8).to(torch.uint8)
+        return torch.cat([(index & 0xFF).to(torch.uint8), qh, scales], dim=1)
+
+    @classmethod
+    def unpack(cls, data):
+        n = data.shape[0]
+        qs, qh, scales = _split(data, [32, 16, 8])
+        words = scales.to(torch.int64).reshape(n, 4, 2)
+        words = words[..., 0] | (words[..., 1] << 8)
+        d_bits = ((words >> 12) << (4 * torch.arange(4, dtype=torch.int64))).sum(-1)
+        d = d_bits.to(torch.int16).view(torch.float16).to(torch.float32)
+        sc = (words.unsqueeze(-1) >> (3 * torch.arange(4, dtype=torch.int64))) & 7
+        q = qh.to(torch.int32)
+        nibbles = torch.stack([q & 0xF, q >> 4], -1).reshape(n, 32)
+        index = qs.to(torch.int32) | ((nibbles & 7) << 8)
+        return Codes(d=d, L=index, sc=sc.reshape(n, 16).to(torch.int32), signs=nibbles >> 3)
+
+
 LATTICE_TYPES = (GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS, GGMLQuantizationType.IQ2_S,
-                 GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S)
+                 GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S, GGMLQuantizationType.IQ1_S,
+                 GGMLQuantizationType.IQ1_M)
 
 __all__ = ["LATTICE_TYPES", "LatticeBlockType"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from llmq.methods.grids.blocks import Codes, fp16
-from llmq.methods.grids.lattice import LatticeBlockType
+from llmq.methods.grids.lattice import IQ1BlockType, LatticeBlockType
 
 _CHUNK = 1 << 14  # groups per codebook search: [chunk, entries] distances (64 MB at 1024 entries)
 _LADDER = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25]  # candidate scales, as fractions of the largest target's fit
@@ -138,6 +138,86 @@ def encode_lattice(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor
     return Codes(d=d, L=index.to(torch.int32), sc=sc, signs=masks)
 
 
+_IQ1_LADDER = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15]  # candidate scales, fractions of the largest |x| (entries are +-1)
+
+
+def encode_iq1(cls: type[IQ1BlockType], x: torch.Tensor, w: torch.Tensor) -> Codes:
+    """IQ1_S / IQ1_M: w = s * (entry + shift), entries in {-1, 0, 1}^8, shift +-1/8 per `delta_size` weights.
+    For each candidate scale and each shift sign, every group takes its nearest entry (nearest_entries on the
+    shifted target x / s - shift); the shift sign with the lower error is kept per shift group, then the
+    weighted least-squares scale of the sub-block scores it. The sub-block scales become 3-bit codes (2 sc + 1)
+    under the fp16 d as for the other lattice types, and every group is searched once more under its stored
+    scale and shift."""
+    nb = x.shape[0]
+    n_sub = cls.block_size // cls.sub_size
+    peak = x.abs().reshape(nb, n_sub, -1).amax(-1)
+    best_score = torch.full((nb, n_sub), -1.0)
+    best_scale, best_curvature = torch.zeros(nb, n_sub), torch.ones(nb, n_sub)
+    candidates = [peak * fraction for fraction in _IQ1_LADDER]
+    for round_ in range(2):
+        for scale in candidates:
+            _, signs, values = _iq1_fit(cls, x, w, scale)
+            v = values.reshape(nb, n_sub, -1)
+            sxv = (w * x).reshape(nb, n_sub, -1).mul(v).sum(-1)
+            svv = w.reshape(nb, n_sub, -1).mul(v).mul(v).sum(-1)
+            fitted = torch.where(svv > 0, sxv / svv.clamp_min(1e-30), torch.zeros_like(sxv))
+            score = torch.where(fitted > 0, sxv * fitted, torch.zeros_like(sxv))
+            better = score > best_score
+            best_score = torch.where(better, score, best_score)
+            best_scale = torch.where(better, fitted.clamp_min(0), best_scale)
+            best_curvature = torch.where(better, svv, best_curvature)
+        candidates = [best_scale.clone()]
+    d, sc = _scale_codes(cls, best_scale, best_curvature)
+    index, signs, _ = _iq1_fit(cls, x, w, cls.sub_scale(d, sc))
+    return Codes(d=d, L=index.to(torch.int32), sc=sc, signs=signs)
+
+
+def _iq1_fit(cls, x, w, scale):
+    """Entries, shift signs and the unscaled values (entry + shift) [nb, block] of x under `scale` [nb, n_sub]."""
+    nb = x.shape[0]
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    u = (x.reshape(nb, scale.shape[1], -1) * inverse.unsqueeze(-1)).reshape(-1, cls.group)
+    weight = w.reshape(-1, cls.group)
+    book = cls.codebook()
+    tried = []
+    for shift in (cls.delta, -cls.delta):
+        index = nearest_entries(cls, u - shift, weight)
+        values = book.index_select(0, index) + shift
+        error = (values - u).square_().mul_(weight).sum(-1).reshape(nb, -1, cls.delta_size // cls.group).sum(-1)
+        tried.append((index, values, error))
+    (i_pos, v_pos, e_pos), (i_neg, v_neg, e_neg) = tried
+    negative = e_neg < e_pos  # [nb, shift groups]
+    per_group = negative.repeat_interleave(cls.delta_size // cls.group, dim=1).reshape(-1)
+    index = torch.where(per_group, i_neg, i_pos).reshape(nb, -1)
+    values = torch.where(per_group[:, None], v_neg, v_pos).reshape(nb, -1)
+    return index, negative.to(torch.int32), values
+
+
+def iq1_group_codes(cls: type[IQ1BlockType], x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                    shift_sign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IQ1's group_codes: one group of 8 per row x [rows, 8] under its stored scale [rows], with its shift sign
+    fixed (IQ1_S: one per sub-block, chosen by the encoder) or chosen here (IQ1_M: one per group)."""
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    u = x * inverse[:, None]
+    book = cls.codebook()
+    best = None
+    for negative in (0, 1):
+        shift = -cls.delta if negative else cls.delta
+        index = nearest_entries(cls, u - shift, w)
+        values = book.index_select(0, index) + shift
+        error = (values - u).square().mul(w).sum(-1)
+        if shift_sign is not None:
+            error = torch.where(shift_sign == negative, error, torch.full_like(error, float("inf")))
+        if best is None:
+            best = (index, torch.full_like(index, negative), values, error)
+            continue
+        take = error < best[3]
+        best = (torch.where(take, index, best[0]), torch.where(take, negative, best[1]),
+                torch.where(take[:, None], values, best[2]), torch.minimum(error, best[3]))
+    index, signs, values, _ = best
+    return index[:, None], signs, scale[:, None] * values
+
+
 def group_codes(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor,
                 scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sign group (8 weights) of each row x [rows, 8] under its stored scale [rows], weights w [rows, 8]:
@@ -156,7 +236,8 @@ def group_codes(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor,
 def _scale_codes(cls, scale: torch.Tensor, curvature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 super-scale d [nb] and 4-bit codes [nb, n_sub] whose scales best match `scale`, weighing each
     sub-block's mismatch by its curvature Σ w g²."""
-    factors = cls.scale_factor(torch.arange(16, dtype=torch.int32).reshape(1, 16)).reshape(16)  # scale / d per code
+    codes = 8 if issubclass(cls, IQ1BlockType) else 16  # 3-bit or 4-bit scale codes
+    factors = cls.scale_factor(torch.arange(codes, dtype=torch.int32).reshape(1, codes)).reshape(codes)  # scale / d
     peak = scale.amax(-1)
 
     def codes_for(d):
@@ -178,4 +259,4 @@ def _scale_codes(cls, scale: torch.Tensor, curvature: torch.Tensor) -> tuple[tor
     return best_d, best_sc
 
 
-__all__ = ["encode_lattice", "group_codes", "nearest_entries"]
+__all__ = ["encode_iq1", "encode_lattice", "group_codes", "iq1_group_codes", "nearest_entries"]

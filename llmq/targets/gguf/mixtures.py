@@ -53,6 +53,8 @@ MIXTURES = {m.name: m for m in [
     Mixture("IQ4_NL", T.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
     Mixture("IQ4_XS", T.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
     Mixture("MXFP4_MOE", T.MXFP4, LlamaFileType.MOSTLY_MXFP4_MOE),  # MXFP4 experts, Q8_0 for everything else
+    Mixture("IQ1_S", T.IQ1_S, LlamaFileType.MOSTLY_IQ1_S),
+    Mixture("IQ1_M", T.IQ1_M, LlamaFileType.MOSTLY_IQ1_M),
     Mixture("IQ2_XXS", T.IQ2_XXS, LlamaFileType.MOSTLY_IQ2_XXS),
     Mixture("IQ2_XS", T.IQ2_XS, LlamaFileType.MOSTLY_IQ2_XS),
     Mixture("IQ2_S", T.IQ2_XS, LlamaFileType.MOSTLY_IQ2_S),  # (llama.cpp's IQ2_S mixture is mostly IQ2_XS)
@@ -70,13 +72,13 @@ MIXTURES = {m.name: m for m in [
 
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.TQ1_0: T.Q4_0,
              T.TQ2_0: T.Q4_0, T.IQ4_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL,
-             T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL}
+             T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL}
 # mixtures llama.cpp's rules take apart from the rest (its "low-bit" branch)
-_LOW_BIT = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")
+_LOW_BIT = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")
 # types llama-quantize refuses to make without an importance matrix (tensor_requires_imatrix), and the mixtures
 # that put some decoder tensor in one of them
-NEEDS_IMATRIX = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS)
-IMATRIX_MIXTURES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS")
+NEEDS_IMATRIX = (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS)
+IMATRIX_MIXTURES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -120,7 +122,8 @@ def _mixture_type(mix: str, qtype: T, name: str, n_layers: int, n_gqa: int, tied
     if kind == "token_embd" and mix in ("TQ1_0", "TQ2_0"):
         return T.Q4_K
     if kind == "token_embd":
-        return {"IQ2_XXS": T.Q2_K, "IQ2_XS": T.Q2_K, "IQ2_S": T.IQ3_S, "IQ2_M": T.IQ3_S, "IQ3_XXS": T.IQ3_S}.get(mix, qtype)
+        return {"IQ1_S": T.Q2_K, "IQ1_M": T.Q2_K, "IQ2_XXS": T.Q2_K, "IQ2_XS": T.Q2_K, "IQ2_S": T.IQ3_S,
+                "IQ2_M": T.IQ3_S, "IQ3_XXS": T.IQ3_S}.get(mix, qtype)
     if mix in _LOW_BIT:
         return _low_bit_type(mix, qtype, kind, layer, n_layers, n_gqa, n_expert)
     if n_expert == 8 and kind in ("attn_v", "attn_qkv", "attn_kv_b", "attn_k"):
@@ -176,7 +179,7 @@ def _mixture_type(mix: str, qtype: T, name: str, n_layers: int, n_gqa: int, tied
 
 
 def _low_bit_type(mix: str, qtype: T, kind: str, layer: int, n_layers: int, n_gqa: int, n_expert: int) -> T:
-    """llama.cpp's rules for IQ2_XXS, IQ2_XS, IQ2_S and IQ2_M (apart from the output and embedding rules)."""
+    """llama.cpp's rules for IQ1_S, IQ1_M and IQ2_* (apart from the output and embedding rules)."""
     richer = T.IQ3_S if mix in ("IQ2_S", "IQ2_M") else T.Q2_K  # what attn_v and the first ffn_down get
     if kind in ("attn_v", "attn_qkv", "attn_kv_b"):
         return T.Q4_K if n_gqa >= 4 or n_expert >= 4 else richer
@@ -187,7 +190,7 @@ def _low_bit_type(mix: str, qtype: T, kind: str, layer: int, n_layers: int, n_gq
     if kind == "attn_output":
         if n_expert == 8:
             return T.Q5_K
-        return T.IQ3_S if mix in ("IQ2_S", "IQ2_M") else qtype
+        return {"IQ2_S": T.IQ3_S, "IQ2_M": T.IQ3_S, "IQ1_S": T.IQ2_XXS, "IQ1_M": T.IQ2_XXS}.get(mix, qtype)
     return qtype
 
 
