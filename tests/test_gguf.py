@@ -391,10 +391,9 @@ def test_bad_mixture_and_architecture_are_one_line_errors(tiny_llama_dir, tmp_pa
                                                                           device="cpu"))
     assert not (tmp_path / "x.gguf").exists()
     assert LlamaFileType.MOSTLY_Q4_K_M == MIXTURES["Q4_K_M"].file_type
-    # the mixtures llama.cpp makes only with an importance matrix; AWQ's search on a lattice type
+    # the mixtures llama.cpp makes only with an importance matrix
     for options, message in [(dict(gguf_type="IQ2_XXS"), "only with an importance matrix"),
-                             (dict(gguf_type="IQ3_XS"), "only with an importance matrix"),
-                             (dict(gguf_type="IQ3_S", method="awq"), "its search needs an integer grid")]:
+                             (dict(gguf_type="IQ3_XS"), "only with an importance matrix")]:
         with pytest.raises(LlmqError, match=message) as refused:
             quantize(str(tiny_llama_dir), tmp_path / "x.gguf", QuantizeConfig.of(format="gguf", device="cpu", **options))
         assert "\n" not in str(refused.value)
@@ -430,14 +429,16 @@ def test_calibrated_gguf_methods_write_files_llamacpp_runs(method, tiny_llama_di
         assert len(llm("Hello", max_tokens=4, temperature=0)["choices"][0]["text"]) > 0
 
 
-@pytest.mark.parametrize("gguf_type", ["IQ2_XS"])  # (IQ2_M, IQ3_XXS: their IQ3_S embeddings of 49k tokens are slow)
-def test_gptq_lattice_files_run_in_llamacpp_with_the_logits_of_their_weights(gguf_type, smollm2_tokenizer_dir,
+# (IQ2_M, IQ3_XXS: their IQ3_S embeddings of 49k tokens are slow to encode for a test)
+@pytest.mark.parametrize(("gguf_type", "method"), [("IQ2_XS", "gptq"), ("IQ2_XS", "awq+gptq")])
+def test_gptq_lattice_files_run_in_llamacpp_with_the_logits_of_their_weights(gguf_type, method, smollm2_tokenizer_dir,
                                                                                calib_file, tmp_path):
-    """GPTQ onto the lattice types, 8 columns at a time, through the whole run: llama.cpp computes what
-    transformers computes with the file's weights, and the file holds the mixture's lattice type."""
+    """GPTQ onto the lattice types, 8 columns at a time (after AWQ's scaling, searched on a 2-bit integer proxy),
+    through the whole run: llama.cpp computes what transformers computes with the file's weights, and the file
+    holds the mixture's lattice type."""
     source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, **_WIDE)
     out = tmp_path / f"{gguf_type}.gguf"
-    quantize(str(source), out, QuantizeConfig.of(method="gptq", format="gguf", gguf_type=gguf_type, device="cpu",
+    quantize(str(source), out, QuantizeConfig.of(method=method, format="gguf", gguf_type=gguf_type, device="cpu",
                                                  calib=str(calib_file), samples=4, seqlen=64))
     assert MIXTURES[gguf_type].default in {t.tensor_type for t in GGUFReader(out).tensors}
     model = _load_float(source)

@@ -48,7 +48,9 @@ from llmq.targets.gguf.writer import (
 )
 
 # the integer grid AWQ searches on, per mixture's main type: same bits (4 for the 5-bit types), 32-wide asymmetric
-_SEARCH_BITS = {T.Q2_K: 2, T.Q3_K: 3, T.Q4_K: 4, T.Q5_K: 4, T.Q4_0: 4, T.Q6_K: 8, T.Q8_0: 8}
+_SEARCH_BITS = {T.Q2_K: 2, T.Q3_K: 3, T.Q4_K: 4, T.Q5_K: 4, T.Q4_0: 4, T.Q6_K: 8, T.Q8_0: 8, T.Q4_1: 4, T.Q5_0: 4,
+                T.Q5_1: 4, T.IQ4_NL: 4, T.IQ4_XS: 4, T.MXFP4: 4, T.IQ3_S: 3, T.IQ3_XXS: 3, T.IQ2_S: 2, T.IQ2_XS: 2,
+                T.IQ2_XXS: 2, T.IQ1_M: 2, T.IQ1_S: 2}
 TQ_BLOCK = 256  # weights per TQ1_0 / TQ2_0 block: one scale each
 
 
