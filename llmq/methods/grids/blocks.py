@@ -6,10 +6,12 @@ a min (asymmetric types), a fixed integer zero (symmetric types) or a table of l
 
     asymmetric:  w = scale * L - min     symmetric:  w = scale * (L - zero)     codebook:  w = scale * levels[L]
 
-with L an unsigned integer in [0, qmax] (a 4-bit index into the 16 levels for IQ4_NL, IQ4_XS and MXFP4). The scales themselves are stored as integer codes under one fp16
-super-scale per block (k-quants) or directly in fp16 (the 32-wide legacy types). `Codes` holds those stored
-integers; `grid()` turns them into the effective scale/min exactly as gguf-py's decoders compute them (same
-float32 operations in the same order), so `decode` is bit-exact with `gguf.quants.dequantize`.
+with L an unsigned integer in [0, qmax] (a 4-bit index into the 16 levels for IQ4_NL, IQ4_XS and MXFP4). The
+scales themselves are stored as integer codes under one fp16 super-scale per block (k-quants) or directly in fp16
+(the 32-wide legacy types). `Codes` holds those stored integers; `grid()` turns them into the effective
+scale/min exactly as gguf-py's decoders compute them (same float32 operations in the same order), so `decode` is
+bit-exact with `gguf.quants.dequantize`. The lattice i-quants (IQ1-IQ3: codebook entries of 4 or 8 weights) are
+in lattice.py, on the same Codes.
 
 The choice of codes (the search) lives in llmq/methods/grids/kquant_search.py; this module is only the bit layout.
 It sits with the grids (not with the GGUF target) because the block types *are* grids: methods round onto
@@ -68,6 +70,28 @@ def deinterleave(data: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return out.reshape(*data.shape[:-1], k * data.shape[-1])
 
 
+def pack_fields(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fields [..., k] of `bits` bits each -> int64 words [...], field i in bits i*bits .. (i+1)*bits - 1."""
+    shifts = bits * torch.arange(values.shape[-1], dtype=torch.int64)
+    return (values.to(torch.int64) << shifts).sum(-1)
+
+
+def unpack_fields(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of `pack_fields`: words [...] -> int64 fields [..., k]."""
+    shifts = bits * torch.arange(k, dtype=torch.int64)
+    return (words.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+
+
+def le_bytes(words: torch.Tensor, width: int) -> torch.Tensor:
+    """Unsigned words [..., k] of `width` bytes -> uint8 [..., k * width], little-endian (a uint16/uint32 array)."""
+    return unpack_fields(words, 8, width).to(torch.uint8).reshape(*words.shape[:-1], -1)
+
+
+def from_le_bytes(data: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of `le_bytes`: uint8 [..., k * width] -> int64 words [..., k]."""
+    return pack_fields(data.reshape(*data.shape[:-1], -1, width), 8)
+
+
 def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).reshape(-1, 1).view(torch.uint8)
 
@@ -92,7 +116,7 @@ class BlockType:
     sub_size: int
     qmax: int
     zero: int | None = None  # symmetric types: the integer that decodes to 0; None: asymmetric (scale * L - min)
-    levels: tuple[int, ...] | None = None  # codebook types: w = scale * levels[L] (non-uniform; see LevelBlockType)
+    levels: tuple[int, ...] | None = None  # codebook types: w = scale * levels[L] (non-uniform; see LevelTable)
 
     def __init_subclass__(cls, qtype: GGMLQuantizationType | None):
         if qtype is None:  # a family's base class (lattice.LatticeBlockType), not a type of its own
@@ -601,9 +625,8 @@ class IQ4_XS(BlockType, qtype=GGMLQuantizationType.IQ4_XS):
     def pack(cls, codes):
         n = codes.L.shape[0]
         code = codes.sc.to(torch.int32) + 32
-        high = ((code >> 4) << (2 * torch.arange(8, dtype=torch.int32))).sum(-1)
-        scales_h = torch.stack([high & 0xFF, high >> 8], dim=1).to(torch.uint8)
-        scales_l = interleave((code & 0xF).reshape(n, 4, 2).transpose(1, 2).reshape(n, 8), 4, 4)
+        scales_h = le_bytes(pack_fields(code >> 4, 2)[:, None], 2)
+        scales_l = pack_fields((code & 0xF).reshape(n, 4, 2), 4).to(torch.uint8)
         qs = _nibbles(codes.L.reshape(n * 8, 32)).reshape(n, 128)
         return torch.cat([_f16_bytes(codes.d), scales_h, scales_l, qs], dim=1)
 
@@ -611,11 +634,10 @@ class IQ4_XS(BlockType, qtype=GGMLQuantizationType.IQ4_XS):
     def unpack(cls, data):
         n = data.shape[0]
         d, scales_h, scales_l, qs = _split(data, [2, 2, 4, 128])
-        h = scales_h.to(torch.int32)
-        high = ((h[:, :1] | (h[:, 1:] << 8)) >> (2 * torch.arange(8, dtype=torch.int32))) & 3
-        low = deinterleave(scales_l, 4, 2).reshape(n, 2, 4).transpose(1, 2).reshape(n, 8)
+        high = unpack_fields(from_le_bytes(scales_h, 2)[:, 0], 2, 8)
+        low = unpack_fields(scales_l, 4, 2).reshape(n, 8)
         L = deinterleave(qs.reshape(n * 8, 16), 4, 2).reshape(n, 256)
-        return Codes(d=_read_f16(d), L=L, sc=(low | (high << 4)) - 32)
+        return Codes(d=_read_f16(d), L=L, sc=((low | (high << 4)) - 32).to(torch.int32))
 
 
 def e8m0_half(e: torch.Tensor) -> torch.Tensor:
@@ -625,7 +647,7 @@ def e8m0_half(e: torch.Tensor) -> torch.Tensor:
 
 def e8m0_code(d: torch.Tensor) -> torch.Tensor:
     """The E8M0 byte of a power-of-two half scale d = 2^(e - 128) (inverse of e8m0_half)."""
-    mantissa, exponent = torch.frexp(d)  # d = 0.5 * 2^exponent
+    _, exponent = torch.frexp(d)  # d = 0.5 * 2^exponent
     return (exponent - 1 + 128).clamp_(0, 255).to(torch.uint8)
 
 

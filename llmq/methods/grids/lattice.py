@@ -1,4 +1,4 @@
-"""GGUF's lattice i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S): bit layouts and decoding.
+"""GGUF's lattice i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, and IQ1_S / IQ1_M): bit layouts, decoding.
 
 A super-block of 256 weights has one fp16 scale d and a 4-bit scale code per sub-block. Its weights come in
 groups of 8 (IQ2) or 4 (IQ3), each group one entry of a fixed codebook of non-negative magnitudes (points of
@@ -12,7 +12,8 @@ codebooks are gguf-py's (`init_grid`), the same numbers llama.cpp's kernels use;
 gguf-py's float32 operations in its order, so decoding is bit-exact with `gguf.quants.dequantize`.
 
 Codes of a lattice block: d [n], L = codebook indices [n, groups], sc = scale codes [n, sub-blocks],
-signs = 8-bit sign masks [n, block_size / 8].
+signs = 8-bit sign masks [n, block_size / 8]. IQ1_S / IQ1_M differ (IQ1BlockType): signed entries in {-1, 0, 1}
+shifted by +-1/8, `signs` holding the shift's sign.
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from llmq.methods.grids.blocks import BlockType, Codes, _f16_bytes, _read_f16, _split, deinterleave, interleave
+from llmq.methods.grids.blocks import (
+    BlockType,
+    Codes,
+    _f16_bytes,
+    _read_f16,
+    _split,
+    from_le_bytes,
+    le_bytes,
+    pack_fields,
+    unpack_fields,
+)
 
 
 class LatticeBlockType(BlockType, qtype=None):
@@ -68,33 +79,34 @@ class LatticeBlockType(BlockType, qtype=None):
         n = codes.d.shape[0]
         db = cls.sub_scale(codes.d, codes.sc)  # [n, n_sub]
         magnitudes = cls.codebook().index_select(0, codes.L.reshape(-1).long()).reshape(n, -1, cls.sub_size)
-        bits = (codes.signs.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
-        signs = torch.where(bits == 0, 1.0, -1.0).reshape(n, -1, cls.sub_size)
+        signs = sign_factors(codes.signs).reshape(n, -1, cls.sub_size)
         return (db.unsqueeze(-1) * magnitudes * signs).reshape(n, cls.block_size)
 
 
-def _u32_bytes(x: torch.Tensor) -> torch.Tensor:
-    """int64 [..., k] (values below 2^32) -> uint8 [..., 4k], little-endian."""
-    shifts = torch.arange(0, 32, 8, dtype=torch.int64)
-    return ((x.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(*x.shape[:-1], -1)
-
-
-def _read_u32(data: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 4k] -> int64 [..., k]."""
-    b = data.to(torch.int64).reshape(*data.shape[:-1], -1, 4)
-    return (b << torch.arange(0, 32, 8, dtype=torch.int64)).sum(-1)
+def sign_factors(masks: torch.Tensor) -> torch.Tensor:
+    """8-bit sign masks [...] -> float32 factors [..., 8]: -1 where bit k is set, else 1."""
+    return torch.where(unpack_fields(masks, 1, 8) == 0, 1.0, -1.0)
 
 
 def _seven_bit_signs(masks: torch.Tensor) -> torch.Tensor:
     """Sign masks [..., 4] -> the 28 bits IQ2_XXS / IQ3_XXS store (7 per mask; the 8th is parity)."""
-    return ((masks.to(torch.int64) & 127) << (7 * torch.arange(4, dtype=torch.int64))).sum(-1)
+    return pack_fields(masks.to(torch.int64) & 127, 7)
 
 
 def _parity_masks(seven: torch.Tensor) -> torch.Tensor:
     """7 stored bits -> the full 8-bit mask (bit 7 set when the 7 bits hold an odd number of negatives)."""
-    seven = seven.to(torch.int32) & 127
-    odd = (((seven.unsqueeze(-1) >> torch.arange(7, dtype=torch.int32)) & 1).sum(-1)) & 1
-    return seven | (odd << 7)
+    seven = seven.to(torch.int64) & 127
+    odd = unpack_fields(seven, 1, 7).sum(-1) & 1
+    return (seven | (odd << 7)).to(torch.int32)
+
+
+def _nibble_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [n, 2k] -> [n, k] bytes, code 2j in the low nibble of byte j and 2j+1 in its high one."""
+    return pack_fields(codes.reshape(codes.shape[0], -1, 2), 4).to(torch.uint8)
+
+
+def _read_nibble_pairs(data: torch.Tensor) -> torch.Tensor:
+    return unpack_fields(data, 4, 2).reshape(data.shape[0], -1).to(torch.int32)
 
 
 class IQ2_XXS(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_XXS):
@@ -110,19 +122,18 @@ class IQ2_XXS(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_XXS):
     @classmethod
     def pack(cls, codes):
         n = codes.d.shape[0]
-        index = codes.L.to(torch.int64).reshape(n, 8, 4)
-        a = (index << torch.arange(0, 32, 8, dtype=torch.int64)).sum(-1)
+        a = pack_fields(codes.L.reshape(n, 8, 4), 8)
         b = _seven_bit_signs(codes.signs.reshape(n, 8, 4)) | (codes.sc.to(torch.int64) << 28)
-        return torch.cat([_f16_bytes(codes.d), _u32_bytes(torch.stack([a, b], -1).reshape(n, 16))], dim=1)
+        return torch.cat([_f16_bytes(codes.d), le_bytes(torch.stack([a, b], -1).reshape(n, 16), 4)], dim=1)
 
     @classmethod
     def unpack(cls, data):
         n = data.shape[0]
         d, qs = _split(data, [2, 64])
-        words = _read_u32(qs).reshape(n, 8, 2)
+        words = from_le_bytes(qs, 4).reshape(n, 8, 2)
         a, b = words[..., 0], words[..., 1]
-        index = (a.unsqueeze(-1) >> torch.arange(0, 32, 8, dtype=torch.int64)) & 0xFF
-        signs = _parity_masks((b.unsqueeze(-1) >> (7 * torch.arange(4, dtype=torch.int64))) & 127)
+        index = unpack_fields(a, 8, 4)
+        signs = _parity_masks(unpack_fields(b, 7, 4))
         return Codes(d=_read_f16(d), L=index.reshape(n, 32).to(torch.int32), sc=(b >> 28).to(torch.int32),
                      signs=signs.reshape(n, 32))
 
@@ -140,29 +151,15 @@ class IQ2_XS(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_XS):
 
     @classmethod
     def pack(cls, codes):
-        words = codes.L.to(torch.int32) | ((codes.signs.to(torch.int32) & 127) << 9)
-        qs = torch.stack([words & 0xFF, words >> 8], -1).reshape(words.shape[0], 64).to(torch.uint8)
-        return torch.cat([_f16_bytes(codes.d), qs, interleave(_pairs(codes.sc), 4, 8)], dim=1)
+        words = codes.L.to(torch.int64) | ((codes.signs.to(torch.int64) & 127) << 9)
+        return torch.cat([_f16_bytes(codes.d), le_bytes(words, 2), _nibble_pairs(codes.sc)], dim=1)
 
     @classmethod
     def unpack(cls, data):
-        n = data.shape[0]
         d, qs, scales = _split(data, [2, 64, 8])
-        words = qs.to(torch.int32).reshape(n, 32, 2)
-        words = words[..., 0] | (words[..., 1] << 8)
-        return Codes(d=_read_f16(d), L=words & 511, sc=_unpairs(deinterleave(scales, 4, 2)),
+        words = from_le_bytes(qs, 2)
+        return Codes(d=_read_f16(d), L=(words & 511).to(torch.int32), sc=_read_nibble_pairs(scales),
                      signs=_parity_masks(words >> 9))
-
-
-def _pairs(sc: torch.Tensor) -> torch.Tensor:
-    """Codes [n, 2k] -> the order interleave(.., 4, k) packs as byte j = sc[2j] | sc[2j+1] << 4."""
-    n = sc.shape[0]
-    return sc.to(torch.int32).reshape(n, -1, 2).transpose(1, 2).reshape(n, -1)
-
-
-def _unpairs(values: torch.Tensor) -> torch.Tensor:
-    n = values.shape[0]
-    return values.reshape(n, 2, -1).transpose(1, 2).reshape(n, -1)
 
 
 class IQ2_S(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_S):
@@ -180,19 +177,18 @@ class IQ2_S(LatticeBlockType, qtype=GGMLQuantizationType.IQ2_S):
 
     @classmethod
     def pack(cls, codes):
-        index = codes.L.to(torch.int32)
-        n = index.shape[0]
-        high = interleave((index >> 8).reshape(n, 8, 4).transpose(1, 2).reshape(n, 32), 2, 8)
+        index = codes.L.to(torch.int64)
+        high = pack_fields((index >> 8).reshape(index.shape[0], 8, 4), 2).to(torch.uint8)
         return torch.cat([_f16_bytes(codes.d), (index & 0xFF).to(torch.uint8), codes.signs.to(torch.uint8), high,
-                          interleave(_pairs(codes.sc), 4, 8)], dim=1)
+                          _nibble_pairs(codes.sc)], dim=1)
 
     @classmethod
     def unpack(cls, data):
         n = data.shape[0]
         d, qs, signs, qh, scales = _split(data, [2, 32, 32, 8, 8])
-        high = deinterleave(qh, 2, 4).reshape(n, 4, 8).transpose(1, 2).reshape(n, 32)
-        return Codes(d=_read_f16(d), L=qs.to(torch.int32) | (high << 8), sc=_unpairs(deinterleave(scales, 4, 2)),
-                     signs=signs.to(torch.int32))
+        high = unpack_fields(qh, 2, 4).reshape(n, 32)
+        index = (qs.to(torch.int64) | (high << 8)).to(torch.int32)
+        return Codes(d=_read_f16(d), L=index, sc=_read_nibble_pairs(scales), signs=signs.to(torch.int32))
 
 
 class IQ3_XXS(LatticeBlockType, qtype=GGMLQuantizationType.IQ3_XXS):
@@ -210,14 +206,14 @@ class IQ3_XXS(LatticeBlockType, qtype=GGMLQuantizationType.IQ3_XXS):
     def pack(cls, codes):
         n = codes.d.shape[0]
         words = _seven_bit_signs(codes.signs.reshape(n, 8, 4)) | (codes.sc.to(torch.int64) << 28)
-        return torch.cat([_f16_bytes(codes.d), codes.L.to(torch.uint8), _u32_bytes(words)], dim=1)
+        return torch.cat([_f16_bytes(codes.d), codes.L.to(torch.uint8), le_bytes(words, 4)], dim=1)
 
     @classmethod
     def unpack(cls, data):
         n = data.shape[0]
         d, qs, rest = _split(data, [2, 64, 32])
-        words = _read_u32(rest)
-        signs = _parity_masks((words.unsqueeze(-1) >> (7 * torch.arange(4, dtype=torch.int64))) & 127)
+        words = from_le_bytes(rest, 4)
+        signs = _parity_masks(unpack_fields(words, 7, 4))
         return Codes(d=_read_f16(d), L=qs.to(torch.int32), sc=(words >> 28).to(torch.int32), signs=signs.reshape(n, 32))
 
 
@@ -236,19 +232,18 @@ class IQ3_S(LatticeBlockType, qtype=GGMLQuantizationType.IQ3_S):
 
     @classmethod
     def pack(cls, codes):
-        index = codes.L.to(torch.int32)
-        n = index.shape[0]
-        high = interleave((index >> 8).reshape(n, 8, 8).transpose(1, 2).reshape(n, 64), 1, 8)
+        index = codes.L.to(torch.int64)
+        high = pack_fields((index >> 8).reshape(index.shape[0], 8, 8), 1).to(torch.uint8)
         return torch.cat([_f16_bytes(codes.d), (index & 0xFF).to(torch.uint8), high, codes.signs.to(torch.uint8),
-                          interleave(_pairs(codes.sc), 4, 4)], dim=1)
+                          _nibble_pairs(codes.sc)], dim=1)
 
     @classmethod
     def unpack(cls, data):
         n = data.shape[0]
         d, qs, qh, signs, scales = _split(data, [2, 64, 8, 32, 4])
-        high = deinterleave(qh, 1, 8).reshape(n, 8, 8).transpose(1, 2).reshape(n, 64)
-        return Codes(d=_read_f16(d), L=qs.to(torch.int32) | (high << 8), sc=_unpairs(deinterleave(scales, 4, 2)),
-                     signs=signs.to(torch.int32))
+        high = unpack_fields(qh, 1, 8).reshape(n, 64)
+        index = (qs.to(torch.int64) | (high << 8)).to(torch.int32)
+        return Codes(d=_read_f16(d), L=index, sc=_read_nibble_pairs(scales), signs=signs.to(torch.int32))
 
 
 class IQ1BlockType(LatticeBlockType, qtype=None):
@@ -288,19 +283,16 @@ class IQ1_S(IQ1BlockType, qtype=GGMLQuantizationType.IQ1_S):
     def pack(cls, codes):
         n = codes.d.shape[0]
         index = codes.L.to(torch.int64)
-        high = ((index >> 8).reshape(n, 8, 4) << (3 * torch.arange(4, dtype=torch.int64))).sum(-1)
-        qh = high | (codes.sc.to(torch.int64) << 12) | (codes.signs.to(torch.int64) << 15)
-        qh_bytes = torch.stack([qh & 0xFF, qh >> 8], -1).reshape(n, 16).to(torch.uint8)
-        return torch.cat([_f16_bytes(codes.d), (index & 0xFF).to(torch.uint8), qh_bytes], dim=1)
+        qh = pack_fields((index >> 8).reshape(n, 8, 4), 3)
+        qh |= (codes.sc.to(torch.int64) << 12) | (codes.signs.to(torch.int64) << 15)
+        return torch.cat([_f16_bytes(codes.d), (index & 0xFF).to(torch.uint8), le_bytes(qh, 2)], dim=1)
 
     @classmethod
     def unpack(cls, data):
         n = data.shape[0]
         d, qs, qh = _split(data, [2, 32, 16])
-        qh = qh.to(torch.int64).reshape(n, 8, 2)
-        qh = qh[..., 0] | (qh[..., 1] << 8)
-        high = (qh.unsqueeze(-1) >> (3 * torch.arange(4, dtype=torch.int64))) & 7
-        index = qs.to(torch.int64) | (high.reshape(n, 32) << 8)
+        qh = from_le_bytes(qh, 2)
+        index = qs.to(torch.int64) | (unpack_fields(qh, 3, 4).reshape(n, 32) << 8)
         return Codes(d=_read_f16(d), L=index.to(torch.int32), sc=((qh >> 12) & 7).to(torch.int32),
                      signs=(qh >> 15).to(torch.int32))
 
@@ -320,29 +312,21 @@ class IQ1_M(IQ1BlockType, qtype=GGMLQuantizationType.IQ1_M):
     @classmethod
     def pack(cls, codes):
         n = codes.d.shape[0]
-        index = codes.L.to(torch.int32)
-        nibbles = (index >> 8) | (codes.signs.to(torch.int32) << 3)  # [n, 32]
-        qh = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8)
+        index = codes.L.to(torch.int64)
+        nibbles = (index >> 8) | (codes.signs.to(torch.int64) << 3)  # [n, 32]
         d_bits = codes.d.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
-        sc = codes.sc.to(torch.int64).reshape(n, 4, 4)
-        words = (sc << (3 * torch.arange(4, dtype=torch.int64))).sum(-1)
-        words |= ((d_bits[:, None] >> (4 * torch.arange(4, dtype=torch.int64))) & 0xF) << 12
-        scales = torch.stack([words & 0xFF, words >> 8], -1).reshape(n, 8).to(torch.uint8)
-        return torch.cat([(index & 0xFF).to(torch.uint8), qh, scales], dim=1)
+        words = pack_fields(codes.sc.reshape(n, 4, 4), 3) | (unpack_fields(d_bits, 4, 4) << 12)
+        return torch.cat([(index & 0xFF).to(torch.uint8), _nibble_pairs(nibbles), le_bytes(words, 2)], dim=1)
 
     @classmethod
     def unpack(cls, data):
         n = data.shape[0]
         qs, qh, scales = _split(data, [32, 16, 8])
-        words = scales.to(torch.int64).reshape(n, 4, 2)
-        words = words[..., 0] | (words[..., 1] << 8)
-        d_bits = ((words >> 12) << (4 * torch.arange(4, dtype=torch.int64))).sum(-1)
-        d = d_bits.to(torch.int16).view(torch.float16).to(torch.float32)
-        sc = (words.unsqueeze(-1) >> (3 * torch.arange(4, dtype=torch.int64))) & 7
-        q = qh.to(torch.int32)
-        nibbles = torch.stack([q & 0xF, q >> 4], -1).reshape(n, 32)
+        words = from_le_bytes(scales, 2)
+        d = pack_fields(words >> 12, 4).to(torch.int16).view(torch.float16).to(torch.float32)
+        nibbles = _read_nibble_pairs(qh)
         index = qs.to(torch.int32) | ((nibbles & 7) << 8)
-        return Codes(d=d, L=index, sc=sc.reshape(n, 16).to(torch.int32), signs=nibbles >> 3)
+        return Codes(d=d, L=index, sc=unpack_fields(words, 3, 4).reshape(n, 16).to(torch.int32), signs=nibbles >> 3)
 
 
 LATTICE_TYPES = (GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS, GGMLQuantizationType.IQ2_S,
