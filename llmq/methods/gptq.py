@@ -280,9 +280,8 @@ class GPTQ(Method):
             columns = order[i1:i2]
             return weight[:, columns].float().masked_fill_(dead[columns], 0).T.contiguous()
 
-        weight_of = None  # vector grids: each visiting position's error weight R_jj² = 1 / U_jj² (its cost in the objective)
-        if vector > 1:
-            weight_of = factor.diagonal().square() if not scattered else factor.diagonal().square().reciprocal()
+        # vector grids fit no group during the sweep, so theirs is R's form: each visiting position's error costs R_jj²
+        weight_of = factor.diagonal().square() if vector > 1 else None
         rounded = {}  # vector grids: the values of the vector being visited, by position
 
         def round_column(position: int, block: torch.Tensor, i: int, block_errors: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,8 @@ class FloatGrid(Grid):
 
 
 class KQuantGrid(Grid):
-    """One GGUF block type (Q2_K..Q6_K, Q4_0..Q8_0, TQ1_0/TQ2_0, IQ4_NL/IQ4_XS/MXFP4); its fit is llmq's block
-    search."""
+    """One GGUF block type (Q2_K..Q6_K, Q4_0..Q8_0, TQ1_0/TQ2_0, IQ4_NL/IQ4_XS/MXFP4, the lattice IQ1-IQ3); its fit
+    is llmq's block search."""
 
     weighted = True
 
@@ -248,10 +248,7 @@ class LatticeFit(GridFit):
     def _per_column(self, *_):
         raise NotImplementedError(f"{self.qtype.name} rounds {self.vector_size} columns at a time (round_group)")
 
-    position = round = clamp = value = _per_column
-
-    def round_column(self, w, column, integers):
-        raise NotImplementedError(f"{self.qtype.name} rounds {self.vector_size} columns at a time (round_group)")
+    position = round = clamp = value = round_column = _per_column
 
     def round_group(self, w: torch.Tensor, column: int, weight: torch.Tensor) -> torch.Tensor:
         """Round columns column..column+7 (w: [8, rows], their current values) by Σ weight_k (x - q)², weight [8]

@@ -344,9 +344,7 @@ _ENCODERS = {
     T.IQ4_NL: encode_iq4_nl,
     T.IQ4_XS: encode_iq4_xs,
     T.MXFP4: encode_mxfp4,
-    **{qtype: encode_lattice for qtype in LATTICE_TYPES},
-    T.IQ1_S: encode_iq1,
-    T.IQ1_M: encode_iq1,
+    **{qtype: encode_iq1 if qtype in (T.IQ1_S, T.IQ1_M) else encode_lattice for qtype in LATTICE_TYPES},
 }
 
 QUANTIZED_TYPES = tuple(_ENCODERS)

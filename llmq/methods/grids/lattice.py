@@ -333,4 +333,4 @@ LATTICE_TYPES = (GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS, GGML
                  GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ3_S, GGMLQuantizationType.IQ1_S,
                  GGMLQuantizationType.IQ1_M)
 
-__all__ = ["LATTICE_TYPES", "LatticeBlockType"]
+__all__ = ["LATTICE_TYPES", "IQ1BlockType", "LatticeBlockType", "sign_factors"]

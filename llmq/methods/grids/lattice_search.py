@@ -1,4 +1,5 @@
-"""Encoders for GGUF's lattice i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; layouts in lattice.py).
+"""Encoders for GGUF's lattice i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M; layouts in
+lattice.py).
 
 Each group of 8 (or 4) weights becomes one codebook entry of magnitudes times a scale, with a sign per weight.
 Minimizing the importance-weighted squared error Σ w (s·g·sign - x)² splits into:
@@ -10,9 +11,10 @@ Minimizing the importance-weighted squared error Σ w (s·g·sign - x)² splits 
 2. Sub-block scales: for a ladder of candidate scales (the sub-block's largest target on the codebook's larger
    magnitudes), each group takes its nearest codebook entry (weighted; see nearest_entries), and the weighted
    least-squares scale for those entries is scored; the best is re-searched once.
-3. Scale codes: the sub-block scales become 4-bit codes under one fp16 super-scale, chosen among candidates by
-   the error its rounded scales cost (Σ w g² · Δscale², the quadratic of the fit), each code then trying its
-   neighbours the same way; finally every group is searched again under its stored scale.
+3. Scale codes: the sub-block scales become 4-bit (IQ1: 3-bit) codes under one fp16 super-scale, chosen among
+   candidates by the error its rounded scales cost (Σ w g² · Δscale², the quadratic of the fit), each code the
+   nearest for its candidate; finally every group is searched again under its stored scale.
+IQ1's entries are signed and shifted instead (encode_iq1).
 """
 
 from __future__ import annotations
@@ -20,12 +22,10 @@ from __future__ import annotations
 import torch
 
 from llmq.methods.grids.blocks import Codes, fp16
-from llmq.methods.grids.lattice import IQ1BlockType, LatticeBlockType
+from llmq.methods.grids.lattice import IQ1BlockType, LatticeBlockType, sign_factors
 
-_CHUNK = 1 << 14  # groups per codebook search: [chunk, entries] distances (64 MB at 1024 entries)
+_CHUNK = 1 << 14  # groups per neighbour search: [chunk, 32, group] candidate points at a time
 _LADDER = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25]  # candidate scales, as fractions of the largest target's fit
-
-
 _NEIGHBOURS = 32  # codebook entries searched for a combination that is not one (llama.cpp's neighbour lists)
 
 
@@ -112,6 +112,25 @@ def _fit(cls, target, w, scale):
     return index, (wt * g).sum(-1), (w.reshape(nb, n_sub, -1) * g.square()).sum(-1)
 
 
+def _best_scales(candidates: list[torch.Tensor], moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sub-block, the weighted least-squares scale of the candidate whose rounding fits best, and its curvature
+    Σ w v². `moments(scale)` [nb, n_sub] gives (Σ w x v, Σ w v²) for the values v the scale rounds to; the
+    winner's refitted scale is searched once more."""
+    best_score = torch.full_like(candidates[0], -1.0)
+    best_scale, best_curvature = torch.zeros_like(best_score), torch.ones_like(best_score)
+    for _ in range(2):
+        for scale in candidates:
+            sxv, svv = moments(scale)
+            fitted = torch.where(svv > 0, sxv / svv.clamp_min(1e-30), torch.zeros_like(sxv))
+            score = torch.where(fitted > 0, sxv * fitted, torch.zeros_like(sxv))
+            better = score > best_score
+            best_score = torch.where(better, score, best_score)
+            best_scale = torch.where(better, fitted.clamp_min(0), best_scale)
+            best_curvature = torch.where(better, svv, best_curvature)
+        candidates = [best_scale.clone()]
+    return best_scale, best_curvature
+
+
 def encode_lattice(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor) -> Codes:
     """Codes of blocks x [nb, 256] under element weights w [nb, 256]."""
     nb = x.shape[0]
@@ -119,19 +138,8 @@ def encode_lattice(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor
     target, masks = _signs(cls, x, w)
     peak = target.reshape(nb, n_sub, -1).amax(-1)
     top = cls.codebook().max().item()
-    best_score = torch.full((nb, n_sub), -1.0)
-    best_scale, best_curvature = torch.zeros(nb, n_sub), torch.ones(nb, n_sub)
-    candidates = [peak / (top * fraction) for fraction in _LADDER]
-    for round_ in range(2):
-        for scale in candidates:
-            _, sxg, sgg = _fit(cls, target, w, scale)
-            fitted = torch.where(sgg > 0, sxg / sgg.clamp_min(1e-30), torch.zeros_like(sxg))
-            score = torch.where(fitted > 0, sxg * fitted, torch.zeros_like(sxg))
-            better = score > best_score
-            best_score = torch.where(better, score, best_score)
-            best_scale = torch.where(better, fitted.clamp_min(0), best_scale)
-            best_curvature = torch.where(better, sgg, best_curvature)
-        candidates = [best_scale.clone()]  # the winner's entries refitted: searched once more
+    best_scale, best_curvature = _best_scales([peak / (top * fraction) for fraction in _LADDER],
+                                              lambda scale: _fit(cls, target, w, scale)[1:])
     d, sc = _scale_codes(cls, best_scale, best_curvature)
     stored = cls.sub_scale(d, sc)
     index, _, _ = _fit(cls, target, w, stored)
@@ -151,29 +159,21 @@ def encode_iq1(cls: type[IQ1BlockType], x: torch.Tensor, w: torch.Tensor) -> Cod
     nb = x.shape[0]
     n_sub = cls.block_size // cls.sub_size
     peak = x.abs().reshape(nb, n_sub, -1).amax(-1)
-    best_score = torch.full((nb, n_sub), -1.0)
-    best_scale, best_curvature = torch.zeros(nb, n_sub), torch.ones(nb, n_sub)
-    candidates = [peak * fraction for fraction in _IQ1_LADDER]
-    for round_ in range(2):
-        for scale in candidates:
-            _, signs, values = _iq1_fit(cls, x, w, scale)
-            v = values.reshape(nb, n_sub, -1)
-            sxv = (w * x).reshape(nb, n_sub, -1).mul(v).sum(-1)
-            svv = w.reshape(nb, n_sub, -1).mul(v).mul(v).sum(-1)
-            fitted = torch.where(svv > 0, sxv / svv.clamp_min(1e-30), torch.zeros_like(sxv))
-            score = torch.where(fitted > 0, sxv * fitted, torch.zeros_like(sxv))
-            better = score > best_score
-            best_score = torch.where(better, score, best_score)
-            best_scale = torch.where(better, fitted.clamp_min(0), best_scale)
-            best_curvature = torch.where(better, svv, best_curvature)
-        candidates = [best_scale.clone()]
+
+    def moments(scale):
+        v = _iq1_fit(cls, x, w, scale, cls.delta_size)[2].reshape(nb, n_sub, -1)
+        return (w * x).reshape(nb, n_sub, -1).mul(v).sum(-1), w.reshape(nb, n_sub, -1).mul(v).mul(v).sum(-1)
+
+    best_scale, best_curvature = _best_scales([peak * fraction for fraction in _IQ1_LADDER], moments)
     d, sc = _scale_codes(cls, best_scale, best_curvature)
-    index, signs, _ = _iq1_fit(cls, x, w, cls.sub_scale(d, sc))
+    index, signs, _ = _iq1_fit(cls, x, w, cls.sub_scale(d, sc), cls.delta_size)
     return Codes(d=d, L=index.to(torch.int32), sc=sc, signs=signs)
 
 
-def _iq1_fit(cls, x, w, scale):
-    """Entries, shift signs and the unscaled values (entry + shift) [nb, block] of x under `scale` [nb, n_sub]."""
+def _iq1_fit(cls, x, w, scale, shift_size: int, shift_sign: torch.Tensor | None = None):
+    """Entries [nb, groups], shift signs [nb, shift groups] and unscaled values (entry + shift) [nb, n] of x [nb, n]
+    under `scale` [nb, n_sub]: both shifts are tried and the one with the lower weighted error kept per
+    `shift_size` weights, unless `shift_sign` fixes it."""
     nb = x.shape[0]
     inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     u = (x.reshape(nb, scale.shape[1], -1) * inverse.unsqueeze(-1)).reshape(-1, cls.group)
@@ -183,11 +183,11 @@ def _iq1_fit(cls, x, w, scale):
     for shift in (cls.delta, -cls.delta):
         index = nearest_entries(cls, u - shift, weight)
         values = book.index_select(0, index) + shift
-        error = (values - u).square_().mul_(weight).sum(-1).reshape(nb, -1, cls.delta_size // cls.group).sum(-1)
+        error = (values - u).square_().mul_(weight).sum(-1).reshape(nb, -1, shift_size // cls.group).sum(-1)
         tried.append((index, values, error))
     (i_pos, v_pos, e_pos), (i_neg, v_neg, e_neg) = tried
-    negative = e_neg < e_pos  # [nb, shift groups]
-    per_group = negative.repeat_interleave(cls.delta_size // cls.group, dim=1).reshape(-1)
+    negative = e_neg < e_pos if shift_sign is None else shift_sign.reshape(e_neg.shape).bool()
+    per_group = negative.repeat_interleave(shift_size // cls.group, dim=1).reshape(-1)
     index = torch.where(per_group, i_neg, i_pos).reshape(nb, -1)
     values = torch.where(per_group[:, None], v_neg, v_pos).reshape(nb, -1)
     return index, negative.to(torch.int32), values
@@ -197,25 +197,8 @@ def iq1_group_codes(cls: type[IQ1BlockType], x: torch.Tensor, w: torch.Tensor, s
                     shift_sign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """IQ1's group_codes: one group of 8 per row x [rows, 8] under its stored scale [rows], with its shift sign
     fixed (IQ1_S: one per sub-block, chosen by the encoder) or chosen here (IQ1_M: one per group)."""
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    u = x * inverse[:, None]
-    book = cls.codebook()
-    best = None
-    for negative in (0, 1):
-        shift = -cls.delta if negative else cls.delta
-        index = nearest_entries(cls, u - shift, w)
-        values = book.index_select(0, index) + shift
-        error = (values - u).square().mul(w).sum(-1)
-        if shift_sign is not None:
-            error = torch.where(shift_sign == negative, error, torch.full_like(error, float("inf")))
-        if best is None:
-            best = (index, torch.full_like(index, negative), values, error)
-            continue
-        take = error < best[3]
-        best = (torch.where(take, index, best[0]), torch.where(take, negative, best[1]),
-                torch.where(take[:, None], values, best[2]), torch.minimum(error, best[3]))
-    index, signs, values, _ = best
-    return index[:, None], signs, scale[:, None] * values
+    index, signs, values = _iq1_fit(cls, x, w, scale[:, None], cls.group, shift_sign)
+    return index, signs.reshape(-1), scale[:, None] * values
 
 
 def group_codes(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor,
@@ -228,9 +211,7 @@ def group_codes(cls: type[LatticeBlockType], x: torch.Tensor, w: torch.Tensor,
     index = nearest_entries(cls, (target * inverse[:, None]).reshape(-1, cls.group), w.reshape(-1, cls.group))
     index = index.reshape(x.shape[0], -1)
     magnitudes = cls.codebook().index_select(0, index.reshape(-1)).reshape(x.shape)
-    bits = (masks.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
-    values = scale[:, None] * magnitudes * torch.where(bits == 0, 1.0, -1.0)
-    return index, masks, values
+    return index, masks, scale[:, None] * magnitudes * sign_factors(masks)
 
 
 def _scale_codes(cls, scale: torch.Tensor, curvature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
