@@ -210,9 +210,9 @@ def _quantize_group(layer: nn.Module, prefix: str, group: LinearGroup, method: M
                 experts.fell_back += 1
                 stats = new_collector(statistic, first.in_features, device, method.options.sink_weight, histogram)
                 _collect(layer, first, inputs, stats, True)
-    if statistics is not None and stats is not None and stats.importance() is not None:
-        importance = stats.importance().float().cpu()
-        statistics.update({name: (importance, float(stats.tokens)) for name in linears})
+    importance = None if statistics is None or stats is None else stats.importance()
+    if importance is not None:
+        statistics.update({name: (importance.float().cpu(), float(stats.tokens)) for name in linears})
     weight = torch.cat([linear.weight for linear in linears.values()]).float()
     part_rows = [sum(linears[name].out_features for name in part.linears) for part in parts]
     weights = list(weight.split(part_rows))  # views: each part's rows

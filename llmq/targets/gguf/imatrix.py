@@ -59,8 +59,10 @@ class Imatrix:
 def read_imatrix(path: str | os.PathLike) -> Imatrix:
     """Read llama.cpp's imatrix file (GGUF or legacy .dat); one line on a file that is neither."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise LlmqError(f"--imatrix {path}: no such file; make one with llama-imatrix or llmq --save-imatrix")
+    if not path.is_file():
+        raise LlmqError(f"--imatrix {path} is not a regular file (a directory, device or pipe); pass the imatrix file")
     size = path.stat().st_size
     if size > _MAX_BYTES:
         raise LlmqError(f"--imatrix {path}: {size / 1e9:.1f} GB is larger than any importance matrix; pass the "

@@ -5,11 +5,14 @@ bits for attn_v / ffn_down in chosen layers, Q6_K (or Q8_0) for the output matri
 a fallback to a 32-wide type when a row length is not a multiple of 256 (Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0, Q4_K
 -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; F16 when not even 32 divides it). IQ4_NL / IQ4_XS give
 attn_v Q5_K under grouped-query attention (4+ query heads per KV head) and, without an importance matrix, the
-first eighth of ffn_down Q5_K; MXFP4_MOE puts routed experts in MXFP4 and every other matrix in Q8_0.
+first eighth of ffn_down Q5_K; MXFP4_MOE puts routed experts in MXFP4 and every other matrix in Q8_0. The lattice
+mixtures (IQ1_*, IQ2_*: llama.cpp's "low-bit" branch; IQ3_*) give attn_v, the first eighth of ffn_down,
+attn_output, attn_q/k and the embeddings their richer types, and fall back to IQ4_NL.
 Mixture-of-experts files: expert tensors (ffn_*_exps, 3-D) and shared experts (ffn_*_shexp) follow the rule of
 their projection by layer; routers (ffn_gate_inp) are never quantized; models with exactly 8 experts (the
 Mixtral case) get Q8_0 attn_k / attn_v and a Q5_K attn_output in the low mixtures.
-Not reproduced: the Falcon and "70B" special cases (llmq writes neither).
+Not reproduced: the Falcon and "70B" special cases (llmq writes neither). The low-bit branch counts ffn_down
+tensors where llmq counts layers: the same for dense models, not for MoE layers with shared experts.
 """
 
 from __future__ import annotations
