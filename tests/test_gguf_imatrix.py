@@ -85,7 +85,7 @@ def test_the_saved_file_has_llamacpps_layout(calibrated):
 def test_moe_imatrix_has_a_row_per_expert_and_round_trips(smollm2_tokenizer_dir, calib_file, tmp_path):
     model = save_tiny_model(tmp_path / "moe", smollm2_tokenizer_dir, "qwen3_moe", hidden_size=256,
                             moe_intermediate_size=256)
-    config = AutoConfig.from_pretrained(model)
+    config = AutoConfig.from_pretrained(model, trust_remote_code=False)
     experts, top_k = config.num_experts, config.num_experts_per_tok
     saved = tmp_path / "moe.imatrix.gguf"
     # (every expert on its routed tokens: none falls back to all tokens, so the counts add up to the routings)
