@@ -136,6 +136,11 @@ def _quantize_parser(sub) -> None:
     target.add_argument("--save-imatrix", default=TargetOptions.save_imatrix, metavar="FILE",
                         help="GGUF: also write this run's activation statistics as llama.cpp's importance matrix "
                              "(GGUF; legacy format when FILE ends in .dat), for llama-quantize --imatrix")
+    target.add_argument("--target-bpw", type=float, default=TargetOptions.target_bpw, metavar="BITS",
+                        help="GGUF: instead of a --type mixture, a type per tensor chosen by its measured sensitivity "
+                             "so that the file has BITS bits per weight (size x 8 / weights, as llama.cpp prints it)")
+    target.add_argument("--target-size", default=TargetOptions.target_size, metavar="SIZE",
+                        help="GGUF: the same, for a file of SIZE (4.2GB, 800MB, 3.5GiB)")
     target.add_argument("--type", dest="gguf_type", default=TargetOptions.gguf_type,
                         help="GGUF mixture: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
                              "IQ4_NL, IQ4_XS, IQ3_M/S/XS/XXS, IQ2_M/S/XS/XXS, IQ1_M/S (IQ1_*, IQ2_*, IQ3_XS/XXS need "

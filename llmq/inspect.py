@@ -47,6 +47,11 @@ class Inspection:
             out.append(f"  recipe: llmq {self.recipe.get('version', '?')}, --method {self.recipe.get('method')}, "
                        f"base model {self.recipe.get('base_model')}, calibration {self.recipe.get('calibration')}")
             out.append(f"  config: {json.dumps(config, sort_keys=True)}")
+            sizing = self.recipe.get("sizing")
+            if isinstance(sizing, dict):  # a --target-bpw / --target-size file: its per-tensor choice is recorded
+                out.append(f"  sized to {sizing.get('target')}: {sizing.get('bits_per_weight')} bits per weight planned, "
+                           f"predicted KL increase {sizing.get('predicted_kl', 0):.4f}; each tensor's type, bytes and "
+                           f"predicted cost under the recipe's \"sizing\"")
             out.append(f"  repeat: llmq quantize --recipe {self.path}")
         return out
 

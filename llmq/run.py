@@ -113,6 +113,10 @@ def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
     if imatrix_flags and target.name != "gguf":
         raise LlmqError(f"{', '.join(imatrix_flags)} read or write llama.cpp's importance matrix: they apply to "
                         "--format gguf only")
+    size_flags = config.changed("target", "target_bpw", "target_size")
+    if size_flags and target.name != "gguf":
+        raise LlmqError(f"{', '.join(size_flags)} choose a GGUF type per tensor: add --format gguf (compressed-tensors "
+                        "outputs take one --bits for every Linear)")
     scheme = config.scheme
     if config.method.tune_steps and (target.name != "compressed-tensors" or scheme.weight_type != "int"
                                      or scheme.act_bits is not None):
@@ -205,7 +209,7 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     size_before = tensor_bytes(hf_model)
     storage_dtype = hf_model.dtype  # scales are stored in it, whatever a whole-model step computes in
     calibrated = (method.needs_data or config.scheme.static_inputs or config.method.tune_steps > 0
-                  or (config.run.calib is not None and target.weighted))
+                  or (config.run.calib is not None and target.weighted) or target.sizes_tensors)
 
     # with several ranks, rank 0 alone stages and writes the output; every rank checkpoints its own layers' inputs
     with target.staging(out, overwrite) if ranks.is_main() else contextlib.nullcontext() as stage:
@@ -230,6 +234,9 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
                     inputs, calibration, samples = _calibrate(hf_model, tokenizer, layout, method, config, device,
                                                               checkpoints)
                 calibration = f"{notes}; {calibration}" if notes else calibration
+            if target.sizes_tensors:  # --target-bpw / --target-size: each tensor's type from its sensitivity
+                with stage_clock("sizing"):
+                    target.size_tensors(hf_model, tokenizer, samples, device, linears)
             if weights is not None:  # the layers need none of them; the writer reads them from disk
                 weights.release_globals()
             plan = target.plan(hf_model, linears, storage_dtype, calibrated)

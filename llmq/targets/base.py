@@ -59,6 +59,7 @@ class Target(ABC):
     default_method: str = "gptq"  # what --method means when it is not given
     weighted: bool = False  # its grids weigh their fit by an input importance: --calib then helps round-to-nearest
     lazy_layers: bool = False  # writes from a lazy model (llmq/calib/lazy.py): it reads tensors left on disk itself
+    sizes_tensors: bool = False  # chooses each tensor's type from calibration windows first (size_tensors)
 
     def __init__(self, config: QuantizeConfig, method: Method):
         self.config, self.method = config, method
@@ -87,6 +88,10 @@ class Target(ABC):
 
     def check_model(self, model: nn.Module, linears: dict[str, nn.Linear]) -> None:
         """Refuse, before any heavy work, a model this target cannot hold."""
+
+    def size_tensors(self, model: nn.Module, tokenizer, samples: torch.Tensor, device: torch.device,
+                     linears: dict[str, nn.Linear]) -> None:
+        """Before the plan, when `sizes_tensors`: measure what choosing each tensor's type needs (GGUF size targets)."""
 
     @property
     def output_kind(self) -> OutputKind:

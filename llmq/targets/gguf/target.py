@@ -29,7 +29,16 @@ from llmq.methods.grids.ternary import ProjectedGrid, TernaryGrid, ternary_schem
 from llmq.targets.atomic import OutputKind, atomic_output_file, check_output
 from llmq.targets.base import RunReport, Stage, Target
 from llmq.targets.gguf.imatrix import Imatrix, imatrix_entries, read_imatrix, write_imatrix
-from llmq.targets.gguf.mixtures import IMATRIX_MIXTURES, NEEDS_IMATRIX, get_mixture, plan_types
+from llmq.targets.gguf.mixtures import (
+    IMATRIX_MIXTURES,
+    MIXTURES,
+    NEEDS_IMATRIX,
+    Mixture,
+    get_mixture,
+    is_quantizable,
+    plan_types,
+)
+from llmq.targets.gguf.sizing import SizedTypes, SizeGoal, size_goal, size_types
 from llmq.targets.gguf.writer import (
     EncodedTensor,
     SpilledTensors,
@@ -146,6 +155,9 @@ class GGUFTarget(Target):
 
     def __init__(self, config, method):
         super().__init__(config, method)
+        self.goal: SizeGoal | None = size_goal(config.target.target_bpw, config.target.target_size)
+        self.sized: SizedTypes | None = None  # the types size_tensors chose
+        self.sizes_tensors = self.goal is not None
         self.mixture = get_mixture(config.target.gguf_type or ("TQ2_0" if method.ternary else "Q4_K_M"))
         # ternary weights are held exactly (no weighting to do); a k-quant search weighs by the imatrix
         self.weighted = not self.mixture.ternary
@@ -154,6 +166,7 @@ class GGUFTarget(Target):
 
     def check(self) -> None:
         mixture, method, options = self.mixture, self.method, self.config.method
+        self._check_size_flags()
         self._check_imatrix_flags()
         if mixture.name in IMATRIX_MIXTURES and not (self.config.run.calib or self.imatrix or method.needs_data):
             raise LlmqError(f"--type {mixture.name} puts tensors in {', '.join(t.name for t in NEEDS_IMATRIX)}, which "
@@ -207,6 +220,20 @@ class GGUFTarget(Target):
             if method.name == "rtn" and self.config.run.calib is None:
                 raise LlmqError("--save-imatrix writes the statistics a calibrated run collects: add --calib FILE")
 
+    def _check_size_flags(self) -> None:
+        if self.goal is None:
+            return
+        flag = self.goal.flag
+        if self.config.target.gguf_type is not None:
+            raise LlmqError(f"{flag} chooses every tensor's type itself; drop --type {self.config.target.gguf_type} "
+                            "(or drop the size target to use that mixture)")
+        if self.method.ternary:
+            raise LlmqError(f"{flag} chooses among llama.cpp's k-quant and i-quant types; --method "
+                            f"{self.method.name} writes ternary types: drop {flag}")
+        if self.config.target.imatrix is not None:
+            raise LlmqError(f"{flag} measures each tensor's sensitivity with gradients on calibration text, which an "
+                            "importance matrix does not hold; pass --calib FILE instead of --imatrix")
+
     @property
     def search_scheme(self) -> QuantScheme | None:
         bits = _SEARCH_BITS.get(self.mixture.default)
@@ -215,6 +242,12 @@ class GGUFTarget(Target):
     def check_model(self, model, linears) -> None:
         gguf_arch(language_config(model.config))
         names = gguf_names(model)  # every tensor has a llama.cpp name, or a one-line error now
+        if self.goal is not None:
+            shapes = stacked_shapes(model, names)
+            if expert_count(shapes):
+                raise LlmqError(f"{self.goal.flag} sizes dense models' tensors; for this mixture-of-experts model use "
+                                "a --type mixture (MXFP4_MOE, Q4_K_M, ...)")
+            self.goal.check_range(shapes)  # reachable at all, before any data is read
         if self.imatrix is not None:  # every entry fits its Linear, or a one-line error now
             self._imported = {name: self.imatrix.importance(names[f"{name}.weight"], _slot(name), linear.in_features)
                               for name, linear in linears.items()}
@@ -248,8 +281,32 @@ class GGUFTarget(Target):
         with atomic_output_file(out, overwrite, self.method.side_files) as (tmp, stage):
             yield Stage(tmp, lambda name: stage / name)
 
+    def size_tensors(self, model, tokenizer, samples, device, linears) -> None:
+        """--target-bpw / --target-size: each tensor's type from its measured sensitivity (llmq/targets/gguf/sizing.py);
+        the file's type name is the mixture of its most common type."""
+        self.sized = size_types(model, tokenizer, samples, set(linears), self.goal)
+        main = self.sized.main_type()
+        self.mixture = next((m for m in MIXTURES.values() if m.default == main), self.mixture)
+        self.mixture = Mixture(self.goal.label, main, self.mixture.file_type)
+
+    def _types(self, model, calibrated: bool) -> tuple[dict[str, str], dict[str, T]]:
+        if self.sized is None:
+            return tensor_plan(model, self.mixture, has_imatrix=calibrated or self.imatrix is not None)
+        names = gguf_names(model)
+        # a tensor with no candidate (rows not a multiple of 32) stays F16, as llama.cpp's fallback leaves it
+        types = {name: self.sized.types[name] if name in self.sized.types
+                 else T.F16 if is_quantizable(name, shape) else T.F32
+                 for name, shape in stacked_shapes(model, names).items()}
+        return names, types
+
+    def recipe_fields(self, report: RunReport) -> dict:
+        fields = super().recipe_fields(report)
+        if self.sized is not None:  # the model card of a sized file: what each tensor got, and why
+            fields["sizing"] = self.sized.card()
+        return fields
+
     def plan(self, model, linears, storage_dtype: torch.dtype, calibrated: bool) -> GGUFPlan:
-        names, types = tensor_plan(model, self.mixture, has_imatrix=calibrated or self.imatrix is not None)
+        names, types = self._types(model, calibrated)
         lacking = [name for name, importance in self._imported.items()
                    if importance is None and types[names[f"{name}.weight"]] in NEEDS_IMATRIX]
         if lacking:  # llama-quantize refuses these too ("missing importance matrix ... very low-bit quantization")
@@ -298,7 +355,8 @@ class GGUFTarget(Target):
                  f"({'legacy .dat' if save.suffix == '.dat' else 'GGUF'}), for llama-quantize --imatrix")
 
     def describe(self) -> str:
-        return f"GGUF {self.mixture.name}"
+        return f"GGUF {self.mixture.name}" if self.goal is None else f"GGUF sized to {self.goal.label}"
 
     def default_out(self, base: str) -> str:
-        return f"{base}-{self.mixture.name}{'-gptq' if self.method.name == 'gptq' else ''}.gguf"
+        name = self.mixture.name if self.goal is None else self.goal.label
+        return f"{base}-{name}{'-gptq' if self.method.name == 'gptq' else ''}.gguf"

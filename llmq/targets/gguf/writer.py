@@ -622,18 +622,8 @@ def write_gguf(path: str | Path, model, tokenizer, tensors: Mapping[str, Encoded
     `name` is the model name llama.cpp shows (general.name); `recipe`, JSON stored under RECIPE_KEY (`llmq
     inspect` shows it, `llmq quantize --recipe FILE.gguf` repeats the run).
     """
-    config = language_config(model.config)
-    arch = gguf_arch(config)
-    writer = GGUFWriter(str(path), MODEL_ARCH_NAMES[arch])
-    writer.add_name(name)
-    _add_hparams(writer, config, arch)
-    _add_expert_hparams(writer, config, tensors)
-    writer.add_file_type(int(file_type))
-    writer.add_quantization_version(2)
-    if recipe is not None:
-        writer.add_string(RECIPE_KEY, recipe)
-    add_tokenizer(writer, tokenizer, config.vocab_size)
-    tensors = {**rope_scaling_tensors(writer, config), **tensors}
+    writer = _with_metadata(path, model, tokenizer, tensors, file_type, name, recipe)
+    tensors = {**rope_scaling_tensors(writer, language_config(model.config)), **tensors}
     for tensor_name, tensor in tensors.items():
         data = tensor.data
         if tensor.qtype in (T.F32, T.F16):
@@ -647,3 +637,32 @@ def write_gguf(path: str | Path, model, tokenizer, tensors: Mapping[str, Encoded
     writer.write_tensors_to_file()
     writer.close()
     return Path(path).stat().st_size
+
+
+def _with_metadata(path, model, tokenizer, tensors: Mapping[str, EncodedTensor], file_type: int, name: str,
+                   recipe: str | None) -> GGUFWriter:
+    """A writer for `path` holding the file's metadata: architecture, sizes, tokenizer, recipe."""
+    config = language_config(model.config)
+    arch = gguf_arch(config)
+    writer = GGUFWriter(str(path), MODEL_ARCH_NAMES[arch])
+    writer.add_name(name)
+    _add_hparams(writer, config, arch)
+    _add_expert_hparams(writer, config, tensors)
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(2)
+    if recipe is not None:
+        writer.add_string(RECIPE_KEY, recipe)
+    add_tokenizer(writer, tokenizer, config.vocab_size)
+    return writer
+
+
+def metadata_bytes(model, tokenizer, file_type: int, name: str, recipe: str | None = None) -> int:
+    """The bytes a GGUF file of this model spends before its tensor table: header, metadata and tokenizer (a
+    size target subtracts them from the file's budget). Measured by writing them to a scratch file."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "metadata.gguf"
+        writer = _with_metadata(path, model, tokenizer, {}, file_type, name, recipe)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        return path.stat().st_size
