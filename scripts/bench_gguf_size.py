@@ -40,6 +40,7 @@ from llmq.calib.arch import decoder_layout, quantizable_linears
 from llmq.core import log
 from llmq.methods.grids.kquant import BlockTensor
 from llmq.methods.grids.kquant_search import encode
+from llmq.targets.gguf import sizing
 from llmq.targets.gguf.mixtures import is_quantizable
 from llmq.targets.gguf.sizing import measure_sensitivity, tensor_options
 from llmq.targets.gguf.writer import gguf_names, stacked_shapes
@@ -114,7 +115,11 @@ def report_proxy(rows) -> None:
 SWEEP = ["IQ2_XS", "IQ3_XXS", "IQ3_M", "IQ4_XS", "Q4_K_M", "Q5_K_M"]
 
 
-def sweep(mixtures: list[str], chunks: int, method: str) -> None:
+def _run_name(method: str, without: list[str]) -> str:
+    return method + "".join(f"-no-{name}" for name in without)
+
+
+def sweep(mixtures: list[str], chunks: int, method: str, without: list[str]) -> None:
     tools = LlamaCppTools(ROOT / "bench_out" / "llama.cpp" / "build" / "bin", torch.get_num_threads())
     reference = reference_model(ROOT / "bench_out")
     gguf_dir = ROOT / "bench_out" / "gguf"
@@ -123,7 +128,12 @@ def sweep(mixtures: list[str], chunks: int, method: str) -> None:
         sys.exit("bench_gguf_size: run scripts/bench_gguf.py first (it makes the F32 file, llama.cpp's imatrix and "
                  "the KL base this compares against)")
     OUT.mkdir(parents=True, exist_ok=True)
-    results_path = OUT / f"sweep-{method}.json"
+    run = _run_name(method, without)
+    # the reference model was made from a Q4_1 GGUF: Q4_1 and Q5_1 hold its weights almost exactly, which no
+    # other model's weights do; --without Q4_1 Q5_1 takes them off the candidates for a comparison that says
+    # something about other models
+    sizing.CANDIDATES = tuple(t for t in sizing.CANDIDATES if t.name not in without)
+    results_path = OUT / f"sweep-{run}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for mixture in mixtures:
         theirs = gguf_dir / f"{mixture}-llamacpp-imatrix.gguf"
@@ -134,8 +144,8 @@ def sweep(mixtures: list[str], chunks: int, method: str) -> None:
             results[key] = {"mb": theirs.stat().st_size / 1e6, **tools.perplexity(theirs, chunks, kl_base, False)}
             results_path.write_text(json.dumps(results, indent=1))
         print(json.dumps({key: results[key]}), flush=True)
-        ours = OUT / f"sized-{mixture}-{method}.gguf"
-        key = f"llmq {method} sized to {mixture}"
+        ours = OUT / f"sized-{mixture}-{run}.gguf"
+        key = f"llmq {run} sized to {mixture}"
         if key not in results:
             started = time.perf_counter()
             quantize(str(reference), ours, QuantizeConfig.of(
@@ -147,40 +157,44 @@ def sweep(mixtures: list[str], chunks: int, method: str) -> None:
                             **tools.perplexity(ours, chunks, kl_base, False)}
             results_path.write_text(json.dumps(results, indent=1))
         print(json.dumps({key: results[key]}), flush=True)
-    report_sweep(results, mixtures, method)
+    report_sweep(results, mixtures, run)
 
 
-def report_sweep(results: dict, mixtures: list[str], method: str) -> None:
+def report_sweep(results: dict, mixtures: list[str], run: str) -> None:
     print("\n| size of | llama.cpp imatrix MB | KL | llmq sized MB | KL | predicted KL | KL ratio | PPL llama.cpp | PPL llmq |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mixture in mixtures:
-        theirs, ours = results.get(f"llama.cpp {mixture}"), results.get(f"llmq {method} sized to {mixture}")
+        theirs, ours = results.get(f"llama.cpp {mixture}"), results.get(f"llmq {run} sized to {mixture}")
         if theirs and ours:
             print(f"| {mixture} | {theirs['mb']:.2f} | {theirs['kl']:.4f} | {ours['mb']:.2f} | {ours['kl']:.4f} | "
                   f"{ours['predicted_kl']:.4f} | {ours['kl'] / theirs['kl']:.2f} | {theirs['ppl']:.3f} | {ours['ppl']:.3f} |")
 
 
-def plot_sweep(method: str) -> None:
+def plot_sweep(runs: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = json.loads((OUT / f"sweep-{method}.json").read_text())
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    theirs = sorted((v["mb"], v["kl"], k.split()[-1]) for k, v in results.items() if k.startswith("llama.cpp"))
-    ours = sorted((v["mb"], v["kl"]) for k, v in results.items() if k.startswith("llmq"))
-    ax.scatter([t[0] for t in theirs], [t[1] for t in theirs], color="tab:red", label="llama.cpp mixtures (imatrix)")
-    for mb, kl, name in theirs:
+    theirs = {}
+    for index, run in enumerate(runs):
+        results = json.loads((OUT / f"sweep-{run}.json").read_text())
+        theirs.update({k.split()[-1]: (v["mb"], v["kl"]) for k, v in results.items() if k.startswith("llama.cpp")})
+        ours = sorted((v["mb"], v["kl"]) for k, v in results.items() if k.startswith("llmq"))
+        label = "llmq --target-size" + (f" without {', '.join(run.split('-no-')[1:])}" if "-no-" in run else "")
+        ax.plot([o[0] for o in ours], [o[1] for o in ours], "o-", color=["tab:blue", "tab:green"][index % 2],
+                label=label)
+    ax.scatter([v[0] for v in theirs.values()], [v[1] for v in theirs.values()], color="tab:red",
+               label="llama.cpp mixtures (llama-imatrix)")
+    for name, (mb, kl) in theirs.items():
         ax.annotate(name, (mb, kl), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.plot([o[0] for o in ours], [o[1] for o in ours], "o-", color="tab:blue",
-            label=f"llmq --target-size ({method}, same sizes)")
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("KL divergence to F32 (llama-perplexity, 50 x 512)")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M-Instruct: size against KL")
+    ax.set_title("SmolLM2-135M-Instruct: file size against KL")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     path = ROOT / "docs" / "assets" / "gguf-size-vs-kl.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -191,7 +205,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proxy", action="store_true")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--plot", action="store_true", help="draw the sweep's PNG from its saved results")
+    parser.add_argument("--plot", nargs="*", metavar="RUN",
+                        help="draw the PNG from saved sweeps (e.g. rtn rtn-no-Q4_1-no-Q5_1)")
+    parser.add_argument("--without", nargs="*", default=[], metavar="TYPE",
+                        help="take these types off the sized files' candidates (e.g. Q4_1 Q5_1, see --sweep)")
     parser.add_argument("--mixtures", nargs="+", default=SWEEP)
     parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     parser.add_argument("--chunks", type=int, default=50)
@@ -201,9 +218,9 @@ def main() -> None:
         proxy()
     if args.sweep:
         log.quiet = True
-        sweep(args.mixtures, args.chunks, args.method)
-    if args.plot:
-        plot_sweep(args.method)
+        sweep(args.mixtures, args.chunks, args.method, args.without)
+    if args.plot is not None:
+        plot_sweep(args.plot or [args.method])
 
 
 if __name__ == "__main__":

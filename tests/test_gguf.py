@@ -308,6 +308,20 @@ def _dequantized_into(model, path) -> None:
         param.data = values
 
 
+def logits_three_ways(model, path, vocab: int = ARCH_VOCAB, tokens: int = 24):
+    """Logits of 24 random tokens: the float model's, the same model's with the file's (dequantized) weights put
+    in, and llama.cpp's from the file."""
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        original = model(ids).logits[0].numpy()
+        _dequantized_into(model, path)
+        expected = model(ids).logits[0].numpy()
+    with open_llama(path, n_ctx=64, logits_all=True) as llm:
+        llm.eval(ids[0].tolist())
+        got = np.array(llm.scores[:tokens])
+    return original, expected, got
+
+
 def _random_imatrix(source, tmp_path) -> str:
     """An importance matrix of random values for every matrix of the model at `source` (what the mixtures that
     need one take here: the short test vocabulary cannot read calibration text)."""
@@ -347,15 +361,7 @@ def test_quantized_files_run_in_llamacpp_with_the_logits_of_their_weights(model_
     imatrix = _random_imatrix(source, tmp_path) if gguf_type in IMATRIX_MIXTURES else None
     quantize(str(source), out, QuantizeConfig.of(method="rtn", format="gguf", gguf_type=gguf_type, device="cpu",
                                                  imatrix=imatrix))
-    model = _load_float(source)
-    ids = torch.randint(0, ARCH_VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        original = model(ids).logits[0].numpy()
-        _dequantized_into(model, out)
-        expected = model(ids).logits[0].numpy()
-    with open_llama(out, n_ctx=64, logits_all=True) as llm:
-        llm.eval(ids[0].tolist())
-        got = np.array(llm.scores[:24])
+    original, expected, got = logits_three_ways(_load_float(source), out)
     scale = np.abs(expected).max()
     assert np.abs(got - expected).max() / scale < 0.03
     assert np.abs(original - expected).max() / scale > 1e-3  # the weights were quantized
@@ -441,14 +447,7 @@ def test_gptq_lattice_files_run_in_llamacpp_with_the_logits_of_their_weights(ggu
     quantize(str(source), out, QuantizeConfig.of(method=method, format="gguf", gguf_type=gguf_type, device="cpu",
                                                  calib=str(calib_file), samples=4, seqlen=64))
     assert MIXTURES[gguf_type].default in {t.tensor_type for t in GGUFReader(out).tensors}
-    model = _load_float(source)
-    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        _dequantized_into(model, out)
-        expected = model(ids).logits[0].numpy()
-    with open_llama(out, n_ctx=64, logits_all=True) as llm:
-        llm.eval(ids[0].tolist())
-        got = np.array(llm.scores[:24])
+    _, expected, got = logits_three_ways(_load_float(source), out, vocab=1000)
     assert np.abs(got - expected).max() / np.abs(expected).max() < 0.03
 
 

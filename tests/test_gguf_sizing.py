@@ -137,9 +137,7 @@ def test_chosen_types_cost_less_than_llamacpp_mixtures_of_the_same_size(tmp_path
 
 @pytest.mark.parametrize("goal", [dict(target_bpw=2.5), dict(target_bpw=4.0), dict(target_size="600kB")])
 def test_sized_file_lands_on_its_target_and_runs_in_llamacpp(goal, tmp_path, smollm2_tokenizer_dir):
-    from test_gguf import _dequantized_into
-
-    from llmq.eval.llamacpp import open_llama
+    from test_gguf import logits_three_ways
 
     source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, "llama", loud_channels=8.0, **_SIZES)
     out = tmp_path / "sized.gguf"
@@ -155,14 +153,7 @@ def test_sized_file_lands_on_its_target_and_runs_in_llamacpp(goal, tmp_path, smo
     assert abs(card["planned_bytes"] / out.stat().st_size - 1) < 0.01  # the metadata estimate holds
     assert any(line.startswith("  sized to ") for line in inspect(out).lines())
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    ids = torch.randint(0, 1024, (1, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        original = model(ids).logits[0].numpy()
-        _dequantized_into(model, out)
-        expected = model(ids).logits[0].numpy()
-    with open_llama(out, n_ctx=64, logits_all=True) as llm:
-        llm.eval(ids[0].tolist())
-        got = np.array(llm.scores[:24])
+    original, expected, got = logits_three_ways(model, out)
     # llama.cpp computes with the file's weights (the gap left: its 8-bit rounding of activations in quantized dot
     # products, which grows to ~4% of the largest logit when most matrices are IQ1_S), far from the original's
     gap, quantization = (np.abs(got - expected).max(), np.abs(original - expected).max())
