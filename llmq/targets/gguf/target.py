@@ -283,7 +283,7 @@ class GGUFTarget(Target):
 
     def size_tensors(self, model, tokenizer, samples, device, linears) -> None:
         """--target-bpw / --target-size: each tensor's type from its measured sensitivity (llmq/targets/gguf/sizing.py);
-        the file's type name is the mixture of its most common type."""
+        general.file_type names the mixture of the type most of its bytes are in."""
         self.sized = size_types(model, tokenizer, samples, set(linears), self.goal)
         main = self.sized.main_type()
         self.mixture = next((m for m in MIXTURES.values() if m.default == main), self.mixture)
