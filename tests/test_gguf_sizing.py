@@ -201,3 +201,15 @@ def test_a_killed_sized_run_resumes_to_the_same_file(tmp_path, smollm2_tokenizer
     assert not out.exists()
     quantize(str(source), out, QuantizeConfig.of(**options))
     assert out.read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+
+
+def test_tensors_no_type_fits_stay_f16_and_count_in_the_budget(tmp_path, smollm2_tokenizer_dir):
+    """48-wide rows take no quantized type (every block is 32 or 256 wide): ffn_down stays F16, as llama.cpp leaves
+    it, and the other tensors still land the file on its size."""
+    source = save_tiny_model(tmp_path / "src", smollm2_tokenizer_dir, "llama", **dict(_SIZES, intermediate_size=48))
+    out = tmp_path / "sized.gguf"
+    quantize(str(source), out, QuantizeConfig.of(format="gguf", device="cpu", samples=4, seqlen=64, target_bpw=5.0))
+    reader = GGUFReader(out)
+    assert {t.tensor_type for t in reader.tensors if "ffn_down" in t.name} == {T.F16}
+    weights = sum(int(t.n_elements) for t in reader.tensors)
+    assert abs(out.stat().st_size * 8 / weights / 5.0 - 1) < 0.03

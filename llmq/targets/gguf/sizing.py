@@ -166,8 +166,9 @@ def tensor_options(model: nn.Module, names: dict[str, str], shapes: dict[str, tu
     options: dict[str, list[Option]] = {}
     params = dict(model.named_parameters())
     for hf_name, gguf_name in log.progress(list(names.items()), desc="sizing costs", unit="tensor"):
-        if gguf_name not in shapes or hf_name not in params:
-            continue
+        types = candidate_types(shapes.get(gguf_name, (1,))[-1])
+        if gguf_name not in shapes or hf_name not in params or not types:
+            continue  # (no candidate: rows not a multiple of 32, left in F16 as llama.cpp leaves them)
         param = params[hf_name]
         weight = tensor_of(model, hf_name, param).detach().float()
         rows = _rows(*weight.shape)
@@ -180,7 +181,7 @@ def tensor_options(model: nn.Module, names: dict[str, str], shapes: dict[str, tu
             terms.append((sensitivity.token_frequency, sensitivity.embedding_grads))
         selected = [(g if rows is None or g.numel() != weight.shape[0] else g[rows], h) for g, h in terms]
         options[gguf_name] = []
-        for qtype in candidate_types(weight.shape[-1]):
+        for qtype in types:
             error = BlockTensor(qtype, encode(sample, qtype, importance), tuple(sample.shape)).dequantize() - sample
             cost = sum(0.5 * float((g[:, None] * error.square() * h[None, :]).sum()) for g, h in selected) * scale
             options[gguf_name].append(Option(qtype, type_bytes(shapes[gguf_name], qtype), cost))
