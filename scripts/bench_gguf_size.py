@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -43,7 +44,7 @@ from llmq.methods.grids.kquant_search import encode
 from llmq.targets.gguf import sizing
 from llmq.targets.gguf.mixtures import is_quantizable
 from llmq.targets.gguf.sizing import measure_sensitivity, tensor_options
-from llmq.targets.gguf.writer import gguf_names, stacked_shapes
+from llmq.targets.gguf.writer import RECIPE_KEY, gguf_names, stacked_shapes
 
 CALIB = DATA / "wikitext2_valid_calib.txt"
 TEST = DATA / "wikitext2_test.txt"
@@ -65,8 +66,8 @@ def proxy() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reference = reference_model(ROOT / "bench_out")
-    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(reference)
+    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32, trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reference, trust_remote_code=False)
     started = time.perf_counter()
     sensitivity = measure_sensitivity(model, windows(tokenizer, CALIB, 8, 512))
     names = gguf_names(model)
@@ -152,7 +153,7 @@ def sweep(mixtures: list[str], chunks: int, method: str, without: list[str]) -> 
                 method=method, format="gguf", target_size=str(theirs.stat().st_size), calib=str(CALIB), samples=64,
                 seqlen=512), overwrite=True)
             seconds = time.perf_counter() - started
-            card = json.loads(bytes(__import__("gguf").GGUFReader(ours).get_field("llmq.recipe").parts[-1]))["sizing"]
+            card = json.loads(bytes(GGUFReader(ours).get_field(RECIPE_KEY).parts[-1]))["sizing"]
             results[key] = {"mb": ours.stat().st_size / 1e6, "seconds": seconds, "predicted_kl": card["predicted_kl"],
                             **tools.perplexity(ours, chunks, kl_base, False)}
             results_path.write_text(json.dumps(results, indent=1))

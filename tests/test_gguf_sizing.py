@@ -76,7 +76,7 @@ def test_type_choice_is_within_a_percent_of_the_exact_knapsack(seed):
 
 def _float_model(tmp_path, tokenizer_dir, seed=0):
     source = save_tiny_model(tmp_path / f"src{seed}", tokenizer_dir, "llama", seed=seed, loud_channels=8.0, **_SIZES)
-    return source, AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    return source, AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False).eval()
 
 
 def _spearman(a, b) -> float:
@@ -152,7 +152,7 @@ def test_sized_file_lands_on_its_target_and_runs_in_llamacpp(goal, tmp_path, smo
     assert len(set(written.values())) > 1  # a mixture, not one type everywhere
     assert abs(card["planned_bytes"] / out.stat().st_size - 1) < 0.01  # the metadata estimate holds
     assert any(line.startswith("  sized to ") for line in inspect(out).lines())
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False).eval()
     original, expected, got = logits_three_ways(model, out)
     # llama.cpp computes with the file's weights (the gap left: its 8-bit rounding of activations in quantized dot
     # products, which grows to ~4% of the largest logit when most matrices are IQ1_S), far from the original's

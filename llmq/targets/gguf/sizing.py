@@ -235,16 +235,20 @@ def choose_types(options: dict[str, list[Option]], budget: int) -> dict[str, Opt
         result[name] = option
 
 
+def unsized_bytes(name: str, shape: tuple[int, ...]) -> int:
+    """The bytes of a tensor no candidate type takes: F16 for a matrix whose rows fit no block (as llama.cpp's
+    fallback and the plan leave it), F32 for norms and biases."""
+    return (2 if is_quantizable(name, shape) else 4) * math.prod(shape)
+
+
 def smallest_and_largest(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
-    """The tensor bytes of a file with every quantizable tensor in its smallest / largest candidate type (others
-    F32): the range a size target can land in."""
+    """The tensor bytes of a file with every sized tensor in its smallest / largest candidate type (the others
+    unsized_bytes): the range a size target can land in, before metadata."""
     low = high = 0
     for name, shape in shapes.items():
-        if is_quantizable(name, shape):
-            sizes = [type_bytes(shape, qtype) for qtype in candidate_types(shape[-1])] or [4 * math.prod(shape)]
-            low, high = low + min(sizes), high + max(sizes)
-        else:
-            low, high = low + 4 * math.prod(shape), high + 4 * math.prod(shape)
+        types = candidate_types(shape[-1]) if is_quantizable(name, shape) else []
+        sizes = [type_bytes(shape, qtype) for qtype in types] or [unsized_bytes(name, shape)]
+        low, high = low + min(sizes), high + max(sizes)
     return low, high
 
 
@@ -349,9 +353,7 @@ def size_types(model: nn.Module, tokenizer, samples: torch.Tensor, weighted: set
             weights.release_layers()
     quantizable = {name: shape for name, shape in shapes.items() if is_quantizable(name, shape)}
     options = tensor_options(model, names, quantizable, sensitivity, weighted)
-    # tensors with no candidate: F32 (norms, biases) or F16 (rows not a multiple of 32)
-    fixed = sum((2 if name in quantizable else 4) * math.prod(shape) for name, shape in shapes.items()
-                if name not in options)
+    fixed = sum(unsized_bytes(name, shape) for name, shape in shapes.items() if name not in options)
     # the recipe that carries the choice (about 80 bytes a tensor) and the metadata, measured
     overhead = (metadata_bytes(model, tokenizer, 0, "model") + _table_bytes(shapes) + 80 * len(options) + 4096)
     total_weights = sum(math.prod(shape) for shape in shapes.values())

@@ -292,10 +292,9 @@ class GGUFTarget(Target):
     def _types(self, model, calibrated: bool) -> tuple[dict[str, str], dict[str, T]]:
         if self.sized is None:
             return tensor_plan(model, self.mixture, has_imatrix=calibrated or self.imatrix is not None)
-        names = gguf_names(model)
+        names, sized = gguf_names(model), self.sized.types
         # a tensor with no candidate (rows not a multiple of 32) stays F16, as llama.cpp's fallback leaves it
-        types = {name: self.sized.types[name] if name in self.sized.types
-                 else T.F16 if is_quantizable(name, shape) else T.F32
+        types = {name: sized.get(name, T.F16 if is_quantizable(name, shape) else T.F32)
                  for name, shape in stacked_shapes(model, names).items()}
         return names, types
 
