@@ -56,6 +56,20 @@ def test_our_bytes_decode_identically_in_gguf_py(qtype):
         assert rel < BOUND[qtype]
 
 
+def test_q8_0_bytes_are_gguf_pys_own():
+    """llmq's torch Q8_0 encoder makes gguf-py's (= llama.cpp's) bytes: an all-zero block, exact halves after
+    scaling (rounded away from zero), tiny and fp16-overflowing scales."""
+    g = torch.Generator().manual_seed(0)
+    halves = (torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32) - 1000) / 254
+    spikes = torch.randn(8, 64, generator=g)
+    spikes[0, :32] = 0
+    spikes[1, 5] = 1e30
+    for w in (_weights(48, 512), torch.randn(64, 256, generator=g) * 1e-6, halves, spikes, torch.zeros(4, 64)):
+        with np.errstate(over="ignore"):
+            theirs = gguf_quants.quantize(w.numpy(), T.Q8_0)
+        assert np.array_equal(encode_bytes(w, T.Q8_0), theirs.reshape(w.shape[0], -1))
+
+
 @pytest.mark.parametrize("qtype", ALL_TYPES + TERNARY + LATTICE, ids=lambda t: t.name)
 def test_llamacpp_bytes_decode_identically_in_llmq(qtype):
     w = _weights(32, 768, seed=3)
