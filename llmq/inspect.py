@@ -18,6 +18,9 @@ CLIENTS = {
     "pack-quantized": "transformers (with compressed-tensors), vLLM, llmq.load",
     "int-quantized": "transformers (with compressed-tensors), vLLM, llmq.load",
     "float-quantized": "transformers (with compressed-tensors), vLLM, llmq.load",
+    **{fmt: "transformers (with compressed-tensors; load it in bf16 or fp16), llmq.load; vLLM on GPUs (not checked "
+              "here; its CPU build has no kernel for it)" for fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized",
+                                                                   "mxfp8-quantized")},
     "bitsandbytes": "transformers (with bitsandbytes), llmq.load",
     "bitnet": "transformers (BitNet layout), llmq.load",
     "gguf": "llama.cpp (llama-cli, llama-server), ollama, llama-cpp-python; transformers with gguf_file= (dequantized)",

@@ -95,17 +95,24 @@ ROWS = {
     "rtn-nf4": ("rtn", 4, 64, True, False, False),
     "gptq-nf4": ("gptq", 4, 64, True, True, False),
     "bnb-nf4": ("bitsandbytes", 4, 64, True, False, False),
+    # the microscaling formats (issue 39): NVFP4A16 (E2M1, FP8 scale per 16, global scale), MXFP4A16 / MXFP8A16
+    # (E2M1 / E4M3, power-of-two scale per 32)
+    **{f"{method}-{name}": (method, bits, group, True, method == "gptq", False)
+       for name, bits, group in (("nvfp4a16", 4, 16), ("mxfp4a16", 4, 32), ("mxfp8a16", 8, 32))
+       for method in ("rtn", "gptq")},
 }
+MICROSCALING_ROWS = [f"{method}-{name}" for name in ("nvfp4a16", "mxfp4a16", "mxfp8a16") for method in ("rtn", "gptq")]
 # the same schemes made by llm-compressor (scripts/peer_llmcompressor.py, in its own venv: --llmc-python) on the
 # same calibration windows; each is evaluated here like llmq's rows
 LLMC_ROWS = ["llmc-gptq-w4g64-sym-ao", "llmc-gptq-w4g64-asym-ao", "llmc-gptq-w4g32-sym-ao", "llmc-rtn-w8a8", "llmc-gptq-w8a8", "llmc-rtn-w8a8-static", "llmc-sq-w8a8-static",
              "llmc-sq+gptq-w8a8-static", "llmc-sq+gptq-w8a8", "llmc-rtn-fp8", "llmc-gptq-fp8", "llmc-rtn-fp8-static",
-             "llmc-gptq-fp8-static", "llmc-rtn-w8a16int16-static"]
+             "llmc-gptq-fp8-static", "llmc-rtn-w8a16int16-static", *(f"llmc-{row}" for row in MICROSCALING_ROWS)]
 PRESET_OF = {"rtn-w8a8": "w8a8", "gptq-w8a8": "w8a8", "rtn-fp8": "fp8", "gptq-fp8": "fp8",
              "rtn-w8a8-static": "w8a8", "sq-w8a8-static": "w8a8", "sq+gptq-w8a8-static": "w8a8", "sq+gptq-w8a8": "w8a8",
              "rtn-fp8-static": "fp8", "gptq-fp8-static": "fp8", "rtn-w8a8-static-mse": "w8a8", "sq-w8a8-static-mse": "w8a8",
              "sq+gptq-w8a8-static-mse": "w8a8", "rtn-fp8-static-mse": "fp8", "cast-fp16": "fp16", "cast-bf16": "bf16",
-             "rtn-nf4": "nf4", "gptq-nf4": "nf4", "bnb-nf4": "nf4"}
+             "rtn-nf4": "nf4", "gptq-nf4": "nf4", "bnb-nf4": "nf4",
+             **{row: row.split("-", 1)[1].upper() for row in MICROSCALING_ROWS}}
 STATIC = {"act_dynamic": False}
 MSE = {**STATIC, "act_range": "mse"}
 # further QuantizeConfig options of a row

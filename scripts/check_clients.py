@@ -20,7 +20,7 @@ import json, math, sys, time, torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 started = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=False)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[3]), trust_remote_code=False)
 windows = torch.load(sys.argv[2])
 nll = 0.0
 with torch.no_grad():
@@ -48,6 +48,7 @@ def main() -> None:
 
     import llmq
     from llmq.eval import evaluate, evaluation_windows
+    from llmq.targets.compressed_tensors import MICROSCALING_FORMATS
 
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=False)
     windows = evaluation_windows(tokenizer, str(args.text), args.seqlen, args.windows)
@@ -57,10 +58,14 @@ def main() -> None:
     rows.append(("llmq.load (float32)", ours, time.perf_counter() - started))
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(windows, Path(tmp) / "windows.pt")
-        done = subprocess.run([sys.executable, "-c", TRANSFORMERS_PPL, str(args.checkpoint), str(Path(tmp) / "windows.pt")],
-                              capture_output=True, text=True, check=True)
+        # compressed-tensors decodes NVFP4 / MXFP4 / MXFP8 weights to bf16 whatever dtype the model is loaded in,
+        # and a float32 model then fails in its first matmul: those formats are read in bf16
+        fmt = json.loads((args.checkpoint / "config.json").read_text()).get("quantization_config", {}).get("format")
+        dtype = "bfloat16" if fmt in MICROSCALING_FORMATS.values() else "float32"
+        done = subprocess.run([sys.executable, "-c", TRANSFORMERS_PPL, str(args.checkpoint), str(Path(tmp) / "windows.pt"),
+                               dtype], capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append(("transformers, fresh process (float32)", result["ppl"], result["seconds"]))
+        rows.append((f"transformers, fresh process ({dtype})", result["ppl"], result["seconds"]))
     if args.vllm_python:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
         done = subprocess.run([args.vllm_python, str(Path(__file__).parent / "vllm_perplexity.py"), str(args.checkpoint),

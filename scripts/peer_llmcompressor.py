@@ -37,6 +37,8 @@ def weight_only(row: str) -> dict | None:
 
 def scheme_of(row: str):
     """The `scheme` argument of llm-compressor's modifiers for a row: a preset name or config groups."""
+    if found := re.fullmatch(r"(?:rtn|gptq)-(nvfp4a16|mxfp4a16|mxfp8a16)", row):
+        return found[1].upper()  # its own presets of the microscaling formats
     if groups := weight_only(row):
         return groups
     kind = "float" if "fp8" in row else "int"

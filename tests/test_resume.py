@@ -48,6 +48,8 @@ def three_layer_model(tmp_path_factory, smollm2_tokenizer_dir):
     (dict(method="gptq", format="gguf", gguf_type="Q4_K_M"), "gptq.gguf"),
     # a whole-model step redone on resume (the seeded rotation), and scale tuning after the restored layers
     (dict(method="rotate+gptq", group_size=32, bits=3, tune_steps=3), "rotate-tuned"),
+    # a microscaling record (NVFP4's E2M1 values, FP8 group scales and global scale) through the checkpoints
+    (dict(method="awq+gptq", scheme="NVFP4A16"), "nvfp4"),
 ])
 def test_a_killed_run_resumes_and_writes_what_an_uninterrupted_run_writes(options, name, three_layer_model, tmp_path,
                                                                            calib_file, capsys):

@@ -221,7 +221,7 @@ def test_a_16bit_cast_is_a_plain_checkpoint_of_the_rounded_values(preset, dtype,
 @pytest.mark.parametrize("argv, expect", [
     (["--scheme", "fp8", "--format", "gguf"], "GGUF holds neither FP8 weights nor quantized activations"),
     (["--scheme", "fp8", "--group-size", "64"], "--scheme fp8 fixes --group-size; drop them"),
-    (["--scheme", "fp8", "--method", "awq"], "--method awq searches on an integer grid"),
+    (["--scheme", "fp8", "--method", "awq"], "--method awq searches on an integer or microscaling grid"),
     (["--act-bits", "8"], "quantized activations need 8-bit symmetric per-channel weights"),
     (["--scheme", "w8a8", "--bits", "3"], "--scheme w8a8 fixes --bits; drop them"),
     (["--act-static"], "--act-static fixes the scale of quantized inputs; it needs --scheme w8a8 or fp8"),

@@ -8,6 +8,9 @@ has a scale s and, when asymmetric, an integer zero point z; integers are signed
 
 These are shared by the methods that choose q, s and z (llmq/methods/grids/integer.py), the target that
 writes them and the runtime that reads them back, so they live here, below all three.
+
+So does MicroscaledTensor, the weight of the NVFP4 / MXFP4 / MXFP8 grids (llmq/methods/grids/microscaling.py):
+float elements, one scale per 16 or 32 weights.
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from llmq.core.records import record
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 
 
-WEIGHT_TYPES = ("int", "float", "float16", "bfloat16", "nf4")
+WEIGHT_TYPES = ("int", "float", "float16", "bfloat16", "nf4", "nvfp4", "mxfp4", "mxfp8")
+# microscaling float formats (OCP MX, NVIDIA's NVFP4): small float elements, one scale per short group; what
+# Blackwell (FP4) and Hopper/Blackwell (MXFP8) run natively. weight type -> (bits, group size, display name)
+MICROSCALING = {"nvfp4": (4, 16, "NVFP4A16"), "mxfp4": (4, 32, "MXFP4A16"), "mxfp8": (8, 32, "MXFP8A16")}
 CAST_TYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # 16-bit casts: nothing rounded to a grid
 ACT_BITS = (8, 16)
 ACT_RANGES = ("max", "mse")  # how a static input scale is chosen (llmq/core/ranges.py)
 FP8_MAX = 448.0  # the largest E4M3 value (torch.float8_e4m3fn)
+E2M1_MAX = 6.0  # the largest FP4 E2M1 value
 
 
 @record
@@ -63,6 +70,11 @@ class QuantScheme:
             raise LlmqError("16 bits is a cast: use --scheme fp16 or bf16 alone, without --bits")
         if self.weight_type == "nf4" and (self.bits, self.group_size, self.symmetric, self.act_bits) != (4, 64, True, None):
             raise LlmqError("NF4 is 4 bits with one absmax per 64 weights: use --scheme nf4 alone")
+        if self.weight_type in MICROSCALING:
+            bits, group, name = MICROSCALING[self.weight_type]
+            if (self.bits, self.group_size, self.symmetric, self.act_bits) != (bits, group, True, None):
+                raise LlmqError(f"{name} is {bits}-bit floats with one scale per {group} weights: use --scheme "
+                                f"{name} alone, without --bits, --group-size, --asym or --act-bits")
         if self.weight_type in CAST_TYPES and self.act_bits is not None:
             raise LlmqError("a 16-bit cast quantizes no inputs; drop --act-bits")
         per_channel_8bit = self.bits == 8 and self.group_size == -1 and self.symmetric
@@ -95,6 +107,8 @@ class QuantScheme:
             return "FP16" if self.weight_type == "float16" else "BF16"
         if self.weight_type == "nf4":
             return "NF4"
+        if self.weight_type in MICROSCALING:
+            return MICROSCALING[self.weight_type][2]
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         return f"W{self.bits}A16 {group} {'sym' if self.symmetric else 'asym'}"
 
@@ -106,6 +120,11 @@ class QuantScheme:
     @property
     def is_cast(self) -> bool:
         return self.weight_type in CAST_TYPES
+
+    @property
+    def microscaling(self) -> bool:
+        """NVFP4 / MXFP4 / MXFP8: float elements with one scale per 16 or 32 weights (llmq/methods/grids/microscaling.py)."""
+        return self.weight_type in MICROSCALING
 
     @property
     def qmin(self) -> int:
@@ -163,6 +182,8 @@ class QuantScheme:
 # W8A16 8-bit symmetric per channel, W8A8 int8 per channel with int8 inputs per token at run time, FP8 E4M3 weights
 # with one static input scale per Linear from calibration, FP8_DYNAMIC the same with per-token input scales
 # (llm-compressor's FP8 keeps one weight scale per tensor; llmq's one per output channel, which is finer).
+# NVFP4A16: E2M1 weights, an FP8-E4M3 scale per 16 and one float32 global scale per tensor; MXFP4A16 / MXFP8A16:
+# E2M1 / E4M3 weights with a power-of-two (E8M0) scale per 32 (the OCP microscaling formats).
 # Then llmq's own: the 16-bit casts and NF4 (QLoRA's, in bitsandbytes' layout).
 PRESETS = {
     "w4a16": {"bits": 4, "group_size": 128, "symmetric": True, "weight_type": "int", "act_bits": None},
@@ -175,12 +196,15 @@ PRESETS = {
     "fp16": {"bits": 16, "group_size": -1, "symmetric": True, "weight_type": "float16"},
     "bf16": {"bits": 16, "group_size": -1, "symmetric": True, "weight_type": "bfloat16"},
     "nf4": {"bits": 4, "group_size": 64, "symmetric": True, "weight_type": "nf4"},
+    **{name.lower(): {"bits": bits, "group_size": group, "symmetric": True, "weight_type": weight_type, "act_bits": None}
+       for weight_type, (bits, group, name) in MICROSCALING.items()},
 }
 _FLAG_OF = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--sym/--asym", "act_bits": "--act-bits",
             "act_dynamic": "--act-static/--act-dynamic", "act_range": "--act-range"}
 
 
-LLM_COMPRESSOR_PRESETS = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC")
+LLM_COMPRESSOR_PRESETS = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC", "NVFP4A16", "MXFP4A16",
+                          "MXFP8A16")
 
 
 def preset_names() -> list[str]:
@@ -276,3 +300,42 @@ class QuantizedTensor:
         own = lambda t: None if t is None else t[rows].to("cpu", copy=True)
         scale = None if self.input_scale is None else self.input_scale.to("cpu", copy=True)
         return QuantizedTensor(own(self.qweight), own(self.scale), own(self.zero_point), self.scheme, scale)
+
+
+@record
+@dataclass
+class MicroscaledTensor:
+    """A weight on a microscaling grid (NVFP4, MXFP4, MXFP8: llmq/methods/grids/microscaling.py): element values,
+    one scale per (row, group), and NVFP4's global scale; w = value * scale (/ global_scale)."""
+
+    values: torch.Tensor  # float8_e4m3fn [out, in]: the E2M1 or E4M3 element values (E2M1's are E4M3 values too)
+    scale: torch.Tensor  # float32 [out, in / group]: NVFP4's E4M3 value S, or MX's 2^e
+    global_scale: torch.Tensor | None  # float32 [1]: NVFP4's g (w = e2m1 * S / g); None for MX
+    scheme: QuantScheme
+
+    def effective_scale(self) -> torch.Tensor:
+        return self.scale if self.global_scale is None else self.scale / self.global_scale
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.values.shape
+        groups = self.scale.shape[1]
+        grouped = self.values.float().reshape(rows, groups, cols // groups)
+        return (grouped * self.effective_scale().unsqueeze(-1)).reshape(rows, cols)
+
+    def rows(self, rows: slice) -> MicroscaledTensor:
+        own = lambda t: t[rows].to("cpu", copy=True)
+        glob = None if self.global_scale is None else self.global_scale.to("cpu", copy=True)
+        return MicroscaledTensor(own(self.values), own(self.scale), glob, self.scheme)
+
+    def damage(self) -> str | None:
+        """Why these tensors (read back from a checkpoint) are not a weight of this scheme, or None."""
+        rows, columns = self.values.shape
+        groups = columns // self.scheme.group_size
+        limit = E2M1_MAX if self.scheme.bits == 4 else FP8_MAX
+        if tuple(self.scale.shape) != (rows, groups) or not bool((self.scale >= 0).all()):
+            return f"scales are {tuple(self.scale.shape)}, not ({rows}, {groups}) non-negative values"
+        if self.values.numel() and float(self.values.float().abs().max()) > limit:
+            return f"values beyond the {self.scheme.name} element range (+-{limit:g})"
+        if (self.global_scale is None) != (self.scheme.weight_type != "nvfp4"):
+            return "a global scale where the scheme has none, or none where it needs one"
+        return None

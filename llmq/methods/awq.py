@@ -33,6 +33,7 @@ from llmq.core.interfaces import Method
 from llmq.core.layers import LayerMap
 from llmq.core.scheme import QuantScheme, dequantize
 from llmq.methods.grids.integer import round_to_nearest
+from llmq.methods.grids.microscaling import MicroscalingGrid
 
 SCALE_GRID = 20
 CLIP_GRID, CLIP_STEPS = 20, 10  # shrink factors 1.0, 0.95, ..., 0.55
@@ -44,7 +45,11 @@ NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "qkv_proj")
 
 
 def fake_quantize(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Round-to-nearest on the grid, back in float32 (scales kept in float32: only the error matters here)."""
+    """Round-to-nearest on the grid, back in float32 (scales kept in float32: only the error matters here). A
+    microscaling scheme is searched on its own grid, group scales chosen as the run will choose them."""
+    if scheme.microscaling:
+        fit = MicroscalingGrid(scheme).fit(weight)
+        return fit.value(fit.nearest(), torch.arange(weight.shape[1], device=weight.device))
     q, scale, zero = round_to_nearest(weight, scheme, torch.float32)
     return dequantize(q, scale, zero, scheme.group_size_for(weight.shape[1]))
 

@@ -28,6 +28,7 @@ from llmq.runtime.kernels.cpu import (
     repack_int4_cpu,
 )
 from llmq.runtime.kernels.reference import dequantize_packed
+from llmq.runtime.microscaled import MicroscaledLinear
 from llmq.runtime.w8 import W8Linear
 from llmq.targets.bitnet import load_bitnet
 from llmq.targets.bnb import load_nf4
@@ -158,6 +159,19 @@ def _w8_linear_from_state(model: nn.Module, name: str, state: dict, scheme: Quan
     return W8Linear(linear.in_features, linear.out_features, scheme, weight, scale, bias, tensors.get("input_scale"))
 
 
+def _microscaled_linear_from_state(model: nn.Module, name: str, state: dict, scheme: QuantScheme,
+                                   bias: torch.Tensor | None) -> MicroscaledLinear:
+    """The MicroscaledLinear for `name` from its NVFP4 / MXFP4 / MXFP8 tensors (popped from `state`), checked."""
+    linear = linear_at(model, name)
+    if linear is None:
+        raise LlmqError(f"checkpoint quantizes {name}, which this model's config has no Linear for; the config and "
+                        "the weights do not belong together")
+    suffixes = ("weight_packed", "weight", "weight_scale", "weight_global_scale")
+    tensors = {suffix: state.pop(f"{name}.{suffix}") for suffix in suffixes if f"{name}.{suffix}" in state}
+    check_packed_tensors(name, tensors, scheme, linear.out_features, linear.in_features)
+    return MicroscaledLinear(linear.in_features, linear.out_features, scheme, tensors, bias)
+
+
 def _skeleton(config, dtype: torch.dtype) -> nn.Module:
     """The model without weights; routed experts as per-expert Linears where its checkpoints store them so."""
     with init_empty_weights(include_buffers=False):
@@ -208,6 +222,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     marker = ".weight_scale" if unpacked else ".weight_packed"
     packed_names = [key[: -len(marker)] for key in state if key.endswith(marker)]
     build = _w8_linear_from_state if unpacked else functools.partial(_quant_linear_from_state, group_sizes=group_sizes)
+    if scheme.microscaling:
+        build = _microscaled_linear_from_state
     for name in packed_names:
         bias = state.pop(f"{name}.bias", None)
         model.set_submodule(name, build(model, name, state, scheme, bias))
@@ -216,5 +232,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     model.to(device).eval()
     path = ("int8 x int8 GEMM (torch._int_mm) where available" if scheme.weight_type == "int" else
             "FP8 codes multiplied in float32") if unpacked else kernel_path(device, scheme.bits)
+    if scheme.microscaling:
+        path = "decoded to float32 per call, then a dense GEMM (no FP4 / MX kernel on this path)"
     log.info(f"llmq: {len(packed_names)} {scheme.name} Linears on {torch.device(device).type}: {path}")
     return model

@@ -37,9 +37,10 @@ from llmq.calib.naming import checkpoint_names, checkpoint_state
 from llmq.core import log
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Quantized
-from llmq.core.scheme import CAST_TYPES, QuantizedTensor, QuantScheme
+from llmq.core.scheme import CAST_TYPES, MICROSCALING, PRESETS, MicroscaledTensor, QuantizedTensor, QuantScheme
 from llmq.methods.grids.fp8 import Fp8Grid
 from llmq.methods.grids.integer import IntegerGrid
+from llmq.methods.grids.microscaling import MicroscalingGrid, e8m0_bytes, pack_e2m1
 from llmq.targets.base import RunReport, Target
 from llmq.targets.card import model_card
 from llmq.targets.packing import pack_int32, packed_words
@@ -47,8 +48,11 @@ from llmq.targets.shards import ShardWriter
 
 FORMAT = "pack-quantized"
 UNPACKED_FORMATS = {"int": "int-quantized", "float": "float-quantized"}
+# compressed-tensors' formats of the microscaling schemes, by llmq weight type (llmq/methods/grids/microscaling.py)
+MICROSCALING_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized", "mxfp8": "mxfp8-quantized"}
 EXPERT_NAME = re.compile(r"\.experts\.\d+\.")  # a routed expert's Linear (llmq/calib/experts.py names them so)
-TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale")
+TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale",
+                   "weight_global_scale")
 
 
 def _input_observer(scheme: QuantScheme) -> str | None:
@@ -62,11 +66,19 @@ def checkpoint_format(scheme: QuantScheme) -> str:
     """pack-quantized for weight-only integer grids; the unpacked int/float format for W8A8 and FP8."""
     if scheme.act_bits is None and scheme.weight_type == "int":
         return FORMAT
+    if scheme.microscaling:
+        return MICROSCALING_FORMATS[scheme.weight_type]
     return UNPACKED_FORMATS[scheme.weight_type]
 
 
 def _weights_args(scheme: QuantScheme, group_size: int, act_order: bool, observer: str) -> dict:
     """compressed-tensors' QuantizationArgs of the weights, for Linears `group_size` columns per scale (-1: per channel)."""
+    if scheme.microscaling:  # as compressed-tensors' own NVFP4A16 / MXFP4A16 / MXFP8A16 presets
+        nvfp4 = scheme.weight_type == "nvfp4"
+        return {"num_bits": scheme.bits, "type": "float", "symmetric": True,
+                "strategy": "tensor_group" if nvfp4 else "group", "group_size": scheme.group_size, "dynamic": False,
+                "actorder": "weight" if act_order else None, "observer": observer,
+                "scale_dtype": "torch.float8_e4m3fn" if nvfp4 else "torch.uint8"}
     return {
         "num_bits": scheme.bits,
         "type": scheme.weight_type,
@@ -142,7 +154,7 @@ def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, set[int]]:
     or not), and the group sizes its config groups name (-1: per channel). Config groups that differ only in group
     size (a Linear no group divides, kept per channel) are one scheme: each Linear's group size is read from its
     scales' shape (linear_scheme)."""
-    formats = (FORMAT, *UNPACKED_FORMATS.values())
+    formats = (FORMAT, *UNPACKED_FORMATS.values(), *MICROSCALING_FORMATS.values())
     if quant_config.get("quant_method") != "compressed-tensors" or quant_config.get("format") not in formats:
         raise LlmqError(f"checkpoint is not a compressed-tensors model in one of the formats llmq.load reads "
                         f"({', '.join(formats)})")
@@ -157,8 +169,26 @@ def scheme_from_config(quant_config: dict) -> tuple[QuantScheme, set[int]]:
     return base, {scheme.group_size for scheme in schemes}
 
 
+def _microscaling_scheme(group: dict, fmt: str) -> QuantScheme:
+    """The NVFP4A16 / MXFP4A16 / MXFP8A16 scheme a config group of that format must hold."""
+    weight_type = next(kind for kind, name in MICROSCALING_FORMATS.items() if name == fmt)
+    scheme = QuantScheme(**PRESETS[MICROSCALING[weight_type][2].lower()])
+    weights = group.get("weights") or {}
+    if (weights.get("type"), weights.get("num_bits"), weights.get("group_size")) != ("float", scheme.bits,
+                                                                                  scheme.group_size):
+        raise LlmqError(f"the checkpoint's quantization_config is not one llmq reads (format {fmt} with "
+                        f"{weights.get('num_bits')}-bit {weights.get('type')} weights in groups of "
+                        f"{weights.get('group_size')}, not {scheme.name}); re-create it")
+    if group.get("input_activations") is not None:
+        raise LlmqError(f"the checkpoint quantizes inputs too ({fmt}); llmq.load reads the weight-only "
+                        f"{scheme.name}")
+    return scheme
+
+
 def _group_scheme(group: dict, fmt: str) -> QuantScheme:
     """One config group's scheme; anything llmq does not read is one line."""
+    if fmt in MICROSCALING_FORMATS.values():
+        return _microscaling_scheme(group, fmt)
     if group.get("weights", {}).get("type") not in ("int", "float"):
         raise LlmqError("checkpoint holds a weight type llmq.load does not read (int or float)")
     weights, inputs = group["weights"], group.get("input_activations")
@@ -201,6 +231,9 @@ def check_packed_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: Qu
                          in_features: int) -> None:
     """Refuse packed tensors that disagree with the config (bits, groups, zero points) or the model's shapes:
     read with the wrong scheme they would decode to garbage without a word."""
+    if scheme.microscaling:
+        _check_microscaled_tensors(name, tensors, scheme, out_features, in_features)
+        return
     if checkpoint_format(scheme) != FORMAT:
         _check_unpacked_tensors(name, tensors, scheme, out_features, in_features)
         return
@@ -225,6 +258,30 @@ def check_packed_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: Qu
     if not scale.is_floating_point() or not torch.isfinite(scale).all():
         raise LlmqError(f"{name}.weight_scale holds non-finite or non-float values; the checkpoint is damaged: "
                         "re-create it")
+
+
+def _check_microscaled_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int,
+                               in_features: int) -> None:
+    groups = in_features // scheme.group_size
+    nvfp4, fp4 = scheme.weight_type == "nvfp4", scheme.bits == 4
+    expected = {"weight_packed" if fp4 else "weight": (torch.uint8 if fp4 else torch.float8_e4m3fn,
+                                                       (out_features, in_features // 2 if fp4 else in_features)),
+                "weight_scale": (torch.float8_e4m3fn if nvfp4 else torch.uint8, (out_features, groups))}
+    if nvfp4:
+        expected["weight_global_scale"] = (torch.float32, (1,))
+    if in_features % scheme.group_size or set(tensors) != set(expected):
+        raise LlmqError(f"{name} holds {sorted(tensors)} for {in_features} inputs, but {scheme.name} needs "
+                        f"{sorted(expected)} in groups of {scheme.group_size}; the config and the weights do not "
+                        "belong together")
+    for suffix, (dtype, shape) in expected.items():
+        tensor = tensors[suffix]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise LlmqError(f"{name}.{suffix} is {tensor.dtype} {tuple(tensor.shape)} but {scheme.name} and the layer "
+                            f"[{out_features}, {in_features}] need {dtype} {shape}; the config and the weights do not "
+                            "belong together")
+    scales = [tensors[s].float() for s in ("weight_scale", "weight_global_scale") if s in tensors and nvfp4]
+    if any(not torch.isfinite(t).all() for t in scales) or (nvfp4 and not bool((tensors["weight_global_scale"] > 0).all())):
+        raise LlmqError(f"{name}'s scales hold non-finite or non-positive values; the checkpoint is damaged: re-create it")
 
 
 def _check_unpacked_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int,
@@ -296,7 +353,20 @@ def describe_groups(widths: Mapping[str, int], requested: int, chosen: int, symm
     return said
 
 
-def packed_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+def microscaled_tensors(name: str, q: MicroscaledTensor) -> dict[str, torch.Tensor]:
+    """compressed-tensors' tensors of a microscaled weight: NVFP4's E2M1 nibbles, E4M3 group scales and the float32
+    global scale; MXFP4's nibbles and E8M0 scale bytes; MXFP8's E4M3 weight and E8M0 scale bytes."""
+    if q.scheme.weight_type == "nvfp4":
+        return {f"{name}.weight_packed": pack_e2m1(q.values), f"{name}.weight_scale": q.scale.to(torch.float8_e4m3fn),
+                f"{name}.weight_global_scale": q.global_scale.float()}
+    if q.scheme.weight_type == "mxfp4":
+        return {f"{name}.weight_packed": pack_e2m1(q.values), f"{name}.weight_scale": e8m0_bytes(q.scale)}
+    return {f"{name}.weight": q.values, f"{name}.weight_scale": e8m0_bytes(q.scale)}
+
+
+def packed_tensors(name: str, q: QuantizedTensor | MicroscaledTensor) -> dict[str, torch.Tensor]:
+    if isinstance(q, MicroscaledTensor):
+        return microscaled_tensors(name, q)
     if checkpoint_format(q.scheme) != FORMAT:  # int8 / FP8 as they are, one scale per row
         tensors = {f"{name}.weight": q.qweight, f"{name}.weight_scale": q.scale}
         if q.input_scale is not None:
@@ -432,9 +502,9 @@ class CompressedTensorsTarget(Target):
         if self.config.scheme.is_cast and (self.method.name != "rtn" or self.method.folds):
             raise LlmqError(f"--scheme {self.config.scheme.name.lower()} casts the model and rounds nothing; drop "
                             f"--method {self.method.name}")
-        if self.method.searches and self.config.scheme.weight_type != "int":
-            raise LlmqError(f"--method {self.method.name} searches on an integer grid; FP8 weights take --method "
-                            "gptq or rtn")
+        if self.method.searches and self.config.scheme.weight_type not in ("int", *MICROSCALING):
+            raise LlmqError(f"--method {self.method.name} searches on an integer or microscaling grid; "
+                            f"{self.config.scheme.name} weights take --method gptq or rtn")
 
     @property
     def search_scheme(self) -> QuantScheme:
@@ -447,13 +517,22 @@ class CompressedTensorsTarget(Target):
 
     def check_model(self, model, linears) -> None:
         widths = {name: linear.in_features for name, linear in linears.items()}
+        scheme = self.config.scheme
+        if scheme.microscaling:  # one group size is the format itself: no smaller group or per-channel fallback
+            odd = [name for name, width in widths.items() if width % scheme.group_size]
+            if odd:
+                raise LlmqError(f"{scheme.name} groups {scheme.group_size} inputs per scale, which does not divide "
+                                f"{odd[0]} ({widths[odd[0]]} inputs; {len(odd)} Linears in all); use another --scheme")
+            return
         self.config.scheme, self.group_note = fitted_scheme(self.config.scheme, widths,
                                                             self.config.target.strict_groups)
 
     def plan(self, model, linears, storage_dtype, calibrated) -> Plan:
         # one grid for all: a group's Linears are rounded as one stacked matrix, one pass of the method
         scheme = self.config.scheme
-        if scheme.weight_type == "float":
+        if scheme.microscaling:
+            grid = MicroscalingGrid(scheme)
+        elif scheme.weight_type == "float":
             grid = Fp8Grid(scheme, storage_dtype)
         else:
             grid = IntegerGrid(scheme, storage_dtype, mse=self.config.method.mse)
@@ -467,7 +546,7 @@ class CompressedTensorsTarget(Target):
         """The model card's act-order cell: with act-order, also when its static groups were fitted (GPTQ's
         --group-fit), which changes the result as much as act-order itself does."""
         scheme = self.config.scheme
-        if not self.act_order or scheme.weight_type == "float" or scheme.group_size == -1:
+        if not self.act_order or scheme.weight_type == "float" or scheme.microscaling or scheme.group_size == -1:
             return str(self.act_order)  # no groups to fit: FP8 and per-channel scales are fixed before the sweep
         return f"True (groups fitted {'in the sweep' if self.config.method.group_fit == 'sweep' else 'upfront'})"
 
@@ -507,7 +586,8 @@ class CompressedTensorsTarget(Target):
                 loader_note="loads with transformers as is"))
             return size
         timing = "per token at run time" if scheme.act_dynamic else "with one scale per Linear from calibration"
-        what = (f"{scheme.bits}-bit weight-only quantization" if scheme.act_bits is None else
+        what = (f"{scheme.name} weight-only quantization" if scheme.microscaling else
+                f"{scheme.bits}-bit weight-only quantization" if scheme.act_bits is None else
                 f"{scheme.name} quantization (weights, and each Linear's input {timing})")
         (path / "README.md").write_text(model_card(
             report, size, bits=scheme.bits, group_size=("per-channel" if scheme.group_size == -1 else scheme.group_size)
@@ -524,7 +604,7 @@ class CompressedTensorsTarget(Target):
         scheme = self.config.scheme
         if scheme.is_cast:
             return f"{base}-{scheme.name.lower()}"
-        if scheme.act_bits is not None or scheme.weight_type == "float":
+        if scheme.act_bits is not None or scheme.weight_type == "float" or scheme.microscaling:
             return f"{base}-{self.method.name}-{scheme.name.lower().replace(' ', '-')}"
         group = "c" if scheme.group_size == -1 else scheme.group_size
         return f"{base}-{self.method.name}-w{scheme.bits}g{group}"

@@ -188,6 +188,10 @@ class GGUFTarget(Target):
         if scheme.is_cast:
             raise LlmqError(f"GGUF's 16-bit files are --type {'F16' if scheme.weight_type == 'float16' else 'BF16'}; "
                             "drop --scheme")
+        if scheme.microscaling:
+            raise LlmqError(f"--scheme {scheme.name} is a compressed-tensors scheme; GGUF's own FP4 type is MXFP4 "
+                            "(--type MXFP4_MOE, for a mixture-of-experts model's experts): drop --scheme, or use "
+                            "--format compressed-tensors")
         if scheme.act_bits is not None or scheme.weight_type != "int":
             raise LlmqError(f"GGUF holds neither FP8 weights nor quantized activations ({scheme.name}); its 8-bit "
                             "type is weight-only --type Q8_0, or use --format compressed-tensors")

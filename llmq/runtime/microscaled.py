@@ -1,0 +1,44 @@
+"""NVFP4A16 / MXFP4A16 / MXFP8A16 Linears on the CPU: the element codes and group scales kept as stored, decoded
+to float32 per call (one layer at a time) and multiplied densely, the way compressed-tensors decodes them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmq.core.scheme import QuantScheme
+from llmq.methods.grids.microscaling import e8m0_values, unpack_e2m1
+
+
+class MicroscaledLinear(nn.Module):
+    """A Linear held in compressed-tensors' microscaling layout (buffers under the checkpoint's names)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 [out, in]: elements times (S / g) for NVFP4, times 2^e for MX (compressed-tensors' arithmetic)."""
+        if self.scheme.bits == 4:
+            elements = unpack_e2m1(self.weight_packed)
+        else:
+            elements = self.weight.float()
+        if self.scheme.weight_type == "nvfp4":
+            scale = self.weight_scale.float() / self.weight_global_scale.float()
+        else:
+            scale = e8m0_values(self.weight_scale)
+        groups = scale.shape[1]
+        grouped = elements.reshape(self.out_features, groups, self.in_features // groups)
+        return (grouped * scale.unsqueeze(-1)).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
