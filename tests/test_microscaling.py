@@ -152,6 +152,14 @@ def test_transformers_in_a_fresh_process_and_llmq_load_agree(name, method, tmp_p
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["format"] == {"NVFP4A16": "nvfp4-pack-quantized", "MXFP4A16": "mxfp4-pack-quantized",
                                 "MXFP8A16": "mxfp8-quantized"}[name]
+    if name == "NVFP4A16":  # the Linears vLLM fuses (one input) share one global scale, as its kernels need
+        from safetensors.torch import load_file
+
+        tensors = load_file(out / "model.safetensors")
+        glob = lambda linear: tensors[f"model.layers.1.{linear}.weight_global_scale"]
+        assert torch.equal(glob("self_attn.q_proj"), glob("self_attn.k_proj"))
+        assert torch.equal(glob("self_attn.q_proj"), glob("self_attn.v_proj"))
+        assert torch.equal(glob("mlp.gate_proj"), glob("mlp.up_proj"))
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.save(ids, tmp_path / "ids.pt")
     subprocess.run([sys.executable, "-c", BF16_LOGITS, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "t.pt")],

@@ -31,6 +31,7 @@ def _groups(out):
     ("llama", dict(group_size=32, ignore=("mlp.down_proj", r"re:.*layers\.0\.self_attn\.[qk]_proj"))),
     ("llama", dict(scheme="W8A16")),
     ("llama", dict(scheme="FP8_DYNAMIC")),
+    ("llama", dict(scheme="MXFP4A16")),
     ("llama", dict()),  # the default group of 128 does not divide the 64-wide Linears: the same fallback
     ("qwen3_moe", dict(group_size=32)),  # per-expert tensors, the router left out and listed in `ignore`
 ])
@@ -85,6 +86,8 @@ def test_model_free_refuses_what_needs_the_model(tmp_path, tiny_llama_dir, capsy
         code = main(["quantize", str(tiny_llama_dir), "--model-free", *flags, "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert code == 2 and "--model-free: a run without the model rounds each weight alone" in err, (flags, err)
+    assert main(["quantize", str(tiny_llama_dir), "--model-free", "--scheme", "NVFP4A16", "--out", str(tmp_path / "o")]) == 2
+    assert "NVFP4A16's global scale is shared by the Linears that read one input" in capsys.readouterr().err
     assert main(["quantize", "--model-free", "--out", str(tmp_path / "o")]) == 2
     assert "--model-free reads a local checkpoint directory" in capsys.readouterr().err
     # the group-size rule is the model-class path's own (compressed_tensors.fitted_scheme): --strict-groups holds

@@ -517,15 +517,20 @@ class CompressedTensorsTarget(Target):
 
     def check_model(self, model, linears) -> None:
         widths = {name: linear.in_features for name, linear in linears.items()}
-        scheme = self.config.scheme
-        if scheme.microscaling:  # one group size is the format itself: no smaller group or per-channel fallback
-            odd = [name for name, width in widths.items() if width % scheme.group_size]
-            if odd:
-                raise LlmqError(f"{scheme.name} groups {scheme.group_size} inputs per scale, which does not divide "
-                                f"{odd[0]} ({widths[odd[0]]} inputs; {len(odd)} Linears in all); use another --scheme")
+        if self.config.scheme.microscaling:
+            self.check_microscaling_widths(self.config.scheme, widths)
             return
         self.config.scheme, self.group_note = fitted_scheme(self.config.scheme, widths,
                                                             self.config.target.strict_groups)
+
+    @staticmethod
+    def check_microscaling_widths(scheme: QuantScheme, widths: Mapping[str, int]) -> None:
+        """The group size is the format itself: no smaller group or per-channel fallback, so a Linear it does not
+        divide is refused (shared with the model-free path)."""
+        odd = [name for name, width in widths.items() if width % scheme.group_size]
+        if odd:
+            raise LlmqError(f"{scheme.name} groups {scheme.group_size} inputs per scale, which does not divide "
+                            f"{odd[0]} ({widths[odd[0]]} inputs; {len(odd)} Linears in all); use another --scheme")
 
     def plan(self, model, linears, storage_dtype, calibrated) -> Plan:
         # one grid for all: a group's Linears are rounded as one stacked matrix, one pass of the method
