@@ -231,3 +231,22 @@ def test_a_damaged_microscaled_record_is_named():
     assert "beyond the NVFP4A16 element range" in replace(good, values=(good.values.float() * 100).to(
         torch.float8_e4m3fn)).damage()
     assert "global scale" in replace(good, global_scale=None).damage()
+
+
+def test_llmq_load_refuses_a_damaged_or_mismatched_file_in_one_line(tmp_path, smollm2_tokenizer_dir):
+    from safetensors.torch import load_file, save_file
+
+    source = save_tiny_model(tmp_path / "source", smollm2_tokenizer_dir, **_SIZES)
+    out = tmp_path / "mx"
+    quantize(str(source), out, QuantizeConfig.of(method="rtn", scheme="MXFP4A16", device="cpu"))
+    assert isinstance(llmq.load(out).model.layers[0].self_attn.q_proj, MicroscaledLinear)
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight_scale"][0, 0] = 255  # E8M0's NaN
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LlmqError, match="q_proj's scales hold non-finite"):
+        llmq.load(out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 16
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlmqError, match="not one llmq reads .*groups of 16, not MXFP4A16"):
+        llmq.load(out)

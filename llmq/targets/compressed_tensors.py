@@ -63,7 +63,8 @@ def _input_observer(scheme: QuantScheme) -> str | None:
 
 
 def checkpoint_format(scheme: QuantScheme) -> str:
-    """pack-quantized for weight-only integer grids; the unpacked int/float format for W8A8 and FP8."""
+    """pack-quantized for weight-only integer grids; the unpacked int/float format for W8A8 and FP8; the
+    microscaling schemes' own formats."""
     if scheme.act_bits is None and scheme.weight_type == "int":
         return FORMAT
     if scheme.microscaling:
@@ -279,8 +280,12 @@ def _check_microscaled_tensors(name: str, tensors: dict[str, torch.Tensor], sche
             raise LlmqError(f"{name}.{suffix} is {tensor.dtype} {tuple(tensor.shape)} but {scheme.name} and the layer "
                             f"[{out_features}, {in_features}] need {dtype} {shape}; the config and the weights do not "
                             "belong together")
-    scales = [tensors[s].float() for s in ("weight_scale", "weight_global_scale") if s in tensors and nvfp4]
-    if any(not torch.isfinite(t).all() for t in scales) or (nvfp4 and not bool((tensors["weight_global_scale"] > 0).all())):
+    if nvfp4:
+        scale, glob = tensors["weight_scale"].float(), tensors["weight_global_scale"]
+        damaged = not bool(torch.isfinite(scale).all() and torch.isfinite(glob).all() and (glob > 0).all())
+    else:
+        damaged = bool((tensors["weight_scale"] == 255).any())  # E8M0's NaN
+    if damaged:
         raise LlmqError(f"{name}'s scales hold non-finite or non-positive values; the checkpoint is damaged: re-create it")
 
 
