@@ -96,7 +96,8 @@ def _quantize_parser(sub) -> None:
                              "channel, int8 inputs per token at run time; --act-static for one scale per Linear), FP8 "
                              "(E4M3 weights per channel, one static input scale per Linear from calibration), "
                              "FP8_DYNAMIC (inputs scaled per token at run time), NVFP4A16 (FP4 E2M1 weights, an FP8 "
-                             "scale per 16 and one per tensor: Blackwell), MXFP4A16 / MXFP8A16 (FP4 / FP8 weights, a "
+                             "scale per 16 and one per tensor: Blackwell), NVFP4 (the inputs in FP4 too, their global "
+                             "scale from calibration), MXFP4A16 / MXFP8A16 (FP4 / FP8 weights, a "
                              "power-of-two scale per 32: OCP microscaling); llmq's: nf4 (QLoRA's NormalFloat-4 "
                              "in bitsandbytes' layout), fp16 / bf16 (the model cast, nothing rounded)")
     scheme.add_argument("--act-bits", type=int, default=QuantScheme.act_bits,

@@ -52,6 +52,27 @@ def test_e2m1_rounding_is_compressed_tensors_own_including_ties():
     assert torch.equal(unpack_e2m1(pack_e2m1(grid)), grid)
 
 
+def test_nvfp4_inputs_are_rounded_as_compressed_tensors_rounds_them():
+    """NVFP4 (W4A4): llmq.load's input rounding is compressed-tensors' own run-time rounding (what transformers
+    applies, and what serving kernels do), to the bit, in bf16 and float32, a group of zeros included."""
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    from llmq.methods.grids.microscaling import nvfp4_inputs
+
+    module = torch.nn.Linear(64, 8)
+    module.quantization_status = QuantizationStatus.FROZEN
+    for dtype, glob in ((torch.bfloat16, 1234.5), (torch.float32, 3.25)):
+        x = (torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(7)) * 3).to(dtype)
+        x[0, 0, :16] = 0
+        module.input_global_scale = torch.nn.Parameter(torch.tensor([glob]), requires_grad=False)
+        theirs = forward_quantize(module, x, "input", PRESET_SCHEMES["NVFP4"]["input_activations"])
+        ours = nvfp4_inputs(x, torch.tensor([glob]))
+        assert ours.dtype == dtype and torch.equal(ours, theirs)
+        assert not torch.equal(ours, x)
+
+
 @pytest.mark.parametrize("name", SCHEMES)
 def test_our_tensors_decompress_in_compressed_tensors_to_our_values(name):
     """compressed-tensors' own decompressor (what transformers and vLLM's loaders call) reads llmq's tensors as
@@ -141,7 +162,7 @@ with torch.no_grad():
 
 
 @pytest.mark.parametrize("name, method", [("NVFP4A16", "awq+gptq"), ("NVFP4A16", "rotate+gptq"), ("MXFP4A16", "gptq"),
-                                          ("MXFP8A16", "gptq")])
+                                          ("MXFP8A16", "gptq"), ("NVFP4", "gptq")])
 def test_transformers_in_a_fresh_process_and_llmq_load_agree(name, method, tmp_path, smollm2_tokenizer_dir):
     """Each scheme, with AWQ's search (on the scheme's own grid) and the rotation too; transformers reads the file
     through compressed-tensors in a fresh process (in bf16: compressed-tensors decodes these formats to bf16
@@ -151,8 +172,9 @@ def test_transformers_in_a_fresh_process_and_llmq_load_agree(name, method, tmp_p
     quantize(str(source), out, QuantizeConfig.of(method=method, scheme=name, device="cpu", samples=8, seqlen=64))
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["format"] == {"NVFP4A16": "nvfp4-pack-quantized", "MXFP4A16": "mxfp4-pack-quantized",
-                                "MXFP8A16": "mxfp8-quantized"}[name]
-    if name == "NVFP4A16":  # the Linears vLLM fuses (one input) share one global scale, as its kernels need
+                                "MXFP8A16": "mxfp8-quantized", "NVFP4": "nvfp4-pack-quantized"}[name]
+    assert (config["config_groups"]["group_0"]["input_activations"] is not None) == (name == "NVFP4")
+    if name.startswith("NVFP4"):  # the Linears vLLM fuses (one input) share one global scale, as its kernels need
         from safetensors.torch import load_file
 
         tensors = load_file(out / "model.safetensors")
@@ -160,6 +182,10 @@ def test_transformers_in_a_fresh_process_and_llmq_load_agree(name, method, tmp_p
         assert torch.equal(glob("self_attn.q_proj"), glob("self_attn.k_proj"))
         assert torch.equal(glob("self_attn.q_proj"), glob("self_attn.v_proj"))
         assert torch.equal(glob("mlp.gate_proj"), glob("mlp.up_proj"))
+        if name == "NVFP4":  # and their inputs' global scale, from the calibration windows
+            inputs = tensors["model.layers.1.self_attn.q_proj.input_global_scale"]
+            assert torch.equal(inputs, tensors["model.layers.1.self_attn.v_proj.input_global_scale"])
+            assert 0 < float(inputs) < float("inf")
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.save(ids, tmp_path / "ids.pt")
     subprocess.run([sys.executable, "-c", BF16_LOGITS, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "t.pt")],

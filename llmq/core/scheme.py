@@ -71,10 +71,8 @@ class QuantScheme:
         if self.weight_type == "nf4" and (self.bits, self.group_size, self.symmetric, self.act_bits) != (4, 64, True, None):
             raise LlmqError("NF4 is 4 bits with one absmax per 64 weights: use --scheme nf4 alone")
         if self.weight_type in MICROSCALING:
-            bits, group, name = MICROSCALING[self.weight_type]
-            if (self.bits, self.group_size, self.symmetric, self.act_bits) != (bits, group, True, None):
-                raise LlmqError(f"{name} is {bits}-bit floats with one scale per {group} weights: use --scheme "
-                                f"{name} alone, without --bits, --group-size, --asym or --act-bits")
+            self._check_microscaling()
+            return
         if self.weight_type in CAST_TYPES and self.act_bits is not None:
             raise LlmqError("a 16-bit cast quantizes no inputs; drop --act-bits")
         per_channel_8bit = self.bits == 8 and self.group_size == -1 and self.symmetric
@@ -94,9 +92,19 @@ class QuantScheme:
             raise LlmqError(f"--act-range {self.act_range} chooses a static input scale; add --act-static "
                             "(with --scheme w8a8 or fp8)")
 
+    def _check_microscaling(self) -> None:
+        bits, group, name = MICROSCALING[self.weight_type]
+        fp4_inputs = self.weight_type == "nvfp4" and self.act_bits == 4 and not self.act_dynamic
+        if (self.bits, self.group_size, self.symmetric) != (bits, group, True) or not (
+                self.act_bits is None or fp4_inputs) or self.act_range != "max":
+            raise LlmqError(f"{name} is {bits}-bit floats with one scale per {group} weights: use --scheme {name} "
+                            "alone (or NVFP4 for FP4 inputs too), without --bits, --group-size, --asym or --act-*")
+
     @property
     def name(self) -> str:
         """W4A16 g128 asym, W8A8 int8, W8A8 FP8: what the summary, the card and the output's name say."""
+        if self.weight_type in MICROSCALING:
+            return "NVFP4" if self.act_bits == 4 else MICROSCALING[self.weight_type][2]
         if self.act_bits is not None:
             inputs = "A8" if self.act_bits == 8 else f"A{self.act_bits}-int{self.act_bits}"
             timing = "" if self.act_dynamic else " static" + ("" if self.act_range == "max" else f" {self.act_range}")
@@ -107,8 +115,6 @@ class QuantScheme:
             return "FP16" if self.weight_type == "float16" else "BF16"
         if self.weight_type == "nf4":
             return "NF4"
-        if self.weight_type in MICROSCALING:
-            return MICROSCALING[self.weight_type][2]
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         return f"W{self.bits}A16 {group} {'sym' if self.symmetric else 'asym'}"
 
@@ -198,13 +204,15 @@ PRESETS = {
     "nf4": {"bits": 4, "group_size": 64, "symmetric": True, "weight_type": "nf4"},
     **{name.lower(): {"bits": bits, "group_size": group, "symmetric": True, "weight_type": weight_type, "act_bits": None}
        for weight_type, (bits, group, name) in MICROSCALING.items()},
+    # W4A4: inputs in E2M1 too, an FP8 scale per 16 of them made at run time under a global scale from calibration
+    "nvfp4": {"bits": 4, "group_size": 16, "symmetric": True, "weight_type": "nvfp4", "act_bits": 4, "act_dynamic": False},
 }
 _FLAG_OF = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--sym/--asym", "act_bits": "--act-bits",
             "act_dynamic": "--act-static/--act-dynamic", "act_range": "--act-range"}
 
 
-LLM_COMPRESSOR_PRESETS = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC", "NVFP4A16", "MXFP4A16",
-                          "MXFP8A16")
+LLM_COMPRESSOR_PRESETS = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC", "NVFP4A16", "NVFP4",
+                          "MXFP4A16", "MXFP8A16")
 
 
 def preset_names() -> list[str]:
@@ -312,6 +320,7 @@ class MicroscaledTensor:
     scale: torch.Tensor  # float32 [out, in / group]: NVFP4's E4M3 value S, or MX's 2^e
     global_scale: torch.Tensor | None  # float32 [1]: NVFP4's g (w = e2m1 * S / g); None for MX
     scheme: QuantScheme
+    input_global_scale: torch.Tensor | None = None  # float32 [1]: NVFP4 (W4A4)'s inputs' g, from calibration
 
     def effective_scale(self) -> torch.Tensor:
         return self.scale if self.global_scale is None else self.scale / self.global_scale
@@ -324,8 +333,9 @@ class MicroscaledTensor:
 
     def rows(self, rows: slice) -> MicroscaledTensor:
         own = lambda t: t[rows].to("cpu", copy=True)
-        glob = None if self.global_scale is None else self.global_scale.to("cpu", copy=True)
-        return MicroscaledTensor(own(self.values), own(self.scale), glob, self.scheme)
+        whole = lambda t: None if t is None else t.to("cpu", copy=True)  # the Linear's own, shared by its rows
+        return MicroscaledTensor(own(self.values), own(self.scale), whole(self.global_scale), self.scheme,
+                                 whole(self.input_global_scale))
 
     def damage(self) -> str | None:
         """Why these tensors (read back from a checkpoint) are not a weight of this scheme, or None."""
@@ -338,4 +348,6 @@ class MicroscaledTensor:
             return f"values beyond the {self.scheme.name} element range (+-{limit:g})"
         if (self.global_scale is None) != (self.scheme.weight_type != "nvfp4"):
             return "a global scale where the scheme has none, or none where it needs one"
+        if (self.input_global_scale is None) == self.scheme.static_inputs:
+            return f"{'no' if self.scheme.static_inputs else 'an'} input global scale for {self.scheme.name}"
         return None

@@ -166,7 +166,7 @@ def _microscaled_linear_from_state(model: nn.Module, name: str, state: dict, sch
     if linear is None:
         raise LlmqError(f"checkpoint quantizes {name}, which this model's config has no Linear for; the config and "
                         "the weights do not belong together")
-    suffixes = ("weight_packed", "weight", "weight_scale", "weight_global_scale")
+    suffixes = ("weight_packed", "weight", "weight_scale", "weight_global_scale", "input_global_scale")
     tensors = {suffix: state.pop(f"{name}.{suffix}") for suffix in suffixes if f"{name}.{suffix}" in state}
     check_packed_tensors(name, tensors, scheme, linear.out_features, linear.in_features)
     return MicroscaledLinear(linear.in_features, linear.out_features, scheme, tensors, bias)

@@ -52,7 +52,7 @@ UNPACKED_FORMATS = {"int": "int-quantized", "float": "float-quantized"}
 MICROSCALING_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized", "mxfp8": "mxfp8-quantized"}
 EXPERT_NAME = re.compile(r"\.experts\.\d+\.")  # a routed expert's Linear (llmq/calib/experts.py names them so)
 TENSOR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale",
-                   "weight_global_scale")
+                   "weight_global_scale", "input_global_scale")
 
 
 def _input_observer(scheme: QuantScheme) -> str | None:
@@ -120,7 +120,10 @@ def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str],
     sizes = sorted(set((group_sizes or {}).values()), reverse=True) or [scheme.group_size]
     per_channel = lambda size: size == -1 or scheme.group_size == -1
     inputs = None
-    if scheme.act_bits is not None:
+    if scheme.microscaling and scheme.act_bits is not None:  # NVFP4: as compressed-tensors' own preset
+        inputs = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+                  "dynamic": "local", "actorder": None, "observer": "minmax", "scale_dtype": "torch.float8_e4m3fn"}
+    elif scheme.act_bits is not None:
         inputs = {"num_bits": scheme.act_bits, "type": scheme.weight_type, "symmetric": True,
                   "strategy": "token" if scheme.act_dynamic else "tensor", "group_size": None,
                   "dynamic": scheme.act_dynamic, "actorder": None, "observer": _input_observer(scheme)}
@@ -180,9 +183,14 @@ def _microscaling_scheme(group: dict, fmt: str) -> QuantScheme:
         raise LlmqError(f"the checkpoint's quantization_config is not one llmq reads (format {fmt} with "
                         f"{weights.get('num_bits')}-bit {weights.get('type')} weights in groups of "
                         f"{weights.get('group_size')}, not {scheme.name}); re-create it")
-    if group.get("input_activations") is not None:
-        raise LlmqError(f"the checkpoint quantizes inputs too ({fmt}); llmq.load reads the weight-only "
-                        f"{scheme.name}")
+    inputs = group.get("input_activations")
+    if inputs is not None:
+        fp4_inputs = (inputs.get("type"), inputs.get("num_bits"), inputs.get("group_size"), inputs.get("dynamic"))
+        if weight_type != "nvfp4" or fp4_inputs != ("float", 4, 16, "local"):
+            raise LlmqError(f"the checkpoint quantizes inputs ({fmt}, {inputs.get('num_bits')}-bit "
+                            f"{inputs.get('type')} dynamic={inputs.get('dynamic')}); llmq.load reads NVFP4's FP4 "
+                            "inputs and the weight-only microscaling schemes")
+        scheme = QuantScheme(**PRESETS["nvfp4"])
     return scheme
 
 
@@ -270,6 +278,8 @@ def _check_microscaled_tensors(name: str, tensors: dict[str, torch.Tensor], sche
                 "weight_scale": (torch.float8_e4m3fn if nvfp4 else torch.uint8, (out_features, groups))}
     if nvfp4:
         expected["weight_global_scale"] = (torch.float32, (1,))
+    if scheme.static_inputs:
+        expected["input_global_scale"] = (torch.float32, (1,))
     if in_features % scheme.group_size or set(tensors) != set(expected):
         raise LlmqError(f"{name} holds {sorted(tensors)} for {in_features} inputs, but {scheme.name} needs "
                         f"{sorted(expected)} in groups of {scheme.group_size}; the config and the weights do not "
@@ -281,8 +291,9 @@ def _check_microscaled_tensors(name: str, tensors: dict[str, torch.Tensor], sche
                             f"[{out_features}, {in_features}] need {dtype} {shape}; the config and the weights do not "
                             "belong together")
     if nvfp4:
-        scale, glob = tensors["weight_scale"].float(), tensors["weight_global_scale"]
-        damaged = not bool(torch.isfinite(scale).all() and torch.isfinite(glob).all() and (glob > 0).all())
+        scale = tensors["weight_scale"].float()
+        globs = torch.cat([tensors[k].float() for k in ("weight_global_scale", "input_global_scale") if k in tensors])
+        damaged = not bool(torch.isfinite(scale).all() and torch.isfinite(globs).all() and (globs > 0).all())
     else:
         damaged = bool((tensors["weight_scale"] == 255).any())  # E8M0's NaN
     if damaged:
@@ -362,8 +373,11 @@ def microscaled_tensors(name: str, q: MicroscaledTensor) -> dict[str, torch.Tens
     """compressed-tensors' tensors of a microscaled weight: NVFP4's E2M1 nibbles, E4M3 group scales and the float32
     global scale; MXFP4's nibbles and E8M0 scale bytes; MXFP8's E4M3 weight and E8M0 scale bytes."""
     if q.scheme.weight_type == "nvfp4":
-        return {f"{name}.weight_packed": pack_e2m1(q.values), f"{name}.weight_scale": q.scale.to(torch.float8_e4m3fn),
-                f"{name}.weight_global_scale": q.global_scale.float()}
+        tensors = {f"{name}.weight_packed": pack_e2m1(q.values), f"{name}.weight_scale": q.scale.to(torch.float8_e4m3fn),
+                   f"{name}.weight_global_scale": q.global_scale.float()}
+        if q.input_global_scale is not None:  # NVFP4 (W4A4)
+            tensors[f"{name}.input_global_scale"] = q.input_global_scale.float()
+        return tensors
     if q.scheme.weight_type == "mxfp4":
         return {f"{name}.weight_packed": pack_e2m1(q.values), f"{name}.weight_scale": e8m0_bytes(q.scale)}
     return {f"{name}.weight": q.values, f"{name}.weight_scale": e8m0_bytes(q.scale)}

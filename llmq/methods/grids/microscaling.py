@@ -24,6 +24,8 @@ these grids unchanged.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from llmq.core.interfaces import Grid, GridFit
@@ -72,6 +74,13 @@ class MicroscalingGrid(Grid):
 
     def __init__(self, scheme: QuantScheme):
         self.scheme = scheme
+        self.static_inputs = scheme.static_inputs  # NVFP4 (W4A4): its inputs' global scale comes from calibration
+
+    def with_input_range(self, quantized: MicroscaledTensor, absmax: torch.Tensor, histogram=None) -> MicroscaledTensor:
+        """The inputs' global scale maps the largest |x| the calibration windows brought to the top of FP8 x E2M1,
+        as the weights' does; at run time each 16 inputs get an FP8 scale under it (compressed-tensors' rule)."""
+        top = absmax.float().max().clamp(min=torch.finfo(torch.float32).tiny)
+        return replace(quantized, input_global_scale=(FP8_MAX * E2M1_MAX / top).reshape(1).cpu())
 
     def fit(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> MicroscalingFit:
         return MicroscalingFit(self.scheme, weight, importance)
@@ -148,6 +157,17 @@ class MicroscalingFit(GridFit):
                                  None if self.global_scale is None else self.global_scale.cpu(), self.scheme)
 
 
+def nvfp4_inputs(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 (W4A4) inputs as compressed-tensors rounds them at run time: each 16 values along the last axis get
+    the scale S = e4m3(g * max|x| / 6) (the group's maximum divided in x's dtype, as it does), then
+    x -> e2m1(x / (S / g)) * (S / g) in float32, returned in x's dtype."""
+    groups = x.unflatten(-1, (x.shape[-1] // 16, 16))
+    local = (groups.abs().amax(-1, keepdim=True) / E2M1_MAX).float() * global_scale.float()
+    scale = e4m3_round(local)
+    scale = torch.where(scale == 0, torch.full_like(scale, 0.125), scale) / global_scale.float()  # its eps for 0
+    return (e2m1_round(groups.float() / scale) * scale).flatten(-2).to(x.dtype)
+
+
 # ---- the compressed-tensors layouts -----------------------------------------------------------------------------
 
 
@@ -176,5 +196,5 @@ def e8m0_values(codes: torch.Tensor) -> torch.Tensor:
     return torch.exp2(codes.to(torch.float32) - E8M0_BIAS)
 
 
-__all__ = ["MicroscaledTensor", "MicroscalingGrid", "e2m1_round", "e8m0_bytes", "e8m0_values", "pack_e2m1",
-           "unpack_e2m1"]
+__all__ = ["MicroscaledTensor", "MicroscalingGrid", "e2m1_round", "e8m0_bytes", "e8m0_values", "nvfp4_inputs",
+           "pack_e2m1", "unpack_e2m1"]
