@@ -158,8 +158,9 @@ def _inspect_compressed(path: Path, quant: dict, headers: dict, size: int, recip
                   f"{'' if weights.get('group_size') is None else ' of ' + str(weights['group_size'])}, "
                   f"{'symmetric' if weights.get('symmetric') else 'asymmetric'}")
         if inputs:
-            scheme += (f"; {inputs.get('num_bits')}-bit {inputs.get('type')} inputs, "
-                       f"{'per token at run time' if inputs.get('dynamic') else 'static per tensor'}")
+            timing = ("a scale per 16 at run time under a calibrated global scale" if inputs.get("dynamic") == "local"
+                      else "per token at run time" if inputs.get("dynamic") else "static per tensor")
+            scheme += f"; {inputs.get('num_bits')}-bit {inputs.get('type')} inputs, {timing}"
         targets = ", ".join(group.get("targets", []))
         groups.append(f"{name} ({targets}): {scheme}")
     fmt = quant.get("format", "?")

@@ -610,9 +610,11 @@ class CompressedTensorsTarget(Target):
                 loader_note="loads with transformers as is"))
             return size
         timing = "per token at run time" if scheme.act_dynamic else "with one scale per Linear from calibration"
-        what = (f"{scheme.name} weight-only quantization" if scheme.microscaling else
-                f"{scheme.bits}-bit weight-only quantization" if scheme.act_bits is None else
-                f"{scheme.name} quantization (weights, and each Linear's input {timing})")
+        if scheme.microscaling and scheme.act_bits is not None:
+            timing = "in FP4 with an FP8 scale per 16 values at run time, under a global scale from calibration"
+        what = (f"{scheme.name} quantization (weights, and each Linear's input {timing})" if scheme.act_bits else
+                f"{scheme.name} weight-only quantization" if scheme.microscaling else
+                f"{scheme.bits}-bit weight-only quantization")
         (path / "README.md").write_text(model_card(
             report, size, bits=scheme.bits, group_size=("per-channel" if scheme.group_size == -1 else scheme.group_size)
             if not self.group_note else f"{scheme.group_size} ({self.group_note})",
