@@ -12,10 +12,11 @@ same numbers.
 
 Scales, llmq's own choice: g maps the tensor's largest weight to the top of FP8 x E2M1 (448 x 6), so the
 largest group scale uses E4M3's whole range. The harness rounds the Linears that read one input as one stacked
-matrix, so q/k/v (and gate/up) share one g: vLLM fuses them into one layer with one global scale. Each group's scale is chosen by its error, measured after the
-scale itself is rounded into its storage type: for NVFP4 the E4M3 value nearest max|w| / 6 and the three below
-it (a smaller scale clips the group's peak to gain resolution for the rest), for MX the exponent that puts the
-peak at the element type's top binade (OCP's rule, which clips the peak) and the ones above and below it.
+matrix, so q/k/v (and gate/up) share one g: vLLM fuses them into one layer with one global scale. Each group's
+scale is chosen by its error, measured after the scale itself is rounded into its storage type: for NVFP4 the
+E4M3 value nearest max|w| / 6, the one above it and the three below it (a smaller scale clips the group's peak to
+gain resolution for the rest), for MX the exponent that puts the peak at the element type's top binade (OCP's
+rule, which clips the peak) and the ones above and below it.
 With an importance per input column (the imatrix, from --calib), the error is weighted by it.
 
 As for FP8, "integers" are the element values themselves (held as float), so GPTQ's error feedback rounds onto
