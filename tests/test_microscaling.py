@@ -205,6 +205,8 @@ def test_microscaling_refusals_are_one_line(tmp_path, smollm2_tokenizer_dir):
         QuantScheme(bits=4, group_size=32, symmetric=True, weight_type="nvfp4")
     with pytest.raises(LlmqError, match="fixes --group-size"):
         scheme_with_preset("NVFP4A16", {"group_size": 32})
+    with pytest.raises(LlmqError, match="NVFP4A16 is 4-bit floats"):  # a static input scale with no inputs quantized
+        scheme_with_preset("NVFP4A16", {"act_dynamic": False})
     with pytest.raises(LlmqError, match="fixes --bits"):
         scheme_with_preset("MXFP4A16", {"bits": 3}, typed=("bits",))
     source = save_tiny_model(tmp_path / "odd", smollm2_tokenizer_dir, **dict(_SIZES, intermediate_size=200))

@@ -95,8 +95,9 @@ class QuantScheme:
     def _check_microscaling(self) -> None:
         bits, group, name = MICROSCALING[self.weight_type]
         fp4_inputs = self.weight_type == "nvfp4" and self.act_bits == 4 and not self.act_dynamic
+        weights_only = self.act_bits is None and self.act_dynamic
         if (self.bits, self.group_size, self.symmetric) != (bits, group, True) or not (
-                self.act_bits is None or fp4_inputs) or self.act_range != "max":
+                weights_only or fp4_inputs) or self.act_range != "max":
             raise LlmqError(f"{name} is {bits}-bit floats with one scale per {group} weights: use --scheme {name} "
                             "alone (or NVFP4 for FP4 inputs too), without --bits, --group-size, --asym or --act-*")
 
