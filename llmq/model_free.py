@@ -68,7 +68,7 @@ def check_model_free(config: QuantizeConfig, why: str) -> None:
             or config.method.tune_steps
             or config.run.calib is not None):
         if scheme.weight_type == "nvfp4":
-            raise LlmqError(f"{why}: NVFP4A16's global scale is shared by the Linears that read one input (q/k/v, "
+            raise LlmqError(f"{why}: {scheme.name}'s global scale is shared by the Linears that read one input (q/k/v, "
                             "gate/up), as vLLM fuses them, and a run without the model cannot see which those are; "
                             "use MXFP4A16 (no global scale), or a model transformers can build")
         raise LlmqError(f"{why}: a run without the model rounds each weight alone (round-to-nearest onto W4A16, W8A16, "
