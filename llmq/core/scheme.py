@@ -327,10 +327,7 @@ class MicroscaledTensor:
         return self.scale if self.global_scale is None else self.scale / self.global_scale
 
     def dequantize(self) -> torch.Tensor:
-        rows, cols = self.values.shape
-        groups = self.scale.shape[1]
-        grouped = self.values.float().reshape(rows, groups, cols // groups)
-        return (grouped * self.effective_scale().unsqueeze(-1)).reshape(rows, cols)
+        return dequantize(self.values, self.effective_scale(), None, self.scheme.group_size)
 
     def rows(self, rows: slice) -> MicroscaledTensor:
         own = lambda t: t[rows].to("cpu", copy=True)

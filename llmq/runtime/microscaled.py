@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmq.core.scheme import QuantScheme
+from llmq.core.scheme import QuantScheme, dequantize
 from llmq.methods.grids.microscaling import e8m0_values, nvfp4_inputs, unpack_e2m1
 
 
@@ -33,9 +33,7 @@ class MicroscaledLinear(nn.Module):
             scale = self.weight_scale.float() / self.weight_global_scale.float()
         else:
             scale = e8m0_values(self.weight_scale)
-        groups = scale.shape[1]
-        grouped = elements.reshape(self.out_features, groups, self.in_features // groups)
-        return (grouped * scale.unsqueeze(-1)).reshape(self.out_features, self.in_features)
+        return dequantize(elements, scale, None, self.scheme.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme.static_inputs:  # NVFP4 (W4A4): the inputs rounded as the serving kernel rounds them

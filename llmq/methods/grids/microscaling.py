@@ -124,9 +124,8 @@ class MicroscalingFit(GridFit):
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             self.scale = torch.where(better, stored, self.scale)
+        # the effective scale of each group (what position/round/value divide and multiply by)
         self.effective = self.scale if self.global_scale is None else self.scale / self.global_scale
-        # per column, the effective scale of its group (what position/round/value divide and multiply by)
-        self._by_column = self.effective.repeat_interleave(self.group, dim=1)
 
     def _group_error(self, grouped, effective, weights):
         safe = torch.where(effective > 0, effective, torch.ones_like(effective)).unsqueeze(-1)
@@ -135,7 +134,7 @@ class MicroscalingFit(GridFit):
         return (diff if weights is None else diff * weights).sum(-1)
 
     def _scales(self, columns):
-        return self._by_column[:, columns]
+        return self.effective[:, columns // self.group]  # no weight-sized copy of the scales
 
     def nearest(self) -> torch.Tensor:
         return self.round(self.weight, torch.arange(self.weight.shape[1], device=self.weight.device))
