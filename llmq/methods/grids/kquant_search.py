@@ -311,8 +311,8 @@ def _best_legacy(cls, x, w, candidates: list[Codes]) -> Codes:
 
 def _q8_0(cls, x, w):
     """Q8_0 as llama.cpp and gguf-py make it (d = block absmax / 127, q rounded half away from zero), in torch:
-    the same float32 operations in the same order, so the bytes are gguf-py's (test), 10x faster than its numpy
-    (the reference model's 28M-weight embedding: 1.2 s there)."""
+    the same float32 operations in the same order, so the bytes are gguf-py's (test); about 2x faster than its
+    numpy on the reference model's 28M-weight embedding (0.13 s against 0.23 s, in chunks of _SMALL_CHUNK_ELEMENTS)."""
     d = x.abs().amax(-1, keepdim=True) / 127
     inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     scaled = x * inverse

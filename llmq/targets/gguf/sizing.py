@@ -216,9 +216,9 @@ def tensor_options(model: nn.Module, names: dict[str, str], shapes: dict[str, tu
         options[gguf_name] = []
         for qtype in types:
             error = BlockTensor(qtype, encode(measured, qtype, importance), tuple(measured.shape)).dequantize() - measured
-            cost = 0.0
-            for term, (g, h) in enumerate(terms):
-                row_errors = (error.square() * h[None, :]).sum(1)
+            squared, cost = error.square(), 0.0
+            for term, (g, h) in enumerate(terms):  # a tied head: its two uses weigh the same errors
+                row_errors = (squared * h[None, :]).sum(1)
                 cost += 0.5 * (float((g * row_errors).sum()) if sample is None else sample.cost(term, g, row_errors))
             options[gguf_name].append(Option(qtype, type_bytes(shapes[gguf_name], qtype), cost))
     return options
