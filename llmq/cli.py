@@ -133,6 +133,10 @@ def _quantize_parser(sub) -> None:
                         help="leave these Linears unquantized (compressed-tensors; repeatable): a module name or its "
                              "trailing part (lm_head, mlp.down_proj), or re:EXPRESSION matched from the start of the "
                              "full name (re:.*layers\\.0\\..*); they are listed in the config's ignore")
+    target.add_argument("--kv-cache", default=TargetOptions.kv_cache, choices=["fp8"],
+                        help="compressed-tensors: also calibrate an FP8 KV cache, one scale per layer for the keys and "
+                             "one for the values (max|k| / 448 on the calibration windows), in the layout vLLM reads "
+                             "(kv_cache_scheme; serve with kv_cache_dtype='fp8'); any weight scheme")
     target.add_argument("--imatrix", default=TargetOptions.imatrix, metavar="FILE",
                         help="GGUF: weigh the rounding by llama.cpp's importance matrix FILE (llama-imatrix's GGUF or "
                              "legacy .dat) instead of calibrating here (round-to-nearest only)")

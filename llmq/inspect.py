@@ -26,6 +26,11 @@ CLIENTS = {
     "gguf": "llama.cpp (llama-cli, llama-server), ollama, llama-cpp-python; transformers with gguf_file= (dequantized)",
     "plain": "transformers, vLLM, llama.cpp after conversion",
 }
+# schemes whose format's line above says too much: what vLLM 0.32's CPU build does with them (docs/schemes.md)
+W4AFP8_CLIENTS = ("transformers (with compressed-tensors), llmq.load; vLLM on Hopper GPUs (not checked here; its CPU "
+                  "build has no kernel for int4 weights with FP8 inputs)")
+FP8_BLOCK_CLIENTS = ("transformers (with compressed-tensors), llmq.load; vLLM on GPUs and on CPUs with AMX (not checked "
+                     "here; without AMX its CPU build has no kernel for it)")
 
 
 @dataclass
@@ -36,13 +41,14 @@ class Inspection:
     groups: list[str] = field(default_factory=list)  # one line per scheme group
     bits_per_weight: float | None = None  # of the quantized matrices (codes, scales and zero points)
     recipe: dict | None = None
+    clients: str | None = None  # who loads it, where the format alone does not say
 
     def lines(self) -> list[str]:
         out = [f"{self.path}: {self.format}, {human_size(self.size)}"]
         out += [f"  {line}" for line in self.groups]
         if self.bits_per_weight is not None:
             out.append(f"  bits per weight of the quantized matrices: {self.bits_per_weight:.2f}")
-        out.append(f"  loads in: {CLIENTS.get(self.format, 'unknown')}")
+        out.append(f"  loads in: {self.clients or CLIENTS.get(self.format, 'unknown')}")
         if self.recipe is None:
             out.append("  recipe: none (not written by llmq 0.2 or later)")
         else:
@@ -151,14 +157,20 @@ def _inspect_directory(path: Path) -> Inspection:
 
 
 def _inspect_compressed(path: Path, quant: dict, headers: dict, size: int, recipe: dict | None) -> Inspection:
-    groups = []
+    groups, clients = [], None
     for name, group in (quant.get("config_groups") or {}).items():
         weights, inputs = group.get("weights") or {}, group.get("input_activations")
+        if weights.get("strategy") == "block":
+            clients = FP8_BLOCK_CLIENTS
+        elif inputs and weights.get("type") == "int" and weights.get("num_bits") == 4 and inputs.get("type") == "float":
+            clients = W4AFP8_CLIENTS
         scheme = (f"{weights.get('num_bits')}-bit {weights.get('type')} weights, {weights.get('strategy')}"
                   f"{'' if weights.get('group_size') is None else ' of ' + str(weights['group_size'])}, "
                   f"{'symmetric' if weights.get('symmetric') else 'asymmetric'}")
         if inputs:
             timing = ("a scale per 16 at run time under a calibrated global scale" if inputs.get("dynamic") == "local"
+                      else f"a scale per {inputs.get('group_size')} values at run time"
+                      if inputs.get("dynamic") and inputs.get("strategy") == "group"
                       else "per token at run time" if inputs.get("dynamic") else "static per tensor")
             scheme += f"; {inputs.get('num_bits')}-bit {inputs.get('type')} inputs, {timing}"
         targets = ", ".join(group.get("targets", []))
@@ -177,5 +189,9 @@ def _inspect_compressed(path: Path, quant: dict, headers: dict, size: int, recip
                            (".weight_packed", ".weight", ".weight_scale", ".weight_zero_point") if linear + suffix in headers)
     ignored = len(quant.get("ignore") or [])
     groups.append(f"{len(linears)} quantized Linears; {ignored} left unquantized (ignore list)")
-    return Inspection(path, fmt, size, groups, 8 * quant_bytes / weights if weights else None, recipe)
+    if kv := quant.get("kv_cache_scheme"):
+        scales = sum(key.endswith((".k_scale", ".v_scale")) for key in headers)
+        groups.append(f"KV cache: {kv.get('num_bits')}-bit {kv.get('type')}, one static scale per {kv.get('strategy')} "
+                      f"({scales} k/v scales)")
+    return Inspection(path, fmt, size, groups, 8 * quant_bytes / weights if weights else None, recipe, clients)
 

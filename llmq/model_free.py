@@ -35,7 +35,7 @@ from llmq.core import log
 from llmq.core.config import QuantizeConfig, is_ignored
 from llmq.core.device import human_size
 from llmq.core.errors import LlmqError
-from llmq.methods.grids.fp8 import Fp8Grid
+from llmq.methods.grids.fp8 import Fp8BlockGrid, Fp8Grid
 from llmq.methods.grids.integer import IntegerGrid
 from llmq.methods.grids.microscaling import MicroscalingGrid
 from llmq.targets.atomic import OutputKind, atomic_output_dir, check_output, write_marker
@@ -65,14 +65,15 @@ def check_model_free(config: QuantizeConfig, why: str) -> None:
     scheme, method = config.scheme, config.method.name
     if (config.target.format not in ("auto", "compressed-tensors") or method not in (None, "rtn") or scheme.is_cast
             or scheme.weight_type not in ("int", "float", "mxfp4", "mxfp8") or scheme.static_inputs
-            or config.method.tune_steps
+            or config.method.tune_steps or config.target.kv_cache
             or config.run.calib is not None):
         if scheme.weight_type == "nvfp4":
             raise LlmqError(f"{why}: {scheme.name}'s global scale is shared by the Linears that read one input (q/k/v, "
                             "gate/up), as vLLM fuses them, and a run without the model cannot see which those are; "
                             "use MXFP4A16 (no global scale), or a model transformers can build")
         raise LlmqError(f"{why}: a run without the model rounds each weight alone (round-to-nearest onto W4A16, W8A16, "
-                        "W8A8, FP8_DYNAMIC, MXFP4A16 or MXFP8A16, into compressed-tensors, without --calib); "
+                        "W8A8, W4A8, W4AFP8, FP8_DYNAMIC, FP8_BLOCK or the MX schemes, into compressed-tensors, without "
+                        "--calib); "
                         "drop --method, --calib, --format and static-input schemes")
 
 
@@ -116,12 +117,14 @@ def quantize_model_free(model: str, out: str | Path, config: QuantizeConfig, ove
     widths = {k.removesuffix(".weight"): shapes[k][0][1] for k in chosen}
     if config.scheme.microscaling:  # the format's own group, as the model-class path checks it
         CompressedTensorsTarget.check_microscaling_widths(config.scheme, widths)
+    if config.scheme.fp8_blocks:
+        CompressedTensorsTarget.check_fp8_block_widths(widths)
     scheme = fitted_scheme(config.scheme, widths, config.target.strict_groups)[0]  # as the model-class path does
     chosen_set = set(chosen)
     raw = json.loads((directory / "config.json").read_text())
     storage = {"BF16": torch.bfloat16, "F16": torch.float16}.get(shapes[chosen[0]][1], torch.float32)
-    grid = (MicroscalingGrid(scheme) if scheme.microscaling else Fp8Grid(scheme, storage) if scheme.weight_type == "float"
-            else IntegerGrid(scheme, storage, mse=config.method.mse))
+    grid = (MicroscalingGrid(scheme) if scheme.microscaling else Fp8BlockGrid(scheme, storage) if scheme.fp8_blocks
+            else Fp8Grid(scheme, storage) if scheme.weight_type == "float" else IntegerGrid(scheme, storage, mse=config.method.mse))
 
     log.info(f"llmq: model-free: rounding {len(chosen)} matrix weights of {directory.name} one at a time "
              f"({scheme.name}, round-to-nearest; no model built)")

@@ -23,6 +23,7 @@ from pathlib import Path
 from llmq.calib.arch import check_config, decoder_layout, quantizable_linears
 from llmq.calib.coverage import decoder_coverage
 from llmq.calib.harness import ExpertPolicy, capture_layer_inputs, quantize_layers
+from llmq.calib.kv_cache import add_kv_scales
 from llmq.calib.lazy import lazy_weights
 from llmq.calib.models import EMBEDDED_BASE_ID, EMBEDDED_DEFAULT, base_license, load_model, resolve_dtype
 from llmq.calib.resume import LayerCheckpoints, run_fingerprint
@@ -113,6 +114,9 @@ def method_and_target(config: QuantizeConfig) -> tuple[Method, Target]:
     if imatrix_flags and target.name != "gguf":
         raise LlmqError(f"{', '.join(imatrix_flags)} read or write llama.cpp's importance matrix: they apply to "
                         "--format gguf only")
+    if config.target.kv_cache and (target.name != "compressed-tensors" or config.scheme.is_cast):
+        raise LlmqError("--kv-cache fp8 writes compressed-tensors' kv_cache_scheme beside quantized weights; for GGUF, "
+                        "llama.cpp quantizes its cache at run time (llama-cli -ctk q8_0 -ctv q8_0): drop --kv-cache")
     size_flags = config.changed("target", "target_bpw", "target_size")
     if size_flags and target.name != "gguf":
         raise LlmqError(f"{', '.join(size_flags)} choose a GGUF type per tensor: add --format gguf (compressed-tensors "
@@ -206,10 +210,13 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
     linears = target.quantizable(hf_model, discovered)
     layout = layout.only(linears)
     target.check_model(hf_model, linears)
+    if config.target.kv_cache:  # each layer's k_scale / v_scale, observed on the calibration windows
+        add_kv_scales(hf_model, hf_model.get_submodule(layout.layers))
     size_before = tensor_bytes(hf_model)
     storage_dtype = hf_model.dtype  # scales are stored in it, whatever a whole-model step computes in
     calibrated = (method.needs_data or config.scheme.static_inputs or config.method.tune_steps > 0
-                  or (config.run.calib is not None and target.weighted) or target.sizes_tensors)
+                  or (config.run.calib is not None and target.weighted) or target.sizes_tensors
+                  or config.target.kv_cache is not None)
 
     # with several ranks, rank 0 alone stages and writes the output; every rank checkpoints its own layers' inputs
     with target.staging(out, overwrite) if ranks.is_main() else contextlib.nullcontext() as stage:
@@ -267,6 +274,8 @@ def quantize(model: str | None, out: str | Path, config: QuantizeConfig | None =
                                recipe_model(model), base_license(model),
                                None if samples is None else tuple(samples.shape))
             target.report = report  # what the output's recipe (llmq.json) records
+            if config.target.kv_cache:  # the scales are observed: the model's own attention again
+                hf_model.set_attn_implementation("sdpa")
             size_after = 0
             if ranks.is_main():
                 log.info(f"llmq: writing {out} ({target.describe()})")

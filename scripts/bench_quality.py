@@ -100,19 +100,30 @@ ROWS = {
     **{f"{method}-{name}": (method, bits, group, True, method == "gptq", False)
        for name, bits, group in (("nvfp4a16", 4, 16), ("mxfp4a16", 4, 32), ("mxfp8a16", 8, 32))
        for method in ("rtn", "gptq")},
+    # the schemes whose inputs are quantized at run time too (compressed-tensors' presets of these names): NVFP4 (W4A4),
+    # MXFP4 / MXFP8 (MX inputs per 32), W4A8 / W4AFP8 (int4 groups of 128, int8 / FP8 inputs per token; 64 on this
+    # model, whose 576 columns 128 does not divide). FP8_BLOCK is refused here: its inputs go in groups of 128.
+    **{f"{method}-{name}": (method, bits, group, True, method == "gptq", False)
+       for name, bits, group in (("nvfp4", 4, 16), ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("w4a8", 4, 128), ("w4afp8", 4, 128))
+       for method in ("rtn", "gptq")},
+    # the residual stream rotated first: what FP4 inputs' outliers ask for
+    "rotate+gptq-nvfp4": ("rotate+gptq", 4, 16, True, True, False),
+    "rotate+gptq-mxfp4": ("rotate+gptq", 4, 32, True, True, False),
 }
 MICROSCALING_ROWS = [f"{method}-{name}" for name in ("nvfp4a16", "mxfp4a16", "mxfp8a16") for method in ("rtn", "gptq")]
+INPUT_ROWS = [f"{method}-{name}" for name in ("nvfp4", "mxfp4", "mxfp8", "w4a8", "w4afp8") for method in ("rtn", "gptq")]
 # the same schemes made by llm-compressor (scripts/peer_llmcompressor.py, in its own venv: --llmc-python) on the
 # same calibration windows; each is evaluated here like llmq's rows
 LLMC_ROWS = ["llmc-gptq-w4g64-sym-ao", "llmc-gptq-w4g64-asym-ao", "llmc-gptq-w4g32-sym-ao", "llmc-rtn-w8a8", "llmc-gptq-w8a8", "llmc-rtn-w8a8-static", "llmc-sq-w8a8-static",
              "llmc-sq+gptq-w8a8-static", "llmc-sq+gptq-w8a8", "llmc-rtn-fp8", "llmc-gptq-fp8", "llmc-rtn-fp8-static",
-             "llmc-gptq-fp8-static", "llmc-rtn-w8a16int16-static", *(f"llmc-{row}" for row in MICROSCALING_ROWS)]
+             "llmc-gptq-fp8-static", "llmc-rtn-w8a16int16-static", *(f"llmc-{row}" for row in MICROSCALING_ROWS + INPUT_ROWS)]
 PRESET_OF = {"rtn-w8a8": "w8a8", "gptq-w8a8": "w8a8", "rtn-fp8": "fp8", "gptq-fp8": "fp8",
              "rtn-w8a8-static": "w8a8", "sq-w8a8-static": "w8a8", "sq+gptq-w8a8-static": "w8a8", "sq+gptq-w8a8": "w8a8",
              "rtn-fp8-static": "fp8", "gptq-fp8-static": "fp8", "rtn-w8a8-static-mse": "w8a8", "sq-w8a8-static-mse": "w8a8",
              "sq+gptq-w8a8-static-mse": "w8a8", "rtn-fp8-static-mse": "fp8", "cast-fp16": "fp16", "cast-bf16": "bf16",
              "rtn-nf4": "nf4", "gptq-nf4": "nf4", "bnb-nf4": "nf4",
-             **{row: row.split("-", 1)[1].upper() for row in MICROSCALING_ROWS}}
+             **{row: row.split("-", 1)[1].upper() for row in MICROSCALING_ROWS + INPUT_ROWS},
+             "rotate+gptq-nvfp4": "NVFP4", "rotate+gptq-mxfp4": "MXFP4"}
 STATIC = {"act_dynamic": False}
 MSE = {**STATIC, "act_range": "mse"}
 # further QuantizeConfig options of a row

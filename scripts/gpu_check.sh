@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one device run issue 5 needs (an H100/H200 lent through the `device` tool; its image has torch, nvcc, ninja):
 # build the kernel (timed, compiler output kept), run the kernel tests, then the kernel table and the 8B decode;
-# last, vLLM serving NVFP4A16 / MXFP4A16 files (issue 39; skipped where the image has no vLLM).
+# last, vLLM serving NVFP4A16 / MXFP4A16 / W4AFP8 / FP8_BLOCK / MXFP4 files and an FP8 KV cache (issue 39;
+# skipped where the image has no vLLM).
 # Everything lands in $OUT.
 #   device run: bash scripts/gpu_check.sh        (timeout_s 420; about 4-6 minutes, the first build ~1-2 minutes)
 set -uo pipefail
@@ -40,7 +41,7 @@ PY
 [ -z "${LLMQ_SKIP_PROFILE:-}" ] && command -v ncu >/dev/null && timeout 90 ncu --kernel-name regex:"gemv|mma|tc_w4" --section SpeedOfLight --section Occupancy \
   python3 /tmp/one_call.py 2>&1 | grep -E "w4_kernel|Throughput|Duration|Achieved Occupancy|Registers" | tee "$OUT/ncu.txt"
 stamp vllm-microscaling
-# issue 39: vLLM serving llmq's NVFP4A16 / MXFP4A16 files on the GPU (skips in one line where vLLM is not installed)
-timeout 240 python3 -m pytest tests/test_microscaling.py -q -p no:cacheprovider -k vllm_on_a_gpu -rs 2>&1 \
+# issue 39: vLLM serving llmq's microscaling, W4AFP8, FP8_BLOCK and FP8 KV-cache files on the GPU (skips in one line where vLLM is not installed)
+timeout 360 python3 -m pytest tests/test_microscaling.py tests/test_input_schemes.py -q -p no:cacheprovider -k vllm_on_a_gpu -rs 2>&1 \
   | tee "$OUT/vllm_microscaling.log" | tail -8
 stamp done

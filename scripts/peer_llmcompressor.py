@@ -37,8 +37,16 @@ def weight_only(row: str) -> dict | None:
 
 def scheme_of(row: str):
     """The `scheme` argument of llm-compressor's modifiers for a row: a preset name or config groups."""
-    if found := re.fullmatch(r"(?:rtn|gptq)-(nvfp4a16|mxfp4a16|mxfp8a16)", row):
+    if found := re.fullmatch(r"(?:rtn|gptq)-(nvfp4a16|mxfp4a16|mxfp8a16|nvfp4|mxfp4|mxfp8)", row):
         return found[1].upper()  # its own presets of the microscaling formats
+    if found := re.fullmatch(r"(?:rtn|gptq)-(w4a8|w4afp8)", row):
+        # its W4A8 / W4AFP8 presets with groups of 64, as llmq writes them on this model (128 does not divide 576)
+        from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+        preset = PRESET_SCHEMES[found[1].upper()]
+        weights_args = preset["weights"].model_dump() | {"group_size": 64}
+        return {"group_0": {"targets": ["Linear"], "weights": weights_args,
+                            "input_activations": preset["input_activations"].model_dump()}}
     if groups := weight_only(row):
         return groups
     kind = "float" if "fp8" in row else "int"

@@ -8,7 +8,7 @@ same sum llmq.eval takes from the logits. vLLM picks the checkpoint's kernels it
 ("Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"): that is what was measured.
 
     VLLM_CPU_KVCACHE_SPACE=1 /path/to/vllm-venv/bin/python scripts/vllm_perplexity.py CHECKPOINT TEXT \
-        [--windows 10] [--seqlen 2048] [--dtype bfloat16]
+        [--windows 10] [--seqlen 2048] [--dtype bfloat16] [--kv-cache-dtype fp8]
 
 Prints one JSON line: {"ppl": ..., "windows": ..., "tokens_scored": ..., "seconds": ..., "vllm": version}.
 """
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="vLLM's kv_cache_dtype (fp8: the file's k/v scales)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -42,7 +43,7 @@ def main() -> None:
     count = min(args.windows, len(ids) // args.seqlen)
     windows = [ids[i * args.seqlen:(i + 1) * args.seqlen] for i in range(count)]
     llm = LLM(model=args.checkpoint, dtype=args.dtype, max_model_len=args.seqlen + 1, enforce_eager=True,
-              max_num_seqs=1, trust_remote_code=False)
+              max_num_seqs=1, trust_remote_code=False, kv_cache_dtype=args.kv_cache_dtype)
     started = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows],
                            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0))

@@ -26,10 +26,10 @@ def test_two_ranks_write_what_one_process_writes(tmp_path, smollm2_tokenizer_dir
     """A MoE model (8 experts a layer, dealt out by cost) with GPTQ. The statistics are sums over each rank's windows
     added together, one process's over all windows in turn: the same sums in another order, so equal to float
     rounding, not to the bit; on this tiny model at most 1 in 1000 integers may differ (on a real model many
-    more do, with the same quality: docs/distributed.md)."""
+    more do, with the same quality: docs/distributed.md). The FP8 KV-cache scales are maxima over all windows."""
     model = save_tiny_model(tmp_path / "moe", smollm2_tokenizer_dir, "qwen3_moe")
     argv = ["quantize", str(model), "--method", "gptq", "--group-size", "32", "--calib", str(calib_file),
-            "--samples", "6", "--seqlen", "64"]
+            "--samples", "6", "--seqlen", "64", "--kv-cache", "fp8"]  # KV scales: the maximum over every rank's windows
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "llmq", *argv, "--out", str(tmp_path / "two"), "--nproc", "2"],

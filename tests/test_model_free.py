@@ -32,11 +32,15 @@ def _groups(out):
     ("llama", dict(scheme="W8A16")),
     ("llama", dict(scheme="FP8_DYNAMIC")),
     ("llama", dict(scheme="MXFP4A16")),
+    ("llama", dict(scheme="MXFP8")),  # inputs quantized at run time: still data-free
+    ("llama", dict(scheme="W4AFP8")),  # int4 in int-quantized tensors, the same group fallback
+    ("llama_128", dict(scheme="FP8_BLOCK")),  # 128-wide Linears (FP8_BLOCK's input groups), partial row blocks
     ("llama", dict()),  # the default group of 128 does not divide the 64-wide Linears: the same fallback
     ("qwen3_moe", dict(group_size=32)),  # per-expert tensors, the router left out and listed in `ignore`
 ])
 def test_model_free_writes_the_model_class_paths_tensors(model_type, options, tmp_path, smollm2_tokenizer_dir):
-    model = save_tiny_model(tmp_path / model_type, smollm2_tokenizer_dir, model_type)
+    sizes = dict(hidden_size=128, intermediate_size=256, head_dim=32) if model_type == "llama_128" else {}
+    model = save_tiny_model(tmp_path / model_type, smollm2_tokenizer_dir, model_type.removesuffix("_128"), **sizes)
     with_class = quantize(str(model), tmp_path / "class", QuantizeConfig.of(method="rtn", device="cpu", **options))
     free = quantize(str(model), tmp_path / "free", QuantizeConfig.of(model_free=True, **options))
     one, other = _tensors(with_class.out), _tensors(free.out)

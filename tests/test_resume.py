@@ -50,6 +50,8 @@ def three_layer_model(tmp_path_factory, smollm2_tokenizer_dir):
     (dict(method="rotate+gptq", group_size=32, bits=3, tune_steps=3), "rotate-tuned"),
     # a microscaling record (NVFP4's E2M1 values, FP8 group scales and global scale) through the checkpoints
     (dict(method="awq+gptq", scheme="NVFP4A16"), "nvfp4"),
+    # int4 with FP8 inputs, and the layers' KV-cache scales (attention buffers) through the checkpoints
+    (dict(method="gptq", scheme="W4AFP8", kv_cache="fp8"), "w4afp8-kv"),
 ])
 def test_a_killed_run_resumes_and_writes_what_an_uninterrupted_run_writes(options, name, three_layer_model, tmp_path,
                                                                            calib_file, capsys):

@@ -26,6 +26,7 @@ from torch import nn
 
 from llmq.calib.capture import LayerInput, StopForward, first_tensor, layer_output, run_until
 from llmq.calib.experts import set_route_all
+from llmq.calib.kv_cache import SCALE_NAMES, observing_kv
 from llmq.calib.lazy import lazy_weights
 from llmq.calib.resume import LayerCheckpoints
 from llmq.calib.statistics import new_collector
@@ -33,7 +34,7 @@ from llmq.core import log
 from llmq.core.device import return_freed_memory
 from llmq.core.interfaces import Grid, Method, Quantized
 from llmq.core.layers import DecoderLayout, LinearGroup
-from llmq.core.ranks import deal_by_cost, min_across, share, world
+from llmq.core.ranks import deal_by_cost, max_across, min_across, share, world
 from llmq.core.scheme import QuantScheme
 from llmq.core.timing import stage_clock
 
@@ -291,10 +292,14 @@ def quantize_layers(
             layer_results.update(parts)
             err_num, err_den = err_num + num, err_den + den
         next_layer = inputs is not None and index < len(layers) - 1
-        if next_layer:
-            with stage_clock("next layer's inputs"):
+        kv_scales = [m.get_buffer(name) for m in layer.modules() if hasattr(m, "llmq_kv") for name in SCALE_NAMES]
+        if next_layer or (kv_scales and inputs is not None):  # the quantized layer's keys and values fix its KV scales
+            with stage_clock("next layer's inputs"), observing_kv(layer):
                 for item in inputs:
-                    item.hidden = layer_output(layer(item.hidden, **item.kwargs))
+                    output = layer_output(layer(item.hidden, **item.kwargs))
+                    if next_layer:
+                        item.hidden = output
+            max_across(kv_scales)  # every rank saw its share of the windows
         layer.to("cpu")
         report = LayerReport(index, err_num / max(err_den, 1e-30))
         if checkpoints is not None:

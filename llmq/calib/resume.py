@@ -40,7 +40,7 @@ from llmq.core.errors import LlmqError, reason
 from llmq.core.interfaces import Quantized
 from llmq.core.ranks import min_across, world
 from llmq.core.records import flatten, unflatten
-from llmq.core.scheme import MicroscaledTensor, QuantizedTensor
+from llmq.core.scheme import BlockScaledTensor, MicroscaledTensor, QuantizedTensor
 
 
 def resume_directory(out: Path) -> Path:
@@ -95,7 +95,7 @@ def _layer_damage(others: dict, results: dict, report: dict) -> str | None:
         tensors = [t for t in getattr(result, "__dict__", {}).values() if isinstance(t, torch.Tensor)]
         if any(t.is_floating_point() and not all_finite(t) for t in tensors):
             return f"{name} holds NaN or Inf"
-        if isinstance(result, MicroscaledTensor) and (problem := result.damage()):
+        if isinstance(result, (MicroscaledTensor, BlockScaledTensor)) and (problem := result.damage()):
             return f"{name}: {problem}"
         if isinstance(result, QuantizedTensor) and result.qweight.dtype == torch.int8:
             scheme, (rows, columns) = result.scheme, result.qweight.shape

@@ -62,6 +62,7 @@ class TargetOptions:
     save_imatrix: str | None = None  # GGUF: write the run's activation statistics as llama.cpp's imatrix file
     target_bpw: float | None = None  # GGUF: a type per tensor, chosen so the file has this many bits per weight
     target_size: str | None = None  # GGUF: ... so the file has this size ("4.2GB", "800MB", "3.5GiB")
+    kv_cache: str | None = None  # "fp8": per-layer FP8 scales of the keys and values (compressed-tensors)
 
     def __post_init__(self):
         self.ignore = tuple(self.ignore or ())  # from a recipe's JSON list, or an unset CLI flag

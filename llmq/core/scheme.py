@@ -10,7 +10,8 @@ These are shared by the methods that choose q, s and z (llmq/methods/grids/integ
 writes them and the runtime that reads them back, so they live here, below all three.
 
 So does MicroscaledTensor, the weight of the NVFP4 / MXFP4 / MXFP8 grids (llmq/methods/grids/microscaling.py):
-float elements, one scale per 16 or 32 weights.
+float elements, one scale per 16 or 32 weights; and BlockScaledTensor, FP8_BLOCK's (llmq/methods/grids/fp8.py):
+E4M3 elements, one scale per 128 x 128 block.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ WEIGHT_TYPES = ("int", "float", "float16", "bfloat16", "nf4", "nvfp4", "mxfp4", 
 MICROSCALING = {"nvfp4": (4, 16, "NVFP4A16"), "mxfp4": (4, 32, "MXFP4A16"), "mxfp8": (8, 32, "MXFP8A16")}
 CAST_TYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # 16-bit casts: nothing rounded to a grid
 ACT_BITS = (8, 16)
+ACT_TYPES = ("int", "float")  # an input type other than the weights' (W4AFP8: int4 weights, FP8 inputs)
+FP8_BLOCK = 128  # FP8_BLOCK's weight blocks are FP8_BLOCK x FP8_BLOCK, its inputs' groups FP8_BLOCK wide (DeepSeek-V3's)
 ACT_RANGES = ("max", "mse")  # how a static input scale is chosen (llmq/core/ranges.py)
 FP8_MAX = 448.0  # the largest E4M3 value (torch.float8_e4m3fn)
 E2M1_MAX = 6.0  # the largest FP4 E2M1 value
@@ -49,7 +52,13 @@ class QuantScheme:
     act_bits 16 is int16 inputs with int8 weights (TFLite's "16x8", an evaluation scheme). Inputs are quantized
     per token at run time (act_dynamic), or with one scale per Linear fixed from the calibration data (static):
     from the largest |x| (act_range "max", never clipped) or at the least squared error over every calibration
-    value (act_range "mse", which clips the rare largest values)."""
+    value (act_range "mse", which clips the rare largest values).
+
+    Schemes of current GPUs with quantized inputs, each what compressed-tensors' preset of that name says:
+    W4A8 / W4AFP8, 4-bit symmetric integer groups with 8-bit inputs per token at run time, int8 or (act_type
+    "float") FP8; FP8_BLOCK, FP8 weights (weight_type "float" with group_size 128) with one scale per 128 x 128
+    block and inputs in FP8 with a scale per 128 values of a token; MXFP4 / MXFP8 (act_bits 4 / 8 on an MX weight
+    type), inputs in the weights' element type with a power-of-two scale per 32 values, made at run time."""
 
     bits: int = 4
     group_size: int = 128
@@ -58,6 +67,7 @@ class QuantScheme:
     act_bits: int | None = None
     act_dynamic: bool = True
     act_range: str = "max"
+    act_type: str | None = None  # the inputs' type where it is not the weights' ("float": W4AFP8's FP8 inputs)
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -76,12 +86,22 @@ class QuantScheme:
         if self.weight_type in CAST_TYPES and self.act_bits is not None:
             raise LlmqError("a 16-bit cast quantizes no inputs; drop --act-bits")
         per_channel_8bit = self.bits == 8 and self.group_size == -1 and self.symmetric
-        if self.weight_type == "float" and not per_channel_8bit:
-            raise LlmqError("FP8 weights are 8 bits, symmetric, one scale per channel: use --scheme fp8 alone, "
-                            "without --bits, --group-size or --asym")
-        if self.act_bits is not None and (self.act_bits not in ACT_BITS or not per_channel_8bit):
-            raise LlmqError("quantized activations need 8-bit symmetric per-channel weights and --act-bits 8 or 16: "
-                            "use --scheme w8a8 or fp8 alone, or --bits 8 --group-size -1 --sym --act-bits 8")
+        if self.weight_type == "float" and not (per_channel_8bit or self.fp8_blocks):
+            raise LlmqError("FP8 weights are 8 bits, symmetric, one scale per channel (--scheme fp8 / fp8_dynamic) or "
+                            "per 128 x 128 block (--scheme FP8_BLOCK): use one of those alone, without --bits, "
+                            "--group-size or --asym")
+        if self.fp8_blocks and (self.act_bits, self.act_dynamic, self.act_type) != (8, True, None):
+            raise LlmqError("FP8_BLOCK quantizes inputs in FP8 per 128 values at run time: use --scheme FP8_BLOCK alone")
+        if self.act_type is not None and (self.act_type not in ACT_TYPES or self.act_bits != 8
+                                          or self.weight_type != "int"):
+            raise LlmqError("an input type of its own is FP8 inputs for integer weights (W4AFP8): use --scheme "
+                            "W4AFP8 alone")
+        w4a8 = self.bits == 4 and self.symmetric and self.act_bits == 8 and self.act_dynamic
+        if self.act_bits is not None and (self.act_bits not in ACT_BITS or not (per_channel_8bit or w4a8
+                                                                                 or self.fp8_blocks)):
+            raise LlmqError("quantized activations need 8-bit symmetric per-channel weights and --act-bits 8 or 16 "
+                            "(--scheme w8a8 or fp8), or 4-bit symmetric weights with inputs per token at run time "
+                            "(--scheme W4A8 or W4AFP8): use one of those alone")
         if self.act_bits == 16 and self.weight_type != "int":
             raise LlmqError("--act-bits 16 is int16 inputs with int8 weights; FP8 inputs are 8 bits: drop --act-bits")
         if not self.act_dynamic and self.act_bits is None:
@@ -95,17 +115,24 @@ class QuantScheme:
     def _check_microscaling(self) -> None:
         bits, group, name = MICROSCALING[self.weight_type]
         fp4_inputs = self.weight_type == "nvfp4" and self.act_bits == 4 and not self.act_dynamic
+        mx_inputs = self.weight_type != "nvfp4" and self.act_bits == bits and self.act_dynamic  # MXFP4 / MXFP8
         weights_only = self.act_bits is None and self.act_dynamic
         if (self.bits, self.group_size, self.symmetric) != (bits, group, True) or not (
-                weights_only or fp4_inputs) or self.act_range != "max":
+                weights_only or fp4_inputs or mx_inputs) or self.act_range != "max" or self.act_type is not None:
             raise LlmqError(f"{name} is {bits}-bit floats with one scale per {group} weights: use --scheme {name} "
-                            "alone (or NVFP4 for FP4 inputs too), without --bits, --group-size, --asym or --act-*")
+                            f"alone (or {name.removesuffix('A16')} for inputs in that format too), without --bits, "
+                            "--group-size, --asym or --act-*")
 
     @property
     def name(self) -> str:
         """W4A16 g128 asym, W8A8 int8, W8A8 FP8: what the summary, the card and the output's name say."""
         if self.weight_type in MICROSCALING:
-            return "NVFP4" if self.act_bits == 4 else MICROSCALING[self.weight_type][2]
+            name = MICROSCALING[self.weight_type][2]
+            return name if self.act_bits is None else name.removesuffix("A16")
+        if self.fp8_blocks:
+            return "FP8_BLOCK"
+        if self.act_bits is not None and self.bits == 4:
+            return f"{'W4AFP8' if self.act_type == 'float' else 'W4A8 int8'} g{self.group_size}"
         if self.act_bits is not None:
             inputs = "A8" if self.act_bits == 8 else f"A{self.act_bits}-int{self.act_bits}"
             timing = "" if self.act_dynamic else " static" + ("" if self.act_range == "max" else f" {self.act_range}")
@@ -123,6 +150,25 @@ class QuantScheme:
     def static_inputs(self) -> bool:
         """Inputs quantized with one scale per Linear fixed from calibration (which then needs data)."""
         return self.act_bits is not None and not self.act_dynamic
+
+    @property
+    def fp8_blocks(self) -> bool:
+        """FP8_BLOCK: FP8 weights with one scale per 128 x 128 block (BlockScaledTensor), not per row."""
+        return self.weight_type == "float" and self.group_size != -1
+
+    @property
+    def float_inputs(self) -> bool:
+        """Inputs rounded to FP8 E4M3 (FP8 weights' own, or W4AFP8's), not to integers."""
+        return self.weight_type == "float" or self.act_type == "float"
+
+    @property
+    def input_group_size(self) -> int | None:
+        """Input values per run-time scale along a token, where not the whole token: FP8_BLOCK's 128, MX's 32."""
+        if self.fp8_blocks:
+            return FP8_BLOCK
+        if self.microscaling and self.act_bits is not None and self.act_dynamic:
+            return self.group_size
+        return None
 
     @property
     def is_cast(self) -> bool:
@@ -171,7 +217,7 @@ class QuantScheme:
         (qmax - qmin) / 2 (127.5 for int8: the largest value rounds to 128 and is clipped half a step). A static
         scale is fixed once for inputs it has not seen, so it keeps the whole range: qmax (127), so the
         calibration maximum is never clipped. FP8 either way: 448, E4M3's largest value."""
-        if self.weight_type == "float":
+        if self.float_inputs:
             return FP8_MAX
         qmax = (1 << (self.act_bits - 1)) - 1
         return qmax + 0.5 if self.act_dynamic else float(qmax)
@@ -179,7 +225,7 @@ class QuantScheme:
     @property
     def act_limits(self) -> tuple[float, float]:
         """The input codes' range: [-128, 127] for int8, [-448, 448] for FP8."""
-        if self.weight_type == "float":
+        if self.float_inputs:
             return -FP8_MAX, FP8_MAX
         return -float(1 << (self.act_bits - 1)), float((1 << (self.act_bits - 1)) - 1)
 
@@ -207,13 +253,24 @@ PRESETS = {
        for weight_type, (bits, group, name) in MICROSCALING.items()},
     # W4A4: inputs in E2M1 too, an FP8 scale per 16 of them made at run time under a global scale from calibration
     "nvfp4": {"bits": 4, "group_size": 16, "symmetric": True, "weight_type": "nvfp4", "act_bits": 4, "act_dynamic": False},
+    # MX inputs too, each 32 of them with a power-of-two scale made at run time
+    "mxfp4": {"bits": 4, "group_size": 32, "symmetric": True, "weight_type": "mxfp4", "act_bits": 4, "act_dynamic": True},
+    "mxfp8": {"bits": 8, "group_size": 32, "symmetric": True, "weight_type": "mxfp8", "act_bits": 8, "act_dynamic": True},
+    # int4 groups of 128 with 8-bit inputs per token at run time: int8 (W4A8) or FP8 (W4AFP8, Hopper's mixed kernels)
+    "w4a8": {"bits": 4, "group_size": 128, "symmetric": True, "weight_type": "int", "act_bits": 8, "act_dynamic": True,
+             "act_type": None},
+    "w4afp8": {"bits": 4, "group_size": 128, "symmetric": True, "weight_type": "int", "act_bits": 8,
+               "act_dynamic": True, "act_type": "float"},
+    # FP8 in 128 x 128 weight blocks, inputs in FP8 with a scale per 128 values of a token (DeepSeek-V3's layout)
+    "fp8_block": {"bits": 8, "group_size": FP8_BLOCK, "symmetric": True, "weight_type": "float", "act_bits": 8,
+                  "act_dynamic": True},
 }
 _FLAG_OF = {"bits": "--bits", "group_size": "--group-size", "symmetric": "--sym/--asym", "act_bits": "--act-bits",
             "act_dynamic": "--act-static/--act-dynamic", "act_range": "--act-range"}
 
 
-LLM_COMPRESSOR_PRESETS = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC", "NVFP4A16", "NVFP4",
-                          "MXFP4A16", "MXFP8A16")
+LLM_COMPRESSOR_PRESETS = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "W4A8", "W4AFP8", "FP8", "FP8_DYNAMIC", "FP8_BLOCK",
+                          "NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4", "MXFP8A16", "MXFP8")
 
 
 def preset_names() -> list[str]:
@@ -265,7 +322,7 @@ def round_input_codes(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """x / scale (float32) to the input codes, as W8A8 inputs are rounded at run time: int8/int16 integers, or E4M3
     values, clamped to the scheme's range."""
     low, high = scheme.act_limits
-    if scheme.weight_type == "int":
+    if not scheme.float_inputs:
         return torch.round(x).clamp_(low, high)
     return x.clamp(low, high).to(torch.float8_e4m3fn).float()
 
@@ -348,4 +405,43 @@ class MicroscaledTensor:
             return "a global scale where the scheme has none, or none where it needs one"
         if (self.input_global_scale is None) == self.scheme.static_inputs:
             return f"{'no' if self.scheme.static_inputs else 'an'} input global scale for {self.scheme.name}"
+        return None
+
+
+def expand_blocks(scale: torch.Tensor, rows: int, columns: int | None = None) -> torch.Tensor:
+    """FP8_BLOCK's scales [ceil(rows / 128), ceil(columns / 128)] as float32 per row [rows, ceil(columns / 128)], or
+    per weight [rows, columns] when `columns` is given (the blocks at the edges cut to the matrix)."""
+    per_row = scale.float().repeat_interleave(FP8_BLOCK, dim=0)[:rows]
+    return per_row if columns is None else per_row.repeat_interleave(FP8_BLOCK, dim=1)[:, :columns]
+
+
+@record
+@dataclass
+class BlockScaledTensor:
+    """A weight of FP8_BLOCK (llmq/methods/grids/fp8.py): E4M3 values and one scale per FP8_BLOCK x FP8_BLOCK block
+    of the matrix, the blocks at the bottom and right edges partial where the shape is not a multiple; w = value *
+    its block's scale."""
+
+    values: torch.Tensor  # float8_e4m3fn [out, in]
+    scale: torch.Tensor  # [ceil(out / 128), ceil(in / 128)], storage dtype
+    scheme: QuantScheme
+
+    def dequantize(self) -> torch.Tensor:
+        return self.values.float() * expand_blocks(self.scale, *self.values.shape)
+
+    def rows(self, rows: slice) -> BlockScaledTensor:
+        """Rows starting at a block's first row (a Linear's own, when a target solves each Linear alone)."""
+        start, stop, _ = rows.indices(self.values.shape[0])
+        if start % FP8_BLOCK:
+            raise ValueError(f"rows from {start} split a {FP8_BLOCK}-row block of scales")
+        blocks = slice(start // FP8_BLOCK, -(-stop // FP8_BLOCK))
+        return BlockScaledTensor(self.values[start:stop].to("cpu", copy=True), self.scale[blocks].to("cpu", copy=True),
+                                 self.scheme)
+
+    def damage(self) -> str | None:
+        """Why these tensors (read back from a checkpoint) are not an FP8_BLOCK weight, or None."""
+        rows, columns = self.values.shape
+        blocks = (-(-rows // FP8_BLOCK), -(-columns // FP8_BLOCK))
+        if tuple(self.scale.shape) != blocks or not bool((self.scale > 0).all()):
+            return f"scales are {tuple(self.scale.shape)}, not {blocks} positive values"
         return None

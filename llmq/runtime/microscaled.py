@@ -1,6 +1,6 @@
 """NVFP4 / NVFP4A16 / MXFP4A16 / MXFP8A16 Linears on the CPU: the element codes and group scales kept as stored,
 decoded to float32 per call (one layer at a time) and multiplied densely, the way compressed-tensors decodes them;
-NVFP4's inputs rounded to FP4 first, as compressed-tensors rounds them."""
+NVFP4's and MXFP4 / MXFP8's inputs rounded first, as compressed-tensors rounds them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmq.core.scheme import QuantScheme, dequantize
-from llmq.methods.grids.microscaling import e8m0_values, nvfp4_inputs, unpack_e2m1
+from llmq.methods.grids.microscaling import e8m0_values, mx_inputs, nvfp4_inputs, unpack_e2m1
 
 
 class MicroscaledLinear(nn.Module):
@@ -38,6 +38,8 @@ class MicroscaledLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme.static_inputs:  # NVFP4 (W4A4): the inputs rounded as the serving kernel rounds them
             x = nvfp4_inputs(x, self.input_global_scale)
+        elif self.scheme.input_group_size:  # MXFP4 / MXFP8 (W4A4 / W8A8): a power-of-two scale per 32 inputs
+            x = mx_inputs(x, self.scheme.weight_type)
         weight = self.dequantized_weight().to(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 

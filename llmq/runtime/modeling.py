@@ -10,7 +10,9 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig
 
+from llmq.calib.discover import find_decoder_layers
 from llmq.calib.experts import unfuse_experts
+from llmq.calib.kv_cache import KV_CACHE_SCHEME, SCALE_NAMES, add_kv_scales, quantizing_kv
 from llmq.calib.models import causal_lm_class, check_model_files, fill_remaining_weights, unreadable_config
 from llmq.calib.naming import has_per_expert_checkpoint, model_names
 from llmq.core import log
@@ -142,8 +144,8 @@ def _quant_linear_from_state(model: nn.Module, name: str, state: dict, scheme: Q
 
 
 def _w8_linear_from_state(model: nn.Module, name: str, state: dict, scheme: QuantScheme,
-                          bias: torch.Tensor | None) -> W8Linear:
-    """The W8Linear for `name` from its int8 / FP8 weight and row scales (popped from `state`), checked."""
+                          bias: torch.Tensor | None, group_sizes: set[int]) -> W8Linear:
+    """The W8Linear for `name` from its int8 / FP8 weight and scales (popped from `state`), checked."""
     try:
         weight, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale")
     except KeyError as missing:
@@ -153,6 +155,8 @@ def _w8_linear_from_state(model: nn.Module, name: str, state: dict, scheme: Quan
         raise LlmqError(f"checkpoint quantizes {name}, which this model's config has no Linear for; the config and "
                         "the weights do not belong together")
     tensors = {"weight": weight, "weight_scale": scale}
+    if not scheme.fp8_blocks:  # W4A8's groups may differ by Linear (the per-channel fallback)
+        scheme = linear_scheme(scheme, linear.in_features, scale, group_sizes)
     if f"{name}.input_scale" in state:
         tensors["input_scale"] = state.pop(f"{name}.input_scale")
     check_packed_tensors(name, tensors, scheme, linear.out_features, linear.in_features)
@@ -170,6 +174,27 @@ def _microscaled_linear_from_state(model: nn.Module, name: str, state: dict, sch
     tensors = {suffix: state.pop(f"{name}.{suffix}") for suffix in suffixes if f"{name}.{suffix}" in state}
     check_packed_tensors(name, tensors, scheme, linear.out_features, linear.in_features)
     return MicroscaledLinear(linear.in_features, linear.out_features, scheme, tensors, bias)
+
+
+def _kv_cache_from_state(model: nn.Module, state: dict, kv_scheme: dict | None) -> dict[int, nn.Module]:
+    """The attention modules given FP8 KV-cache scales from the checkpoint (popped from `state`, kept in float32),
+    by layer; none without a kv_cache_scheme. Any KV cache scheme but FP8 per tensor is one line."""
+    if not kv_scheme:
+        return {}
+    if {key: kv_scheme.get(key) for key in ("num_bits", "type", "strategy", "dynamic")} != {
+            key: KV_CACHE_SCHEME[key] for key in ("num_bits", "type", "strategy", "dynamic")}:
+        raise LlmqError(f"the checkpoint's kv_cache_scheme ({kv_scheme.get('num_bits')}-bit {kv_scheme.get('type')}, "
+                        f"{kv_scheme.get('strategy')}) is not one llmq.load reads (FP8, one static scale per tensor)")
+    _, layers = find_decoder_layers(model)
+    modules = add_kv_scales(model, layers)
+    for index, module in modules.items():
+        prefix = next(name for name, candidate in model.named_modules() if candidate is module)
+        for scale_name in SCALE_NAMES:
+            key = f"{prefix}.{scale_name}"
+            if key not in state:
+                raise LlmqError(f"checkpoint lacks {key} for its FP8 KV cache; the file is incomplete, re-create it")
+            module.get_buffer(scale_name).copy_(state.pop(key).float().reshape(1))
+    return modules
 
 
 def _skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -221,18 +246,24 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     unpacked = checkpoint_format(scheme) != FORMAT
     marker = ".weight_scale" if unpacked else ".weight_packed"
     packed_names = [key[: -len(marker)] for key in state if key.endswith(marker)]
-    build = _w8_linear_from_state if unpacked else functools.partial(_quant_linear_from_state, group_sizes=group_sizes)
+    build = functools.partial(_w8_linear_from_state if unpacked else _quant_linear_from_state, group_sizes=group_sizes)
     if scheme.microscaling:
         build = _microscaled_linear_from_state
     for name in packed_names:
         bias = state.pop(f"{name}.bias", None)
         model.set_submodule(name, build(model, name, state, scheme, bias))
+    kv_modules = _kv_cache_from_state(model, state, quant_config.get("kv_cache_scheme"))
 
     fill_remaining_weights(model, state, dtype)
+    quantizing_kv(kv_modules)
     model.to(device).eval()
     path = ("int8 x int8 GEMM (torch._int_mm) where available" if scheme.weight_type == "int" else
             "FP8 codes multiplied in float32") if unpacked else kernel_path(device, scheme.bits)
+    if unpacked and (scheme.bits == 4 or scheme.fp8_blocks):
+        path = "inputs rounded as compressed-tensors rounds them, multiplied with the decoded weight in float32"
     if scheme.microscaling:
         path = "decoded to float32 per call, then a dense GEMM (no FP4 / MX kernel on this path)"
+    if kv_modules:
+        path += f"; keys and values rounded to FP8 under each layer's scales (the KV cache of {len(kv_modules)} layers)"
     log.info(f"llmq: {len(packed_names)} {scheme.name} Linears on {torch.device(device).type}: {path}")
     return model

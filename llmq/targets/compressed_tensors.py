@@ -17,6 +17,10 @@ with `input_activations` {8 bits, the weights' type, symmetric, strategy token, 
 input row is quantized at run time with its own scale max|x| / (range / 2). With static inputs (`--act-static`)
 the config says {strategy tensor, dynamic: false} and each Linear holds its one input scale:
     name.input_scale        [1]                                  the model's dtype
+The same formats hold W4A8 / W4AFP8 (int4 values in the int8 `weight`, `weight_scale` [out, n_groups]; int8 or
+FP8 inputs per token) and FP8_BLOCK (`weight_scale` [ceil(out / 128), ceil(in / 128)], weights strategy `block`;
+inputs {strategy group, group_size 128, dynamic: true}), as compressed-tensors' own presets of those names and its
+format inference (int-quantized / float-quantized) make them.
 """
 
 from __future__ import annotations
@@ -32,13 +36,23 @@ from torch import nn
 
 from llmq.calib.discover import find_decoder_layers
 from llmq.calib.harness import Part, Plan
+from llmq.calib.kv_cache import KV_CACHE_SCHEME
 from llmq.calib.lazy import index_weight_map, tensor_of
 from llmq.calib.naming import checkpoint_names, checkpoint_state
 from llmq.core import log
 from llmq.core.errors import LlmqError
 from llmq.core.interfaces import Quantized
-from llmq.core.scheme import CAST_TYPES, MICROSCALING, PRESETS, MicroscaledTensor, QuantizedTensor, QuantScheme
-from llmq.methods.grids.fp8 import Fp8Grid
+from llmq.core.scheme import (
+    CAST_TYPES,
+    FP8_BLOCK,
+    MICROSCALING,
+    PRESETS,
+    BlockScaledTensor,
+    MicroscaledTensor,
+    QuantizedTensor,
+    QuantScheme,
+)
+from llmq.methods.grids.fp8 import Fp8BlockGrid, Fp8Grid
 from llmq.methods.grids.integer import IntegerGrid
 from llmq.methods.grids.microscaling import MicroscalingGrid, e8m0_bytes, pack_e2m1
 from llmq.targets.base import RunReport, Target
@@ -80,6 +94,9 @@ def _weights_args(scheme: QuantScheme, group_size: int, act_order: bool, observe
                 "strategy": "tensor_group" if nvfp4 else "group", "group_size": scheme.group_size, "dynamic": False,
                 "actorder": "weight" if act_order else None, "observer": observer,
                 "scale_dtype": "torch.float8_e4m3fn" if nvfp4 else "torch.uint8"}
+    if scheme.fp8_blocks:  # as compressed-tensors' FP8_BLOCK preset
+        return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "group_size": None,
+                "block_structure": [FP8_BLOCK, FP8_BLOCK], "dynamic": False, "actorder": None, "observer": observer}
     return {
         "num_bits": scheme.bits,
         "type": scheme.weight_type,
@@ -113,19 +130,24 @@ def _group_targets(names: list[str], others: list[str]) -> list[str]:
 
 
 def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str], observer: str,
-                        group_sizes: Mapping[str, int] | None = None) -> dict:
+                        group_sizes: Mapping[str, int] | None = None, kv_cache: str | None = None) -> dict:
     """config.json's quantization_config. `group_sizes`: each quantized Linear's on-disk name -> its columns per
     scale (group_size_for), when they are not all the scheme's: one config group per group size, each targeting
     its Linears by name, since compressed-tensors keeps one group size per config group."""
     sizes = sorted(set((group_sizes or {}).values()), reverse=True) or [scheme.group_size]
     per_channel = lambda size: size == -1 or scheme.group_size == -1
     inputs = None
-    if scheme.microscaling and scheme.act_bits is not None:  # NVFP4: as compressed-tensors' own preset
+    if scheme.microscaling and scheme.static_inputs:  # NVFP4: as compressed-tensors' own preset
         inputs = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
                   "dynamic": "local", "actorder": None, "observer": "minmax", "scale_dtype": "torch.float8_e4m3fn"}
+    elif scheme.microscaling and scheme.act_bits is not None:  # MXFP4 / MXFP8: as their presets
+        inputs = {"num_bits": scheme.bits, "type": "float", "symmetric": True, "strategy": "group",
+                  "group_size": scheme.group_size, "dynamic": True, "actorder": None, "observer": None,
+                  "scale_dtype": "torch.uint8"}
     elif scheme.act_bits is not None:
-        inputs = {"num_bits": scheme.act_bits, "type": scheme.weight_type, "symmetric": True,
-                  "strategy": "token" if scheme.act_dynamic else "tensor", "group_size": None,
+        group = scheme.input_group_size  # FP8_BLOCK's 128
+        inputs = {"num_bits": scheme.act_bits, "type": "float" if scheme.float_inputs else "int", "symmetric": True,
+                  "strategy": "group" if group else "token" if scheme.act_dynamic else "tensor", "group_size": group,
                   "dynamic": scheme.act_dynamic, "actorder": None, "observer": _input_observer(scheme)}
     groups = {}
     for index, size in enumerate(sizes):
@@ -143,7 +165,7 @@ def quantization_config(scheme: QuantScheme, act_order: bool, ignore: list[str],
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": ignore,
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": dict(KV_CACHE_SCHEME) if kv_cache else None,
     }
     if not scheme.symmetric:
         # transformers (5.x, compressed-tensors 0.20) sizes packed zero points unpacked when it keeps weights
@@ -185,12 +207,16 @@ def _microscaling_scheme(group: dict, fmt: str) -> QuantScheme:
                         f"{weights.get('group_size')}, not {scheme.name}); re-create it")
     inputs = group.get("input_activations")
     if inputs is not None:
-        fp4_inputs = (inputs.get("type"), inputs.get("num_bits"), inputs.get("group_size"), inputs.get("dynamic"))
-        if weight_type != "nvfp4" or fp4_inputs != ("float", 4, 16, "local"):
+        found = (inputs.get("type"), inputs.get("num_bits"), inputs.get("group_size"), inputs.get("dynamic"))
+        with_inputs = QuantScheme(**PRESETS[scheme.name.removesuffix("A16").lower()])  # NVFP4, MXFP4, MXFP8
+        wanted = ("float", with_inputs.act_bits, 16 if weight_type == "nvfp4" else with_inputs.group_size,
+                  "local" if weight_type == "nvfp4" else True)
+        if found != wanted:
             raise LlmqError(f"the checkpoint quantizes inputs ({fmt}, {inputs.get('num_bits')}-bit "
-                            f"{inputs.get('type')} dynamic={inputs.get('dynamic')}); llmq.load reads NVFP4's FP4 "
-                            "inputs and the weight-only microscaling schemes")
-        scheme = QuantScheme(**PRESETS["nvfp4"])
+                            f"{inputs.get('type')} in groups of {inputs.get('group_size')}, dynamic="
+                            f"{inputs.get('dynamic')}); llmq.load reads the inputs of compressed-tensors' NVFP4, MXFP4 "
+                            "and MXFP8 presets and the weight-only microscaling schemes")
+        scheme = with_inputs
     return scheme
 
 
@@ -202,18 +228,23 @@ def _group_scheme(group: dict, fmt: str) -> QuantScheme:
         raise LlmqError("checkpoint holds a weight type llmq.load does not read (int or float)")
     weights, inputs = group["weights"], group.get("input_activations")
     try:
-        if weights.get("strategy") not in ("channel", "group"):
-            raise LlmqError(f"weight strategy {weights.get('strategy')!r} is not read (channel or group)")
-        group_size = -1 if weights.get("strategy") == "channel" else int(weights["group_size"])
+        if weights.get("strategy") not in ("channel", "group", "block"):
+            raise LlmqError(f"weight strategy {weights.get('strategy')!r} is not read (channel, group or block)")
+        if weights.get("strategy") == "block" and weights.get("block_structure") != [FP8_BLOCK, FP8_BLOCK]:
+            raise LlmqError(f"blocks of {weights.get('block_structure')} are not read (FP8_BLOCK's 128 x 128)")
+        group_size = {"channel": -1, "block": FP8_BLOCK}.get(weights["strategy"]) or int(weights["group_size"])
         if not isinstance(weights["num_bits"], int):
             raise LlmqError(f"num_bits {weights['num_bits']!r} is not an integer")
-        timing = None if inputs is None else (inputs.get("strategy"), inputs.get("dynamic"))
-        if inputs is not None and (timing not in (("token", True), ("tensor", False))
-                                   or inputs.get("type") != weights["type"] or not inputs.get("symmetric", True)):
-            raise LlmqError("only symmetric input quantization in the weights' type, per token at run time or static "
-                            "per tensor, is read")
+        timing = None if inputs is None else (inputs.get("strategy"), inputs.get("dynamic"), inputs.get("group_size"))
+        block_inputs = ("group", True, FP8_BLOCK) if weights["strategy"] == "block" else None
+        if inputs is not None and (timing not in (("token", True, None), ("tensor", False, None), block_inputs)
+                                   or inputs.get("type") not in ("int", "float") or not inputs.get("symmetric", True)):
+            raise LlmqError("only symmetric input quantization per token at run time, static per tensor, or (FP8_BLOCK) "
+                            "per 128 values at run time is read")
+        act_type = "float" if inputs is not None and inputs["type"] == "float" and weights["type"] == "int" else None
         scheme = QuantScheme(int(weights["num_bits"]), group_size, bool(weights["symmetric"]), weights["type"],
-                             None if inputs is None else int(inputs["num_bits"]), timing != ("tensor", False))
+                             None if inputs is None else int(inputs["num_bits"]), timing is None or timing[1] is True,
+                             act_type=act_type)
         if checkpoint_format(scheme) != fmt:
             raise LlmqError(f"format {fmt} does not hold {scheme.name}")
     except (KeyError, TypeError, ValueError, LlmqError) as error:
@@ -300,14 +331,24 @@ def _check_microscaled_tensors(name: str, tensors: dict[str, torch.Tensor], sche
         raise LlmqError(f"{name}'s scales hold non-finite or non-positive values; the checkpoint is damaged: re-create it")
 
 
+def _unpacked_scale_shape(scheme: QuantScheme, out_features: int, in_features: int) -> tuple[int, int]:
+    if scheme.fp8_blocks:
+        return -(-out_features // FP8_BLOCK), -(-in_features // FP8_BLOCK)
+    return out_features, in_features // scheme.group_size_for(in_features)
+
+
 def _check_unpacked_tensors(name: str, tensors: dict[str, torch.Tensor], scheme: QuantScheme, out_features: int,
                             in_features: int) -> None:
     dtype = torch.int8 if scheme.weight_type == "int" else torch.float8_e4m3fn
     weight, scale = tensors["weight"], tensors["weight_scale"]
-    if weight.dtype != dtype or tuple(weight.shape) != (out_features, in_features) or tuple(scale.shape) != (out_features, 1):
+    scales = _unpacked_scale_shape(scheme, out_features, in_features)
+    if weight.dtype != dtype or tuple(weight.shape) != (out_features, in_features) or tuple(scale.shape) != scales:
         raise LlmqError(f"{name} holds {weight.dtype} {tuple(weight.shape)} weights with {tuple(scale.shape)} scales but "
                         f"the config ({scheme.name}) and the layer need {dtype} ({out_features}, {in_features}) with "
-                        f"({out_features}, 1); the config and the weights do not belong together")
+                        f"{scales}; the config and the weights do not belong together")
+    if scheme.weight_type == "int" and weight.numel() and (int(weight.min()) < scheme.qmin or int(weight.max()) > scheme.qmax):
+        raise LlmqError(f"{name}.weight holds values outside [{scheme.qmin}, {scheme.qmax}], which {scheme.bits} bits "
+                        "cannot; the config and the weights do not belong together")
     if not scale.is_floating_point() or not torch.isfinite(scale).all():
         raise LlmqError(f"{name}.weight_scale holds non-finite or non-float values; the checkpoint is damaged: "
                         "re-create it")
@@ -383,9 +424,11 @@ def microscaled_tensors(name: str, q: MicroscaledTensor) -> dict[str, torch.Tens
     return {f"{name}.weight": q.values, f"{name}.weight_scale": e8m0_bytes(q.scale)}
 
 
-def packed_tensors(name: str, q: QuantizedTensor | MicroscaledTensor) -> dict[str, torch.Tensor]:
+def packed_tensors(name: str, q: QuantizedTensor | MicroscaledTensor | BlockScaledTensor) -> dict[str, torch.Tensor]:
     if isinstance(q, MicroscaledTensor):
         return microscaled_tensors(name, q)
+    if isinstance(q, BlockScaledTensor):  # FP8_BLOCK: E4M3 values, one scale per block
+        return {f"{name}.weight": q.values, f"{name}.weight_scale": q.scale}
     if checkpoint_format(q.scheme) != FORMAT:  # int8 / FP8 as they are, one scale per row
         tensors = {f"{name}.weight": q.qweight, f"{name}.weight_scale": q.scale}
         if q.input_scale is not None:
@@ -539,6 +582,9 @@ class CompressedTensorsTarget(Target):
         if self.config.scheme.microscaling:
             self.check_microscaling_widths(self.config.scheme, widths)
             return
+        if self.config.scheme.fp8_blocks:
+            self.check_fp8_block_widths(widths)
+            return
         self.config.scheme, self.group_note = fitted_scheme(self.config.scheme, widths,
                                                             self.config.target.strict_groups)
 
@@ -551,9 +597,21 @@ class CompressedTensorsTarget(Target):
             raise LlmqError(f"{scheme.name} groups {scheme.group_size} inputs per scale, which does not divide "
                             f"{odd[0]} ({widths[odd[0]]} inputs; {len(odd)} Linears in all); use another --scheme")
 
+    @staticmethod
+    def check_fp8_block_widths(widths: Mapping[str, int]) -> None:
+        """FP8_BLOCK's inputs are quantized per 128 values of a token at run time (compressed-tensors and vLLM
+        split each token into 128-wide groups), so every Linear's input width must be a multiple of 128."""
+        odd = [name for name, width in widths.items() if width % FP8_BLOCK]
+        if odd:
+            raise LlmqError(f"FP8_BLOCK quantizes inputs per {FP8_BLOCK} values, which does not divide {odd[0]} "
+                            f"({widths[odd[0]]} inputs; {len(odd)} Linears in all); use --scheme FP8_DYNAMIC")
+
     def plan(self, model, linears, storage_dtype, calibrated) -> Plan:
         # one grid for all: a group's Linears are rounded as one stacked matrix, one pass of the method
         scheme = self.config.scheme
+        if scheme.fp8_blocks:  # each Linear its own blocks (q's rows need not end on one): solved one by one
+            grid = Fp8BlockGrid(scheme, storage_dtype)
+            return lambda names: [Part((name,), grid) for name in names]
         if scheme.microscaling:
             grid = MicroscalingGrid(scheme)
         elif scheme.weight_type == "float":
@@ -577,7 +635,7 @@ class CompressedTensorsTarget(Target):
     def _group_sizes(self, model, quantized: dict[str, QuantizedTensor]) -> dict[str, int] | None:
         """Each packed Linear's on-disk name -> its columns per scale, when they are not all the scheme's."""
         scheme = self.config.scheme
-        if scheme.group_size == -1 or checkpoint_format(scheme) != FORMAT:
+        if scheme.group_size == -1 or scheme.weight_type != "int":
             return None
         # a Linear the group does not divide is written per channel (-1), as compressed-tensors names that strategy
         sizes = {name: -1 if q.qweight.shape[1] % scheme.group_size else scheme.group_size for name, q in quantized.items()}
@@ -596,7 +654,7 @@ class CompressedTensorsTarget(Target):
         else:
             model.config.quantization_config = quantization_config(
                 scheme, self.act_order, ignored_linears(model, quantized), "mse" if mse else "minmax",
-                self._group_sizes(model, quantized))
+                self._group_sizes(model, quantized), self.config.target.kv_cache)
         model.config.save_pretrained(path)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(path)
@@ -610,11 +668,15 @@ class CompressedTensorsTarget(Target):
                 loader_note="loads with transformers as is"))
             return size
         timing = "per token at run time" if scheme.act_dynamic else "with one scale per Linear from calibration"
-        if scheme.microscaling and scheme.act_bits is not None:
+        if scheme.input_group_size:  # FP8_BLOCK, MXFP4, MXFP8
+            timing = f"with a scale per {scheme.input_group_size} values at run time"
+        if scheme.microscaling and scheme.static_inputs:
             timing = "in FP4 with an FP8 scale per 16 values at run time, under a global scale from calibration"
         what = (f"{scheme.name} quantization (weights, and each Linear's input {timing})" if scheme.act_bits else
                 f"{scheme.name} weight-only quantization" if scheme.microscaling else
                 f"{scheme.bits}-bit weight-only quantization")
+        if self.config.target.kv_cache:
+            what += ", with an FP8 KV cache (one key and one value scale per layer, from the calibration windows)"
         (path / "README.md").write_text(model_card(
             report, size, bits=scheme.bits, group_size=("per-channel" if scheme.group_size == -1 else scheme.group_size)
             if not self.group_note else f"{scheme.group_size} ({self.group_note})",

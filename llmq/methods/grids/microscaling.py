@@ -53,9 +53,13 @@ def e2m1_index(v: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_round(v: torch.Tensor) -> torch.Tensor:
-    """The nearest E2M1 values of v (as float32; zero is +0)."""
-    level = E2M1_LEVELS.to(v.device)[e2m1_index(v).long()]
-    return torch.where((v < 0) & (level > 0), -level, level)
+    """The nearest E2M1 values of v (as float32; zero is +0), ties to the even significand: |v| rounded on the
+    grid's spacing where it lies (0.5 below 2, 1 below 4, 2 above), which torch.round's ties-to-even makes
+    E2M1's own rule (the same values as e2m1_index's table, tested), then clamped to 6."""
+    a = v.float().abs()
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    level = a.div_(step).round_().mul_(step).clamp_(max=E2M1_MAX)
+    return torch.where(v < 0, -level, level).add_(0.0)  # + 0.0: -0 to +0
 
 
 def e4m3_round(v: torch.Tensor) -> torch.Tensor:
@@ -168,6 +172,20 @@ def nvfp4_inputs(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     return (e2m1_round(groups.float() / scale) * scale).flatten(-2).to(x.dtype)
 
 
+def mx_inputs(x: torch.Tensor, weight_type: str) -> torch.Tensor:
+    """MXFP4 / MXFP8 (W4A4 / W8A8) inputs as compressed-tensors rounds them at run time: each 32 values along the
+    last axis get the scale 2^e, e = the exponent of their max|x| (bumped one up from a significand of 1.75: it
+    rounds to a power of two with E2M1's one mantissa bit, for MXFP8 too) minus the element type's top exponent;
+    x -> element(x / 2^e) * 2^e, in x's dtype."""
+    groups = x.unflatten(-1, (x.shape[-1] // 32, 32))
+    significand, exponent = torch.frexp(groups.abs().amax(-1, keepdim=True).float())  # peak = f * 2^e, f in [0.5, 1)
+    exponent = exponent - 1 + (significand >= 0.875).int() - _TOP_EXPONENT[weight_type]
+    scale = torch.exp2(exponent.clamp(-E8M0_BIAS, E8M0_BIAS).float()).to(x.dtype)
+    round_elements = e4m3_round if weight_type == "mxfp8" else e2m1_round
+    elements = round_elements((groups / scale).float()).to(x.dtype)
+    return (elements * scale).flatten(-2).to(x.dtype)
+
+
 # ---- the compressed-tensors layouts -----------------------------------------------------------------------------
 
 
@@ -196,5 +214,5 @@ def e8m0_values(codes: torch.Tensor) -> torch.Tensor:
     return torch.exp2(codes.to(torch.float32) - E8M0_BIAS)
 
 
-__all__ = ["MicroscaledTensor", "MicroscalingGrid", "e2m1_round", "e8m0_bytes", "e8m0_values", "nvfp4_inputs",
+__all__ = ["MicroscaledTensor", "MicroscalingGrid", "e2m1_round", "e8m0_bytes", "e8m0_values", "nvfp4_inputs", "mx_inputs",
            "pack_e2m1", "unpack_e2m1"]
