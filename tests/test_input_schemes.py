@@ -131,6 +131,13 @@ def test_transformers_in_a_fresh_process_and_llmq_load_agree(name, tmp_path, smo
         "MXFP8": ("float", "group", 32, True)}[name]
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.save(ids, tmp_path / "ids.pt")
+    from llmq.inspect import inspect
+
+    shown = "\n".join(inspect(out).lines())
+    assert {"W4AFP8": "vLLM on Hopper GPUs", "FP8_BLOCK": "on CPUs with AMX", "W4A8": "transformers (with compressed-tensors), "
+            "vLLM, llmq.load", "MXFP4": "its CPU build has no kernel", "MXFP8": "its CPU build has no kernel"}[name] in shown
+    assert {"FP8_BLOCK": "a scale per 128 values at run time", "MXFP4": "a scale per 32 values at run time"}.get(
+        name, "inputs") in shown
     mx = name.startswith("MX")
     script = BF16_LOGITS if mx else BF16_LOGITS.replace("torch.bfloat16", "torch.float32")
     subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "t.pt")],

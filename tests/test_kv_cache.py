@@ -91,6 +91,9 @@ def test_kv_cache_file_holds_one_scale_per_layer_and_llmq_load_applies_it(tmp_pa
     assert all(tensors[name].dtype == torch.float32 and float(tensors[name]) > 0 for name in scales)
     assert all(torch.equal(tensors[name], plain[name]) for name in plain)  # the weights are the same
     assert "FP8 KV cache" in (tmp_path / "kv" / "README.md").read_text()
+    from llmq.inspect import inspect
+
+    assert "  KV cache: 8-bit float, one static scale per tensor (4 k/v scales)" in inspect(tmp_path / "kv").lines()
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         with_kv = llmq.load(tmp_path / "kv")(ids).logits
