@@ -98,7 +98,10 @@ def _quantize_parser(sub) -> None:
                              "FP8_DYNAMIC (inputs scaled per token at run time), NVFP4A16 (FP4 E2M1 weights, an FP8 "
                              "scale per 16 and one per tensor: Blackwell), NVFP4 (the inputs in FP4 too, their global "
                              "scale from calibration), MXFP4A16 / MXFP8A16 (FP4 / FP8 weights, a "
-                             "power-of-two scale per 32: OCP microscaling); llmq's: nf4 (QLoRA's NormalFloat-4 "
+                             "power-of-two scale per 32: OCP microscaling), MXFP4 / MXFP8 (the inputs too, per 32 at "
+                             "run time), W4A8 / W4AFP8 (int4 symmetric groups of 128, int8 / FP8 inputs per token), "
+                             "FP8_BLOCK (E4M3 weights with a scale per 128 x 128 block, inputs per 128 values: "
+                             "DeepSeek-V3's layout); llmq's: nf4 (QLoRA's NormalFloat-4 "
                              "in bitsandbytes' layout), fp16 / bf16 (the model cast, nothing rounded)")
     scheme.add_argument("--act-bits", type=int, default=QuantScheme.act_bits,
                         help="8: also quantize each Linear's input (W8A8; with --bits 8 --group-size -1 --sym); 16: "

@@ -106,6 +106,9 @@ ROWS = {
     **{f"{method}-{name}": (method, bits, group, True, method == "gptq", False)
        for name, bits, group in (("nvfp4", 4, 16), ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("w4a8", 4, 128), ("w4afp8", 4, 128))
        for method in ("rtn", "gptq")},
+    # the same weights with an FP8 KV cache (--kv-cache fp8: a key and a value scale per layer from calibration)
+    "rtn-w4g64-asym-kvfp8": ("rtn", 4, 64, False, False, False),
+    "gptq-w4g64-asym-ao-kvfp8": ("gptq", 4, 64, False, True, False),
     # the residual stream rotated first: what FP4 inputs' outliers ask for
     "rotate+gptq-nvfp4": ("rotate+gptq", 4, 16, True, True, False),
     "rotate+gptq-mxfp4": ("rotate+gptq", 4, 32, True, True, False),
@@ -134,7 +137,8 @@ OPTIONS_OF = {"rtn-w8a8-static": STATIC, "sq-w8a8-static": {**STATIC, "smoothqua
               "sq-w8a8-static-mse": {**MSE, "smoothquant": 0.5}, "sq+gptq-w8a8-static-mse": {**MSE, "smoothquant": 0.5},
               "rtn-fp8-static-mse": MSE, "gptq-w4g64-sym-ao-upfront": {"group_fit": "upfront"},
               "gptq-w4g64-asym-ao-upfront": {"group_fit": "upfront"}, "gptq-w3g64-asym-ao-upfront": {"group_fit": "upfront"},
-              **{name: {"tune_steps": 50} for name in ROWS if name.endswith("-tune50")}}
+              **{name: {"tune_steps": 50} for name in ROWS if name.endswith("-tune50")},
+              **{name: {"kv_cache": "fp8"} for name in ROWS if name.endswith("-kvfp8")}}
 # ternary-aware fine-tuning steps per bitnet row (batch 4 x 256 tokens of the calibration text, lr 5e-4)
 QAT_STEPS = {"bitnet-ptq": 0, "bitnet-qat300": 300, "bitnet-qat450": 450}
 
