@@ -100,6 +100,17 @@ def test_kv_cache_file_holds_one_scale_per_layer_and_llmq_load_applies_it(tmp_pa
         without = llmq.load(tmp_path / "plain")(ids).logits
     error = ((with_kv - without).norm() / without.norm()).item()
     assert 0 < error < 0.1
+    # a damaged scale is one line
+    from safetensors.torch import save_file
+
+    tensors["model.layers.1.self_attn.v_scale"] = torch.tensor([float("nan")])
+    save_file(tensors, tmp_path / "kv" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LlmqError, match="layer 1's KV-cache scales are missing or not positive"):
+        llmq.load(tmp_path / "kv")
+    tensors["model.layers.1.self_attn.v_scale"] = torch.ones(2)
+    save_file(tensors, tmp_path / "kv" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LlmqError, match=r"v_scale is torch.float32 \(2,\), not one float"):
+        llmq.load(tmp_path / "kv")
 
 
 def test_kv_cache_refusals_are_one_line(tmp_path, smollm2_tokenizer_dir):

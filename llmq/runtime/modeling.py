@@ -187,13 +187,17 @@ def _kv_cache_from_state(model: nn.Module, state: dict, kv_scheme: dict | None) 
                         f"{kv_scheme.get('strategy')}) is not one llmq.load reads (FP8, one static scale per tensor)")
     _, layers = find_decoder_layers(model)
     modules = add_kv_scales(model, layers)
-    for index, module in modules.items():
-        prefix = next(name for name, candidate in model.named_modules() if candidate is module)
+    names = {id(module): name for name, module in model.named_modules()}
+    for module in modules.values():
         for scale_name in SCALE_NAMES:
-            key = f"{prefix}.{scale_name}"
+            key = f"{names[id(module)]}.{scale_name}"
             if key not in state:
                 raise LlmqError(f"checkpoint lacks {key} for its FP8 KV cache; the file is incomplete, re-create it")
-            module.get_buffer(scale_name).copy_(state.pop(key).float().reshape(1))
+            scale = state.pop(key)
+            if scale.numel() != 1 or not scale.is_floating_point():
+                raise LlmqError(f"{key} is {scale.dtype} {tuple(scale.shape)}, not one float; the checkpoint is "
+                                "damaged: re-create it")
+            module.get_buffer(scale_name).copy_(scale.float().reshape(1))
     return modules
 
 
