@@ -408,6 +408,11 @@ class MicroscaledTensor:
         return None
 
 
+def block_scale_shape(rows: int, columns: int) -> tuple[int, int]:
+    """FP8_BLOCK's scales of a [rows, columns] weight: one per block, the edge blocks partial."""
+    return -(-rows // FP8_BLOCK), -(-columns // FP8_BLOCK)
+
+
 def expand_blocks(scale: torch.Tensor, rows: int, columns: int | None = None) -> torch.Tensor:
     """FP8_BLOCK's scales [ceil(rows / 128), ceil(columns / 128)] as float32 per row [rows, ceil(columns / 128)], or
     per weight [rows, columns] when `columns` is given (the blocks at the edges cut to the matrix)."""
@@ -440,8 +445,7 @@ class BlockScaledTensor:
 
     def damage(self) -> str | None:
         """Why these tensors (read back from a checkpoint) are not an FP8_BLOCK weight, or None."""
-        rows, columns = self.values.shape
-        blocks = (-(-rows // FP8_BLOCK), -(-columns // FP8_BLOCK))
+        blocks = block_scale_shape(*self.values.shape)
         if tuple(self.scale.shape) != blocks or not bool((self.scale > 0).all()):
             return f"scales are {tuple(self.scale.shape)}, not {blocks} positive values"
         return None

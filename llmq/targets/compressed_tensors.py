@@ -51,6 +51,7 @@ from llmq.core.scheme import (
     MicroscaledTensor,
     QuantizedTensor,
     QuantScheme,
+    block_scale_shape,
 )
 from llmq.methods.grids.fp8 import Fp8BlockGrid, Fp8Grid
 from llmq.methods.grids.integer import IntegerGrid
@@ -333,7 +334,7 @@ def _check_microscaled_tensors(name: str, tensors: dict[str, torch.Tensor], sche
 
 def _unpacked_scale_shape(scheme: QuantScheme, out_features: int, in_features: int) -> tuple[int, int]:
     if scheme.fp8_blocks:
-        return -(-out_features // FP8_BLOCK), -(-in_features // FP8_BLOCK)
+        return block_scale_shape(out_features, in_features)
     return out_features, in_features // scheme.group_size_for(in_features)
 
 
